@@ -1,0 +1,33 @@
+#include "masked_softmax.h"
+
+#include <cmath>
+#include <limits>
+
+namespace prism {
+
+void masked_softmax_row_f32_serial(const SoftmaxRow& r) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float max_z = neg_inf;
+  for (int64_t j = 0; j < r.nk; ++j) {
+    float z = r.scores[j];
+    if (r.key_bias) z += r.key_bias[j];
+    if (r.add_mask) z += r.add_mask[j * r.add_mask_stride];
+    if (r.k_pos && r.k_pos[j] > r.q_pos) z = neg_inf;
+    r.out[j] = z;
+    max_z = std::fmax(max_z, z);  // fmax ignores NaN, so NaN scores stay NaN below
+  }
+  if (max_z == neg_inf) {
+    for (int64_t j = 0; j < r.nk; ++j) r.out[j] = 0.0f;
+    return;
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < r.nk; ++j) {
+    const float e = std::exp(r.out[j] - max_z);
+    r.out[j] = e;
+    sum += e;
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t j = 0; j < r.nk; ++j) r.out[j] *= inv;
+}
+
+}  // namespace prism

@@ -1,0 +1,166 @@
+#include "ops.h"
+
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels/compressed_attention/compressed_attention.h"
+#include "kernels/masked_softmax/masked_softmax.h"
+#include "kernels/segment_means/segment_means.h"
+#include "threadpool.h"
+
+namespace prism {
+namespace {
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument(msg);
+}
+
+// Picks the kernel of one family for an ISA; every family has the same four.
+#if PRISM_HAVE_AVX2
+#define PRISM_CASE_AVX2(fn) case Isa::avx2: return fn##_avx2;
+#else
+#define PRISM_CASE_AVX2(fn)
+#endif
+#if PRISM_HAVE_AVX512
+#define PRISM_CASE_AVX512(fn) case Isa::avx512: return fn##_avx512;
+#else
+#define PRISM_CASE_AVX512(fn)
+#endif
+#if PRISM_HAVE_NEON
+#define PRISM_CASE_NEON(fn) case Isa::neon: return fn##_neon;
+#else
+#define PRISM_CASE_NEON(fn)
+#endif
+#define PRISM_SELECT(fn, isa)                                                          \
+  do {                                                                                 \
+    require(isa_available(isa), std::string("isa: '") + isa_name(isa) + "' is not available"); \
+    switch (isa) {                                                                     \
+      PRISM_CASE_AVX2(fn) PRISM_CASE_AVX512(fn) PRISM_CASE_NEON(fn) default: return fn##_serial; \
+    }                                                                                  \
+  } while (0)
+
+using SegmentMeansFn = void (*)(const SegmentMeansArgs&, int64_t, int64_t);
+using AttentionFn = void (*)(const AttentionHead&, int64_t, int64_t);
+using SoftmaxFn = void (*)(const SoftmaxRow&);
+
+SegmentMeansFn select_segment_means(Isa isa) { PRISM_SELECT(segment_means_f32, isa); }
+AttentionFn select_attention(Isa isa) { PRISM_SELECT(compressed_attention_f32, isa); }
+SoftmaxFn select_softmax(Isa isa) { PRISM_SELECT(masked_softmax_row_f32, isa); }
+
+// log(counts) as additive key bias; counts must be finite and >= 0.
+std::vector<float> key_bias_from_counts(const float* counts, int64_t n) {
+  std::vector<float> bias(n);
+  for (int64_t j = 0; j < n; ++j) {
+    const float c = counts[j];
+    require(std::isfinite(c) && c >= 0.0f, "counts: every count must be finite and >= 0, got " +
+                                               std::to_string(c) + " at index " + std::to_string(j));
+    bias[j] = c > 0.0f ? std::log(c) : -std::numeric_limits<float>::infinity();
+  }
+  return bias;
+}
+
+}  // namespace
+
+void segment_means_f32(const SegmentMeansProblem& p, Isa isa) {
+  require(p.seg >= 1, "seg: must be >= 1, got " + std::to_string(p.seg));
+  require(p.L >= 0 && p.n >= 1 && p.d >= 1, "x: needs at least one row and one column");
+  const SegmentMeansFn fn = select_segment_means(isa);
+  const int64_t m = (p.n + p.seg - 1) / p.seg;
+  // Enough rows per task to amortise the hand-off (~16K floats).
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, p.seg * p.d));
+  parallel_for(p.L * m, grain, [&](int64_t begin, int64_t end) {
+    while (begin < end) {
+      const int64_t b = begin / m, s0 = begin % m, s1 = std::min(m, s0 + (end - begin));
+      SegmentMeansArgs a{p.x + b * p.x_batch_stride, p.valid ? p.valid + b * p.n : nullptr,
+                         p.means + b * m * p.d, p.counts + b * m, p.n, p.d, p.seg, p.x_row_stride};
+      fn(a, s0, s1);
+      begin += s1 - s0;
+    }
+  });
+}
+
+void compressed_attention_f32(const AttentionProblem& p, Isa isa) {
+  require(p.nq >= 1 && p.nk >= 1 && p.dh >= 1, "q: nq, nk and dh must be >= 1");
+  require(p.counts_batches == 1 || p.counts_batches == p.B, "counts: batch must be 1 or B");
+  require(p.pos_batches == 1 || p.pos_batches == p.B, "q_pos: batch must be 1 or B");
+  require((p.q_pos == nullptr) == (p.k_pos == nullptr), "q_pos: q_pos and k_pos go together");
+  const AttentionFn fn = select_attention(isa);
+  std::vector<float> bias;
+  if (p.counts) bias = key_bias_from_counts(p.counts, p.counts_batches * p.nk);
+  // Query blocks small enough to spread (B, H) = (1, 1) over the pool, large
+  // enough to reuse each key block across several queries.
+  const int64_t qblock = 32;
+  const int64_t qblocks = (p.nq + qblock - 1) / qblock;
+  parallel_for(p.B * p.H * qblocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / qblocks, qb = t % qblocks;
+      const int64_t b = bh / p.H, hh = bh % p.H;
+      AttentionHead h;
+      h.q = p.q + b * p.q_strides[0] + hh * p.q_strides[1];
+      h.k = p.k + b * p.k_strides[0] + hh * p.k_strides[1];
+      h.v = p.v + b * p.v_strides[0] + hh * p.v_strides[1];
+      h.out = p.out + b * p.out_strides[0] + hh * p.out_strides[1];
+      h.key_bias = p.counts ? bias.data() + (p.counts_batches == 1 ? 0 : b) * p.nk : nullptr;
+      const int64_t pb = p.pos_batches == 1 ? 0 : b;
+      h.q_pos = p.q_pos ? p.q_pos + pb * p.nq : nullptr;
+      h.k_pos = p.k_pos ? p.k_pos + pb * p.nk : nullptr;
+      h.nq = p.nq;
+      h.nk = p.nk;
+      h.dh = p.dh;
+      h.q_stride = p.q_strides[2];
+      h.k_stride = p.k_strides[2];
+      h.v_stride = p.v_strides[2];
+      h.out_stride = p.out_strides[2];
+      h.scale = p.scale;
+      fn(h, qb * qblock, std::min(p.nq, (qb + 1) * qblock));
+    }
+  });
+}
+
+void masked_softmax_f32(const SoftmaxProblem& p, Isa isa) {
+  require(p.lead_ndim >= 0 && p.lead_ndim <= 8, "scores: at most 10 dimensions");
+  require(p.nq >= 1 && p.nk >= 1, "scores: the last two dimensions must be >= 1");
+  require((p.q_pos == nullptr) == (p.k_pos == nullptr), "q_pos: q_pos and k_pos go together");
+  const int64_t batch0 = p.lead_ndim > 0 ? p.lead[0] : 1;
+  require(p.counts_batches == 1 || p.counts_batches == batch0, "counts: batch must be 1 or scores.shape[0]");
+  require(p.pos_batches == 1 || p.pos_batches == batch0, "q_pos: batch must be 1 or scores.shape[0]");
+  const SoftmaxFn fn = select_softmax(isa);
+  std::vector<float> bias;
+  if (p.counts) bias = key_bias_from_counts(p.counts, p.counts_batches * p.nk);
+  int64_t lead_total = 1, inner = 1;  // inner: lead elements per first-dim index
+  for (int64_t i = 0; i < p.lead_ndim; ++i) lead_total *= p.lead[i];
+  if (p.lead_ndim > 0) inner = lead_total / p.lead[0];
+  const int64_t rows = lead_total * p.nq;
+  const int64_t grain = std::max<int64_t>(1, (1 << 13) / p.nk);
+  parallel_for(rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t li = r / p.nq, qi = r % p.nq;
+      const int64_t b0 = p.lead_ndim > 0 ? li / inner : 0;
+      SoftmaxRow row;
+      row.scores = p.scores + r * p.nk;
+      row.out = p.out + r * p.nk;
+      row.key_bias = p.counts ? bias.data() + (p.counts_batches == 1 ? 0 : b0) * p.nk : nullptr;
+      row.add_mask = nullptr;
+      row.add_mask_stride = 0;
+      if (p.add_mask) {
+        int64_t off = qi * p.mask_strides[p.lead_ndim], rem = li;
+        for (int64_t dim = p.lead_ndim - 1; dim >= 0; --dim) {
+          off += (rem % p.lead[dim]) * p.mask_strides[dim];
+          rem /= p.lead[dim];
+        }
+        row.add_mask = p.add_mask + off;
+        row.add_mask_stride = p.mask_strides[p.lead_ndim + 1];
+      }
+      const int64_t pb = p.pos_batches == 1 ? 0 : b0;
+      row.k_pos = p.k_pos ? p.k_pos + pb * p.nk : nullptr;
+      row.q_pos = p.q_pos ? p.q_pos[pb * p.nq + qi] : 0;
+      row.nk = p.nk;
+      fn(row);
+    }
+  });
+}
+
+}  // namespace prism

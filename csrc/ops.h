@@ -1,0 +1,58 @@
+// Drivers: validate raw arguments, split work over the thread pool and call
+// the per-ISA kernel. Used by the Python bindings, the C++ tests and benches.
+// Errors are std::invalid_argument whose message starts with the argument name.
+#pragma once
+#include <cstdint>
+
+#include "isa.h"
+
+namespace prism {
+
+// x: [L, n, d] with element strides (x_batch_stride, x_row_stride, 1);
+// valid: contiguous [L, n] or nullptr. means: [L, ceil(n/seg), d] and
+// counts: [L, ceil(n/seg)], both contiguous.
+struct SegmentMeansProblem {
+  const float* x;
+  const uint8_t* valid;
+  float* means;
+  float* counts;
+  int64_t L, n, d, seg;
+  int64_t x_batch_stride, x_row_stride;  // in elements
+};
+void segment_means_f32(const SegmentMeansProblem& p, Isa isa);
+
+// q/k/v/out: [B, H, rows, dh] with element strides per dimension (the last
+// dimension is contiguous). counts: [Bc, nk] with Bc in {1, B}, or nullptr;
+// q_pos: [Bp, nq], k_pos: [Bp, nk] with Bp in {1, B}, both or neither.
+struct AttentionProblem {
+  const float *q, *k, *v;
+  float* out;
+  const float* counts;
+  const int32_t *q_pos, *k_pos;
+  int64_t B, H, nq, nk, dh;
+  int64_t counts_batches, pos_batches;
+  int64_t q_strides[3], k_strides[3], v_strides[3], out_strides[3];  // B, H, row
+  float scale;
+};
+void compressed_attention_f32(const AttentionProblem& p, Isa isa);
+
+// scores/out: contiguous [rows, nk] where rows = prod(lead) * nq, lead being
+// the leading dimensions (lead_ndim of them, up to 8). counts: [Bc, nk],
+// q_pos: [Bp, nq], k_pos: [Bp, nk] indexed by the first leading dimension
+// (Bc, Bp in {1, lead[0]}). add_mask: arbitrary element strides over
+// lead + (nq, nk) (0 for broadcast dimensions), or nullptr.
+struct SoftmaxProblem {
+  const float* scores;
+  float* out;
+  const float* counts;
+  const int32_t *q_pos, *k_pos;
+  const float* add_mask;
+  int64_t lead_ndim;
+  int64_t lead[8];
+  int64_t mask_strides[10];
+  int64_t nq, nk;
+  int64_t counts_batches, pos_batches;
+};
+void masked_softmax_f32(const SoftmaxProblem& p, Isa isa);
+
+}  // namespace prism

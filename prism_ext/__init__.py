@@ -1,0 +1,15 @@
+"""prism_ext: PRISM distributed Transformer inference for edge devices."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import torch as _torch
+
+from . import kernels
+from .kernels import get_num_threads, set_num_threads
+
+# Kernel threads follow torch's setting unless the user sets them.
+set_num_threads(max(1, _torch.get_num_threads()))
+
+__all__ = ["kernels", "get_num_threads", "set_num_threads", "__version__"]

@@ -1,0 +1,297 @@
+"""The face of the C++ kernels (``prism_ext._C``).
+
+Every function takes torch CPU tensors or numpy arrays and returns the type of
+its first argument. float32 inputs whose last dimension is contiguous are
+passed without a copy (other strides included); anything else with the right
+dtype (a last dimension with stride != 1) is copied once. Wrong dtypes, ranks,
+shapes, devices and values raise TypeError/ValueError naming the argument.
+
+Side inputs are indexed by the first (batch) dimension: ``counts`` and
+``k_pos`` are ``(nk,)`` or ``(B, nk)``, ``q_pos`` is ``(nq,)`` or ``(B, nq)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from . import _C
+
+__all__ = [
+    "segment_means",
+    "compressed_attention",
+    "masked_softmax",
+    "available_isas",
+    "active_isa",
+    "use_isa",
+    "cpu_features",
+    "get_num_threads",
+    "set_num_threads",
+]
+
+_INT32_MAX = 2**31 - 1
+
+
+def _as_array(x, name: str, *, dtype=np.float32, min_ndim: int = 1) -> np.ndarray:
+    """A numpy view of ``x`` (torch tensor or ndarray) of exactly ``dtype``."""
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise TypeError(f"{name}: expected a CPU tensor, got a tensor on {x.device}")
+        if x.layout != torch.strided:
+            raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {x.layout}")
+        x = x.detach()
+        if x.is_conj() or x.is_neg():
+            x = x.resolve_conj().resolve_neg()
+        arr = x.numpy()
+    elif isinstance(x, np.ndarray):
+        arr = x
+    else:
+        raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    if arr.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name}, got {arr.dtype}")
+    if arr.ndim < min_ndim:
+        raise ValueError(f"{name}: expected at least {min_ndim} dimensions, got shape {tuple(arr.shape)}")
+    if arr.ndim and arr.strides[-1] != arr.itemsize and arr.shape[-1] > 1:
+        arr = np.ascontiguousarray(arr)
+    if any(s < 0 for s in arr.strides):
+        arr = np.ascontiguousarray(arr)
+    return arr
+
+
+def _wrap(result: np.ndarray, like):
+    return torch.from_numpy(result) if isinstance(like, torch.Tensor) else result
+
+
+def _counts(counts, name: str, batch: int, n: int):
+    """(n,) or (batch, n) finite, non-negative weights -> float32 [1 or batch, n]."""
+    if counts is None:
+        return None
+    if isinstance(counts, torch.Tensor):
+        if counts.device.type != "cpu":
+            raise TypeError(f"{name}: expected a CPU tensor, got a tensor on {counts.device}")
+        if counts.dtype == torch.bool or counts.is_complex():
+            raise TypeError(f"{name}: expected real numbers, got dtype {counts.dtype}")
+        counts = counts.detach().to(torch.float32).numpy()
+    elif isinstance(counts, np.ndarray):
+        if counts.dtype.kind not in "iuf":
+            raise TypeError(f"{name}: expected real numbers, got dtype {counts.dtype}")
+        counts = counts.astype(np.float32, copy=False)
+    else:
+        raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(counts).__name__}")
+    counts = _batched(counts, name, batch, n)
+    if not np.isfinite(counts).all():
+        raise ValueError(f"{name}: every count must be finite")
+    if (counts < 0).any():
+        raise ValueError(f"{name}: every count must be >= 0")
+    return counts
+
+
+def _positions(pos, name: str, batch: int, n: int):
+    """(n,) or (batch, n) integer positions -> int32 [1 or batch, n]."""
+    if pos is None:
+        return None
+    if isinstance(pos, torch.Tensor):
+        if pos.device.type != "cpu":
+            raise TypeError(f"{name}: expected a CPU tensor, got a tensor on {pos.device}")
+        if pos.dtype.is_floating_point or pos.is_complex() or pos.dtype == torch.bool:
+            raise TypeError(f"{name}: expected an integer dtype, got {pos.dtype}")
+        pos = pos.detach().numpy()
+    elif isinstance(pos, np.ndarray):
+        if pos.dtype.kind not in "iu":
+            raise TypeError(f"{name}: expected an integer dtype, got {pos.dtype}")
+    else:
+        raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(pos).__name__}")
+    if pos.size and (pos.min() < -_INT32_MAX or pos.max() > _INT32_MAX):
+        raise ValueError(f"{name}: positions must fit in int32")
+    return _batched(pos.astype(np.int32, copy=False), name, batch, n)
+
+
+def _batched(a: np.ndarray, name: str, batch: int, n: int) -> np.ndarray:
+    if a.ndim == 1:
+        a = a[None]
+    if a.ndim != 2 or a.shape[1] != n or a.shape[0] not in (1, batch):
+        raise ValueError(f"{name}: expected shape ({n},) or ({batch}, {n}), got {tuple(a.shape)}")
+    return np.ascontiguousarray(a)
+
+
+def segment_means(x, seg: int, valid=None):
+    """Means of consecutive ``seg``-row segments of ``x[..., n, d]``.
+
+    Returns ``(means[..., m, d], counts[..., m])`` with ``m = ceil(n / seg)``
+    (the last segment may be shorter). Rows where ``valid[..., n]`` is False
+    are left out; a segment with no valid row has count 0 and a zero mean.
+    """
+    arr = _as_array(x, "x", min_ndim=2)
+    if isinstance(seg, bool) or not isinstance(seg, (int, np.integer)):
+        raise TypeError(f"seg: expected an int, got {type(seg).__name__}")
+    if seg < 1:
+        raise ValueError(f"seg: must be >= 1, got {seg}")
+    lead, (n, d) = arr.shape[:-2], arr.shape[-2:]
+    if n < 1 or d < 1:
+        raise ValueError(f"x: needs at least one row and one column, got shape {tuple(arr.shape)}")
+    flat = arr.reshape(-1, n, d)
+    valid_arr = None
+    if valid is not None:
+        if isinstance(valid, torch.Tensor):
+            if valid.device.type != "cpu":
+                raise TypeError(f"valid: expected a CPU tensor, got a tensor on {valid.device}")
+            valid = valid.detach().numpy()
+        if not isinstance(valid, np.ndarray):
+            raise TypeError(f"valid: expected a torch.Tensor or numpy.ndarray, got {type(valid).__name__}")
+        if valid.dtype != np.bool_ and valid.dtype.kind not in "iu":
+            raise TypeError(f"valid: expected a bool or integer dtype, got {valid.dtype}")
+        if tuple(valid.shape) != tuple(arr.shape[:-1]):
+            raise ValueError(f"valid: expected shape {tuple(arr.shape[:-1])}, got {tuple(valid.shape)}")
+        valid_arr = np.ascontiguousarray((valid != 0).reshape(-1, n).view(np.uint8))
+    means, counts = _C.segment_means(flat, int(seg), valid_arr)
+    m = means.shape[1]
+    return _wrap(means.reshape(*lead, m, d), x), _wrap(counts.reshape(*lead, m), x)
+
+
+def _heads_view(arr: np.ndarray, name: str, shape_hint: str) -> np.ndarray:
+    """[..., n, dh] -> [B, G, n, dh]: first dimension batch, the rest heads."""
+    if arr.ndim < 2:
+        raise ValueError(f"{name}: expected {shape_hint}, got shape {tuple(arr.shape)}")
+    if arr.ndim == 2:
+        return arr[None, None]
+    if arr.ndim == 3:
+        return arr[:, None]
+    return arr.reshape(arr.shape[0], -1, *arr.shape[-2:])
+
+
+def compressed_attention(q, k, v, counts=None, q_pos=None, k_pos=None, scale=None):
+    """Attention in which key j carries weight ``counts[j]``:
+
+        out_i = sum_j c_j exp(s_ij) v_j / sum_j c_j exp(s_ij),  s_ij = scale q_i . k_j
+
+    (count 0 masks a key). With positions, key j is visible to query i iff
+    ``k_pos[j] <= q_pos[i]``. ``q[B, H, nq, dh]``, ``k``/``v`` ``[B, H, nk, dh]``
+    (any number of head dimensions after B, or none); ``scale`` defaults to
+    ``1/sqrt(dh)``. A query with no visible key gets a zero row.
+    """
+    qa = _as_array(q, "q", min_ndim=2)
+    ka = _as_array(k, "k", min_ndim=2)
+    va = _as_array(v, "v", min_ndim=2)
+    if ka.shape != va.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(ka.shape)}, got {tuple(va.shape)}")
+    if ka.ndim != qa.ndim or ka.shape[:-2] != qa.shape[:-2] or ka.shape[-1] != qa.shape[-1]:
+        raise ValueError(
+            f"k: expected shape {tuple(qa.shape[:-2]) + ('nk', qa.shape[-1])} to match q {tuple(qa.shape)}, "
+            f"got {tuple(ka.shape)}"
+        )
+    if qa.size == 0 or ka.size == 0:
+        raise ValueError(f"q: empty input (q {tuple(qa.shape)}, k {tuple(ka.shape)})")
+    if (q_pos is None) != (k_pos is None):
+        raise ValueError("q_pos: q_pos and k_pos must be given together")
+    nq, dh = qa.shape[-2:]
+    nk = ka.shape[-2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(dh)
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale!r}")
+    q4 = _heads_view(qa, "q", "[B, H, nq, dh]")
+    k4 = _heads_view(ka, "k", "[B, H, nk, dh]")
+    v4 = _heads_view(va, "v", "[B, H, nk, dh]")
+    batch = q4.shape[0]
+    out = _C.compressed_attention(
+        q4,
+        k4,
+        v4,
+        _counts(counts, "counts", batch, nk),
+        _positions(q_pos, "q_pos", batch, nq),
+        _positions(k_pos, "k_pos", batch, nk),
+        float(scale),
+    )
+    return _wrap(out.reshape(qa.shape), q)
+
+
+def masked_softmax(scores, counts=None, q_pos=None, k_pos=None, additive_mask=None, out=None):
+    """Row softmax over the last dimension of ``scores[..., nq, nk]`` with key
+    weights ``counts`` (0 masks), the causal position rule and an additive mask
+    broadcastable to ``scores``. Rows with nothing visible are zeros.
+    ``out`` (same type and shape as ``scores``, C-contiguous float32) may be
+    ``scores`` itself for an in-place softmax. ``scores`` is copied if not
+    C-contiguous.
+    """
+    arr = _as_array(scores, "scores", min_ndim=2)
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    if arr.size == 0:
+        raise ValueError(f"scores: must not be empty, got shape {tuple(arr.shape)}")
+    if (q_pos is None) != (k_pos is None):
+        raise ValueError("q_pos: q_pos and k_pos must be given together")
+    nq, nk = arr.shape[-2:]
+    batch = arr.shape[0] if arr.ndim > 2 else 1
+    mask_arr = None
+    if additive_mask is not None:
+        mask_arr = _as_array(additive_mask, "additive_mask")
+        try:
+            mask_arr = np.broadcast_to(mask_arr, arr.shape)
+        except ValueError:
+            raise ValueError(
+                f"additive_mask: shape {tuple(mask_arr.shape)} does not broadcast to scores {tuple(arr.shape)}"
+            ) from None
+    out_arr = None
+    if out is not None:
+        if type(out) is not type(scores):
+            raise TypeError(f"out: expected a {type(scores).__name__} like scores, got {type(out).__name__}")
+        out_arr = _as_array(out, "out", min_ndim=2)
+        if not out_arr.flags.c_contiguous:
+            raise ValueError("out: must be C-contiguous")
+        if out_arr.shape != arr.shape:
+            raise ValueError(f"out: expected shape {tuple(arr.shape)}, got {tuple(out_arr.shape)}")
+    result = _C.masked_softmax(
+        arr,
+        _counts(counts, "counts", batch, nk),
+        _positions(q_pos, "q_pos", batch, nq),
+        _positions(k_pos, "k_pos", batch, nk),
+        mask_arr,
+        out_arr,
+    )
+    if out is not None:
+        return out
+    return _wrap(result, scores)
+
+
+def available_isas() -> list[str]:
+    """ISAs compiled in and supported by this CPU, worst first ('serial' always)."""
+    return list(_C.available_isas())
+
+
+def active_isa() -> str:
+    """The ISA the kernels use now."""
+    return _C.active_isa()
+
+
+@contextlib.contextmanager
+def use_isa(name: str) -> Iterator[None]:
+    """Force every kernel onto one ISA inside the block (tests, benchmarks).
+
+    Process-wide, not per thread: do not mix with kernel calls on other threads.
+    """
+    previous = _C.forced_isa()
+    _C.force_isa(name)
+    try:
+        yield
+    finally:
+        _C.force_isa(previous)
+
+
+def cpu_features() -> dict:
+    """CPU features as detected at run time."""
+    return dict(_C.cpu_features())
+
+
+def get_num_threads() -> int:
+    return _C.get_num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the kernels use (the caller included)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n: expected an int, got {type(n).__name__}")
+    _C.set_num_threads(int(n))

@@ -1,0 +1,120 @@
+"""Pure-torch reference of every kernel in :mod:`prism_ext.kernels`.
+
+Used by the tests (kernel == reference == naive repetition) and as the plain
+formulation to read when in doubt. Shapes and conventions are those of
+:mod:`prism_ext.kernels`: ``counts`` is ``(nk,)`` or ``(B, nk)`` and the
+positions ``(n,)`` or ``(B, n)``, indexed by the first (batch) dimension.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "segment_means",
+    "key_bias",
+    "visibility",
+    "masked_softmax",
+    "compressed_attention",
+    "repeated_attention",
+]
+
+
+def segment_means(x: torch.Tensor, seg: int, valid: torch.Tensor | None = None):
+    """Means of consecutive ``seg``-row segments of ``x[..., n, d]``.
+
+    Returns ``(means[..., m, d], counts[..., m])`` with ``m = ceil(n / seg)``;
+    rows where ``valid`` is False are left out, and a segment with no valid row
+    has count 0 and a zero mean.
+    """
+    n, d = x.shape[-2], x.shape[-1]
+    m = -(-n // seg)
+    w = torch.ones(x.shape[:-1], dtype=x.dtype) if valid is None else valid.to(x.dtype)
+    pad = m * seg - n
+    xw = torch.nn.functional.pad(x * w.unsqueeze(-1), (0, 0, 0, pad))
+    w = torch.nn.functional.pad(w, (0, pad))
+    sums = xw.reshape(*x.shape[:-2], m, seg, d).sum(-2)
+    counts = w.reshape(*w.shape[:-1], m, seg).sum(-1)
+    means = sums / counts.clamp(min=1).unsqueeze(-1)
+    return means, counts
+
+
+def key_bias(counts: torch.Tensor) -> torch.Tensor:
+    """log(counts) as an additive logit bias, -inf where a count is 0."""
+    counts = counts.to(torch.float64)
+    return torch.where(counts > 0, counts.clamp(min=1e-300).log(), torch.tensor(-math.inf, dtype=torch.float64))
+
+
+def visibility(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[nq, nk]``: key j visible to query i iff k_pos[j] <= q_pos[i]."""
+    return k_pos.unsqueeze(-2) <= q_pos.unsqueeze(-1)
+
+
+def _keys(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Key-indexed (nk,) or (B, nk) -> broadcastable to [B, ..., nq, nk]."""
+    return t if t.dim() == 1 else t.reshape(t.shape[0], *([1] * (ndim - 2)), t.shape[-1])
+
+
+def _queries(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Query-indexed (nq,) or (B, nq) -> broadcastable to [B, ..., nq, nk]."""
+    t = t.unsqueeze(-1)
+    return t if t.dim() == 2 else t.reshape(t.shape[0], *([1] * (ndim - 3)), t.shape[1], 1)
+
+
+def _logit_bias(shape, counts, q_pos, k_pos, additive_mask) -> torch.Tensor:
+    """Everything added to the logits, in float64, broadcast to ``shape``."""
+    ndim = len(shape)
+    bias = torch.zeros(shape, dtype=torch.float64)
+    if counts is not None:
+        bias = bias + _keys(key_bias(counts), ndim)
+    if q_pos is not None:
+        visible = _keys(k_pos, ndim) <= _queries(q_pos, ndim)
+        bias = bias.masked_fill(~visible, -math.inf)
+    if additive_mask is not None:
+        bias = bias + additive_mask.to(torch.float64)
+    return bias
+
+
+def masked_softmax(scores, counts=None, q_pos=None, k_pos=None, additive_mask=None, dtype=torch.float64):
+    """Row softmax of ``scores + log(counts) + additive_mask`` with the causal
+    position rule; rows with nothing visible are zero. Computed in ``dtype``."""
+    z = scores.to(dtype) + _logit_bias(scores.shape, counts, q_pos, k_pos, additive_mask).to(dtype)
+    p = torch.softmax(z, dim=-1)
+    dead = torch.isneginf(z).all(dim=-1, keepdim=True)
+    return torch.where(dead, torch.zeros((), dtype=dtype), p)
+
+
+def compressed_attention(q, k, v, counts=None, q_pos=None, k_pos=None, scale=None, dtype=torch.float64):
+    """softmax(scale q k^T + log counts, causal rule) v over ``[B, H, n, dh]``."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
+    p = masked_softmax(scores, counts, q_pos, k_pos, dtype=dtype)
+    return torch.matmul(p, v.to(dtype))
+
+
+def repeated_attention(q, k, v, counts, q_pos=None, k_pos=None, scale=None, dtype=torch.float64):
+    """The naive formulation: every key/value row j (and its position) is
+    repeated ``counts[j]`` times, then plain (causal) attention runs over the
+    rebuilt sequence. ``counts`` must hold whole numbers. Loops over the batch
+    because each batch element may rebuild a sequence of different length."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    B = q.shape[0]
+    outs = []
+    for b in range(B):
+        c = (counts if counts.dim() == 1 else counts[b]).round().long()
+        kb = torch.repeat_interleave(k[b].to(dtype), c, dim=-2)
+        vb = torch.repeat_interleave(v[b].to(dtype), c, dim=-2)
+        scores = torch.matmul(q[b].to(dtype), kb.transpose(-1, -2)) * scale
+        if q_pos is not None:
+            qp = q_pos if q_pos.dim() == 1 else q_pos[b]
+            kp = torch.repeat_interleave(k_pos if k_pos.dim() == 1 else k_pos[b], c)
+            scores = scores.masked_fill(~visibility(qp, kp), -math.inf)
+        if kb.shape[-2] == 0:
+            outs.append(torch.zeros(q[b].shape, dtype=dtype))
+            continue
+        p = torch.softmax(scores, dim=-1)
+        p = torch.where(torch.isneginf(scores).all(-1, keepdim=True), torch.zeros((), dtype=dtype), p)
+        outs.append(torch.matmul(p, vb))
+    return torch.stack(outs)
