@@ -8,12 +8,14 @@ namespace prism {
 namespace simd_avx2 {
 
 // exp(x) for float lanes, Cephes-style: x = n ln2 + r, |r| <= ln2/2, then
-// 2^n * P(r). Max relative error ~2 ulp on [-87, 88]; below -87.3 it flushes
-// to 0 (exp(-inf) == 0), above 88.37 it saturates at ~FLT_MAX.
+// 2^n * P(r). Max relative error ~2 ulp on [-87, 88]; below ~-87.3 results
+// go subnormal and then flush to 0 (exp(-inf) == 0), above 88.37 they saturate
+// at 2.4e38. NaN in gives NaN out, as std::exp (the serial kernels rely on it).
 static inline __m256 exp_ps(__m256 x) {
   const __m256 hi = _mm256_set1_ps(88.3762626647949f);
   const __m256 lo = _mm256_set1_ps(-88.3762626647949f);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  // max/min return their second operand when either is NaN: keep x second.
+  x = _mm256_min_ps(hi, _mm256_max_ps(lo, x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);

@@ -6,7 +6,8 @@
 namespace prism {
 namespace simd_neon {
 
-// exp(x), same algorithm and accuracy as simd_avx2::exp_ps.
+// exp(x), same algorithm, accuracy and NaN/range behaviour as simd_avx2::exp_ps
+// (FMAX/FMIN propagate NaN, and NaN converts to integer 0 below).
 static inline float32x4_t exp_ps(float32x4_t x) {
   x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-88.3762626647949f)), vdupq_n_f32(88.3762626647949f));
   const float32x4_t n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504088896341f)));

@@ -1,0 +1,829 @@
+// C++ unit tests of the kernel drivers in csrc/ops.h. Self-contained (no
+// gtest) so the same file cross-compiles for aarch64 and runs under qemu.
+//
+// Every ISA available at run time runs every case and is compared with the
+// serial ISA and with a float64 reference computed here. Shapes are chosen to
+// hit each vector block and tail of every ISA (8/32 columns for AVX2, 16/64 for
+// AVX-512, 4/16 for NEON): n not divisible by seg, n < seg, nk = 1, dh in
+// {1, 7, 32, 64, 80, 128}, odd sizes, batch > 1, counts 0, fully masked rows,
+// positions, extreme logits and broadcast masks. Output buffers carry guard
+// elements that must come back untouched.
+//
+// Tolerances (u = 2^-24, the float32 unit roundoff), all worst-case bounds so
+// no test is flaky, yet far below the O(0.1) error of a masking or indexing bug:
+// - segment_means: every ISA adds the rows of a column in row order, one lane
+//   per column, so SIMD and serial must agree bit for bit; against float64 a
+//   sum of c rows is within c*u of the exact one.
+// - masked_softmax: the logits z are formed in the same float32 order by every
+//   ISA; what differs is exp (exp_ps ~2 ulp vs std::exp) and the order of the
+//   row sum (relative error <= nk*u for positive terms), so rtol = 2(nk+8)u,
+//   about 1e-5 at nk = 80. Against float64, the float32 rounding of z adds
+//   2u*|z| per logit when a bias or mask is added (none otherwise).
+// - compressed_attention: the same exp/sum terms plus the logits, which SIMD
+//   paths may sum in another order (and with FMA): a dot product of dh terms
+//   is within dh*u*sum|q_c k_c| of exact. The "exact" cases use small integer
+//   q, k and a power-of-two scale so every logit is exact in any order; there
+//   only the bias rounding remains. Errors are bounded relative to max|v|
+//   since out is a convex combination of v rows (which may cancel).
+//
+// Usage: test_kernels [group ...]; groups: isa segment_means
+// compressed_attention masked_softmax threadpool bad_args (default: all).
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "isa.h"
+#include "ops.h"
+#include "threadpool.h"
+
+namespace {
+
+using prism::Isa;
+
+constexpr double kU = 1.0 / (1 << 24);  // float32 unit roundoff
+constexpr float kGuard = 1234.5f;       // value of the guard elements
+constexpr int64_t kGuardLen = 19;
+const float kInf = std::numeric_limits<float>::infinity();
+const float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+int g_failures = 0;
+long g_checks = 0;
+
+void fail(const std::string& what) {
+  ++g_failures;
+  if (g_failures <= 40) std::fprintf(stderr, "FAIL: %s\n", what.c_str());
+  if (g_failures == 40) std::fprintf(stderr, "(further failures not printed)\n");
+}
+
+#define EXPECT(cond, what)                                                                 \
+  do {                                                                                     \
+    ++g_checks;                                                                            \
+    if (!(cond)) fail(std::string(what) + ": expected " #cond " (line " + std::to_string(__LINE__) + ")"); \
+  } while (0)
+
+// got[i] vs want[i]: |got - want| <= atol + rtol * |want|; a NaN must meet a
+// NaN and an infinity the same infinity. Reports the worst element.
+template <typename W>
+void expect_close(const float* got, const W* want, int64_t n, double rtol, double atol, const std::string& what) {
+  ++g_checks;
+  int64_t worst = -1;
+  double worst_excess = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double g = got[i], w = static_cast<double>(want[i]);
+    double excess;
+    if (std::isnan(w) || std::isnan(g))
+      excess = std::isnan(w) && std::isnan(g) ? 0.0 : kInf;
+    else if (std::isinf(w) || std::isinf(g))
+      excess = g == w ? 0.0 : kInf;
+    else
+      excess = std::fabs(g - w) - (atol + rtol * std::fabs(w));
+    if (excess > worst_excess) worst_excess = excess, worst = i;
+  }
+  if (worst >= 0) {
+    char buf[256];
+    std::snprintf(buf, sizeof buf, ": element %lld of %lld is %.9g, expected %.9g (rtol %.3g, atol %.3g)",
+                  static_cast<long long>(worst), static_cast<long long>(n), got[worst],
+                  static_cast<double>(want[worst]), rtol, atol);
+    fail(what + buf);
+  }
+}
+
+// A float buffer of n elements followed by kGuardLen guard elements.
+struct Guarded {
+  std::vector<float> buf;
+  explicit Guarded(int64_t n, float fill = kNaN) : buf(n + kGuardLen, kGuard) {
+    std::fill(buf.begin(), buf.begin() + n, fill);
+  }
+  float* data() { return buf.data(); }
+  bool guard_intact() const {
+    for (size_t i = buf.size() - kGuardLen; i < buf.size(); ++i)
+      if (buf[i] != kGuard) return false;
+    return true;
+  }
+};
+
+struct Rng {
+  std::mt19937_64 gen;
+  explicit Rng(uint64_t seed) : gen(seed) {}
+  float uniform(float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(gen); }
+  int64_t randint(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(gen); }  // [lo, hi]
+  bool chance(double p) { return std::bernoulli_distribution(p)(gen); }
+};
+
+std::string unavailable_reason(Isa isa) {
+  const prism::CpuFeatures& f = prism::cpu_features();
+  switch (isa) {
+    case Isa::avx2:
+      if (!(f.avx2 && f.fma)) return "the CPU lacks AVX2+FMA";
+      if (!f.os_avx) return "the OS does not enable YMM state";
+      break;
+    case Isa::avx512:
+      if (!(f.avx512f && f.fma)) return "the CPU lacks AVX-512F";
+      if (!f.os_avx512) return "the OS does not enable ZMM/opmask state";
+      break;
+    case Isa::neon:
+      if (!f.neon) return "the CPU has no AArch64 Advanced SIMD";
+      break;
+    case Isa::serial:
+      break;
+  }
+  return "not compiled into this build (other architecture, or PRISM_SIMD=OFF)";
+}
+
+std::string tag(const char* family, Isa isa, const std::string& shape) {
+  return std::string(family) + "[" + prism::isa_name(isa) + "] " + shape;
+}
+
+// ---------------------------------------------------------------- isa
+
+void test_isa() {
+  const std::vector<Isa> avail = prism::available_isas();
+  EXPECT(!avail.empty() && avail.front() == Isa::serial, "serial is always available");
+  EXPECT(prism::active_isa() == avail.back(), "the active ISA is the best available one");
+  for (Isa isa : {Isa::serial, Isa::avx2, Isa::avx512, Isa::neon}) {
+    EXPECT(prism::isa_from_name(prism::isa_name(isa)) == isa, std::string("name round trip of ") + prism::isa_name(isa));
+    const bool listed = std::find(avail.begin(), avail.end(), isa) != avail.end();
+    EXPECT(listed == prism::isa_available(isa), std::string("available_isas agrees for ") + prism::isa_name(isa));
+  }
+  for (Isa isa : avail) {
+    prism::force_isa(isa);
+    EXPECT(prism::isa_is_forced() && prism::active_isa() == isa, std::string("force_isa ") + prism::isa_name(isa));
+  }
+  prism::clear_forced_isa();
+  EXPECT(!prism::isa_is_forced() && prism::active_isa() == avail.back(), "clear_forced_isa");
+}
+
+// ---------------------------------------------------------------- segment means
+
+struct SegCase {
+  int64_t L, n, d, seg, pad;
+  int valid_mode;  // 0: no mask, 1: random rows, 2: random and whole segments invalid, 3: all invalid
+};
+
+void run_segment_case(const SegCase& c, uint64_t seed) {
+  Rng rng(seed);
+  const int64_t m = (c.n + c.seg - 1) / c.seg;
+  const int64_t row_stride = c.d + c.pad, batch_stride = c.n * row_stride + c.pad;
+  std::vector<float> x(c.L * batch_stride, kNaN);  // padding stays NaN: it must never be read
+  std::vector<uint8_t> valid(c.L * c.n, 1);
+  for (int64_t b = 0; b < c.L; ++b)
+    for (int64_t r = 0; r < c.n; ++r) {
+      uint8_t& v = valid[b * c.n + r];
+      if (c.valid_mode == 1 || c.valid_mode == 2) v = rng.chance(0.7) ? 1 : 0;
+      if (c.valid_mode == 2 && (r / c.seg) % 3 == 1) v = 0;
+      if (c.valid_mode == 3) v = 0;
+      float* row = &x[b * batch_stride + r * row_stride];
+      for (int64_t k = 0; k < c.d; ++k) row[k] = v ? rng.uniform(-4.0f, 4.0f) : kNaN;  // invalid rows must be skipped
+    }
+  const bool masked = c.valid_mode != 0;
+
+  // float64 reference and its error bound (a float32 sum of cnt terms).
+  std::vector<double> ref_means(c.L * m * c.d, 0.0), bound(c.L * m * c.d, 0.0);
+  std::vector<float> ref_counts(c.L * m, 0.0f);
+  for (int64_t b = 0; b < c.L; ++b)
+    for (int64_t s = 0; s < m; ++s) {
+      int64_t cnt = 0;
+      for (int64_t r = s * c.seg; r < std::min(c.n, (s + 1) * c.seg); ++r) {
+        if (!valid[b * c.n + r]) continue;
+        ++cnt;
+        for (int64_t k = 0; k < c.d; ++k) {
+          const double v = x[b * batch_stride + r * row_stride + k];
+          ref_means[(b * m + s) * c.d + k] += v;
+          bound[(b * m + s) * c.d + k] += std::fabs(v);
+        }
+      }
+      ref_counts[b * m + s] = static_cast<float>(cnt);
+      for (int64_t k = 0; cnt && k < c.d; ++k) {
+        ref_means[(b * m + s) * c.d + k] /= cnt;
+        bound[(b * m + s) * c.d + k] *= (cnt + 2) * kU / cnt;
+      }
+    }
+
+  char shape[160];
+  std::snprintf(shape, sizeof shape, "L=%lld n=%lld d=%lld seg=%lld pad=%lld valid_mode=%d", (long long)c.L,
+                (long long)c.n, (long long)c.d, (long long)c.seg, (long long)c.pad, c.valid_mode);
+  std::vector<float> serial_means;
+  for (Isa isa : prism::available_isas()) {
+    const std::string what = tag("segment_means", isa, shape);
+    Guarded means(c.L * m * c.d), counts(c.L * m);
+    prism::SegmentMeansProblem p{x.data(), masked ? valid.data() : nullptr, means.data(), counts.data(),
+                                 c.L, c.n, c.d, c.seg, batch_stride, row_stride};
+    prism::segment_means_f32(p, isa);
+    EXPECT(means.guard_intact() && counts.guard_intact(), what + ": writes stay inside the outputs");
+    expect_close(counts.data(), ref_counts.data(), c.L * m, 0.0, 0.0, what + ": counts");
+    ++g_checks;
+    for (int64_t i = 0; i < c.L * m * c.d; ++i)
+      if (!(std::fabs(means.buf[i] - ref_means[i]) <= bound[i])) {
+        fail(what + ": mean " + std::to_string(i) + " = " + std::to_string(means.buf[i]) + ", float64 reference " +
+             std::to_string(ref_means[i]));
+        break;
+      }
+    if (isa == Isa::serial) {
+      serial_means.assign(means.buf.begin(), means.buf.begin() + c.L * m * c.d);
+    } else {
+      ++g_checks;
+      if (std::memcmp(means.data(), serial_means.data(), sizeof(float) * serial_means.size()) != 0)
+        fail(what + ": means differ from the serial path (they must be bit-identical)");
+    }
+  }
+}
+
+void test_segment_means() {
+  const int64_t ds[] = {1, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 48, 63, 64, 65, 80, 128, 200};
+  const int64_t n_seg[][2] = {{1, 1}, {5, 8}, {17, 4}, {16, 4}, {33, 1}, {7, 7}, {100, 16}, {64, 5}, {3, 2}};
+  uint64_t seed = 1;
+  int idx = 0;
+  for (int64_t d : ds)
+    for (const auto& ns : n_seg)
+      for (int valid_mode = 0; valid_mode < 4; ++valid_mode, ++idx)
+        if (idx % 2 == 0 || valid_mode == 0)  // every shape unmasked, half of them masked too
+          run_segment_case({1 + idx % 3, ns[0], d, ns[1], (idx % 5 == 0) ? 3 : 0, valid_mode}, seed++);
+  // Large enough to be split over the thread pool, with a short last segment.
+  run_segment_case({2, 1000, 768, 7, 0, 0}, seed++);
+  run_segment_case({3, 999, 200, 16, 5, 1}, seed++);
+}
+
+// ---------------------------------------------------------------- compressed attention
+
+struct AttnCase {
+  int64_t B, H, nq, nk, dh;
+  int counts_mode;  // 0: none, 1: random with zeros, 2: and every count of batch 0 zero
+  int pos_mode;     // 0: none, 1: random positions (some queries see nothing)
+  bool batched_side;  // counts / positions per batch (else shared)
+  int data_mode;    // 0: random reals, 1: exact integer logits up to ~+-100, 2: all logits equal (q = 0)
+  int64_t pad;      // extra elements after each row
+};
+
+void run_attention_case(const AttnCase& c, uint64_t seed) {
+  Rng rng(seed);
+  const int64_t rs = c.dh + c.pad;  // row stride of q, k, v, out
+  const int64_t q_head = c.nq * rs, kv_head = c.nk * rs;
+  std::vector<float> q(c.B * c.H * q_head, kNaN), k(c.B * c.H * kv_head, kNaN), v(c.B * c.H * kv_head, kNaN);
+  float scale = 1.0f / std::sqrt(static_cast<float>(c.dh));
+  if (c.data_mode == 1) scale = std::ldexp(1.0f, static_cast<int>(std::lround(std::log2(10.0 / std::sqrt(c.dh)))));
+  for (int64_t t = 0; t < c.B * c.H; ++t) {
+    for (int64_t i = 0; i < c.nq; ++i)
+      for (int64_t e = 0; e < c.dh; ++e)
+        q[t * q_head + i * rs + e] = c.data_mode == 0   ? rng.uniform(-1.0f, 1.0f)
+                                     : c.data_mode == 1 ? static_cast<float>(rng.randint(-3, 3))
+                                                        : 0.0f;
+    for (int64_t j = 0; j < c.nk; ++j)
+      for (int64_t e = 0; e < c.dh; ++e) {
+        k[t * kv_head + j * rs + e] = c.data_mode == 1 ? static_cast<float>(rng.randint(-3, 3)) : rng.uniform(-1.0f, 1.0f);
+        v[t * kv_head + j * rs + e] = rng.uniform(-1.0f, 1.0f);
+      }
+  }
+  const int64_t side_batches = c.batched_side ? c.B : 1;
+  std::vector<float> counts;
+  if (c.counts_mode) {
+    counts.resize(side_batches * c.nk);
+    for (float& w : counts) w = rng.chance(0.25) ? 0.0f : 0.5f * static_cast<float>(rng.randint(1, 12));
+    if (c.counts_mode == 2) std::fill(counts.begin(), counts.begin() + c.nk, 0.0f);
+  }
+  std::vector<int32_t> q_pos, k_pos;
+  if (c.pos_mode) {
+    q_pos.resize(side_batches * c.nq);
+    k_pos.resize(side_batches * c.nk);
+    for (int32_t& p : k_pos) p = static_cast<int32_t>(rng.randint(0, 2 * c.nk));
+    for (int32_t& p : q_pos) p = static_cast<int32_t>(rng.randint(-2, 2 * c.nk + 1));
+  }
+
+  // float64 reference; worst |logit| (smax) and |log count| (bmax) for the bound.
+  std::vector<double> ref(c.B * c.H * c.nq * c.dh, 0.0);
+  std::vector<char> empty_row(c.B * c.H * c.nq, 0);
+  double smax = 0.0, bmax = 0.0, vmax = 0.0;
+  for (float w : counts)
+    if (w > 0) bmax = std::max(bmax, std::fabs(std::log(static_cast<double>(w))));
+  for (float x : v) if (!std::isnan(x)) vmax = std::max(vmax, static_cast<double>(std::fabs(x)));
+  std::vector<double> s(c.nk), acc(c.dh);
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t h = 0; h < c.H; ++h) {
+      const int64_t t = b * c.H + h, sb = c.batched_side ? b : 0;
+      for (int64_t i = 0; i < c.nq; ++i) {
+        double mx = -kInf;
+        for (int64_t j = 0; j < c.nk; ++j) {
+          double dot = 0.0, dot_abs = 0.0;
+          for (int64_t e = 0; e < c.dh; ++e) {
+            const double prod = static_cast<double>(q[t * q_head + i * rs + e]) * k[t * kv_head + j * rs + e];
+            dot += prod;
+            dot_abs += std::fabs(prod);
+          }
+          smax = std::max(smax, dot_abs * scale);
+          s[j] = dot * scale;
+          if (c.counts_mode) s[j] += std::log(static_cast<double>(counts[sb * c.nk + j]));  // log 0 = -inf
+          if (c.pos_mode && k_pos[sb * c.nk + j] > q_pos[sb * c.nq + i]) s[j] = -kInf;
+          mx = std::max(mx, s[j]);
+        }
+        double* o = &ref[(t * c.nq + i) * c.dh];
+        if (mx == -kInf) {
+          empty_row[t * c.nq + i] = 1;
+          continue;
+        }
+        double sum = 0.0;
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int64_t j = 0; j < c.nk; ++j) {
+          const double p = std::exp(s[j] - mx);
+          sum += p;
+          for (int64_t e = 0; e < c.dh; ++e) acc[e] += p * v[t * kv_head + j * rs + e];
+        }
+        for (int64_t e = 0; e < c.dh; ++e) o[e] = acc[e] / sum;
+      }
+    }
+  const double logit_err = (c.data_mode == 1 ? 0.0 : c.dh * kU * smax) + 2.0 * kU * (smax + bmax);
+  const double atol = 2.0 * (4.0 * logit_err + 2.0 * (c.nk + 8) * kU) * vmax;
+
+  char shape[200];
+  std::snprintf(shape, sizeof shape, "B=%lld H=%lld nq=%lld nk=%lld dh=%lld counts=%d pos=%d batched=%d data=%d pad=%lld",
+                (long long)c.B, (long long)c.H, (long long)c.nq, (long long)c.nk, (long long)c.dh, c.counts_mode,
+                c.pos_mode, c.batched_side, c.data_mode, (long long)c.pad);
+  std::vector<float> serial_out;
+  for (Isa isa : prism::available_isas()) {
+    const std::string what = tag("compressed_attention", isa, shape);
+    Guarded out(c.B * c.H * q_head, kGuard);  // row padding of out must stay kGuard too
+    prism::AttentionProblem p{};
+    p.q = q.data();
+    p.k = k.data();
+    p.v = v.data();
+    p.out = out.data();
+    p.counts = c.counts_mode ? counts.data() : nullptr;
+    p.q_pos = c.pos_mode ? q_pos.data() : nullptr;
+    p.k_pos = c.pos_mode ? k_pos.data() : nullptr;
+    p.B = c.B, p.H = c.H, p.nq = c.nq, p.nk = c.nk, p.dh = c.dh;
+    p.counts_batches = p.pos_batches = side_batches;
+    const int64_t qs[3] = {c.H * q_head, q_head, rs}, ks[3] = {c.H * kv_head, kv_head, rs};
+    std::copy(qs, qs + 3, p.q_strides);
+    std::copy(qs, qs + 3, p.out_strides);
+    std::copy(ks, ks + 3, p.k_strides);
+    std::copy(ks, ks + 3, p.v_strides);
+    p.scale = scale;
+    prism::compressed_attention_f32(p, isa);
+
+    std::vector<float> got(c.B * c.H * c.nq * c.dh);
+    bool pad_intact = out.guard_intact();
+    for (int64_t r = 0; r < c.B * c.H * c.nq; ++r) {
+      std::copy(out.buf.begin() + r * rs, out.buf.begin() + r * rs + c.dh, got.begin() + r * c.dh);
+      for (int64_t e = c.dh; e < rs; ++e) pad_intact &= out.buf[r * rs + e] == kGuard;
+    }
+    EXPECT(pad_intact, what + ": writes stay inside the output rows");
+    bool zero_rows = true;
+    for (int64_t r = 0; r < c.B * c.H * c.nq; ++r)
+      for (int64_t e = 0; empty_row[r] && e < c.dh; ++e) zero_rows &= got[r * c.dh + e] == 0.0f;
+    EXPECT(zero_rows, what + ": a query with no visible key gets an exact zero row");
+    expect_close(got.data(), ref.data(), static_cast<int64_t>(got.size()), 0.0, atol, what + " vs float64");
+    if (isa == Isa::serial)
+      serial_out = got;
+    else
+      expect_close(got.data(), serial_out.data(), static_cast<int64_t>(got.size()), 0.0, atol, what + " vs serial");
+  }
+}
+
+void test_compressed_attention() {
+  uint64_t seed = 1000;
+  int idx = 0;
+  const int64_t dhs[] = {1, 7, 32, 64, 80, 128};
+  const int64_t nq_nk[][2] = {{1, 1}, {3, 1}, {1, 5}, {7, 13}, {33, 64}, {17, 65}, {40, 130}, {64, 200}};
+  for (int64_t dh : dhs)
+    for (const auto& qk : nq_nk)
+      for (int data_mode = 0; data_mode < 3; ++data_mode, ++idx) {
+        if (data_mode == 2 && idx % 3) continue;  // the all-equal case needs few shapes
+        AttnCase c{1 + idx % 2, 1 + (idx / 2) % 3, qk[0], qk[1], dh, idx % 3, (idx / 3) % 2,
+                   (idx / 5) % 2 == 1, data_mode, (idx % 4 == 1) ? 5 : 0};
+        run_attention_case(c, seed++);
+      }
+  // Several query blocks of 32 and key blocks of 64, split over the pool.
+  run_attention_case({2, 3, 100, 300, 64, 1, 1, true, 0, 0}, seed++);
+  run_attention_case({1, 2, 129, 257, 80, 2, 0, true, 1, 3}, seed++);
+}
+
+// ---------------------------------------------------------------- masked softmax
+
+struct SoftmaxCase {
+  std::vector<int64_t> lead;
+  int64_t nq, nk;
+  int counts_mode;  // 0: none, 1: random with zeros, 2: and every count of batch 0 zero
+  int pos_mode;     // 0: none, 1: random positions
+  bool batched_side;
+  int mask_mode;    // 0: none, 1: full, 2: broadcast along keys, 3: one [nk] row for all, 4: last stride 2
+  int logit_mode;   // 0: N(0, 3), 1: +-80, 2: +-1e30, 3: all equal, 4: some -inf, 5: a NaN in some rows
+  bool in_place;
+};
+
+void run_softmax_case(const SoftmaxCase& c, uint64_t seed) {
+  Rng rng(seed);
+  const int64_t lead_ndim = static_cast<int64_t>(c.lead.size());
+  int64_t lead_total = 1;
+  for (int64_t l : c.lead) lead_total *= l;
+  const int64_t batch0 = lead_ndim ? c.lead[0] : 1, rows = lead_total * c.nq, total = rows * c.nk;
+  const int64_t side_batches = c.batched_side ? batch0 : 1;
+
+  std::vector<float> scores(total);
+  const float equal_value = rng.uniform(-50.0f, 50.0f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < c.nk; ++j) {
+      float& z = scores[r * c.nk + j];
+      switch (c.logit_mode) {
+        case 0: z = 3.0f * rng.uniform(-1.7f, 1.7f); break;
+        case 1: z = rng.chance(0.5) ? 80.0f - rng.uniform(0.0f, 1.0f) : -80.0f + rng.uniform(0.0f, 1.0f); break;
+        case 2: z = rng.chance(0.5) ? 1e30f : -1e30f; break;
+        case 3: z = equal_value; break;
+        case 4: z = rng.chance(0.3) || r % 5 == 1 ? -kInf : rng.uniform(-5.0f, 5.0f); break;
+        default: z = r % 3 == 0 && j == (r / 3) % c.nk ? kNaN : rng.uniform(-5.0f, 5.0f); break;
+      }
+    }
+  std::vector<float> counts;
+  if (c.counts_mode) {
+    counts.resize(side_batches * c.nk);
+    for (float& w : counts) w = rng.chance(0.25) ? 0.0f : 0.5f * static_cast<float>(rng.randint(1, 12));
+    if (c.counts_mode == 2) std::fill(counts.begin(), counts.begin() + c.nk, 0.0f);
+  }
+  std::vector<int32_t> q_pos, k_pos;
+  if (c.pos_mode) {
+    q_pos.resize(side_batches * c.nq);
+    k_pos.resize(side_batches * c.nk);
+    for (int32_t& p : k_pos) p = static_cast<int32_t>(rng.randint(-3, 2 * c.nk));
+    for (int32_t& p : q_pos) p = static_cast<int32_t>(rng.randint(-4, 2 * c.nk + 1));
+  }
+  // The mask as a strided view over lead + (nq, nk); strides in elements.
+  std::vector<int64_t> shape(c.lead);
+  shape.push_back(c.nq);
+  shape.push_back(c.nk);
+  const int64_t ndim = lead_ndim + 2;
+  std::vector<int64_t> mstrides(ndim, 0);
+  int64_t mask_len = 0;
+  if (c.mask_mode == 1 || c.mask_mode == 4) {
+    const int64_t step = c.mask_mode == 4 ? 2 : 1;
+    int64_t st = step;
+    for (int64_t dim = ndim - 1; dim >= 0; --dim) mstrides[dim] = st, st *= shape[dim];
+    mask_len = st;
+  } else if (c.mask_mode == 2) {  // one value per (lead, q) row
+    int64_t st = 1;
+    for (int64_t dim = ndim - 2; dim >= 0; --dim) mstrides[dim] = st, st *= shape[dim];
+    mask_len = st;
+  } else if (c.mask_mode == 3) {  // one [nk] row for every row
+    mstrides[ndim - 1] = 1;
+    mask_len = c.nk;
+  }
+  std::vector<float> mask(mask_len);
+  for (float& x : mask) x = rng.chance(0.15) ? -kInf : rng.uniform(-2.0f, 2.0f);
+
+  // float64 reference, following the serial semantics: fmax skips NaN logits,
+  // a NaN among the visible ones makes the row NaN, none visible gives zeros.
+  std::vector<double> ref(total);
+  std::vector<double> zerr(rows, 0.0);  // float32 rounding of the logits of each row
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t li = r / c.nq, qi = r % c.nq;
+    int64_t moff = qi * mstrides[lead_ndim], rem = li, b0 = 0;
+    for (int64_t dim = lead_ndim - 1; dim >= 0; --dim) {
+      moff += (rem % c.lead[dim]) * mstrides[dim];
+      if (dim == 0) b0 = rem % c.lead[dim];
+      rem /= c.lead[dim];
+    }
+    const int64_t sb = c.batched_side ? b0 : 0;
+    double* z = &ref[r * c.nk];
+    double mx = -kInf;
+    for (int64_t j = 0; j < c.nk; ++j) {
+      const double s = scores[r * c.nk + j];
+      double zj = s, mag = std::fabs(s);
+      if (c.counts_mode) {
+        const double w = counts[sb * c.nk + j];
+        zj += std::log(w);
+        if (w > 0) mag += std::fabs(std::log(w));
+      }
+      if (c.mask_mode) {
+        const double mv = mask[moff + j * mstrides[ndim - 1]];
+        zj += mv;
+        if (std::isfinite(mv)) mag += std::fabs(mv);
+      }
+      if (c.pos_mode && k_pos[sb * c.nk + j] > q_pos[sb * c.nq + qi]) zj = -kInf;
+      if ((c.counts_mode || c.mask_mode) && std::isfinite(zj)) zerr[r] = std::max(zerr[r], 2.0 * kU * mag);
+      z[j] = zj;
+      mx = std::fmax(mx, zj);
+    }
+    if (mx == -kInf) {
+      std::fill(z, z + c.nk, 0.0);
+      continue;
+    }
+    double sum = 0.0;
+    for (int64_t j = 0; j < c.nk; ++j) sum += (z[j] = std::exp(z[j] - mx));
+    for (int64_t j = 0; j < c.nk; ++j) z[j] /= sum;
+  }
+  const double rtol = 2.0 * (c.nk + 8) * kU;
+  const double atol = std::numeric_limits<float>::min();  // exp_ps flushes subnormal results
+  double max_zerr = 0.0;
+  for (double e : zerr) max_zerr = std::max(max_zerr, e);
+
+  std::string lead_str;
+  for (int64_t l : c.lead) lead_str += std::to_string(l) + ",";
+  char shape_str[220];
+  std::snprintf(shape_str, sizeof shape_str,
+                "lead=(%s) nq=%lld nk=%lld counts=%d pos=%d batched=%d mask=%d logits=%d in_place=%d",
+                lead_str.c_str(), (long long)c.nq, (long long)c.nk, c.counts_mode, c.pos_mode, c.batched_side,
+                c.mask_mode, c.logit_mode, c.in_place);
+  std::vector<float> serial_out;
+  for (Isa isa : prism::available_isas()) {
+    const std::string what = tag("masked_softmax", isa, shape_str);
+    Guarded out(total);
+    std::vector<float> in = scores;  // the kernel must not modify its input unless in place
+    if (c.in_place) std::copy(scores.begin(), scores.end(), out.buf.begin());
+    prism::SoftmaxProblem p{};
+    p.scores = c.in_place ? out.data() : in.data();
+    p.out = out.data();
+    p.counts = c.counts_mode ? counts.data() : nullptr;
+    p.q_pos = c.pos_mode ? q_pos.data() : nullptr;
+    p.k_pos = c.pos_mode ? k_pos.data() : nullptr;
+    p.add_mask = c.mask_mode ? mask.data() : nullptr;
+    p.lead_ndim = lead_ndim;
+    std::copy(c.lead.begin(), c.lead.end(), p.lead);
+    std::copy(mstrides.begin(), mstrides.end(), p.mask_strides);
+    p.nq = c.nq;
+    p.nk = c.nk;
+    p.counts_batches = p.pos_batches = side_batches;
+    prism::masked_softmax_f32(p, isa);
+
+    EXPECT(out.guard_intact(), what + ": writes stay inside the output");
+    if (!c.in_place) EXPECT(std::memcmp(in.data(), scores.data(), sizeof(float) * total) == 0, what + ": input untouched");
+    bool finite_ok = true;  // no NaN/inf unless the input had a NaN
+    for (int64_t i = 0; i < total && c.logit_mode != 5; ++i) finite_ok &= std::isfinite(out.buf[i]) != 0;
+    EXPECT(finite_ok, what + ": output is finite");
+    expect_close(out.data(), ref.data(), total, rtol + 4.0 * max_zerr, atol, what + " vs float64");
+    if (isa == Isa::serial)
+      serial_out.assign(out.buf.begin(), out.buf.begin() + total);
+    else
+      expect_close(out.data(), serial_out.data(), total, rtol, atol, what + " vs serial");
+  }
+}
+
+void test_masked_softmax() {
+  uint64_t seed = 5000;
+  int idx = 0;
+  const int64_t nks[] = {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 64, 100, 257};
+  const std::vector<std::vector<int64_t>> leads = {{}, {3}, {2, 3}, {2, 1, 2}};
+  const int64_t nqs[] = {1, 3, 8};
+  for (int64_t nk : nks)
+    for (const auto& lead : leads)
+      for (int logit_mode = 0; logit_mode < 6; ++logit_mode, ++idx) {
+        SoftmaxCase c{lead, nqs[idx % 3], nk, idx % 3, (idx / 3) % 2, (idx / 2) % 2 == 1, (idx / 7) % 5,
+                      logit_mode, idx % 4 == 3};
+        if (logit_mode == 2) c.counts_mode = 0, c.mask_mode = 0;  // +-1e30 + log(count) is not exact in float32
+        run_softmax_case(c, seed++);
+      }
+  // Many rows, split over the pool.
+  run_softmax_case({{4, 12}, 64, 200, 1, 1, true, 1, 0, false}, seed++);
+  run_softmax_case({{2, 3}, 77, 333, 2, 1, true, 2, 1, true}, seed++);
+}
+
+// ---------------------------------------------------------------- thread pool
+
+// parallel_for(n, grain) must hand out every index of [0, n) exactly once, in
+// chunks of >= grain items (except the last).
+void check_cover(int64_t n, int64_t grain, const std::string& what) {
+  std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
+  for (auto& h : hits) h.store(0);
+  std::atomic<bool> bad_chunk{false};
+  prism::parallel_for(n, grain, [&](int64_t b, int64_t e) {
+    if (!(0 <= b && b < e && e <= n) || (e - b < grain && e != n)) bad_chunk = true;
+    for (int64_t i = b; i < e && 0 <= b && e <= n; ++i) hits[i].fetch_add(1);
+  });
+  bool once = true;
+  for (auto& h : hits) once &= h.load() == 1;
+  EXPECT(once, what + ": every index exactly once");
+  EXPECT(!bad_chunk, what + ": chunks inside [0, n) and >= grain");
+}
+
+void test_threadpool() {
+  const int saved = prism::num_threads();
+  for (int threads : {1, 3, 2}) {
+    prism::set_num_threads(threads);
+    EXPECT(prism::num_threads() == threads, "set_num_threads(" + std::to_string(threads) + ")");
+    for (int64_t n : {0, 1, 2, 7, 100, 1000, 100003})
+      for (int64_t grain : {1, 7, 64, 1000})
+        check_cover(n, grain, "threads=" + std::to_string(threads) + " n=" + std::to_string(n) +
+                                  " grain=" + std::to_string(grain));
+  }
+  prism::set_num_threads(3);
+
+  // Nested calls run inline on the calling task and still cover everything.
+  std::vector<std::atomic<int>> nested(64 * 50);
+  for (auto& h : nested) h.store(0);
+  prism::parallel_for(64, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      prism::parallel_for(50, 1, [&](int64_t b2, int64_t e2) {
+        for (int64_t k = b2; k < e2; ++k) nested[i * 50 + k].fetch_add(1);
+      });
+  });
+  bool once = true;
+  for (auto& h : nested) once &= h.load() == 1;
+  EXPECT(once, "nested parallel_for covers every (outer, inner) index once");
+
+  // Concurrent callers from several threads: one gets the pool, the others
+  // run inline; none may lose or repeat work.
+  std::atomic<int> concurrent_failures{0};
+  std::vector<std::thread> callers;
+  for (int t = 0; t < 4; ++t)
+    callers.emplace_back([&, t] {
+      for (int rep = 0; rep < 30; ++rep) {
+        const int64_t n = 500 + 37 * t + rep;
+        std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
+        for (auto& h : hits) h.store(0);
+        prism::parallel_for(n, 3, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) hits[i].fetch_add(1);
+        });
+        for (auto& h : hits)
+          if (h.load() != 1) concurrent_failures.fetch_add(1);
+      }
+    });
+  for (auto& th : callers) th.join();
+  EXPECT(concurrent_failures.load() == 0, "concurrent parallel_for calls cover every index once");
+
+  // An exception in a task reaches the caller, from the pool and inline.
+  for (int64_t grain : {1, 100000}) {
+    const std::string what = "exception propagation (grain " + std::to_string(grain) + ")";
+    bool caught = false;
+    try {
+      prism::parallel_for(10000, grain, [](int64_t b, int64_t e) {
+        if (b <= 517 && 517 < e) throw std::runtime_error("boom at 517");
+      });
+    } catch (const std::runtime_error& err) {
+      caught = std::string(err.what()) == "boom at 517";
+    } catch (...) {
+    }
+    EXPECT(caught, what + ": the task's exception is rethrown on the caller");
+    check_cover(10000, 1, what + ": the pool still works afterwards");
+  }
+  prism::set_num_threads(saved);
+  EXPECT(prism::num_threads() == saved, "restore the thread count");
+}
+
+// ---------------------------------------------------------------- argument validation
+
+// fn must throw std::invalid_argument whose message starts with `prefix`.
+void expect_invalid(const std::function<void()>& fn, const std::string& prefix, const std::string& what) {
+  ++g_checks;
+  try {
+    fn();
+  } catch (const std::invalid_argument& e) {
+    if (std::string(e.what()).rfind(prefix, 0) != 0)
+      fail(what + ": message '" + e.what() + "' does not start with '" + prefix + "'");
+    return;
+  } catch (const std::exception& e) {
+    fail(what + ": threw a non-invalid_argument exception: " + e.what());
+    return;
+  }
+  fail(what + ": did not throw");
+}
+
+void expect_ok(const std::function<void()>& fn, const std::string& what) {
+  ++g_checks;
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    fail(what + ": the valid baseline threw: " + e.what());
+  }
+}
+
+void test_bad_args() {
+  const Isa best = prism::available_isas().back();
+  std::vector<Isa> missing;
+  for (Isa isa : {Isa::avx2, Isa::avx512, Isa::neon})
+    if (!prism::isa_available(isa)) missing.push_back(isa);
+  expect_invalid([] { prism::isa_from_name("sse4"); }, "isa:", "isa_from_name of an unknown name");
+  for (Isa isa : missing)
+    expect_invalid([isa] { prism::force_isa(isa); }, "isa:", std::string("force_isa(") + prism::isa_name(isa) + ")");
+
+  // segment_means: a valid 2 x 5 x 3 problem, then one bad field at a time.
+  std::vector<float> x(30, 1.0f), means(2 * 3 * 3), seg_counts(2 * 3);
+  const prism::SegmentMeansProblem seg_ok{x.data(), nullptr, means.data(), seg_counts.data(), 2, 5, 3, 2, 15, 3};
+  auto seg_bad = [&](const std::string& prefix, const std::string& what, auto mutate, Isa isa) {
+    prism::SegmentMeansProblem p = seg_ok;
+    mutate(p);
+    expect_invalid([&] { prism::segment_means_f32(p, isa); }, prefix, "segment_means " + what);
+  };
+  expect_ok([&] { prism::segment_means_f32(seg_ok, best); }, "segment_means");
+  seg_bad("seg:", "seg = 0", [](auto& p) { p.seg = 0; }, best);
+  seg_bad("seg:", "seg = -3", [](auto& p) { p.seg = -3; }, best);
+  seg_bad("x:", "n = 0", [](auto& p) { p.n = 0; }, best);
+  seg_bad("x:", "d = 0", [](auto& p) { p.d = 0; }, best);
+  seg_bad("x:", "L = -1", [](auto& p) { p.L = -1; }, best);
+  for (Isa isa : missing) seg_bad("isa:", std::string("isa ") + prism::isa_name(isa), [](auto&) {}, isa);
+
+  // compressed_attention: B = 2, H = 1, nq = 2, nk = 3, dh = 4.
+  std::vector<float> qkv(2 * 3 * 4, 0.5f), out(2 * 2 * 4), counts = {1, 2, 0, 1, 1, 1};
+  std::vector<int32_t> q_pos = {0, 1, 0, 1}, k_pos = {0, 0, 1, 0, 0, 1};
+  prism::AttentionProblem att_ok{};
+  att_ok.q = att_ok.k = att_ok.v = qkv.data();
+  att_ok.out = out.data();
+  att_ok.counts = counts.data();
+  att_ok.q_pos = q_pos.data();
+  att_ok.k_pos = k_pos.data();
+  att_ok.B = 2, att_ok.H = 1, att_ok.nq = 2, att_ok.nk = 3, att_ok.dh = 4;
+  att_ok.counts_batches = att_ok.pos_batches = 2;
+  const int64_t kv_st[3] = {12, 12, 4}, q_st[3] = {8, 8, 4};
+  std::copy(q_st, q_st + 3, att_ok.q_strides);
+  std::copy(q_st, q_st + 3, att_ok.out_strides);
+  std::copy(kv_st, kv_st + 3, att_ok.k_strides);
+  std::copy(kv_st, kv_st + 3, att_ok.v_strides);
+  att_ok.scale = 0.5f;
+  auto att_bad = [&](const std::string& prefix, const std::string& what, auto mutate, Isa isa) {
+    prism::AttentionProblem p = att_ok;
+    mutate(p);
+    expect_invalid([&] { prism::compressed_attention_f32(p, isa); }, prefix, "compressed_attention " + what);
+  };
+  expect_ok([&] { prism::compressed_attention_f32(att_ok, best); }, "compressed_attention");
+  att_bad("q:", "nq = 0", [](auto& p) { p.nq = 0; }, best);
+  att_bad("q:", "nk = 0", [](auto& p) { p.nk = 0; }, best);
+  att_bad("q:", "dh = 0", [](auto& p) { p.dh = 0; }, best);
+  att_bad("counts:", "counts_batches = 3", [](auto& p) { p.counts_batches = 3; }, best);
+  att_bad("q_pos:", "pos_batches = 3", [](auto& p) { p.pos_batches = 3; }, best);
+  att_bad("q_pos:", "q_pos without k_pos", [](auto& p) { p.k_pos = nullptr; }, best);
+  att_bad("q_pos:", "k_pos without q_pos", [](auto& p) { p.q_pos = nullptr; }, best);
+  for (float badc : {-1.0f, kNaN, kInf}) {
+    std::vector<float> bad_counts = counts;
+    bad_counts[4] = badc;
+    att_bad("counts:", "count " + std::to_string(badc), [&](auto& p) { p.counts = bad_counts.data(); }, best);
+  }
+  for (Isa isa : missing) att_bad("isa:", std::string("isa ") + prism::isa_name(isa), [](auto&) {}, isa);
+
+  // masked_softmax: scores [2, 2, 3] (lead = (2,), nq = 2, nk = 3).
+  std::vector<float> scores(12, 0.25f), sm_out(12);
+  prism::SoftmaxProblem sm_ok{};
+  sm_ok.scores = scores.data();
+  sm_ok.out = sm_out.data();
+  sm_ok.counts = counts.data();
+  sm_ok.q_pos = q_pos.data();
+  sm_ok.k_pos = k_pos.data();
+  sm_ok.lead_ndim = 1;
+  sm_ok.lead[0] = 2;
+  sm_ok.nq = 2;
+  sm_ok.nk = 3;
+  sm_ok.counts_batches = sm_ok.pos_batches = 2;
+  auto sm_bad = [&](const std::string& prefix, const std::string& what, auto mutate, Isa isa) {
+    prism::SoftmaxProblem p = sm_ok;
+    mutate(p);
+    expect_invalid([&] { prism::masked_softmax_f32(p, isa); }, prefix, "masked_softmax " + what);
+  };
+  expect_ok([&] { prism::masked_softmax_f32(sm_ok, best); }, "masked_softmax");
+  sm_bad("scores:", "lead_ndim = 9", [](auto& p) { p.lead_ndim = 9; }, best);
+  sm_bad("scores:", "lead_ndim = -1", [](auto& p) { p.lead_ndim = -1; }, best);
+  sm_bad("scores:", "nq = 0", [](auto& p) { p.nq = 0; }, best);
+  sm_bad("scores:", "nk = 0", [](auto& p) { p.nk = 0; }, best);
+  sm_bad("counts:", "counts_batches = 3", [](auto& p) { p.counts_batches = 3; }, best);
+  sm_bad("q_pos:", "pos_batches = 3", [](auto& p) { p.pos_batches = 3; }, best);
+  sm_bad("q_pos:", "q_pos without k_pos", [](auto& p) { p.k_pos = nullptr; }, best);
+  for (float badc : {-1.0f, kNaN, -kInf}) {
+    std::vector<float> bad_counts = counts;
+    bad_counts[1] = badc;
+    sm_bad("counts:", "count " + std::to_string(badc), [&](auto& p) { p.counts = bad_counts.data(); }, best);
+  }
+  for (Isa isa : missing) sm_bad("isa:", std::string("isa ") + prism::isa_name(isa), [](auto&) {}, isa);
+}
+
+struct Group {
+  const char* name;
+  void (*run)();
+};
+
+const Group kGroups[] = {{"isa", test_isa},
+                         {"segment_means", test_segment_means},
+                         {"compressed_attention", test_compressed_attention},
+                         {"masked_softmax", test_masked_softmax},
+                         {"threadpool", test_threadpool},
+                         {"bad_args", test_bad_args}};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> selected(argv + 1, argv + argc);
+  for (const std::string& s : selected) {
+    bool known = false;
+    for (const Group& g : kGroups) known |= s == g.name;
+    if (!known) {
+      std::fprintf(stderr, "unknown test group '%s'\n", s.c_str());
+      return 2;
+    }
+  }
+  std::printf("ISAs tested against serial:");
+  for (Isa isa : prism::available_isas()) std::printf(" %s", prism::isa_name(isa));
+  std::printf("\n");
+  for (Isa isa : {Isa::avx2, Isa::avx512, Isa::neon})
+    if (!prism::isa_available(isa))
+      std::printf("not tested: %s (%s)\n", prism::isa_name(isa), unavailable_reason(isa).c_str());
+  for (const Group& g : kGroups) {
+    if (!selected.empty() && std::find(selected.begin(), selected.end(), g.name) == selected.end()) continue;
+    const int before = g_failures;
+    g.run();
+    std::printf("%-22s %s\n", g.name, g_failures == before ? "ok" : "FAILED");
+  }
+  std::printf("%ld checks, %d failures\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
