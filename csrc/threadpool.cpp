@@ -25,7 +25,15 @@ class Pool {
   void resize(int n) {
     std::lock_guard<std::mutex> g(run_mutex_);
     stop_workers();
-    for (int i = 1; i < n; ++i) workers_.emplace_back([this] { worker_loop(); });
+    // A new worker must start from the current generation, read here and not
+    // in the thread: a job posted before the thread first runs would otherwise
+    // count as already seen, and run() would wait for that worker forever.
+    uint64_t generation = 0;
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      generation = generation_;
+    }
+    for (int i = 1; i < n; ++i) workers_.emplace_back([this, generation] { worker_loop(generation); });
   }
 
   void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
@@ -74,12 +82,7 @@ class Pool {
     in_pool_task = was_in_task;
   }
 
-  void worker_loop() {
-    uint64_t seen = 0;
-    {
-      std::lock_guard<std::mutex> g(m_);
-      seen = generation_;
-    }
+  void worker_loop(uint64_t seen) {
     for (;;) {
       {
         std::unique_lock<std::mutex> lk(m_);
