@@ -97,12 +97,15 @@ install_package() {
   # A real (non-editable) install: the tests import the installed wheel.
   pip_q install -q --no-build-isolation "$ROOT[test]"
   "$VENV/bin/python" -c 'import torch; assert torch.__version__.startswith("2.13.0"), torch.__version__'
+  "$VENV/bin/prism" info
 }
 
 run_pytest() {
   # Run the pytest executable (not `python -m pytest`, which would put the
   # source tree on sys.path) so `import prism_ext` finds the installed copy.
-  "$VENV/bin/pytest" -q "$ROOT/tests"
+  # A hang fails the step (and dumps every thread's stack) instead of eating
+  # CI's time.
+  timeout --kill-after=30 1800 "$VENV/bin/pytest" -q -o faulthandler_timeout=600 "$ROOT/tests"
 }
 
 # cmake_tests BUILD_DIR [extra cmake args...]: configure, build and ctest the
@@ -113,7 +116,7 @@ cmake_tests() {
   cmake -S "$ROOT" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DPRISM_BUILD_PYTHON=OFF -DPRISM_BUILD_TESTS=ON -DPRISM_BUILD_BENCH=OFF "$@"
   cmake --build "$dir" -j "$JOBS"
-  ctest --test-dir "$dir" --output-on-failure -j "$JOBS"
+  ctest --test-dir "$dir" --output-on-failure -j "$JOBS" --timeout 600
 }
 
 ctest_native() { cmake_tests build/native; }
@@ -148,10 +151,10 @@ check_simd_symbols() {
     echo "expected 6 AVX object files (3 families x avx2/avx512) in build/native, found $count" >&2
     return 1
   fi
-  local bad=0
+  local bad=0 obj syms weak
   for obj in $objs; do
-    local weak
-    weak=$(nm -C --defined-only "$obj" | grep -E '^[0-9a-fA-F]* +[WVu] ' || true)
+    syms=$(nm -C --defined-only "$obj")
+    weak=$(grep -E '^[0-9a-fA-F]* +[WVu] ' <<<"$syms" || true)
     if [[ -n $weak ]]; then
       echo "$obj defines weak/COMDAT symbols:" >&2
       echo "$weak" >&2
