@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import Iterator
 
 import numpy as np
@@ -36,8 +37,10 @@ __all__ = [
 _INT32_MAX = 2**31 - 1
 
 
-def _as_array(x, name: str, *, dtype=np.float32, min_ndim: int = 1) -> np.ndarray:
-    """A numpy view of ``x`` (torch tensor or ndarray) of exactly ``dtype``."""
+def _as_array(x, name: str, *, dtype=np.float32, min_ndim: int = 1, output: bool = False) -> np.ndarray:
+    """A numpy view of ``x`` (torch tensor or ndarray) of exactly ``dtype``.
+    Inputs the kernels cannot read in place are copied; an ``output`` never
+    is (the result would land in the copy), it raises instead."""
     if isinstance(x, torch.Tensor):
         if x.device.type != "cpu":
             raise TypeError(f"{name}: expected a CPU tensor, got a tensor on {x.device}")
@@ -45,6 +48,8 @@ def _as_array(x, name: str, *, dtype=np.float32, min_ndim: int = 1) -> np.ndarra
             raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {x.layout}")
         x = x.detach()
         if x.is_conj() or x.is_neg():
+            if output:
+                raise ValueError(f"{name}: must not be a lazily negated or conjugated view")
             x = x.resolve_conj().resolve_neg()
         arr = x.numpy()
     elif isinstance(x, np.ndarray):
@@ -55,9 +60,10 @@ def _as_array(x, name: str, *, dtype=np.float32, min_ndim: int = 1) -> np.ndarra
         raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name}, got {arr.dtype}")
     if arr.ndim < min_ndim:
         raise ValueError(f"{name}: expected at least {min_ndim} dimensions, got shape {tuple(arr.shape)}")
-    if arr.ndim and arr.strides[-1] != arr.itemsize and arr.shape[-1] > 1:
-        arr = np.ascontiguousarray(arr)
-    if any(s < 0 for s in arr.strides):
+    strided_last = arr.ndim and arr.strides[-1] != arr.itemsize and arr.shape[-1] > 1
+    if strided_last or any(s < 0 for s in arr.strides):
+        if output:
+            raise ValueError(f"{name}: must be C-contiguous, got strides {arr.strides}")
         arr = np.ascontiguousarray(arr)
     return arr
 
@@ -191,7 +197,9 @@ def compressed_attention(q, k, v, counts=None, q_pos=None, k_pos=None, scale=Non
     nk = ka.shape[-2]
     if scale is None:
         scale = 1.0 / math.sqrt(dh)
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected a real number, got {type(scale).__name__}")
+    elif not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite number, got {scale!r}")
     q4 = _heads_view(qa, "q", "[B, H, nq, dh]")
     k4 = _heads_view(ka, "k", "[B, H, nk, dh]")
@@ -239,7 +247,7 @@ def masked_softmax(scores, counts=None, q_pos=None, k_pos=None, additive_mask=No
     if out is not None:
         if type(out) is not type(scores):
             raise TypeError(f"out: expected a {type(scores).__name__} like scores, got {type(out).__name__}")
-        out_arr = _as_array(out, "out", min_ndim=2)
+        out_arr = _as_array(out, "out", min_ndim=2, output=True)
         if not out_arr.flags.c_contiguous:
             raise ValueError("out: must be C-contiguous")
         if out_arr.shape != arr.shape:
@@ -273,6 +281,8 @@ def use_isa(name: str) -> Iterator[None]:
 
     Process-wide, not per thread: do not mix with kernel calls on other threads.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a str, got {type(name).__name__}")
     previous = _C.forced_isa()
     _C.force_isa(name)
     try:

@@ -1,0 +1,73 @@
+"""Shared test setup: the hypothesis profile and the per-ISA fixture."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+import prism_ext
+from prism_ext import kernels
+
+# "ci" (the default): the same examples on every run, so a failure reproduces;
+# no deadline, since the machine is shared and timings vary. Example counts
+# are set per test, small enough for the suite to finish in minutes on 2 cores.
+# The isa fixture stays fixed across a test's examples, which is what we want,
+# hence the function_scoped_fixture suppression.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+# HYPOTHESIS_PROFILE=explore: fresh random examples on every run.
+settings.register_profile("explore", parent=settings.get_profile("ci"), derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+ALL_ISAS = ("serial", "avx2", "avx512", "neon")
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+_ARM64 = platform.machine().lower() in ("aarch64", "arm64")
+
+
+def isa_skip_reason(name: str) -> str:
+    """Why the ISA ``name`` cannot run in this process."""
+    f = kernels.cpu_features()
+    machine = platform.machine()
+    if name == "neon" and not _ARM64:
+        return f"neon: not an ARM64 machine ({machine}); the C++ tests run it under qemu"
+    if name in ("avx2", "avx512") and not _X86:
+        return f"{name}: not an x86-64 machine ({machine})"
+    if name == "avx2" and not (f["avx2"] and f["fma"] and f["os_avx"]):
+        return f"avx2 not supported by this CPU/OS (avx2={f['avx2']}, fma={f['fma']}, os_avx={f['os_avx']})"
+    if name == "avx512" and not (f["avx512f"] and f["os_avx512"]):
+        return f"avx512 not supported by this CPU/OS (avx512f={f['avx512f']}, os_avx512={f['os_avx512']})"
+    return f"{name}: not compiled into this build"
+
+
+@pytest.fixture(params=ALL_ISAS)
+def isa(request):
+    """Runs the test with every kernel forced onto one ISA."""
+    name = request.param
+    if name not in kernels.available_isas():
+        pytest.skip(isa_skip_reason(name))
+    with kernels.use_isa(name):
+        yield name
+
+
+@pytest.fixture
+def restore_threads():
+    """Puts the kernel thread count back after a test that changes it."""
+    before = kernels.get_num_threads()
+    yield
+    kernels.set_num_threads(before)
+
+
+def pytest_report_header(config):
+    return (
+        f"prism_ext {prism_ext.__version__} from {os.path.dirname(prism_ext.__file__)}; "
+        f"isas {kernels.available_isas()}, active {kernels.active_isa()}, threads {kernels.get_num_threads()}"
+    )
