@@ -25,7 +25,11 @@ class Pool {
   void resize(int n) {
     std::lock_guard<std::mutex> g(run_mutex_);
     stop_workers();
-    for (int i = 1; i < n; ++i) workers_.emplace_back([this] { worker_loop(); });
+    // The generation is read here, not in the new thread: a run() right after
+    // resize() could otherwise bump it first, the worker would take the new
+    // generation as already seen and never join that job (deadlock).
+    const uint64_t start = generation_;
+    for (int i = 1; i < n; ++i) workers_.emplace_back([this, start] { worker_loop(start); });
   }
 
   void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
@@ -74,12 +78,7 @@ class Pool {
     in_pool_task = was_in_task;
   }
 
-  void worker_loop() {
-    uint64_t seen = 0;
-    {
-      std::lock_guard<std::mutex> g(m_);
-      seen = generation_;
-    }
+  void worker_loop(uint64_t seen) {
     for (;;) {
       {
         std::unique_lock<std::mutex> lk(m_);
