@@ -204,10 +204,10 @@ def cases(quick: bool = False) -> list[Case]:
     """The shapes of issue 2, or (quick) one small shape per kernel plus a
     non-dividing segment-means case, for a smoke run."""
     if quick:
-        lay = Layout(64, SEQ_LEN, 16)
+        lay = Layout(32, 128, 16)  # model heads, a short sequence: nk = 38
         return [
-            segment_means_case(64, 384, 16),
-            segment_means_case(63, 384, 16),
+            segment_means_case(32, 384, 16),
+            segment_means_case(31, 384, 16),
             attention_case("bert-base", 12, 64, False, lay),
             attention_case("gpt2-small", 12, 64, True, lay),
             softmax_case(12, True, lay),
@@ -268,7 +268,7 @@ def run(
         raise ValueError(f"threads: expected thread counts >= 1, got {threads}")
     gb = _load_google_benchmark()
     repetitions = repetitions or (3 if quick else 7)
-    min_time = min_time or (0.01 if quick else 0.1)
+    min_time = min_time or (0.01 if quick else 0.05)
     isas = kernels.available_isas()
     all_cases = cases(quick)
     entries: list[_Entry] = []
@@ -461,7 +461,8 @@ def summarize(report: dict) -> dict:
                     row["errors"][isa] = rec["error"]
                 elif torch_rec["seconds"] is not None:
                     row["speedup"][isa] = torch_rec["seconds"] / rec["seconds"]
-            goal = target(info["kernel"], info["params"])
+            # The targets are about the issue's shapes, not the smoke ones.
+            goal = None if report["quick"] else target(info["kernel"], info["params"])
             row["target"] = goal
             row["passed"] = None if goal is None or best not in row["speedup"] else row["speedup"][best] >= goal
             best_s = row["prism_s"][best]
@@ -474,7 +475,8 @@ def summarize(report: dict) -> dict:
     fractions = []
     for row in rows:
         p = row["params"]
-        if (row["kernel"] == "compressed_attention" and p["nq"] == p["nk"] == SEQ_LEN and not p["causal"]
+        if (not report["quick"] and row["kernel"] == "compressed_attention" and p["nq"] == p["nk"] == SEQ_LEN
+                and not p["causal"]
                 and row["threads"] == 1 and sgemm_flops and row["prism_s"][best] and row["torch_s"]):
             flops = 4.0 * p["heads"] * p["nq"] * p["nk"] * p["dh"]
             frac = flops / row["prism_s"][best] / sgemm_flops
@@ -531,7 +533,8 @@ def format_summary(summary: dict) -> str:
             + ("pass" if f["passed"] else "miss"))
     verdicts = [r["passed"] for r in summary["rows"] if r["passed"] is not None]
     verdicts += [f["passed"] for f in summary["attention_vs_sgemm"]]
-    lines.append(f"targets met: {sum(verdicts)} of {len(verdicts)}")
+    lines.append(f"targets met: {sum(verdicts)} of {len(verdicts)}" if verdicts
+                 else "targets: not judged (they apply to the full shape set, not --quick)")
     errors = [(r["case"], r["threads"], k, e) for r in summary["rows"] for k, e in r["errors"].items()]
     lines += [f"error: {case} t{t} {impl}: {msg}" for case, t, impl, msg in errors]
     return "\n".join(lines)
