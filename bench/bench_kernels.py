@@ -96,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
 
     now = datetime.datetime.now(datetime.timezone.utc)
-    report = bench.run(threads, quick=args.quick, repetitions=args.repetitions, min_time=args.min_time)
+    try:
+        report = bench.run(threads, quick=args.quick, repetitions=args.repetitions, min_time=args.min_time)
+    except RuntimeError as exc:  # google-benchmark missing
+        parser.exit(2, f"{parser.prog}: {exc}\n")
     summary = bench.summarize(report)
     meta = {"date": now.strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
             "placeholders": placeholder_kernels()}

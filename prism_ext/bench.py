@@ -263,7 +263,9 @@ def run(
     """Registers every case x thread count x (torch, prism per available ISA)
     with google-benchmark, runs them and returns the report: machine info,
     one record per benchmark (median wall time over repetitions and the
-    coefficient of variation) and the single-thread sgemm reference."""
+    coefficient of variation) and the single-thread sgemm reference.
+    google-benchmark's console report goes to ``progress`` (a real file: its
+    descriptor stands in for stdout during the run)."""
     if not threads or any(t < 1 for t in threads):
         raise ValueError(f"threads: expected thread counts >= 1, got {threads}")
     gb = _load_google_benchmark()
@@ -289,11 +291,17 @@ def run(
         def body(state) -> None:
             torch.set_num_threads(n_threads)
             kernels.set_num_threads(n_threads)
-            call = call_factory()
-            with kernels.use_isa(isa) if isa else contextlib.nullcontext():
-                call()  # warm-up: first-touch of outputs, lazy inits
-                while state:
-                    call()
+            # An exception must not cross into google-benchmark's C++ loop:
+            # it becomes this benchmark's error and the run goes on.
+            try:
+                call = call_factory()
+                with kernels.use_isa(isa) if isa else contextlib.nullcontext():
+                    call()  # warm-up: first-touch of outputs, lazy inits
+                    while state:
+                        call()
+            except Exception as exc:
+                state.skip_with_error(f"{type(exc).__name__}: {exc}")
+                return
             state.counters["bytes_per_second"] = gb.Counter(entry.bytes * state.iterations, gb.Counter.kIsRate)
             state.counters["flops"] = gb.Counter(entry.flops * state.iterations, gb.Counter.kIsRate)
 
@@ -313,23 +321,25 @@ def run(
     register(sgemm.case, sgemm, body_for(lambda: _sgemm_setup(SGEMM_SIZE), 1, None, sgemm))
 
     previous_threads = (torch.get_num_threads(), kernels.get_num_threads())
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "gbench.json")
-        gb.initialize([
-            "prism-bench",
-            f"--benchmark_out={out_path}",
-            "--benchmark_out_format=json",
-            "--benchmark_enable_random_interleaving=true",
-        ])
-        # google-benchmark's console report goes to stdout (fd 1); send it to
-        # `progress` so stdout carries only the final table.
-        with _fd1_to(progress):
-            gb.run_benchmarks()
-        with open(out_path) as f:
-            raw = json.load(f)
-    torch.set_num_threads(previous_threads[0])
-    kernels.set_num_threads(previous_threads[1])
-    gb._benchmark.ClearRegisteredBenchmarks()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out_path = os.path.join(tmp, "gbench.json")
+            gb.initialize([
+                "prism-bench",
+                f"--benchmark_out={out_path}",
+                "--benchmark_out_format=json",
+                "--benchmark_enable_random_interleaving=true",
+            ])
+            # google-benchmark's console report goes to stdout (fd 1); send it
+            # to `progress` so stdout carries only the final table.
+            with _fd1_to(progress):
+                gb.run_benchmarks()
+            with open(out_path) as f:
+                raw = json.load(f)
+    finally:
+        torch.set_num_threads(previous_threads[0])
+        kernels.set_num_threads(previous_threads[1])
+        gb._benchmark.ClearRegisteredBenchmarks()
 
     records = _records(raw["benchmarks"], entries)
     case_info = {c.name: {"kernel": c.kernel, "label": c.label, "shape": c.shape, "params": c.params}
@@ -371,7 +381,8 @@ _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 def _records(benchmarks: list[dict], entries: list[_Entry]) -> list[dict]:
     """google-benchmark JSON -> one record per registered benchmark, matched
-    by registration order (family_index). With one repetition there are no
+    by registration order (family_index; no filter is passed, so every
+    registered family runs and keeps its index). With one repetition there are no
     aggregates; the single run is its own median."""
     by_family: dict[int, dict] = {}
     for b in benchmarks:
@@ -397,17 +408,26 @@ def _records(benchmarks: list[dict], entries: list[_Entry]) -> list[dict]:
     return records
 
 
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
+def _cpu_name() -> str:
+    """x86: 'model name'; ARM boards: 'Hardware' or the board 'Model' (x86's
+    'model' is a number and is skipped)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                key = line.split(":")[0].strip().lower()
-                if key in ("model name", "hardware", "cpu model"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                key, sep, value = line.partition(":")
+                if sep:
+                    fields.setdefault(key.strip().lower(), value.strip())
     except OSError:
         pass
+    for key in ("model name", "hardware", "model"):
+        if fields.get(key) and not fields[key].isdigit():
+            return fields[key]
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    cpu = _cpu_name()
     from . import __version__
 
     return {
@@ -483,9 +503,17 @@ def summarize(report: dict) -> dict:
             fractions.append({"case": row["case"], "isa": best, "prism_fraction": frac,
                               "torch_sdpa_fraction": flops / row["torch_s"] / sgemm_flops,
                               "target": ATTENTION_SGEMM_TARGET, "passed": frac >= ATTENTION_SGEMM_TARGET})
+    warnings = []
+    load = report["gbench_context"].get("load_avg") or []
+    cores = report["machine"]["cores"] or 1
+    if load and load[0] > cores:
+        # Seen here: torch's OpenMP threads then spin at barriers on a shared
+        # core and 2-thread torch times grow by 100x; prism's pool sleeps.
+        warnings.append(f"load average {load[0]:.1f} on {cores} cores when the run started: other processes "
+                        "share the cores, multi-thread timings (torch's above all) measure that contention")
     return {"rows": rows, "sgemm": {"size": SGEMM_SIZE, "threads": 1, "seconds": sgemm_rec["seconds"],
                                     "flops_per_s": sgemm_flops},
-            "attention_vs_sgemm": fractions}
+            "attention_vs_sgemm": fractions, "warnings": warnings}
 
 
 def _us(seconds: float | None) -> str:
@@ -535,6 +563,7 @@ def format_summary(summary: dict) -> str:
     verdicts += [f["passed"] for f in summary["attention_vs_sgemm"]]
     lines.append(f"targets met: {sum(verdicts)} of {len(verdicts)}" if verdicts
                  else "targets: not judged (they apply to the full shape set, not --quick)")
+    lines += [f"warning: {w}" for w in summary["warnings"]]
     errors = [(r["case"], r["threads"], k, e) for r in summary["rows"] for k, e in r["errors"].items()]
     lines += [f"error: {case} t{t} {impl}: {msg}" for case, t, impl, msg in errors]
     return "\n".join(lines)
