@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .comm.local import LocalGroup
+from .comm.wire import check_wire_dtype
 from .engine import DeviceResult, LayerStats, RunConfig, RunStats, decode_step, run_device
 from .models import Network, load_network
 from .partition import partition
@@ -116,6 +117,7 @@ class PrismModel:
     def _run(self, inputs: dict, devices, cr, mode, device_weights, knobs, *, decode_room=0):
         batch, n = self.net.check_inputs(inputs)
         devices = _check_devices(devices, n)
+        check_wire_dtype(knobs["wire_dtype"])
         cfg = RunConfig.make(len(self.net.blocks), mode=mode, cr=cr, **knobs)
         part = partition(n, devices, device_weights)
         last = devices - 1
