@@ -123,3 +123,16 @@ def test_real_minilm_matches_hf():
         assert max_err(out.last_hidden_state[valid], ref.last_hidden_state[valid]) <= TOL
         assert max_err(out.pooler_output, ref.pooler_output) <= TOL
 
+
+
+@pytest.mark.parametrize("devices", [1, 3])
+def test_gpt2_right_padding_matches_hf_at_valid_positions(gpt2, devices):
+    hf, m = gpt2
+    ids = torch.randint(0, 64, (2, 15), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask).logits
+    out = m(ids, attention_mask=mask, devices=devices, cr=1).logits
+    valid = mask.bool()
+    assert max_err(out[valid], ref[valid]) <= TOL

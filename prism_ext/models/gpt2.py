@@ -1,5 +1,6 @@
 """GPT-2: token + position embeddings, pre-LN blocks, final LN, tied LM head.
-HF stores its projections as Conv1D ([in, out]); they are transposed once here."""
+HF stores its projections as Conv1D ([in, out]); they are transposed once here.
+``attention_mask`` masks keys (right padding); positions are not shifted."""
 
 from __future__ import annotations
 
