@@ -23,7 +23,8 @@ from .attention import prism_attention
 from .models.common import Network
 from .partition import Partition, cr_schedule, segment_ends
 
-__all__ = ["RunConfig", "LayerStats", "DeviceStats", "RunStats", "DeviceResult", "run_device", "DecodeState"]
+__all__ = ["RunConfig", "LayerStats", "DeviceStats", "RunStats", "DeviceResult", "run_device", "DecodeState",
+           "decode_step"]
 
 MODES = ("prism", "voltage")
 POINTS = ("attn_input", "hidden")

@@ -32,6 +32,8 @@ class ViT(Network):
         if self.image % self.patch:
             raise ValueError(f"config.json: image_size {self.image} is not a multiple of patch_size {self.patch}")
         self.grid = self.image // self.patch
+        if cfg(config, "pooler_act", "tanh") != "tanh":
+            raise ValueError(f"config.json: pooler_act={config['pooler_act']!r} is not supported (only 'tanh')")
         act = activation(cfg(config, "hidden_act", "gelu"), "hidden_act")
 
         def ln(*names):
