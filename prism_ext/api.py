@@ -1,0 +1,221 @@
+"""``prism_ext.load(path)``: a loaded model whose call runs P simulated
+devices in this process (an in-process transport per call)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .comm.local import LocalGroup
+from .comm.wire import check_wire_dtype
+from .engine import DeviceResult, LayerStats, RunConfig, RunStats, decode_step, run_device
+from .models import Network, load_network
+from .partition import partition
+
+__all__ = ["load", "PrismModel", "PrismOutput"]
+
+# Nothing here may reach the network; these keep transformers/huggingface_hub
+# offline too if a caller mixes them in.
+for _flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_flag, "1")
+
+
+class PrismOutput(Mapping):
+    """HF-like output: attribute and key access to the fields the head
+    provides (``logits``, ``last_hidden_state``, ``pooler_output``), plus
+    ``stats`` (:class:`prism_ext.engine.RunStats`)."""
+
+    def __init__(self, fields: dict[str, torch.Tensor], stats: RunStats):
+        self._fields = fields
+        self.stats = stats
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["_fields"][name]
+        except KeyError:
+            raise AttributeError(f"this output has no {name!r} (it has {', '.join(self._fields)})") from None
+
+    def __getitem__(self, key):
+        return self._fields[key]
+
+    def __iter__(self):
+        return iter(self._fields)
+
+    def __len__(self):
+        return len(self._fields)
+
+    def __repr__(self):
+        shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self._fields.items())
+        return f"PrismOutput({shapes})"
+
+
+def _check_devices(devices, n: int) -> int:
+    if isinstance(devices, bool) or not isinstance(devices, int):
+        raise TypeError(f"devices: expected an int, got {type(devices).__name__}")
+    if devices < 1:
+        raise ValueError(f"devices: must be >= 1, got {devices}")
+    if devices > n:
+        raise ValueError(f"devices: {devices} devices need at least {devices} positions, the input has {n}")
+    return devices
+
+
+class PrismModel:
+    """A checkpoint loaded for PRISM inference; see :func:`load`."""
+
+    def __init__(self, net: Network, directory: Path | None = None):
+        self.net = net
+        self.config = net.config
+        self.model_type = net.model_type
+        self.directory = directory
+        self.tokenizer = None
+        self.image_processor_config = None
+        if directory is not None:
+            if (directory / "tokenizer.json").is_file():
+                try:
+                    from tokenizers import Tokenizer
+                except ImportError:
+                    pass  # optional: the model works on ids without it
+                else:
+                    self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+            if (directory / "preprocessor_config.json").is_file():
+                self.image_processor_config = json.loads((directory / "preprocessor_config.json").read_text())
+
+    def __repr__(self):
+        return f"PrismModel({self.model_type}, head={self.net.head}, layers={len(self.net.blocks)}, d={self.net.d})"
+
+    def _inputs(self, inputs, kwargs: dict) -> dict:
+        given = {}
+        if inputs is not None:
+            if isinstance(inputs, torch.Tensor):
+                given[self.net.input_names[0]] = inputs
+            elif isinstance(inputs, Mapping):
+                given.update(inputs)
+            else:
+                raise TypeError(f"inputs: expected a tensor or a mapping of tensors, got {type(inputs).__name__}")
+        for name in self.net.input_names:
+            if name in kwargs:
+                if name in given:
+                    raise ValueError(f"{name}: given twice (in inputs and as a keyword)")
+                given[name] = kwargs.pop(name)
+        if kwargs:
+            name = next(iter(kwargs))
+            raise TypeError(f"{name}: unexpected keyword argument ({self.model_type} takes "
+                            f"{', '.join(self.net.input_names)} and the run options)")
+        unknown = set(given) - set(self.net.input_names)
+        if unknown:
+            raise ValueError(f"inputs: {self.model_type} takes {', '.join(self.net.input_names)}; "
+                             f"got unexpected {', '.join(sorted(unknown))}")
+        given = {k: v for k, v in given.items() if v is not None}
+        if self.net.input_names[0] not in given:
+            raise ValueError(f"inputs: {self.net.input_names[0]} is required")
+        return given
+
+    def _run(self, inputs: dict, devices, cr, mode, device_weights, knobs, *, decode_room=0):
+        batch, n = self.net.check_inputs(inputs)
+        devices = _check_devices(devices, n)
+        check_wire_dtype(knobs["wire_dtype"])
+        cfg = RunConfig.make(len(self.net.blocks), mode=mode, cr=cr, **knobs)
+        part = partition(n, devices, device_weights)
+        last = devices - 1
+
+        def device(rank):
+            return lambda transport: run_device(self.net, inputs, part, rank, transport, cfg,
+                                                decode_room=decode_room if rank == last else 0,
+                                                last_only=bool(decode_room))
+
+        results: list[DeviceResult] = LocalGroup(devices).run([device(r) for r in range(devices)])
+        stats = RunStats(cfg.mode, cfg.crs, cfg.wire_dtype, part, [r.stats for r in results])
+        return results, stats
+
+    @torch.no_grad()
+    def __call__(self, inputs=None, *, devices: int = 1, cr=1, mode: str = "prism", device_weights=None,
+                 wire_dtype: str = "fp32", compression_point: str = "attn_input", mean_weighting: str = "count",
+                 **model_inputs) -> PrismOutput:
+        """Run the model over ``devices`` simulated devices.
+
+        ``inputs``: what the HF model takes (``input_ids`` [+ ``attention_mask``,
+        ``token_type_ids``] or ``pixel_values``), as a mapping, a tensor (the
+        first of those) or keywords. ``cr``: compression rate, an int or one per
+        layer. ``mode``: ``prism`` or ``voltage`` (ignores cr). Knobs:
+        ``wire_dtype`` (fp32/fp16/bf16/int8), ``compression_point``
+        (attn_input/hidden), ``mean_weighting`` (count/none), ``device_weights``.
+        """
+        inputs = self._inputs(inputs, model_inputs)
+        knobs = dict(wire_dtype=wire_dtype, compression_point=compression_point, mean_weighting=mean_weighting)
+        results, stats = self._run(inputs, devices, cr, mode, device_weights, knobs)
+        fields = {name: torch.cat([r.rows[name] for r in results], dim=1) for name in results[0].rows}
+        fields.update(results[0].cls)
+        return PrismOutput(fields, stats)
+
+    @torch.no_grad()
+    def generate(self, input_ids, *, devices: int = 1, cr=1, max_new_tokens: int = 20, temperature: float = 0.0,
+                 top_k: int | None = None, seed: int | None = None, eos_token_id: int | None = None,
+                 device_weights=None, wire_dtype: str = "fp32", compression_point: str = "attn_input",
+                 mean_weighting: str = "count", return_stats: bool = False):
+        """GPT-2 generation: distributed prefill over ``devices``, then decoding
+        on the last device from its kept K/V (own rows and earlier partitions'
+        means), with no communication per generated token.
+
+        ``temperature`` 0 is greedy; > 0 samples from softmax(logits / T),
+        restricted to the ``top_k`` most likely tokens if given, with a
+        ``torch.Generator`` seeded by ``seed``. Sequences that emit
+        ``eos_token_id`` continue with it (like HF padding with eos). Returns
+        the ids [B, N + max_new_tokens], and with ``return_stats`` also
+        ``(prefill RunStats, per-token lists of per-layer stats)``.
+        """
+        if self.net.head != "lm":
+            raise ValueError(f"generate: needs a language model head; this is {self.model_type} ({self.net.head})")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
+            raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
+        inputs = self._inputs(input_ids, {})
+        if "attention_mask" in inputs:
+            raise ValueError("input_ids: generate takes unpadded input_ids only")
+        batch, n = self.net.check_inputs(inputs)
+        if n + max_new_tokens > self.net.n_positions:
+            raise ValueError(f"max_new_tokens: {n} + {max_new_tokens} positions exceed n_positions={self.net.n_positions}")
+        knobs = dict(wire_dtype=wire_dtype, compression_point=compression_point, mean_weighting=mean_weighting)
+        results, stats = self._run(inputs, devices, cr, "prism", device_weights, knobs, decode_room=max_new_tokens - 1)
+        last = results[-1]
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        ids = inputs["input_ids"]
+        done = torch.zeros(batch, dtype=torch.bool)
+        logits = last.rows["logits"][:, -1]
+        decode_stats: list[list[LayerStats]] = []
+        for step in range(max_new_tokens):
+            token = self._pick(logits, temperature, top_k, gen)
+            if eos_token_id is not None:
+                token = torch.where(done, torch.full_like(token, eos_token_id), token)
+                done |= token == eos_token_id
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+                break
+            rows, layer_stats = decode_step(self.net, last.state, ids, n + step)
+            decode_stats.append(layer_stats)
+            logits = rows["logits"][:, -1]
+        return (ids, stats, decode_stats) if return_stats else ids
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen) -> torch.Tensor:
+        if temperature == 0:
+            return logits.argmax(dim=-1)
+        logits = logits / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)[:, 0]
+
+
+def load(path_or_name) -> PrismModel:
+    """Load a Hugging Face checkpoint (gpt2, bert, vit) from a local directory
+    (config.json + safetensors or pytorch_model.bin; tokenizer when present).
+    Never downloads: a hub name must already be in the local HF cache."""
+    net, directory = load_network(path_or_name)
+    return PrismModel(net, directory)

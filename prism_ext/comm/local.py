@@ -1,0 +1,127 @@
+"""In-process transport: P simulated devices in one process.
+
+Each device runs its own straight-line program on its own thread, but only
+one device runs at a time: a device holds the baton until it calls
+``all_gather`` (or returns), then passes it to the next rank. The devices'
+work is therefore serial, so the wall time each one measures is its own, and
+the program a device runs is the one it would run over a real network.
+Everything exchanged goes through :mod:`.wire`, so the bytes are real.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+from .wire import Gathered, check_wire_dtype, decode, encode
+
+__all__ = ["LocalGroup", "LocalTransport", "GroupAborted"]
+
+
+class GroupAborted(RuntimeError):
+    """Raised in the other devices when one device of the group failed."""
+
+
+class LocalGroup:
+    """A group of ``size`` in-process devices; ``run`` executes one function per device."""
+
+    def __init__(self, size: int):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size: expected an int >= 1, got {size!r}")
+        self.size = size
+        self._cond = threading.Condition()
+        self._turn = 0
+        self._done = [False] * size
+        self._round = [0] * size  # next all-gather round of each rank
+        self._slots: dict[int, list[bytes | None]] = {}
+        self._readers: dict[int, int] = {}
+        self._error: BaseException | None = None
+
+    def run(self, fns: Sequence[Callable[["LocalTransport"], Any]]) -> list[Any]:
+        """Run ``fns[rank](transport)`` for every rank; returns their results in rank order."""
+        if len(fns) != self.size:
+            raise ValueError(f"fns: expected {self.size} functions (one per rank), got {len(fns)}")
+        results: list[Any] = [None] * self.size
+        threads = [threading.Thread(target=self._worker, args=(r, fns[r], results), daemon=True) for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if self._error is not None:
+            raise self._error
+        return results
+
+    def _worker(self, rank: int, fn, results: list) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._turn == rank or self._error is not None)
+            if self._error is not None:
+                self._done[rank] = True
+                return
+        try:
+            results[rank] = fn(LocalTransport(self, rank))
+        except GroupAborted:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - re-raised by run()
+            with self._cond:
+                if self._error is None:
+                    self._error = exc
+        finally:
+            with self._cond:
+                self._done[rank] = True
+                self._pass_baton(rank)
+                self._cond.notify_all()
+
+    def _pass_baton(self, rank: int) -> None:
+        for step in range(1, self.size + 1):
+            nxt = (rank + step) % self.size
+            if not self._done[nxt]:
+                self._turn = nxt
+                return
+
+    def _exchange(self, rank: int, blob: bytes) -> list[bytes]:
+        with self._cond:
+            rnd = self._round[rank]
+            self._round[rank] += 1
+            slots = self._slots.setdefault(rnd, [None] * self.size)
+            slots[rank] = blob
+            self._pass_baton(rank)
+            self._cond.notify_all()
+
+            def ready() -> bool:
+                if self._error is not None:
+                    return True
+                if any(self._done[r] and slots[r] is None for r in range(self.size)):
+                    self._error = RuntimeError(f"all_gather round {rnd}: a device returned without joining it")
+                    self._cond.notify_all()
+                    return True
+                return all(s is not None for s in slots) and self._turn == rank
+
+            self._cond.wait_for(ready)
+            if self._error is not None:
+                raise GroupAborted("another device failed") from None
+            self._readers[rnd] = self._readers.get(rnd, 0) + 1
+            if self._readers[rnd] == self.size:
+                del self._slots[rnd], self._readers[rnd]
+            return list(slots)  # type: ignore[arg-type]
+
+
+class LocalTransport:
+    """Device ``rank``'s end of a :class:`LocalGroup`."""
+
+    def __init__(self, group: LocalGroup, rank: int):
+        self.group = group
+        self.rank = rank
+        self.size = group.size
+
+    def all_gather(self, tensors: dict, wire_dtype: str = "fp32") -> Gathered:
+        """Send ``tensors`` to every device, receive every device's (own included)."""
+        check_wire_dtype(wire_dtype)
+        t0 = time.perf_counter()
+        blob, sizes = encode(tensors, wire_dtype)
+        t1 = time.perf_counter()
+        blobs = self.group._exchange(self.rank, blob)
+        t2 = time.perf_counter()
+        items = [decode(b) for b in blobs]
+        t3 = time.perf_counter()
+        return Gathered(items=items, bytes_sent=len(blob), tensor_bytes=sizes, seconds=(t1 - t0) + (t3 - t2))

@@ -1,0 +1,108 @@
+"""Byte format of an exchange: a dict of named tensors -> bytes and back.
+
+Layout: a little-endian uint32 header length, a JSON header (name, wire dtype,
+shape, byte counts per tensor), then the raw tensor bytes in header order.
+Floating tensors travel in the wire dtype (fp32, fp16, bf16, or int8 with one
+fp32 scale per row, i.e. per last-dimension vector) and are decoded to
+float32; integer tensors travel as int32.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["WIRE_DTYPES", "Gathered", "encode", "decode", "check_wire_dtype"]
+
+WIRE_DTYPES = ("fp32", "fp16", "bf16", "int8")
+_HEADER = struct.Struct("<I")
+
+
+@dataclass
+class Gathered:
+    """What an all-gather hands back to one device."""
+
+    items: list[dict[str, torch.Tensor]]  # one dict per rank, own rank included
+    bytes_sent: int  # everything this rank serialised (header included)
+    tensor_bytes: dict[str, int] = field(default_factory=dict)  # of those, per tensor (scales included)
+    seconds: float = 0.0  # encode + decode, not waiting for peers
+
+
+def check_wire_dtype(wire_dtype) -> str:
+    if wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"wire_dtype: expected one of {', '.join(WIRE_DTYPES)}, got {wire_dtype!r}")
+    return wire_dtype
+
+
+def _encode_float(t: torch.Tensor, wire_dtype: str) -> list[bytes]:
+    t = t.detach().to(torch.float32).contiguous()
+    if wire_dtype == "fp32":
+        return [t.numpy().tobytes()]
+    if wire_dtype == "fp16":
+        return [t.to(torch.float16).numpy().tobytes()]
+    if wire_dtype == "bf16":
+        return [t.to(torch.bfloat16).view(torch.int16).numpy().tobytes()]
+    # int8: symmetric, one scale per row so one large row does not flatten the rest.
+    scale = t.abs().amax(dim=-1, keepdim=True) / 127.0
+    q = torch.round(t / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp_(-127, 127).to(torch.int8)
+    return [q.numpy().tobytes(), scale.numpy().tobytes()]
+
+
+def _decode_float(parts: list[bytes], shape: list[int], wire_dtype: str) -> torch.Tensor:
+    if wire_dtype == "fp32":
+        arr = np.frombuffer(parts[0], dtype=np.float32)
+        return torch.from_numpy(arr.copy()).reshape(shape)
+    if wire_dtype == "fp16":
+        return torch.from_numpy(np.frombuffer(parts[0], dtype=np.float16).copy()).reshape(shape).float()
+    if wire_dtype == "bf16":
+        raw = torch.from_numpy(np.frombuffer(parts[0], dtype=np.int16).copy())
+        return raw.view(torch.bfloat16).reshape(shape).float()
+    q = torch.from_numpy(np.frombuffer(parts[0], dtype=np.int8).copy()).reshape(shape).float()
+    scale = torch.from_numpy(np.frombuffer(parts[1], dtype=np.float32).copy()).reshape(*shape[:-1], 1)
+    return q * scale
+
+
+def encode(tensors: dict[str, torch.Tensor], wire_dtype: str) -> tuple[bytes, dict[str, int]]:
+    """Serialise ``tensors``; returns the bytes and the bytes of each tensor."""
+    check_wire_dtype(wire_dtype)
+    header, blobs, sizes = [], [], {}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors[{name!r}]: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype.is_floating_point:
+            dtype = wire_dtype
+            parts = _encode_float(t, wire_dtype)
+        elif t.dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8, torch.bool):
+            dtype = "int32"
+            parts = [t.detach().to(torch.int32).contiguous().numpy().tobytes()]
+        else:
+            raise TypeError(f"tensors[{name!r}]: cannot send dtype {t.dtype}")
+        header.append({"name": name, "dtype": dtype, "shape": list(t.shape), "parts": [len(p) for p in parts]})
+        blobs.extend(parts)
+        sizes[name] = sum(len(p) for p in parts)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return _HEADER.pack(len(head)) + head + b"".join(blobs), sizes
+
+
+def decode(data: bytes) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`encode` (floating tensors come back as float32)."""
+    (n,) = _HEADER.unpack_from(data, 0)
+    header = json.loads(data[_HEADER.size : _HEADER.size + n])
+    offset = _HEADER.size + n
+    out = {}
+    for entry in header:
+        parts = []
+        for size in entry["parts"]:
+            parts.append(data[offset : offset + size])
+            offset += size
+        if entry["dtype"] == "int32":
+            out[entry["name"]] = torch.from_numpy(np.frombuffer(parts[0], dtype=np.int32).copy()).reshape(entry["shape"])
+        else:
+            out[entry["name"]] = _decode_float(parts, entry["shape"], entry["dtype"])
+    if offset != len(data):
+        raise ValueError(f"data: {len(data) - offset} trailing bytes after the last tensor")
+    return out

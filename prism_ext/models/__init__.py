@@ -1,0 +1,124 @@
+"""Model families and the checkpoint loader (config.json + weights from a
+local directory; nothing is ever downloaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import bert, gpt2, vit
+from .common import Block, Network
+
+__all__ = ["Block", "Network", "FAMILIES", "load_network", "resolve", "read_tensors"]
+
+FAMILIES = {m.MODEL_TYPE: m for m in (gpt2, bert, vit)}
+
+_SAFE = "model.safetensors"
+_SAFE_INDEX = "model.safetensors.index.json"
+_BIN = "pytorch_model.bin"
+_BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def _hub_cache_dirs() -> list[Path]:
+    dirs = []
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            dirs.append(Path(os.environ[var]))
+    home = os.environ.get("HF_HOME")
+    dirs.append(Path(home) / "hub" if home else Path.home() / ".cache" / "huggingface" / "hub")
+    return dirs
+
+
+def resolve(path_or_name) -> Path:
+    """A local checkpoint directory: the path itself, or a hub name already in
+    the local Hugging Face cache. Anything else is an error saying how to get it."""
+    if not isinstance(path_or_name, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path_or_name).__name__}")
+    path = Path(path_or_name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"path: {str(path)!r} is a file; expected a checkpoint directory holding config.json")
+    name = str(path_or_name)
+    if name.count("/") <= 1 and not name.startswith((".", "/", "~")):
+        for cache in _hub_cache_dirs():
+            snapshots = cache / ("models--" + name.replace("/", "--")) / "snapshots"
+            if snapshots.is_dir():
+                found = sorted((p for p in snapshots.iterdir() if (p / "config.json").is_file()),
+                               key=lambda p: p.stat().st_mtime)
+                if found:
+                    return found[-1]
+    raise FileNotFoundError(
+        f"path: {name!r} is not a local directory and not in the local Hugging Face cache. prism_ext never "
+        f"downloads; on a machine with network run `huggingface-cli download {name} --local-dir DIR` "
+        f"(or `save_pretrained(DIR)` from transformers), copy DIR here and pass its path."
+    )
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # the loaders raise many types for a bad file
+        raise ValueError(f"weights: {path} is corrupt or unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights: {path} does not hold a dict of tensors")
+    return state
+
+
+def read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """All tensors of a checkpoint (single file or shards) and a name for errors."""
+    for index_name in (_SAFE_INDEX, _BIN_INDEX):
+        index = directory / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"weights: {index} is not a valid shard index ({exc})") from None
+            tensors = {}
+            for shard in shards:
+                if not (directory / shard).is_file():
+                    raise FileNotFoundError(f"weights: shard {shard} listed in {index} is missing")
+                tensors.update(_load_file(directory / shard))
+            return tensors, str(index)
+    for name in (_SAFE, _BIN):
+        if (directory / name).is_file():
+            return _load_file(directory / name), str(directory / name)
+    raise FileNotFoundError(f"path: {directory} holds no {_SAFE}, {_BIN} or shard index")
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"path: {directory} has no config.json")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"config.json: {path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"config.json: {path} must hold a JSON object")
+    return config
+
+
+def build_network(config: dict, tensors: dict[str, torch.Tensor], source: str = "the checkpoint") -> Network:
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"config.json: model_type {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES))})"
+        )
+    return FAMILIES[model_type].build(config, tensors, source)
+
+
+def load_network(path_or_name) -> tuple[Network, Path]:
+    directory = resolve(path_or_name)
+    config = read_config(directory)
+    if config.get("model_type") not in FAMILIES:  # fail before reading weights
+        build_network(config, {})
+    tensors, source = read_tensors(directory)
+    return build_network(config, tensors, source), directory

@@ -1,0 +1,97 @@
+"""BERT: word + position + token-type embeddings and LN, post-LN blocks,
+pooler (tanh of a dense layer on [CLS]) and an optional classifier."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .common import Block, LayerNorm, Network, Weights, activation, cfg, check_ids, scale_check
+
+MODEL_TYPE = "bert"
+
+
+class BERT(Network):
+    model_type = MODEL_TYPE
+    causal = False
+    input_names = ("input_ids", "attention_mask", "token_type_ids")
+
+    def __init__(self, config: dict, w: Weights):
+        self.config = config
+        d = cfg(config, "hidden_size", required=True)
+        heads = cfg(config, "num_attention_heads", required=True)
+        layers = cfg(config, "num_hidden_layers", required=True)
+        d_ff = cfg(config, "intermediate_size", required=True)
+        self.vocab = cfg(config, "vocab_size", required=True)
+        self.max_positions = cfg(config, "max_position_embeddings", required=True)
+        self.type_vocab = cfg(config, "type_vocab_size", 2)
+        eps = cfg(config, "layer_norm_eps", 1e-12)
+        scale_check(d, heads)
+        if cfg(config, "position_embedding_type", "absolute") != "absolute":
+            raise ValueError("config.json: only position_embedding_type='absolute' is supported")
+        if cfg(config, "is_decoder", False) or cfg(config, "add_cross_attention", False):
+            raise ValueError("config.json: BERT as a decoder (is_decoder, add_cross_attention) is not supported")
+        act = activation(cfg(config, "hidden_act", "gelu"), "hidden_act")
+
+        def ln(name):
+            return LayerNorm(w.get(name + ".weight", shape=(d,)), w.get(name + ".bias", shape=(d,)), eps)
+
+        def lin(name, n_in, n_out):
+            return w.get(name + ".weight", shape=(n_out, n_in)), w.get(name + ".bias", shape=(n_out,))
+
+        self.blocks = []
+        for i in range(layers):
+            p = f"encoder.layer.{i}"
+            q, bq = lin(p + ".attention.self.query", d, d)
+            k, bk = lin(p + ".attention.self.key", d, d)
+            v, bv = lin(p + ".attention.self.value", d, d)
+            wo, bo = lin(p + ".attention.output.dense", d, d)
+            w1, b1 = lin(p + ".intermediate.dense", d, d_ff)
+            w2, b2 = lin(p + ".output.dense", d_ff, d)
+            self.blocks.append(
+                Block(False, heads, ln(p + ".attention.output.LayerNorm"), ln(p + ".output.LayerNorm"),
+                      torch.cat([q, k, v]), torch.cat([bq, bk, bv]), wo, bo, w1, b1, w2, b2, act)
+            )
+        self.word = w.get("embeddings.word_embeddings.weight", shape=(self.vocab, d))
+        self.position = w.get("embeddings.position_embeddings.weight", shape=(self.max_positions, d))
+        self.token_type = w.get("embeddings.token_type_embeddings.weight", shape=(self.type_vocab, d))
+        self.ln_emb = ln("embeddings.LayerNorm")
+        self.pooler = lin("pooler.dense", d, d) if w.has("pooler.dense.weight") else None
+        self.classifier = None
+        if w.has("classifier.weight"):
+            labels = w.tensors[w.find("classifier.weight")].shape[0]
+            if self.pooler is None:
+                raise ValueError(f"weights: {w.source} has a classifier but no pooler")
+            self.classifier = lin("classifier", d, labels)
+        self.head = "classification" if self.classifier is not None else "base"
+
+    def check_inputs(self, inputs: dict) -> tuple[int, int]:
+        ids = check_ids(inputs, "input_ids", upper=self.vocab)
+        for name, upper in (("attention_mask", 2), ("token_type_ids", self.type_vocab)):
+            if inputs.get(name) is not None:
+                check_ids(inputs, name, tuple(ids.shape), upper=upper)
+        if ids.shape[1] > self.max_positions:
+            raise ValueError(f"input_ids: {ids.shape[1]} positions exceed max_position_embeddings={self.max_positions}")
+        return ids.shape[0], ids.shape[1]
+
+    def embed(self, inputs: dict, start: int, stop: int) -> torch.Tensor:
+        ids = inputs["input_ids"][:, start:stop]
+        types = inputs.get("token_type_ids")
+        tt = self.token_type[0] if types is None else F.embedding(types[:, start:stop], self.token_type)
+        return self.ln_emb(F.embedding(ids, self.word) + self.position[start:stop] + tt)
+
+    def row_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"last_hidden_state": x}
+
+    def cls_outputs(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.pooler is None:
+            return {}
+        pooled = torch.tanh(F.linear(rows["last_hidden_state"][:, 0], *self.pooler))
+        out = {"pooler_output": pooled}
+        if self.classifier is not None:
+            out["logits"] = F.linear(pooled, *self.classifier)
+        return out
+
+
+def build(config: dict, tensors: dict, source: str) -> Network:
+    return BERT(config, Weights(tensors, source, ("bert",)))

@@ -1,0 +1,208 @@
+"""What every model family shares: the Transformer block, weight lookup with
+checks, activations. A family module (gpt2, bert, vit) maps its Hugging Face
+checkpoint onto :class:`Block` and supplies embeddings and heads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Block", "LayerNorm", "Network", "Weights", "activation", "cfg"]
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "relu": F.relu,
+}
+
+
+def activation(name: str, key: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"config.json: {key}={name!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
+    return _ACTIVATIONS[name]
+
+
+def cfg(config: dict, key: str, default=None, *, required: bool = False):
+    if key not in config or config[key] is None:
+        if required:
+            raise ValueError(f"config.json: missing {key!r}")
+        return default
+    return config[key]
+
+
+@dataclass
+class LayerNorm:
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+@dataclass
+class Block:
+    """One Transformer block. Pre-LN (GPT-2, ViT): x + attn(ln1 x), then
+    x + mlp(ln2 x). Post-LN (BERT): ln1(x + attn x), then ln2(x + mlp x).
+    Weights are [out, in] (``F.linear``); Q, K, V are stacked in ``wqkv`` so
+    own rows take one GEMM and received rows one GEMM on its K/V half."""
+
+    pre_ln: bool
+    heads: int
+    ln1: LayerNorm
+    ln2: LayerNorm
+    wqkv: torch.Tensor  # [3d, d]
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor
+    bo: torch.Tensor | None
+    w1: torch.Tensor
+    b1: torch.Tensor | None
+    w2: torch.Tensor
+    b2: torch.Tensor | None
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+    def __post_init__(self):
+        d = self.wo.shape[0]
+        self.wkv = self.wqkv[d:]
+        self.bkv = None if self.bqkv is None else self.bqkv[d:]
+
+    @property
+    def d(self) -> int:
+        return self.wo.shape[0]
+
+    @property
+    def d_ff(self) -> int:
+        return self.w1.shape[0]
+
+    def attn_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What attention reads: LN1(x) before the block (pre-LN), x itself (post-LN)."""
+        return self.ln1(x) if self.pre_ln else x
+
+    def qkv(self, a: torch.Tensor) -> torch.Tensor:
+        return F.linear(a, self.wqkv, self.bqkv)
+
+    def kv(self, a: torch.Tensor) -> torch.Tensor:
+        return F.linear(a, self.wkv, self.bkv)
+
+    def finish_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        h = x + F.linear(attn, self.wo, self.bo)
+        return h if self.pre_ln else self.ln1(h)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        inner = self.ln2(x) if self.pre_ln else x
+        h = x + F.linear(self.act(F.linear(inner, self.w1, self.b1)), self.w2, self.b2)
+        return h if self.pre_ln else self.ln2(h)
+
+
+class Weights:
+    """A checkpoint's tensors, looked up under old or new key layouts, with or
+    without the base-model prefix a head checkpoint adds (``bert.``, ...)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], source: str, prefixes: tuple[str, ...] = ()):
+        self.tensors = tensors
+        self.source = source
+        self.prefixes = ("",) + tuple(p + "." for p in prefixes)
+
+    def find(self, *names: str) -> str | None:
+        for name in names:
+            for prefix in self.prefixes:
+                if prefix + name in self.tensors:
+                    return prefix + name
+        return None
+
+    def has(self, *names: str) -> bool:
+        return self.find(*names) is not None
+
+    def get(self, *names: str, shape: tuple[int, ...]) -> torch.Tensor:
+        key = self.find(*names)
+        if key is None:
+            raise ValueError(f"weights: {self.source} has no tensor {' or '.join(repr(n) for n in names)}")
+        t = self.tensors[key]
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(
+                f"weights: tensor {key!r} in {self.source} has shape {tuple(t.shape)}, the config needs {tuple(shape)}"
+            )
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"weights: tensor {key!r} in {self.source} has dtype {t.dtype}, expected floating point")
+        return t.detach().to(torch.float32).contiguous()
+
+    def optional(self, *names: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        return self.get(*names, shape=shape) if self.has(*names) else None
+
+
+class Network:
+    """A loaded model, as the engine sees it.
+
+    ``blocks`` and ``causal`` drive the layer loop; ``embed`` gives a device's
+    own rows of the first layer input; ``row_outputs`` turns a device's final
+    rows into per-row outputs (concatenated over devices) and ``cls_outputs``
+    turns device 0's row outputs into per-sequence outputs ([CLS] heads).
+    """
+
+    model_type: str
+    head: str  # "base", "lm", "classification"
+    causal: bool
+    blocks: list[Block]
+    config: dict
+    input_names: tuple[str, ...]
+
+    @property
+    def d(self) -> int:
+        return self.blocks[0].d
+
+    @property
+    def heads(self) -> int:
+        return self.blocks[0].heads
+
+    def check_inputs(self, inputs: dict) -> tuple[int, int]:
+        """Validate model inputs; returns (batch, positions N)."""
+        raise NotImplementedError
+
+    def valid(self, inputs: dict) -> torch.Tensor | None:
+        """[B, N] bool, False at padding; None when there is none."""
+        mask = inputs.get("attention_mask")
+        if mask is None or bool(mask.all()):
+            return None
+        return mask.bool()
+
+    def embed(self, inputs: dict, start: int, stop: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def row_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def cls_outputs(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {}
+
+
+def check_ids(inputs: dict, name: str, batch_n: tuple[int, int] | None = None, upper: int | None = None) -> torch.Tensor:
+    """An integer [B, N] tensor, values in [0, upper)."""
+    t = inputs.get(name)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.is_complex():
+        raise TypeError(f"{name}: expected an integer dtype, got {t.dtype}")
+    if t.dim() != 2 or t.shape[1] < 1 or t.shape[0] < 1:
+        raise ValueError(f"{name}: expected shape [batch, positions] with both >= 1, got {tuple(t.shape)}")
+    if batch_n is not None and tuple(t.shape) != batch_n:
+        raise ValueError(f"{name}: expected shape {batch_n} like input_ids, got {tuple(t.shape)}")
+    if upper is not None and (int(t.min()) < 0 or int(t.max()) >= upper):
+        raise ValueError(f"{name}: values must be in [0, {upper}), got [{int(t.min())}, {int(t.max())}]")
+    return t
+
+
+def scale_check(d: int, heads: int) -> int:
+    if heads < 1 or d % heads:
+        raise ValueError(f"config.json: hidden size {d} is not divisible by the number of heads {heads}")
+    return d // heads
+
+

@@ -1,0 +1,118 @@
+"""ViT: [CLS] + linear patch embeddings + position embeddings, pre-LN blocks,
+final LN, optional pooler and classifier on [CLS]. Accepts the classic key
+layout (``encoder.layer.i.attention.attention.query``) and the transformers-5
+one (``layers.i.attention.q_proj``, ``mlp.fc1``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .common import Block, LayerNorm, Network, Weights, activation, cfg, scale_check
+
+MODEL_TYPE = "vit"
+
+
+class ViT(Network):
+    model_type = MODEL_TYPE
+    causal = False
+    input_names = ("pixel_values",)
+
+    def __init__(self, config: dict, w: Weights):
+        self.config = config
+        d = cfg(config, "hidden_size", required=True)
+        heads = cfg(config, "num_attention_heads", required=True)
+        layers = cfg(config, "num_hidden_layers", required=True)
+        d_ff = cfg(config, "intermediate_size", required=True)
+        self.image = cfg(config, "image_size", required=True)
+        self.patch = cfg(config, "patch_size", required=True)
+        self.channels = cfg(config, "num_channels", 3)
+        eps = cfg(config, "layer_norm_eps", 1e-12)
+        scale_check(d, heads)
+        if self.image % self.patch:
+            raise ValueError(f"config.json: image_size {self.image} is not a multiple of patch_size {self.patch}")
+        self.grid = self.image // self.patch
+        if cfg(config, "pooler_act", "tanh") != "tanh":
+            raise ValueError(f"config.json: pooler_act={config['pooler_act']!r} is not supported (only 'tanh')")
+        act = activation(cfg(config, "hidden_act", "gelu"), "hidden_act")
+
+        def ln(*names):
+            return LayerNorm(w.get(*[n + ".weight" for n in names], shape=(d,)),
+                             w.get(*[n + ".bias" for n in names], shape=(d,)), eps)
+
+        def lin(names, n_in, n_out):
+            weight = w.get(*[n + ".weight" for n in names], shape=(n_out, n_in))
+            return weight, w.optional(*[n + ".bias" for n in names], shape=(n_out,))
+
+        self.blocks = []
+        for i in range(layers):
+            old, new = f"encoder.layer.{i}", f"layers.{i}"
+            q, bq = lin([old + ".attention.attention.query", new + ".attention.q_proj"], d, d)
+            k, bk = lin([old + ".attention.attention.key", new + ".attention.k_proj"], d, d)
+            v, bv = lin([old + ".attention.attention.value", new + ".attention.v_proj"], d, d)
+            wo, bo = lin([old + ".attention.output.dense", new + ".attention.o_proj"], d, d)
+            w1, b1 = lin([old + ".intermediate.dense", new + ".mlp.fc1"], d, d_ff)
+            w2, b2 = lin([old + ".output.dense", new + ".mlp.fc2"], d_ff, d)
+            if (bq is None) != (bk is None) or (bk is None) != (bv is None):
+                raise ValueError(f"weights: layer {i} of {w.source} has biases for only some of query/key/value")
+            bqkv = None if bq is None else torch.cat([bq, bk, bv])
+            self.blocks.append(
+                Block(True, heads, ln(old + ".layernorm_before", new + ".layernorm_before"),
+                      ln(old + ".layernorm_after", new + ".layernorm_after"),
+                      torch.cat([q, k, v]), bqkv, wo, bo, w1, b1, w2, b2, act)
+            )
+        n_pos = self.grid * self.grid + 1
+        self.cls = w.get("embeddings.cls_token", shape=(1, 1, d)).reshape(d)
+        self.position = w.get("embeddings.position_embeddings", shape=(1, n_pos, d)).reshape(n_pos, d)
+        patch_in = self.channels * self.patch * self.patch
+        conv = w.get("embeddings.patch_embeddings.projection.weight", shape=(d, self.channels, self.patch, self.patch))
+        self.patch_w = conv.reshape(d, patch_in)
+        self.patch_b = w.get("embeddings.patch_embeddings.projection.bias", shape=(d,))
+        self.ln_f = ln("layernorm")
+        self.pooler = lin(["pooler.dense"], d, d) if w.has("pooler.dense.weight") else None
+        self.classifier = None
+        if w.has("classifier.weight"):
+            labels = w.tensors[w.find("classifier.weight")].shape[0]
+            self.classifier = lin(["classifier"], d, labels)
+        self.head = "classification" if self.classifier is not None else "base"
+
+    def check_inputs(self, inputs: dict) -> tuple[int, int]:
+        px = inputs.get("pixel_values")
+        if not isinstance(px, torch.Tensor):
+            raise TypeError(f"pixel_values: expected a torch.Tensor, got {type(px).__name__}")
+        if not px.dtype.is_floating_point:
+            raise TypeError(f"pixel_values: expected a floating dtype, got {px.dtype}")
+        want = (self.channels, self.image, self.image)
+        if px.dim() != 4 or tuple(px.shape[1:]) != want or px.shape[0] < 1:
+            raise ValueError(f"pixel_values: expected shape [batch, {', '.join(map(str, want))}], got {tuple(px.shape)}")
+        return px.shape[0], self.grid * self.grid + 1
+
+    def valid(self, inputs: dict) -> torch.Tensor | None:
+        return None
+
+    def embed(self, inputs: dict, start: int, stop: int) -> torch.Tensor:
+        px = inputs["pixel_values"].to(torch.float32)
+        B, g, p = px.shape[0], self.grid, self.patch
+        first = max(start, 1) - 1  # patch index of the first own non-[CLS] position
+        # Unfold only the own patches (row-major over the grid, like the HF conv).
+        patches = px.reshape(B, self.channels, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, -1)
+        x = F.linear(patches[:, first : stop - 1], self.patch_w, self.patch_b)
+        if start == 0:
+            x = torch.cat([self.cls.expand(B, 1, -1), x], dim=1)
+        return x + self.position[start:stop]
+
+    def row_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"last_hidden_state": self.ln_f(x)}
+
+    def cls_outputs(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        cls = rows["last_hidden_state"][:, 0]
+        out = {}
+        if self.pooler is not None:
+            out["pooler_output"] = torch.tanh(F.linear(cls, *self.pooler))
+        if self.classifier is not None:
+            out["logits"] = F.linear(cls, *self.classifier)
+        return out
+
+
+def build(config: dict, tensors: dict, source: str) -> Network:
+    return ViT(config, Weights(tensors, source, ("vit",)))

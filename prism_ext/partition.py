@@ -1,0 +1,99 @@
+"""Positions -> devices -> segments.
+
+A sequence of N positions is cut into P contiguous ranges, one per device, in
+proportion to per-device weights (a faster device gets more); every device
+owns at least one position and device 0 owns position 0 ([CLS]). Each range
+is cut into segments of CR rows (the last may be shorter); a segment is sent
+as one mean row together with its count and the last position it covers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+__all__ = ["Partition", "partition", "segment_ends", "segment_sizes", "cr_schedule"]
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name}: must be >= 1, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Contiguous ranges ``[start, stop)`` of positions, one per device."""
+
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def devices(self) -> int:
+        return len(self.ranges)
+
+    @property
+    def length(self) -> int:
+        return self.ranges[-1][1]
+
+    def sizes(self) -> list[int]:
+        return [stop - start for start, stop in self.ranges]
+
+    def segments(self, rank: int, cr: int) -> int:
+        """Mean rows device ``rank`` sends at compression rate ``cr``."""
+        start, stop = self.ranges[rank]
+        return -(-(stop - start) // cr)
+
+
+def partition(n: int, devices: int, weights: Sequence[float] | None = None) -> Partition:
+    """Split ``n`` positions over ``devices`` in proportion to ``weights``.
+
+    Each device first gets one position; the remaining ``n - devices`` are
+    shared by largest remainder, ties going to the lower rank.
+    """
+    n = _positive_int(n, "n")
+    devices = _positive_int(devices, "devices")
+    if devices > n:
+        raise ValueError(f"devices: {devices} devices need at least {devices} positions, the input has {n}")
+    if weights is None:
+        weights = [1.0] * devices
+    weights = list(weights)
+    if len(weights) != devices:
+        raise ValueError(f"device_weights: expected {devices} weights (one per device), got {len(weights)}")
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            raise ValueError(f"device_weights: every weight must be a finite number > 0, got {w!r}")
+    total = float(sum(weights))
+    spare = n - devices
+    shares = [spare * w / total for w in weights]
+    sizes = [1 + int(math.floor(s)) for s in shares]
+    left = n - sum(sizes)
+    by_remainder = sorted(range(devices), key=lambda p: (-(shares[p] - math.floor(shares[p])), p))
+    for p in by_remainder[:left]:
+        sizes[p] += 1
+    ranges, start = [], 0
+    for size in sizes:
+        ranges.append((start, start + size))
+        start += size
+    return Partition(tuple(ranges))
+
+
+def segment_ends(start: int, stop: int, cr: int) -> list[int]:
+    """Last position covered by each CR-row segment of ``[start, stop)``."""
+    return [min(s + cr, stop) - 1 for s in range(start, stop, cr)]
+
+
+def segment_sizes(start: int, stop: int, cr: int) -> list[int]:
+    """Rows in each CR-row segment of ``[start, stop)`` (padding included)."""
+    return [min(s + cr, stop) - s for s in range(start, stop, cr)]
+
+
+def cr_schedule(cr, layers: int) -> list[int]:
+    """One compression rate per layer from an int or a per-layer sequence."""
+    if isinstance(cr, (list, tuple)):
+        if len(cr) != layers:
+            raise ValueError(f"cr: a per-layer schedule needs {layers} values (one per layer), got {len(cr)}")
+        return [_positive_int(c, "cr") for c in cr]
+    return [_positive_int(cr, "cr")] * layers
