@@ -52,6 +52,18 @@ def test_restructured_equals_naive_reconstruction(models, family, devices, cr):
     assert lossy > max(100 * max_err(out.last_hidden_state, ref["last_hidden_state"]), 1e-3)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "vit"])  # pre-LN: for BERT both points are the same rows
+@pytest.mark.parametrize("point,weighting", [("hidden", "count"), ("attn_input", "none"), ("hidden", "none")])
+def test_knobs_equal_naive_reconstruction(models, family, point, weighting):
+    _, m = models[family]
+    inputs = inputs_for(family, seed=5)
+    with torch.no_grad():
+        ref = naive_forward(m.net, inputs, 3, 3, point=point, weighting=weighting)
+    out = m(inputs, devices=3, cr=3, compression_point=point, mean_weighting=weighting)
+    for name in ref:
+        assert max_err(out[name], ref[name]) <= TOL, name
+
+
 @pytest.mark.parametrize("devices,cr,seed", [(1, 1, 0), (2, 3, 1), (3, 2, 2), (4, 5, 3), (5, 7, 4), (3, 16, 5)])
 def test_gpt2_changing_token_t_changes_nothing_before_t(models, devices, cr, seed):
     _, m = models["gpt2"]
