@@ -237,3 +237,25 @@ def test_stats_have_time_for_every_phase(models):
             assert set(s.time) == {"compress", "exchange", "project", "attention", "mlp"}
             assert all(v > 0 for v in s.time.values())
     assert "device 1" in out.stats.summary()
+
+
+@pytest.mark.parametrize("isa", prism_ext.kernels.available_isas())
+def test_every_isa_runs_the_engine_through_the_kernels(models, monkeypatch, isa):
+    _, m = models["bert"]
+    inputs = inputs_for("bert", seed=8)
+    with torch.no_grad():
+        ref = naive_forward(m.net, inputs, 3, 4)
+    calls = {"segment_means": 0, "compressed_attention": 0}
+    for name in calls:
+        real = getattr(prism_ext.kernels, name)
+
+        def counting(*args, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(prism_ext.kernels, name, counting)
+    with prism_ext.kernels.use_isa(isa):
+        out = m(inputs, devices=3, cr=4)
+    layers = len(m.net.blocks)
+    assert calls == {"segment_means": 3 * layers, "compressed_attention": 3 * layers}
+    assert max_err(out.logits, ref["logits"]) <= TOL
