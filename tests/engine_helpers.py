@@ -11,7 +11,6 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the engine tests compare against transformers (test extra)")
 
-import prism_ext  # noqa: E402
 from prism_ext import reference  # noqa: E402
 from prism_ext.partition import partition, segment_ends  # noqa: E402
 

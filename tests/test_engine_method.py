@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine_helpers import bert_inputs, hf_bert, hf_gpt2, hf_vit, max_err, naive_forward, save, transformers
+from engine_helpers import bert_inputs, hf_bert, hf_gpt2, hf_vit, max_err, naive_forward, save
 
 import prism_ext
 from prism_ext.comm import LocalGroup
