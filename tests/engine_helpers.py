@@ -11,7 +11,6 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the engine tests compare against transformers (test extra)")
 
-import prism_ext  # noqa: E402
 from prism_ext import reference  # noqa: E402
 from prism_ext.partition import partition, segment_ends  # noqa: E402
 
@@ -57,11 +56,13 @@ def bert_inputs(batch=3, n=17, seed=1):
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
 
-def naive_forward(net, inputs: dict, devices: int, cr: int):
+def naive_forward(net, inputs: dict, devices: int, cr: int, point: str = "attn_input", weighting: str = "count"):
     """Reference engine: per layer, device p rebuilds the whole sequence (own
     rows + every other device's segment means of the attention input, each
     repeated count times, with the segment's last position as its position),
-    computes K/V for all of it and runs plain masked softmax attention."""
+    computes K/V for all of it and runs plain masked softmax attention.
+    ``point="hidden"`` averages the raw layer input and applies LN1 to the
+    means (pre-LN models); ``weighting="none"`` repeats every mean once."""
     batch, n = net.check_inputs(inputs)
     part = partition(n, devices)
     valid = net.valid(inputs)
@@ -72,8 +73,12 @@ def naive_forward(net, inputs: dict, devices: int, cr: int):
     for blk in net.blocks:
         acts = [blk.attn_input(x) for x in xs]
         sent = []
-        for (s, e), a in zip(part.ranges, acts):
-            means, counts = reference.segment_means(a, cr, valid[:, s:e])
+        for (s, e), a, x in zip(part.ranges, acts, xs):
+            means, counts = reference.segment_means(a if point == "attn_input" else x, cr, valid[:, s:e])
+            if point == "hidden":
+                means = blk.attn_input(means)
+            if weighting == "none":
+                counts = (counts > 0).to(counts.dtype)
             sent.append((means, counts, torch.tensor(segment_ends(s, e, cr))))
         new = []
         for p, ((s, e), x, a) in enumerate(zip(part.ranges, xs, acts)):

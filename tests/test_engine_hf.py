@@ -96,6 +96,15 @@ def test_pytorch_model_bin_loads(tmp_path, gpt2):
     assert torch.equal(m(ids, devices=2).logits, ref_model(ids, devices=2).logits)
 
 
+def test_sharded_checkpoint_loads(tmp_path, bert):
+    hf, ref_model = bert
+    hf.save_pretrained(str(tmp_path), max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    m = prism_ext.load(tmp_path)
+    inputs = bert_inputs()
+    assert torch.equal(m(inputs, devices=2).logits, ref_model(inputs, devices=2).logits)
+
+
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "Distributed inference splits a sequence across several small devices.",
