@@ -821,7 +821,7 @@ int main(int argc, char** argv) {
   std::printf("\n");
   for (Isa isa : {Isa::avx2, Isa::avx512, Isa::neon})
     if (!prism::isa_available(isa))
-      std::printf("not tested: %s (%s)\n", prism::isa_name(isa), unavailable_reason(isa).c_str());
+      std::printf("not tested: %s: %s\n", prism::isa_name(isa), unavailable_reason(isa).c_str());
   for (const Group& g : kGroups) {
     if (!selected.empty() && std::find(selected.begin(), selected.end(), g.name) == selected.end()) continue;
     const int before = g_failures;
