@@ -28,9 +28,9 @@ std::string shape_str(const py::array& a) {
 }
 
 // An array of exactly dtype T (no conversion), `ndim` dimensions, non-negative
-// strides that are whole elements, the last one 1 (or 0 if allowed).
+// strides that are whole elements, the last one 1.
 template <typename T>
-py::array_t<T> checked(const py::handle& obj, const char* name, py::ssize_t ndim, bool allow_broadcast_last = false) {
+py::array_t<T> checked(const py::handle& obj, const char* name, py::ssize_t ndim) {
   if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(name) + ": expected a numpy array");
   auto arr = py::reinterpret_borrow<py::array>(obj);
   if (!arr.dtype().is(py::dtype::of<T>()))
@@ -45,7 +45,7 @@ py::array_t<T> checked(const py::handle& obj, const char* name, py::ssize_t ndim
   }
   if (arr.ndim() > 0) {
     const py::ssize_t last = arr.strides(arr.ndim() - 1) / sizeof(T);
-    if (!(last == 1 || arr.shape(arr.ndim() - 1) == 1 || (allow_broadcast_last && last == 0)))
+    if (!(last == 1 || arr.shape(arr.ndim() - 1) == 1))
       fail(std::string(name) + ": the last dimension must be contiguous");
   }
   return py::reinterpret_borrow<py::array_t<T>>(arr);
@@ -167,13 +167,23 @@ py::array_t<float> masked_softmax(const py::object& scores_obj, const py::object
   auto k_pos = side_input<int32_t>(k_pos_obj, "k_pos", B, nk, &kpos_batches);
   if (q_pos.has_value() != k_pos.has_value()) fail("q_pos: q_pos and k_pos must be given together");
   if (q_pos && qpos_batches != kpos_batches) fail("k_pos: must have the same batch size as q_pos");
+  // The additive mask broadcasts to scores (numpy rules): stride 0 along
+  // missing or size-1 dimensions, so no broadcast copy is ever made.
   std::optional<py::array_t<float>> mask;
+  int64_t mask_strides[10] = {0};
   if (!mask_obj.is_none()) {
-    mask = checked<float>(mask_obj, "additive_mask", nd, /*allow_broadcast_last=*/true);
-    for (py::ssize_t i = 0; i < nd; ++i)
-      if (mask->shape(i) != scores.shape(i))
-        fail("additive_mask: expected shape " + shape_str(scores) + " (broadcast views allowed), got " +
-             shape_str(*mask));
+    mask = checked<float>(mask_obj, "additive_mask", -1);
+    const py::ssize_t md = mask->ndim();
+    bool ok = md <= nd;
+    for (py::ssize_t i = 0; ok && i < md; ++i) {
+      const py::ssize_t si = nd - md + i;
+      if (mask->shape(i) == scores.shape(si)) {
+        mask_strides[si] = mask->shape(i) == 1 ? 0 : elem_stride(*mask, i);
+      } else {
+        ok = mask->shape(i) == 1;  // broadcast: stride stays 0
+      }
+    }
+    if (!ok) fail("additive_mask: shape " + shape_str(*mask) + " does not broadcast to scores " + shape_str(scores));
   }
   py::array_t<float> out;
   if (out_obj.is_none()) {
@@ -194,8 +204,7 @@ py::array_t<float> masked_softmax(const py::object& scores_obj, const py::object
   p.add_mask = mask ? mask->data() : nullptr;
   p.lead_ndim = nd - 2;
   for (py::ssize_t i = 0; i < nd - 2; ++i) p.lead[i] = scores.shape(i);
-  if (mask)
-    for (py::ssize_t i = 0; i < nd; ++i) p.mask_strides[i] = elem_stride(*mask, i);
+  for (py::ssize_t i = 0; i < nd; ++i) p.mask_strides[i] = mask_strides[i];
   p.nq = nq;
   p.nk = nk;
   p.counts_batches = counts_batches;
