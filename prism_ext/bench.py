@@ -86,7 +86,9 @@ class Layout:
 
 
 def float_mask(counts: torch.Tensor, q_pos: torch.Tensor | None, k_pos: torch.Tensor | None) -> torch.Tensor:
-    """The torch peers' [nq, nk] additive mask: log counts, -inf where hidden."""
+    """The torch peers' additive mask: log counts, -inf where hidden;
+    [nq, nk] with positions, else [1, nk] broadcast over queries (what a torch
+    user would pass for per-key weights)."""
     nq = q_pos.shape[0] if q_pos is not None else 1
     mask = counts.log().expand(nq, -1).clone()
     if q_pos is not None:
