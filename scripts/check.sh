@@ -105,7 +105,7 @@ run_pytest() {
   # source tree on sys.path) so `import prism_ext` finds the installed copy.
   # A hang fails the step (and dumps every thread's stack) instead of eating
   # CI's time.
-  timeout --kill-after=30 1800 "$VENV/bin/pytest" -q -o faulthandler_timeout=600 "$ROOT/tests"
+  timeout --kill-after=30 1800 "$VENV/bin/pytest" -o faulthandler_timeout=600 "$ROOT/tests"
 }
 
 # cmake_tests BUILD_DIR [extra cmake args...]: configure, build and ctest the
