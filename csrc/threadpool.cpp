@@ -25,7 +25,16 @@ class Pool {
   void resize(int n) {
     std::lock_guard<std::mutex> g(run_mutex_);
     stop_workers();
-    for (int i = 1; i < n; ++i) workers_.emplace_back([this] { worker_loop(); });
+    // Workers start from the generation current now, read here and not in the
+    // new thread: a thread scheduled late would otherwise take the generation
+    // of a job posted meanwhile as its starting point and sleep through it,
+    // leaving run() waiting forever.
+    uint64_t start = 0;
+    {
+      std::lock_guard<std::mutex> gm(m_);
+      start = generation_;
+    }
+    for (int i = 1; i < n; ++i) workers_.emplace_back([this, start] { worker_loop(start); });
   }
 
   void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
@@ -74,12 +83,7 @@ class Pool {
     in_pool_task = was_in_task;
   }
 
-  void worker_loop() {
-    uint64_t seen = 0;
-    {
-      std::lock_guard<std::mutex> g(m_);
-      seen = generation_;
-    }
+  void worker_loop(uint64_t seen) {
     for (;;) {
       {
         std::unique_lock<std::mutex> lk(m_);
