@@ -94,7 +94,9 @@ void compressed_attention_f32(const AttentionProblem& p, Isa isa) {
   // enough to reuse each key block across several queries.
   const int64_t qblock = 32;
   const int64_t qblocks = (p.nq + qblock - 1) / qblock;
-  parallel_for(p.B * p.H * qblocks, 1, [&](int64_t begin, int64_t end) {
+  // Tiny problems stay on one thread: the hand-off costs more than the work.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (qblock * p.nk * p.dh));
+  parallel_for(p.B * p.H * qblocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / qblocks, qb = t % qblocks;
       const int64_t b = bh / p.H, hh = bh % p.H;

@@ -82,7 +82,7 @@ def _counts(counts, name: str, batch: int, n: int):
     if counts is None:
         return None
     if isinstance(counts, torch.Tensor):
-        if counts.device.type != "cpu":
+        if not counts.is_cpu:
             raise TypeError(f"{name}: expected a CPU tensor, got a tensor on {counts.device}")
         if counts.dtype == torch.bool or counts.is_complex():
             raise TypeError(f"{name}: expected real numbers, got dtype {counts.dtype}")
@@ -102,7 +102,7 @@ def _positions(pos, name: str, batch: int, n: int):
     if pos is None:
         return None
     if isinstance(pos, torch.Tensor):
-        if pos.device.type != "cpu":
+        if not pos.is_cpu:
             raise TypeError(f"{name}: expected a CPU tensor, got a tensor on {pos.device}")
         if pos.dtype.is_floating_point or pos.is_complex() or pos.dtype == torch.bool:
             raise TypeError(f"{name}: expected an integer dtype, got {pos.dtype}")
@@ -146,7 +146,7 @@ def segment_means(x, seg: int, valid=None):
     valid_arr = None
     if valid is not None:
         if isinstance(valid, torch.Tensor):
-            if valid.device.type != "cpu":
+            if not valid.is_cpu:
                 raise TypeError(f"valid: expected a CPU tensor, got a tensor on {valid.device}")
             valid = valid.detach().numpy()
         if not isinstance(valid, np.ndarray):
