@@ -48,7 +48,7 @@ def test_prism_bench_kernels_quick(tmp_path):
     out = tmp_path / "report.json"
     proc = subprocess.run(
         [sys.executable, "-m", "prism_ext.cli", "bench", "kernels", "--quick", "--threads", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,  # away from the source tree's prism_ext
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     table_rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
