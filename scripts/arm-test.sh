@@ -36,12 +36,12 @@ die() { echo "arm-test: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap, mount, chroot)"
 
 # rm -rf through a live bind mount of /dev would delete the host's device
-# nodes: refuse while anything is mounted below $WORK (a run killed with
+# nodes: refuse while anything is mounted below the folder (a run killed with
 # SIGKILL leaves its mounts), and never cross into another file system.
 remove_tree() {
-  if awk -v w="$WORK/" 'index($2 "/", w) == 1 {found = 1} END {exit !found}' /proc/mounts; then
-    die "something is still mounted below $WORK (umount it first): $(awk -v w="$WORK/" 'index($2 "/", w) == 1 {print $2}' /proc/mounts | tr '\n' ' ')"
-  fi
+  local mounted
+  mounted=$(awk -v d="$1/" 'index($2 "/", d) == 1 {print $2}' /proc/mounts)
+  [ -z "$mounted" ] || die "still mounted below $1 (umount first): $(echo $mounted)"
   rm -rf --one-file-system "$1"
 }
 if [ "${1:-}" = --clean ]; then
@@ -151,7 +151,9 @@ root_venv() {
   rm -rf "$ROOTFS$VENV"
   in_root python3 -m venv "$VENV"
   # torch pinned first so the wheel's torch>= requirement installs nothing newer.
-  in_root pip install -q "torch==$TORCH" numpy pytest hypothesis
+  # --no-compile: byte-compiling all of torch under emulation takes minutes;
+  # the modules the tests import get compiled on first use.
+  in_root pip install -q --no-compile "torch==$TORCH" numpy pytest hypothesis
   touch "$stamp"
 }
 
