@@ -44,6 +44,11 @@ remove_tree() {
   [ -z "$mounted" ] || die "still mounted below $1 (umount first): $(echo $mounted)"
   rm -rf --one-file-system "$1"
 }
+# One run at a time on this machine: runs share the binfmt_misc entry (the
+# first one's exit would unregister it under the other) and the cached root.
+exec 9> /run/lock/prism-arm-test.lock
+flock -n 9 || { echo "arm-test: waiting for another arm-test run to finish"; flock 9; }
+
 if [ "${1:-}" = --clean ]; then
   remove_tree "$WORK"
   exit 0
