@@ -26,6 +26,9 @@ TORCH=${PRISM_ARM_TORCH:-2.9.1}
 VENV=/opt/prism-venv            # inside the root
 TESTDIR=/tmp/prism-arm-test     # inside the root, outside any source tree
 BINFMT=/proc/sys/fs/binfmt_misc
+# The host's CA bundle, copied into the root: pip there must trust what the
+# host trusts (a proxy's own CA, say), not only Debian's list.
+HOST_CA=/etc/ssl/certs/host-ca-certificates.crt
 PYTEST_ARGS=("$@")
 [ ${#PYTEST_ARGS[@]} -gt 0 ] || PYTEST_ARGS=(tests/test_kernels.py)
 
@@ -33,14 +36,19 @@ die() { echo "arm-test: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap, mount, chroot)"
 
 # rm -rf through a live bind mount of /dev would delete the host's device
-# nodes: refuse while anything is mounted below $WORK (a run killed with
+# nodes: refuse while anything is mounted below the folder (a run killed with
 # SIGKILL leaves its mounts), and never cross into another file system.
 remove_tree() {
-  if awk -v w="$WORK/" 'index($2 "/", w) == 1 {found = 1} END {exit !found}' /proc/mounts; then
-    die "something is still mounted below $WORK (umount it first): $(awk -v w="$WORK/" 'index($2 "/", w) == 1 {print $2}' /proc/mounts | tr '\n' ' ')"
-  fi
+  local mounted
+  mounted=$(awk -v d="$1/" 'index($2 "/", d) == 1 {print $2}' /proc/mounts)
+  [ -z "$mounted" ] || die "still mounted below $1 (umount first): $(echo $mounted)"
   rm -rf --one-file-system "$1"
 }
+# One run at a time on this machine: runs share the binfmt_misc entry (the
+# first one's exit would unregister it under the other) and the cached root.
+exec 9> /run/lock/prism-arm-test.lock
+flock -n 9 || { echo "arm-test: waiting for another arm-test run to finish"; flock 9; }
+
 if [ "${1:-}" = --clean ]; then
   remove_tree "$WORK"
   exit 0
@@ -82,7 +90,8 @@ trap 'exit 130' INT TERM
 
 in_root() {  # run a command in the arm64 root with a clean environment
   chroot "$ROOTFS" /usr/bin/env -i HOME=/root LANG=C.UTF-8 \
-    PATH="$VENV/bin:/usr/local/bin:/usr/bin:/bin" PIP_DISABLE_PIP_VERSION_CHECK=1 "$@"
+    PATH="$VENV/bin:/usr/local/bin:/usr/bin:/bin" PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CERT="$HOST_CA" SSL_CERT_FILE="$HOST_CA" "$@"
 }
 
 # ---- stages -------------------------------------------------------------------
@@ -135,6 +144,7 @@ mount_root() {
   mount --bind /dev "$ROOTFS/dev"
   MOUNTS+=("$ROOTFS/dev")
   cp -L /etc/resolv.conf "$ROOTFS/etc/resolv.conf"
+  cp -L /etc/ssl/certs/ca-certificates.crt "$ROOTFS$HOST_CA"
 }
 
 root_venv() {
@@ -146,7 +156,9 @@ root_venv() {
   rm -rf "$ROOTFS$VENV"
   in_root python3 -m venv "$VENV"
   # torch pinned first so the wheel's torch>= requirement installs nothing newer.
-  in_root pip install -q "torch==$TORCH" numpy pytest hypothesis
+  # --no-compile: byte-compiling all of torch under emulation takes minutes;
+  # the modules the tests import get compiled on first use.
+  in_root pip install -q --no-compile "torch==$TORCH" numpy pytest hypothesis
   touch "$stamp"
 }
 
@@ -162,11 +174,21 @@ cross_wheel() {
   mkdir -p "$inc"
   cp -r "$ROOTFS/usr/include/python$root_py/." "$inc/"
   cp "$ROOTFS/usr/include/aarch64-linux-gnu/python$root_py/pyconfig.h" "$inc/pyconfig.h"
+  # The build requirements go into a host venv of their own: under pip's build
+  # isolation _PYTHON_HOST_PLATFORM would make pip fetch aarch64 cmake/ninja.
+  local requires
+  requires=$(python3 -c 'import sys, tomllib; print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["build-system"]["requires"] + ["cmake", "ninja"]))' "$REPO/pyproject.toml")
+  if [ "$(cat "$WORK/host-venv/requires.txt" 2>/dev/null)" != "$requires" ]; then
+    remove_tree "$WORK/host-venv"
+    python3 -m venv "$WORK/host-venv"
+    echo "$requires" | "$WORK/host-venv/bin/pip" install -q -r /dev/stdin
+    echo "$requires" > "$WORK/host-venv/requires.txt"
+  fi
   # scikit-build-core takes the wheel's platform tag from _PYTHON_HOST_PLATFORM
   # and the module suffix from SETUPTOOLS_EXT_SUFFIX; pybind11 from PYTHON_MODULE_EXTENSION.
   _PYTHON_HOST_PLATFORM=linux_aarch64 SETUPTOOLS_EXT_SUFFIX="$ext" \
-    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
-    python3 -m pip wheel --no-deps -q -w "$WORK/dist" "$REPO" \
+    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} PATH="$WORK/host-venv/bin:$PATH" \
+    "$WORK/host-venv/bin/python" -m pip wheel --no-build-isolation --no-deps -q -w "$WORK/dist" "$REPO" \
     -Cbuild-dir="$WORK/cmake-build" \
     -Ccmake.define.CMAKE_TOOLCHAIN_FILE="$REPO/cmake/aarch64-linux-gnu.cmake" \
     -Ccmake.define.Python_INCLUDE_DIR="$inc" \

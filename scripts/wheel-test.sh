@@ -82,7 +82,7 @@ install_wheel() {
   "$WORK/venv/bin/pip" install -q "$WHEEL[test]"
 }
 
-run_tests() {
+run_tests() (
   # A copy of the tests in a folder with no prism_ext/ beside it, so the
   # import can only find the installed package.
   mkdir -p "$WORK/run"
@@ -96,10 +96,10 @@ if "site-packages" not in where.parts:
 print(f"prism_ext from {where.parent}")'
   "$WORK/venv/bin/prism" info
   "$WORK/venv/bin/python" -m pytest -q -p no:cacheprovider "${PYTEST_ARGS[@]}"
-  cd "$REPO"
-}
+)
 
-measure() {
+measure() (
+  cd "$WORK/run"  # not the source tree, where `import prism_ext` would find the sources
   local py="$WORK/venv/bin/python" site
   site=$("$py" -c 'import sysconfig; print(sysconfig.get_path("platlib"))')
   printf 'wheel %s: %d KiB; sdist: %d KiB; installed prism_ext/: %d KiB\n' "$(basename "$WHEEL")" \
@@ -107,29 +107,34 @@ measure() {
   "$py" - <<'EOF'
 import statistics, subprocess, sys, time
 
-def wall(stmt, runs=7):
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", stmt], check=True)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def cumulative(stderr, module):
+    # -X importtime lines: "import time: self | cumulative | name", nesting by indent.
+    for line in stderr.splitlines():
+        parts = line.split("|")
+        if len(parts) == 3 and parts[2].strip() == module:
+            return int(parts[1]) / 1e6
+    raise SystemExit(f"{module} missing from -X importtime output")
 
-def importtime(module):
-    err = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"],
+def run(stmt):
+    t = time.perf_counter()
+    err = subprocess.run([sys.executable, "-X", "importtime", "-c", stmt],
                          check=True, capture_output=True, text=True).stderr
-    # The last line naming the module at top level holds its cumulative time (us).
-    cumulative = [int(l.split("|")[1]) for l in err.splitlines() if l.split("|")[-1].strip() == module]
-    return cumulative[-1] / 1e6
+    return time.perf_counter() - t, err
 
-base, torch_s, prism_s = wall("pass"), wall("import torch"), wall("import prism_ext")
-print(f"wall-clock, median of 7 fresh interpreters: python -c pass {base:.3f} s, "
-      f"import torch {torch_s:.3f} s, import prism_ext {prism_s:.3f} s "
-      f"(prism_ext beyond torch: {prism_s - torch_s:+.3f} s)")
-pe, pt = importtime("prism_ext"), importtime("torch")
-print(f"-X importtime cumulative: prism_ext {pe:.3f} s, of which torch {pt:.3f} s")
+RUNS = 7
+base = statistics.median(run("pass")[0] for _ in range(RUNS))
+walls, totals, torchs = [], [], []
+for _ in range(RUNS):
+    wall, err = run("import prism_ext")
+    walls.append(wall)
+    totals.append(cumulative(err, "prism_ext"))
+    torchs.append(cumulative(err, "torch"))
+own = statistics.median(t - u for t, u in zip(totals, torchs))
+print(f"import prism_ext, median of {RUNS} fresh interpreters: wall-clock {statistics.median(walls):.3f} s "
+      f"(python -c pass: {base:.3f} s); -X importtime cumulative {statistics.median(totals):.3f} s, "
+      f"of which torch {statistics.median(torchs):.3f} s, prism_ext itself {own * 1e3:.1f} ms")
 EOF
-}
+)
 
 stage "build sdist + wheel" build_dists
 stage "check contents" check_dists
