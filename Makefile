@@ -9,3 +9,5 @@ check:
 # Build trees and the venv; `make check` recreates them.
 clean:
 	rm -rf build .venv
+
+include mk/wheel.mk

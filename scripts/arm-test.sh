@@ -190,7 +190,7 @@ cross_wheel() {
     CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} PATH="$WORK/host-venv/bin:$PATH" \
     "$WORK/host-venv/bin/python" -m pip wheel --no-build-isolation --no-deps -q -w "$WORK/dist" "$REPO" \
     -Cbuild-dir="$WORK/cmake-build" \
-    -Ccmake.define.CMAKE_TOOLCHAIN_FILE="$REPO/cmake/aarch64-linux-gnu.cmake" \
+    -Ccmake.define.CMAKE_TOOLCHAIN_FILE="$REPO/cmake/toolchain-aarch64.cmake" \
     -Ccmake.define.Python_INCLUDE_DIR="$inc" \
     -Ccmake.define.Python3_INCLUDE_DIR="$inc" \
     -Ccmake.define.PYTHON_MODULE_EXTENSION="$ext"

@@ -3,7 +3,9 @@
 #   Debian packages -> .venv (torch 2.13.0 CPU, the package with its test
 #   extras, a real non-editable build) -> pytest -> C++ tests natively, with
 #   ASan+UBSan, and cross-compiled for aarch64 under qemu -> a symbol check on
-#   the AVX object files. Idempotent: a second run reuses .venv and build/.
+#   the AVX object files -> the x86_64 wheel and the aarch64 wheel tested as
+#   installed packages (scripts/wheel-test.sh, scripts/arm-test.sh).
+#   Idempotent: a second run reuses .venv and build/.
 # Environment: JOBS (parallel build jobs, default 2), PYTHON (interpreter for
 # the venv, default python3).
 set -euo pipefail
@@ -166,6 +168,12 @@ check_simd_symbols() {
   return "$bad"
 }
 
+# Packaging (mk/wheel.mk): sdist + wheel built as pip would, installed into a
+# fresh venv outside the tree, the suite run against it; then a cross-built
+# aarch64 wheel tested in an emulated arm64 Debian root (needs root).
+wheel_test() { bash "$ROOT/scripts/wheel-test.sh"; }
+arm_test() { bash "$ROOT/scripts/arm-test.sh"; }
+
 # `check.sh --run FN`: one step, called by step() above.
 if [[ ${1:-} == --run ]]; then
   "$2"
@@ -185,6 +193,8 @@ step "C++ tests (native)" ctest_native || true
 step "C++ tests (ASan+UBSan)" ctest_sanitize || true
 step "C++ tests (aarch64 under qemu)" ctest_aarch64 || true
 step "no weak symbols in AVX objects" check_simd_symbols || true
+step "wheel: sdist, contents, installed tests" wheel_test || true
+step "aarch64 wheel in an arm64 root (qemu)" arm_test || true
 
 summary
 if ((FAILED)); then
