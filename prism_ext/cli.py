@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="version, CPU features, the ISA each kernel uses, threads")
     info.set_defaults(func=_info)
+    from .cli_jobs import register as register_jobs
+
+    register_jobs(sub)
     return parser
 
 
