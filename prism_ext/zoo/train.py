@@ -29,10 +29,70 @@ import torch.nn.functional as F
 
 SEED = 0
 
+# ------------------------------------------------- PRISM-aware training
+
+def prism_layout(n: int, devices: int, cr: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """What one PRISM layer does to attention, as dense matrices for training:
+    ``S`` [M, n] averages the positions of each segment (M segments over all
+    devices), and ``bias`` [n, n + M] is added to the logits of the keys
+    [own-resolution keys ; segment-mean keys]: a query sees its own device's
+    keys at full resolution (causally for causal models) and the other
+    devices' segment means weighted by their counts (only earlier devices'
+    means for causal models), as in DESIGN.md section 2. Because K and V are
+    affine, ``S @ K`` are the keys of the means."""
+    from ..partition import partition
+
+    ranges = partition(n, devices).ranges
+    owner = torch.empty(n, dtype=torch.long)
+    rows, seg_owner, counts = [], [], []
+    for rank, (start, stop) in enumerate(ranges):
+        owner[start:stop] = rank
+        for a in range(start, stop, cr):
+            b = min(a + cr, stop)
+            row = torch.zeros(n)
+            row[a:b] = 1.0 / (b - a)
+            rows.append(row)
+            seg_owner.append(rank)
+            counts.append(b - a)
+    S = torch.stack(rows)
+    seg_owner = torch.tensor(seg_owner)
+    own = owner[:, None] == owner[None, :]
+    if causal:
+        own &= torch.ones(n, n, dtype=torch.bool).tril()
+        other = seg_owner[None, :] < owner[:, None]
+    else:
+        other = seg_owner[None, :] != owner[:, None]
+    bias = torch.cat([torch.where(own, 0.0, float("-inf")),
+                      torch.where(other, torch.log(torch.tensor(counts, dtype=torch.float32))[None, :],
+                                  float("-inf"))], dim=1)
+    return S, bias
+
+
+def prism_attention(q, k, v, layout) -> torch.Tensor:
+    """Attention of [B, H, n, dh] tensors under a :func:`prism_layout` (None: exact)."""
+    if layout is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    S, bias = layout
+    return F.scaled_dot_product_attention(q, torch.cat([k, S @ k], dim=2), torch.cat([v, S @ v], dim=2),
+                                          attn_mask=bias)
+
+
+def sample_layout(n: int, spec: dict, gen: torch.Generator, causal: bool):
+    """Exact attention with probability 1 - spec["fraction"], else a random (devices, CR) layout."""
+    if torch.rand(1, generator=gen).item() >= spec["fraction"]:
+        return None
+    devices = spec["devices"][int(torch.randint(len(spec["devices"]), (1,), generator=gen))]
+    cr = spec["crs"][int(torch.randint(len(spec["crs"]), (1,), generator=gen))]
+    return prism_layout(n, devices, cr, causal)
+
+
 # ----------------------------------------------------------------- gpt2-tiny
 
 GPT2_CFG = dict(n_positions=128, n_embd=128, n_layer=4, n_head=4, dropout=0.1,
-                steps=1200, batch=16, lr=2e-3, warmup=100, weight_decay=0.1)
+                steps=1200, batch=16, lr=2e-3, warmup=100, weight_decay=0.1,
+                # then a short phase in which half the batches see PRISM attention at a
+                # random (devices, CR), so that the model tolerates compressed attention
+                prism_finetune={"steps": 300, "lr": 5e-4, "fraction": 0.5, "devices": [2, 3, 4], "crs": [2, 4, 8]})
 HELD_OUT_EVERY = 8
 
 
@@ -64,10 +124,16 @@ class _GPTAttention(nn.Module):
         super().__init__()
         self.c_attn, self.c_proj, self.heads, self.dropout = _Conv1D(d, 3 * d), _Conv1D(d, d), heads, dropout
 
-    def forward(self, x):
+    def forward(self, x, layout=None):
         B, N, d = x.shape
         q, k, v = (t.reshape(B, N, self.heads, -1).transpose(1, 2) for t in self.c_attn(x).split(d, dim=-1))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if layout is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:
+            S, bias = layout
+            y = F.scaled_dot_product_attention(q, torch.cat([k, S @ k], dim=2), torch.cat([v, S @ v], dim=2),
+                                               attn_mask=bias, dropout_p=p)
         return F.dropout(self.c_proj(y.transpose(1, 2).reshape(B, N, d)), self.dropout, self.training)
 
 
@@ -86,8 +152,8 @@ class _GPTBlock(nn.Module):
         self.ln_1, self.attn = nn.LayerNorm(d, eps=1e-5), _GPTAttention(d, heads, dropout)
         self.ln_2, self.mlp = nn.LayerNorm(d, eps=1e-5), _GPTMLP(d, dropout)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, layout=None):
+        x = x + self.attn(self.ln_1(x), layout)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -106,11 +172,11 @@ class GPT2(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers))
 
-    def forward(self, ids):
+    def forward(self, ids, layout=None):
         x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1]))
         x = F.dropout(x, self.dropout, self.training)
         for blk in self.h:
-            x = blk(x)
+            x = blk(x, layout)
         return self.ln_f(x) @ self.wte.weight.t()
 
 
@@ -166,39 +232,75 @@ def _unigram_nll(train: bytes, test: bytes) -> float:
 GPT2_PROMPTS = ["The \"if\" statement is used for", "A class definition defines", "Exceptions are raised when"]
 
 
-def train_gpt2(out: Path, log) -> dict:
-    c = GPT2_CFG
-    torch.manual_seed(SEED)
-    train, test, held = text_split()
-    tr = torch.tensor(list(train), dtype=torch.long)
-    te = torch.tensor(list(test), dtype=torch.long)
+def _gpt2_steps(model: GPT2, tr: torch.Tensor, c: dict, sched: dict, gen: torch.Generator, log,
+                prism: dict | None = None) -> float:
+    """``sched["steps"]`` AdamW steps on random windows; returns the final smoothed train loss."""
     ctx = c["n_positions"]
-    model = GPT2(256, ctx, c["n_embd"], c["n_layer"], c["n_head"], c["dropout"])
-    opt = _optimizer(model, c["lr"], c["weight_decay"])
-    gen = torch.Generator().manual_seed(SEED)
-    log(f"gpt2-tiny: {sum(p.numel() for p in model.parameters())} parameters, {len(train)} train / "
-        f"{len(test)} held-out bytes, {c['steps']} steps of {c['batch']}x{ctx}")
+    opt = _optimizer(model, sched["lr"], c["weight_decay"])
     t0 = time.perf_counter()
     loss_avg = None
-    for step in range(c["steps"]):
+    for step in range(sched["steps"]):
         model.train()
         for group in opt.param_groups:
-            group["lr"] = _lr(step, c)
+            group["lr"] = _lr(step, sched)
         starts = torch.randint(0, len(tr) - ctx - 1, (c["batch"],), generator=gen)
         chunk = tr[starts[:, None] + torch.arange(ctx + 1)]
-        logits = model(chunk[:, :-1])
+        layout = None if prism is None else sample_layout(ctx, prism, gen, causal=True)
+        logits = model(chunk[:, :-1], layout)
         loss = F.cross_entropy(logits.reshape(-1, 256), chunk[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-        if step % 100 == 0 or step == c["steps"] - 1:
+        if step % 100 == 0 or step == sched["steps"] - 1:
             log(f"  step {step:5d}  train loss {loss_avg:.3f}  ({time.perf_counter() - t0:.0f} s)")
-    seconds = time.perf_counter() - t0
+    return loss_avg
+
+
+def pretrain_gpt2(c: dict, tr: torch.Tensor, log) -> tuple[GPT2, float, float]:
+    """Phase 1, exact attention: (model, final train loss, seconds)."""
+    torch.manual_seed(SEED)
+    model = GPT2(256, c["n_positions"], c["n_embd"], c["n_layer"], c["n_head"], c["dropout"])
+    log(f"gpt2-tiny: {sum(p.numel() for p in model.parameters())} parameters, {len(tr)} train bytes, "
+        f"{c['steps']} steps of {c['batch']}x{c['n_positions']}")
+    t0 = time.perf_counter()
+    loss = _gpt2_steps(model, tr, c, c, torch.Generator().manual_seed(SEED), log)
+    return model, loss, time.perf_counter() - t0
+
+
+def finetune_gpt2(model: GPT2, c: dict, tr: torch.Tensor, log) -> tuple[float, float]:
+    """Phase 2, PRISM-aware (seeded afresh, so it can start from a saved phase 1): (final train loss, seconds)."""
+    f = c["prism_finetune"]
+    torch.manual_seed(SEED + 1)
+    log(f"gpt2-tiny: {f['steps']} PRISM-aware steps ({f['fraction']:.0%} of batches at devices {f['devices']}, "
+        f"CR {f['crs']})")
+    t0 = time.perf_counter()
+    sched = {"steps": f["steps"], "lr": f["lr"], "warmup": 0}
+    loss = _gpt2_steps(model, tr, c, sched, torch.Generator().manual_seed(SEED + 1), log, prism=f)
+    return loss, time.perf_counter() - t0
+
+
+def train_gpt2(out: Path, log) -> dict:
+    c = GPT2_CFG
+    train, _, _ = text_split()
+    tr = torch.tensor(list(train), dtype=torch.long)
+    model, loss1, seconds1 = pretrain_gpt2(c, tr, log)
+    loss2, seconds2 = finetune_gpt2(model, c, tr, log)
+    return finish_gpt2(model, out, log, {"pretrain": seconds1, "prism_finetune": seconds2},
+                       {"pretrain": loss1, "prism_finetune": loss2})
+
+
+def finish_gpt2(model: GPT2, out: Path, log, seconds: dict, losses: dict) -> dict:
+    """Evaluate, save the checkpoint, reload it through prism_ext and sample; returns the metrics."""
+    c = GPT2_CFG
+    train, test, held = text_split()
+    te = torch.tensor(list(test), dtype=torch.long)
+    ctx = c["n_positions"]
     nll = _held_out_nll(model, te, ctx)
     uni = _unigram_nll(train, test)
-    log(f"gpt2-tiny: held-out perplexity {math.exp(nll):.2f} (unigram {math.exp(uni):.2f}) in {seconds:.0f} s")
+    log(f"gpt2-tiny: held-out perplexity {math.exp(nll):.2f} (unigram {math.exp(uni):.2f}) after "
+        f"{sum(seconds.values()):.0f} s")
 
     from safetensors.torch import save_file
 
@@ -223,10 +325,18 @@ def train_gpt2(out: Path, log) -> dict:
     probe = te[:ctx][None]
     with torch.no_grad():
         diff = (loaded(probe).logits - model(probe)).abs().max().item()
-    samples = {}
+    samples, prism_samples = {}, {}
     for prompt in GPT2_PROMPTS:
         ids = torch.tensor([tok.encode(prompt)])
-        samples[prompt] = tok.decode(loaded.generate(ids, max_new_tokens=100)[0, ids.shape[1]:].tolist())
+        samples[prompt] = tok.decode(loaded.generate(ids, max_new_tokens=90)[0, ids.shape[1]:].tolist())
+        prism_samples[prompt] = tok.decode(loaded.generate(ids, devices=4, cr=4, max_new_tokens=90)[0, ids.shape[1]:]
+                                           .tolist())
+    windows = te[: 8 * ctx].reshape(8, ctx)
+    with torch.no_grad():
+        prism_nll = {cr: F.cross_entropy(loaded(windows, devices=4, cr=cr).logits[:, :-1].reshape(-1, 256),
+                                         windows[:, 1:].reshape(-1)).item() for cr in (1, 2, 4, 8, 16)}
+    log(f"gpt2-tiny: held-out perplexity (first {8 * ctx} bytes) on 4 devices by CR: "
+        f"{ {cr: round(math.exp(v), 2) for cr, v in prism_nll.items()} }")
     metrics = {
         "model": "gpt2-tiny", "seed": SEED, "config": c,
         "data": {"source": "pydoc_data.topics", "python": platform.python_version(),
@@ -234,12 +344,14 @@ def train_gpt2(out: Path, log) -> dict:
                  "held_out_bytes": len(test), "held_out_topics": held,
                  "split": f"every {HELD_OUT_EVERY}th topic (sorted by name) held out"},
         "parameters": sum(p.numel() for p in model.parameters()),
-        "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "final_train_loss": round(loss_avg, 4),
+        "train_seconds": {k: round(v, 1) for k, v in seconds.items()}, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "final_train_loss": {k: round(v, 4) for k, v in losses.items()},
         "held_out_nll": round(nll, 4), "held_out_perplexity": round(math.exp(nll), 3),
         "unigram_perplexity": round(math.exp(uni), 3),
         "perplexity_ratio": round(math.exp(nll) / math.exp(uni), 4),
         "reload_max_abs_logit_diff": diff, "greedy_samples": samples,
+        "greedy_samples_prism_4_devices_cr4": prism_samples,
+        "prism_held_out_perplexity_4_devices": {str(cr): round(math.exp(v), 3) for cr, v in prism_nll.items()},
     }
     for prompt, text in samples.items():
         log(f"  {prompt!r} -> {text!r}")
@@ -250,7 +362,10 @@ def train_gpt2(out: Path, log) -> dict:
 
 VIT_CFG = dict(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                intermediate_size=128, epochs=60, batch=64, lr=2e-3, warmup_epochs=3, weight_decay=0.05,
-               label_smoothing=0.1, test_fraction=0.2)
+               label_smoothing=0.1, test_fraction=0.2,
+               # half the batches see PRISM attention at a random (devices, CR), so that the
+               # model keeps its accuracy when its attention is compressed
+               prism_training={"fraction": 0.5, "devices": [2, 3, 4], "crs": [2, 4, 8]})
 
 DIGITS_PROCESSOR = {
     "image_processor_type": "ViTImageProcessor",
@@ -281,14 +396,14 @@ class ViT(nn.Module):
         self.ln = nn.LayerNorm(d, eps=1e-12)
         self.head = nn.Linear(d, labels)
 
-    def forward(self, px):
+    def forward(self, px, layout=None):
         x = self.patch(px).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
         B, N, d = x.shape
         for L in self.layers:
             a = L["ln1"](x)
             q, k, v = (L[n](a).reshape(B, N, self.heads, -1).transpose(1, 2) for n in "qkv")
-            x = x + L["o"](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, d))
+            x = x + L["o"](prism_attention(q, k, v, layout).transpose(1, 2).reshape(B, N, d))
             x = x + L["fc2"](F.gelu(L["fc1"](L["ln2"](x))))
         return self.head(self.ln(x[:, 0]))
 
@@ -374,7 +489,8 @@ def train_vit(out: Path, log) -> dict:
             idx = order[i:i + c["batch"]]
             for group in opt.param_groups:
                 group["lr"] = _lr(step, sched)
-            logits = model(_augment(tr_px[idx], background, gen))
+            layout = sample_layout(model.pos.shape[1], c["prism_training"], gen, causal=False)
+            logits = model(_augment(tr_px[idx], background, gen), layout)
             loss = F.cross_entropy(logits, tr_t[idx], label_smoothing=c["label_smoothing"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -404,15 +520,19 @@ def train_vit(out: Path, log) -> dict:
     loaded = prism_ext.load(out)
     with torch.no_grad():
         loaded_pred = loaded(te_px).logits.argmax(-1).numpy()
+        prism_acc = {cr: float((loaded(te_px, devices=4, cr=cr).logits.argmax(-1).numpy() == te_y).mean())
+                     for cr in (1, 2, 4, 8, 16)}
+    log(f"vit-tiny-digits: held-out accuracy through prism_ext on 4 devices by CR: {prism_acc}")
     return {
         "model": "vit-tiny-digits", "seed": SEED, "config": c, "processor": DIGITS_PROCESSOR,
         "data": {"source": "sklearn.datasets.load_digits", "train_images": int(len(tr_y)),
-                 "held_out_images": int(len(te_y)), "split": f"fixed shuffle (seed {SEED}), last "
+                 "held_out_images": int(len(te_y)), "split": f"fixed shuffle (seed {SEED}), first "
                  f"{c['test_fraction']:.0%} held out and shipped as heldout_digits.npz"},
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "train_accuracy": round(train_acc, 4), "held_out_accuracy": round(acc, 4),
         "reload_held_out_accuracy": round(float((loaded_pred == te_y).mean()), 4),
+        "prism_held_out_accuracy_4_devices": {str(cr): round(a, 4) for cr, a in prism_acc.items()},
     }
 
 
