@@ -84,7 +84,7 @@ def digits_figure(path, digits: np.ndarray, partition, cr: int, grid: int, exact
     colors = _palette(devices)
     side = grid * 4 * zoom  # the model's image is grid * 4 pixels across
     ink = F.interpolate(torch.from_numpy(digits)[:, None] / 16.0, size=(side, side), mode="bilinear",
-                        align_corners=False)[:, 0].clamp(0, 1).numpy()
+                        align_corners=False)[:, 0].clamp(0, 1).numpy() ** 1.5  # gamma: crisper strokes
     cell = side // grid
     # owner device and segment parity of each patch (position p + 1: [CLS] is position 0)
     owner = np.zeros(grid * grid, int)
@@ -92,7 +92,7 @@ def digits_figure(path, digits: np.ndarray, partition, cr: int, grid: int, exact
     for rank, (start, stop) in enumerate(partition):
         for pos in range(max(start, 1), stop):
             owner[pos - 1] = rank
-            shade[pos - 1] = 0.42 if ((pos - start) // cr) % 2 == 0 else 0.26
+            shade[pos - 1] = 0.34 if ((pos - start) // cr) % 2 == 0 else 0.17
     per_row = min(len(digits), 8)
     rows = -(-len(digits) // per_row)
     margin, gap = 16, 20
@@ -108,17 +108,17 @@ def digits_figure(path, digits: np.ndarray, partition, cr: int, grid: int, exact
     _text(img, x, margin // 2, "CLS ON D0", (0, 0, 0))
     _text(img, margin, margin // 2 + _LINE, "T=TRUE  E=EXACT 1 DEVICE  P=PRISM", (90, 90, 90))
 
-    tint = colors[owner] * shade[:, None]  # [patches, 3]
-    tint = tint.reshape(grid, grid, 3).repeat(cell, 0).repeat(cell, 1)
+    hue = colors[owner].reshape(grid, grid, 3).repeat(cell, 0).repeat(cell, 1)
+    tint = hue * shade.reshape(grid, grid, 1).repeat(cell, 0).repeat(cell, 1)  # dark device colour behind the ink
     lines = np.zeros((side, side), bool)
     lines[::cell, :] = lines[:, ::cell] = True
     lines[-1, :] = lines[:, -1] = True
     for i, digit_ink in enumerate(ink):
         r, c = divmod(i, per_row)
         y0, x0 = header + r * panel_h, margin + c * (side + gap)
-        pixel = tint * (1 - digit_ink[..., None]) + (0.55 + 0.45 * tint / max(1e-6, tint.max())) * digit_ink[..., None]
+        pixel = tint * (1 - digit_ink[..., None]) + (0.9 + 0.1 * hue) * digit_ink[..., None]
         pixel = (pixel.clip(0, 1) * 255).astype(np.uint8)
-        pixel[lines] = 0
+        pixel[lines] = 24
         img[y0:y0 + side, x0:x0 + side] = pixel
         ty = y0 + side + 6
         tx = _text(img, x0, ty, f"T{labels[i]} E{exact[i]} ", (0, 0, 0))

@@ -65,6 +65,16 @@ def _knobs(wire_dtype="fp32", compression_point="attn_input", mean_weighting="co
                 device_weights=device_weights)
 
 
+def _validate(model: PrismModel, n: int, devices: int, cr, mode: str, knobs: dict) -> None:
+    """Check the run's settings before any progress line: a bad one ends the job with its error alone."""
+    from .engine import RunConfig
+    from .partition import partition
+
+    partition(n, devices, knobs["device_weights"])
+    RunConfig.make(len(model.net.blocks), mode=mode, cr=cr, wire_dtype=knobs["wire_dtype"],
+                   compression_point=knobs["compression_point"], mean_weighting=knobs["mean_weighting"])
+
+
 def _peers(model: PrismModel, inputs, devices: int, knobs: dict) -> tuple:
     """The single-device output (exact) and the Voltage run over the same devices."""
     exact = model(inputs, devices=1)
@@ -118,6 +128,7 @@ def run_text(model: PrismModel, text: str, *, devices: int = 4, cr=4, mode: str 
         raise ValueError("mode: generation runs in prism mode only; use max_new_tokens 0 for a voltage forward pass")
     ids, tok = _encode(model, text, max_new_tokens if generating else 0)
     x = torch.tensor([ids])
+    _validate(model, len(ids), devices, cr, mode, knobs)
     result = {"model_type": model.model_type, "devices": devices, "cr": cr, "mode": mode, "knobs": knobs,
               "input": {"text": text, "tokens": len(ids)}}
     peers = None
@@ -205,6 +216,7 @@ def _processor(model: PrismModel):
 
 
 def _run_pixels(model: PrismModel, px: torch.Tensor, devices, cr, mode, compare, knobs, say) -> dict:
+    _validate(model, model.net.grid ** 2 + 1, devices, cr, mode, knobs)
     peers = _peers(model, px, devices, knobs) if compare else None  # first: warms up the measured run
     say(f"{px.shape[0]} image(s), {model.net.grid ** 2 + 1} positions over {devices} devices ({mode}, cr={cr})")
     t0 = time.perf_counter()
