@@ -3,7 +3,9 @@ counts the shapes it really ran) and ``prism account`` (which counts a config).
 
 One multiply-add is 2 FLOPs. Only matmuls and attention are counted (layer
 norms, activations, softmax and the segment means are linear in n·d and left
-out), the same convention as ``torch.utils.flop_counter``.
+out), the same convention as ``torch.utils.flop_counter``. Attention is
+counted dense (every query against every key); for causal models the
+kernel skips the score of an invisible key, so it runs somewhat less.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .comm.local import LocalGroup
+from .comm.wire import check_wire_dtype
 from .engine import DeviceResult, LayerStats, RunConfig, RunStats, decode_step, run_device
 from .models import Network, load_network
 from .partition import partition
@@ -100,6 +101,10 @@ class PrismModel:
                 if name in given:
                     raise ValueError(f"{name}: given twice (in inputs and as a keyword)")
                 given[name] = kwargs.pop(name)
+        if kwargs:
+            name = next(iter(kwargs))
+            raise TypeError(f"{name}: unexpected keyword argument ({self.model_type} takes "
+                            f"{', '.join(self.net.input_names)} and the run options)")
         unknown = set(given) - set(self.net.input_names)
         if unknown:
             raise ValueError(f"inputs: {self.model_type} takes {', '.join(self.net.input_names)}; "
@@ -112,6 +117,7 @@ class PrismModel:
     def _run(self, inputs: dict, devices, cr, mode, device_weights, knobs, *, decode_room=0):
         batch, n = self.net.check_inputs(inputs)
         devices = _check_devices(devices, n)
+        check_wire_dtype(knobs["wire_dtype"])
         cfg = RunConfig.make(len(self.net.blocks), mode=mode, cr=cr, **knobs)
         part = partition(n, devices, device_weights)
         last = devices - 1
@@ -139,8 +145,6 @@ class PrismModel:
         (attn_input/hidden), ``mean_weighting`` (count/none), ``device_weights``.
         """
         inputs = self._inputs(inputs, model_inputs)
-        if model_inputs:
-            raise TypeError(f"unexpected keyword argument {next(iter(model_inputs))!r}")
         knobs = dict(wire_dtype=wire_dtype, compression_point=compression_point, mean_weighting=mean_weighting)
         results, stats = self._run(inputs, devices, cr, mode, device_weights, knobs)
         fields = {name: torch.cat([r.rows[name] for r in results], dim=1) for name in results[0].rows}

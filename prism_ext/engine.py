@@ -23,7 +23,8 @@ from .attention import prism_attention
 from .models.common import Network
 from .partition import Partition, cr_schedule, segment_ends
 
-__all__ = ["RunConfig", "LayerStats", "DeviceStats", "RunStats", "DeviceResult", "run_device", "DecodeState"]
+__all__ = ["RunConfig", "LayerStats", "DeviceStats", "RunStats", "DeviceResult", "run_device", "DecodeState",
+           "decode_step"]
 
 MODES = ("prism", "voltage")
 POINTS = ("attn_input", "hidden")
@@ -35,22 +36,19 @@ PHASES = ("compress", "exchange", "project", "attention", "mlp")
 class RunConfig:
     mode: str
     crs: tuple[int, ...]  # one per layer
-    wire_dtype: str = "fp32"
+    wire_dtype: str = "fp32"  # checked by the transport's wire format
     compression_point: str = "attn_input"
     mean_weighting: str = "count"
 
     @classmethod
     def make(cls, layers: int, *, mode="prism", cr=1, wire_dtype="fp32", compression_point="attn_input",
              mean_weighting="count") -> "RunConfig":
-        from .comm.wire import check_wire_dtype  # the format names only; no transport is imported
-
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
         if compression_point not in POINTS:
             raise ValueError(f"compression_point: expected one of {', '.join(POINTS)}, got {compression_point!r}")
         if mean_weighting not in WEIGHTINGS:
             raise ValueError(f"mean_weighting: expected one of {', '.join(WEIGHTINGS)}, got {mean_weighting!r}")
-        check_wire_dtype(wire_dtype)
         return cls(mode, tuple(cr_schedule(cr, layers)), wire_dtype, compression_point, mean_weighting)
 
 
@@ -157,6 +155,36 @@ def _tick(stats: LayerStats, phase: str, t0: float) -> float:
     return t
 
 
+def _exchange(blk, cfg: RunConfig, st: LayerStats, transport, rank: int, x, a, cr: int, own_valid, own_counts,
+              pos, start: int, stop: int):
+    """Steps 2-3: compress own rows, all-gather, return the other devices'
+    rows (ready for the K/V projection), counts and end positions."""
+    t = time.perf_counter()
+    if cfg.mode == "voltage":
+        send = {"rows": x, "counts": own_counts.to(torch.int32), "ends": pos}
+    else:
+        src = a if cfg.compression_point == "attn_input" else x
+        means, counts = kernels.segment_means(src, cr, valid=own_valid)
+        ends = torch.tensor(segment_ends(start, stop, cr), dtype=torch.int32)
+        send = {"rows": means, "counts": counts.round().to(torch.int32), "ends": ends}
+    _tick(st, "compress", t)
+
+    got = transport.all_gather(send, cfg.wire_dtype)
+    st.time["exchange"] += got.seconds
+    st.bytes_sent = got.bytes_sent
+    st.activation_bytes = got.tensor_bytes["rows"]
+    st.rows_sent = send["rows"].shape[1]
+    others = [item for q, item in enumerate(got.items) if q != rank]
+    rows = torch.cat([o["rows"] for o in others], dim=1)
+    r_counts = torch.cat([o["counts"] for o in others], dim=1).to(torch.float32)
+    r_ends = torch.cat([o["ends"] for o in others])
+    if cfg.mean_weighting == "none" and cfg.mode == "prism":
+        r_counts = (r_counts > 0).to(torch.float32)
+    if blk.pre_ln and (cfg.mode == "voltage" or cfg.compression_point == "hidden"):
+        rows = blk.ln1(rows)  # received raw hidden rows: the receiver applies LN1
+    return rows, r_counts, r_ends
+
+
 def run_device(net: Network, inputs: dict, part: Partition, rank: int, transport, cfg: RunConfig,
                *, decode_room: int = 0, last_only: bool = False) -> DeviceResult:
     """Run every layer for device ``rank`` (own rows ``part.ranges[rank]``).
@@ -184,33 +212,14 @@ def run_device(net: Network, inputs: dict, part: Partition, rank: int, transport
         st = stats.layers[layer]
         t = time.perf_counter()
         a = blk.attn_input(x)
-        if cfg.mode == "voltage":
-            send = {"rows": x, "counts": own_counts.to(torch.int32), "ends": pos}
-        else:
-            src = a if cfg.compression_point == "attn_input" else x
-            means, counts = kernels.segment_means(src, cr, valid=own_valid)
-            ends = torch.tensor(segment_ends(start, stop, cr), dtype=torch.int32)
-            send = {"rows": means, "counts": counts.round().to(torch.int32), "ends": ends}
-        t = _tick(st, "compress", t)
-
-        got = transport.all_gather(send, cfg.wire_dtype)
-        st.bytes_sent = got.bytes_sent
-        st.activation_bytes = got.tensor_bytes["rows"]
-        st.rows_sent = send["rows"].shape[1]
-        others = [item for q, item in enumerate(got.items) if q != rank]
-        if others:
-            rows = torch.cat([o["rows"] for o in others], dim=1)
-            r_counts = torch.cat([o["counts"] for o in others], dim=1).to(torch.float32)
-            r_ends = torch.cat([o["ends"] for o in others])
-        else:
+        _tick(st, "compress", t)  # LN1 prepares what is compressed and attended
+        if transport.size == 1:  # nothing to exchange with
             rows, r_counts, r_ends = x.new_empty(B, 0, d), torch.empty(B, 0), torch.empty(0, dtype=torch.int32)
-        if cfg.mean_weighting == "none" and cfg.mode == "prism":
-            r_counts = (r_counts > 0).to(torch.float32)
-        if blk.pre_ln and (cfg.mode == "voltage" or cfg.compression_point == "hidden"):
-            rows = blk.ln1(rows)  # received raw hidden rows: the receiver applies LN1
+        else:
+            rows, r_counts, r_ends = _exchange(blk, cfg, st, transport, rank, x, a, cr, own_valid, own_counts,
+                                               pos, start, stop)
         m = rows.shape[1]
         st.rows_received = m
-        st.time["exchange"] += got.seconds
         t = time.perf_counter()
 
         qkv = blk.qkv(a)  # own rows: Q, K, V

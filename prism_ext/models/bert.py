@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Block, LayerNorm, Network, Weights, activation, cfg, check_ids, scale_check
+from .common import Block, LayerNorm, Network, Weights, activation, cfg, check_ids, check_heads
 
 MODEL_TYPE = "bert"
 
@@ -26,7 +26,7 @@ class BERT(Network):
         self.max_positions = cfg(config, "max_position_embeddings", required=True)
         self.type_vocab = cfg(config, "type_vocab_size", 2)
         eps = cfg(config, "layer_norm_eps", 1e-12)
-        scale_check(d, heads)
+        check_heads(d, heads)
         if cfg(config, "position_embedding_type", "absolute") != "absolute":
             raise ValueError("config.json: only position_embedding_type='absolute' is supported")
         if cfg(config, "is_decoder", False) or cfg(config, "add_cross_attention", False):

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Block", "LayerNorm", "Network", "Weights", "activation", "cfg"]
+__all__ = ["Block", "LayerNorm", "Network", "Weights", "activation", "cfg", "check_ids", "check_heads"]
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +200,7 @@ def check_ids(inputs: dict, name: str, batch_n: tuple[int, int] | None = None, u
     return t
 
 
-def scale_check(d: int, heads: int) -> int:
+def check_heads(d: int, heads: int) -> int:
     if heads < 1 or d % heads:
         raise ValueError(f"config.json: hidden size {d} is not divisible by the number of heads {heads}")
     return d // heads

@@ -1,12 +1,13 @@
 """GPT-2: token + position embeddings, pre-LN blocks, final LN, tied LM head.
-HF stores its projections as Conv1D ([in, out]); they are transposed once here."""
+HF stores its projections as Conv1D ([in, out]); they are transposed once here.
+``attention_mask`` masks keys (right padding); positions are not shifted."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .common import Block, LayerNorm, Network, Weights, activation, cfg, check_ids, scale_check
+from .common import Block, LayerNorm, Network, Weights, activation, cfg, check_ids, check_heads
 
 MODEL_TYPE = "gpt2"
 
@@ -25,7 +26,7 @@ class GPT2(Network):
         self.n_positions = cfg(config, "n_positions", required=True)
         d_ff = cfg(config, "n_inner") or 4 * d
         eps = cfg(config, "layer_norm_epsilon", 1e-5)
-        scale_check(d, heads)
+        check_heads(d, heads)
         if cfg(config, "scale_attn_by_inverse_layer_idx", False) or not cfg(config, "scale_attn_weights", True):
             raise ValueError("config.json: only scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False is supported")
         act = activation(cfg(config, "activation_function", "gelu_new"), "activation_function")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Block, LayerNorm, Network, Weights, activation, cfg, scale_check
+from .common import Block, LayerNorm, Network, Weights, activation, cfg, check_heads
 
 MODEL_TYPE = "vit"
 
@@ -28,10 +28,12 @@ class ViT(Network):
         self.patch = cfg(config, "patch_size", required=True)
         self.channels = cfg(config, "num_channels", 3)
         eps = cfg(config, "layer_norm_eps", 1e-12)
-        scale_check(d, heads)
+        check_heads(d, heads)
         if self.image % self.patch:
             raise ValueError(f"config.json: image_size {self.image} is not a multiple of patch_size {self.patch}")
         self.grid = self.image // self.patch
+        if cfg(config, "pooler_act", "tanh") != "tanh":
+            raise ValueError(f"config.json: pooler_act={config['pooler_act']!r} is not supported (only 'tanh')")
         act = activation(cfg(config, "hidden_act", "gelu"), "hidden_act")
 
         def ln(*names):

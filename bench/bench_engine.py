@@ -1,0 +1,145 @@
+"""Engine benchmarks (not tests; nothing is asserted).
+
+1. P = 1: the engine's forward vs the Hugging Face model's own forward (sdpa
+   attention), same threads, BERT-base and GPT-2-small configs, N = 512.
+2. P = 4, N = 512: per-device time of PRISM at CR in {4, 16, 128} vs Voltage
+   (own compute + (de)serialisation, no waiting), next to the counted FLOPs.
+
+Random weights from the standard configs (no download). Runs alternate
+between the compared sides and report medians, so load from other processes
+hits both alike. Writes bench/results/engine-<date>.json.
+
+    python bench/bench_engine.py [--threads 1] [--reps 5] [--seq 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import prism_ext
+
+
+def _configs(seq: int):
+    import transformers
+
+    bert = transformers.BertConfig()  # bert-base-uncased sizes
+    gpt2 = transformers.GPT2Config()  # gpt2 (small) sizes
+    return {
+        "bert-base": (transformers.BertModel(bert, add_pooling_layer=True),
+                      lambda: {"input_ids": torch.randint(0, bert.vocab_size, (1, seq))}),
+        "gpt2-small": (transformers.GPT2LMHeadModel(gpt2),
+                       lambda: {"input_ids": torch.randint(0, gpt2.vocab_size, (1, seq))}),
+    }
+
+
+def _median_pair(fa, fb, reps: int):
+    """Alternate fa/fb ``reps`` times after one warm-up each; medians (s)."""
+    fa(), fb()
+    ta, tb = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fa()
+        ta.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fb()
+        tb.append(time.perf_counter() - t)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def bench_p1(name, hf, make_inputs, model, reps):
+    inputs = make_inputs()
+    hf.config._attn_implementation = "sdpa"
+    with torch.inference_mode():
+        t_eng, t_hf = _median_pair(lambda: model(inputs, devices=1), lambda: hf(**inputs), reps)
+        err = (model(inputs, devices=1).last_hidden_state - hf(**inputs, output_hidden_states=True).hidden_states[-1]).abs().max().item()
+    row = {"model": name, "positions": inputs["input_ids"].shape[1], "engine_s": t_eng, "hf_sdpa_s": t_hf,
+           "engine_over_hf": t_eng / t_hf, "max_abs_err": err}
+    print(f"P=1 {name:11s} N={row['positions']}: engine {t_eng * 1e3:8.1f} ms  HF {t_hf * 1e3:8.1f} ms  "
+          f"ratio {t_eng / t_hf:.3f}  (max err {err:.1e})")
+    return row
+
+
+def _device_times(stats):
+    return [d.seconds for d in stats.devices]
+
+
+def bench_p4(name, make_inputs, model, reps, devices, crs):
+    inputs = make_inputs()
+    rows = []
+    with torch.inference_mode():
+        model(inputs, devices=devices, mode="voltage")  # warm-up
+        for cr in crs:
+            samples_p, samples_v = [], []
+            for _ in range(reps):  # alternate the two modes
+                samples_p.append(model(inputs, devices=devices, cr=cr).stats)
+                samples_v.append(model(inputs, devices=devices, mode="voltage").stats)
+            med = lambda runs: [statistics.median(ts) for ts in zip(*(_device_times(s) for s in runs))]  # noqa: E731
+            tp, tv = med(samples_p), med(samples_v)
+            sp, sv = samples_p[-1], samples_v[-1]
+            phases = lambda s: {ph: sum(l.time[ph] for d in s.devices for l in d.layers) / len(s.devices)  # noqa: E731
+                                for ph in sp.devices[0].layers[0].time}
+            row = {
+                "model": name, "devices": devices, "positions": inputs["input_ids"].shape[1], "cr": cr,
+                "prism_device_s": tp, "voltage_device_s": tv,
+                "time_reduction_busiest": 1 - max(tp) / max(tv),
+                "time_reduction_mean": 1 - sum(tp) / sum(tv),
+                "flop_reduction_busiest": 1 - max(d.flops for d in sp.devices) / max(d.flops for d in sv.devices),
+                "comm_reduction": 1 - sp.activation_bytes / sv.activation_bytes,
+                "prism_bytes_per_layer": sp.bytes_sent / len(sp.crs), "voltage_bytes_per_layer": sv.bytes_sent / len(sv.crs),
+                "prism_phase_s_mean_device": phases(sp), "voltage_phase_s_mean_device": phases(sv),
+            }
+            rows.append(row)
+            print(f"P={devices} {name:11s} N={row['positions']} CR={cr:3d}: per-device time prism "
+                  f"{max(tp) * 1e3:7.1f} ms vs voltage {max(tv) * 1e3:7.1f} ms (busiest): "
+                  f"-{100 * row['time_reduction_busiest']:.1f}% measured, -{100 * row['flop_reduction_busiest']:.1f}% "
+                  f"FLOPs, comm -{100 * row['comm_reduction']:.2f}%")
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1, help="torch and kernel threads (both sides)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--devices", type=int, default=4)
+    ap.add_argument("--cr", type=int, nargs="+", default=[4, 16, 128])
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    prism_ext.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    result = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+                    "cores": os.cpu_count(), "load_avg": os.getloadavg(), "torch": torch.__version__,
+                    "isa": prism_ext.kernels.active_isa(), "threads": args.threads},
+        "p1": [], "p4": [],
+    }
+    for name, (hf, make_inputs) in _configs(args.seq).items():
+        hf.eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            hf.save_pretrained(tmp)
+            model = prism_ext.load(tmp)
+        result["p1"].append(bench_p1(name, hf, make_inputs, model, args.reps))
+        result["p4"].extend(bench_p4(name, make_inputs, model, args.reps, args.devices, args.cr))
+        del hf, model
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"engine-{dt.date.today().isoformat()}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Shared by the engine tests: tiny random HF models saved to disk, and the
+naive reference engine (every device rebuilds the full sequence by repeating
+each received mean count times and computes K/V for all of it)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the engine tests compare against transformers (test extra)")
+
+from prism_ext import reference  # noqa: E402
+from prism_ext.partition import partition, segment_ends  # noqa: E402
+
+D, HEADS, LAYERS, FF = 32, 4, 2, 64
+INIT = 0.2  # 10x the HF default: peaked attention, so compression visibly matters
+
+
+def hf_gpt2(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_embd=D, n_layer=LAYERS, n_head=HEADS, vocab_size=64, n_positions=64,
+                                  bos_token_id=None, eos_token_id=None, initializer_range=INIT, **kw)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def hf_bert(seed=0, head=True):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                  intermediate_size=FF, vocab_size=64, max_position_embeddings=64, num_labels=3,
+                                  initializer_range=INIT)
+    cls = transformers.BertForSequenceClassification if head else transformers.BertModel
+    return cls(cfg).eval()
+
+
+def hf_vit(seed=0, head=True):
+    torch.manual_seed(seed)
+    cfg = transformers.ViTConfig(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                 intermediate_size=FF, image_size=16, patch_size=4, num_labels=3, initializer_range=INIT)
+    return (transformers.ViTForImageClassification if head else transformers.ViTModel)(cfg).eval()
+
+
+def save(model, path, **kw):
+    model.save_pretrained(str(path), **kw)
+    return path
+
+
+def bert_inputs(batch=3, n=17, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (batch, n), generator=g)
+    mask = torch.ones(batch, n, dtype=torch.long)
+    for b in range(1, batch):  # right padding of different lengths
+        mask[b, n - 3 * b :] = 0
+    types = torch.randint(0, 2, (batch, n), generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def naive_forward(net, inputs: dict, devices: int, cr: int, point: str = "attn_input", weighting: str = "count"):
+    """Reference engine: per layer, device p rebuilds the whole sequence (own
+    rows + every other device's segment means of the attention input, each
+    repeated count times, with the segment's last position as its position),
+    computes K/V for all of it and runs plain masked softmax attention.
+    ``point="hidden"`` averages the raw layer input and applies LN1 to the
+    means (pre-LN models); ``weighting="none"`` repeats every mean once."""
+    batch, n = net.check_inputs(inputs)
+    part = partition(n, devices)
+    valid = net.valid(inputs)
+    valid = torch.ones(batch, n, dtype=torch.bool) if valid is None else valid
+    xs = [net.embed(inputs, s, e) for s, e in part.ranges]
+    d, H = net.d, net.heads
+    dh = d // H
+    for blk in net.blocks:
+        acts = [blk.attn_input(x) for x in xs]
+        sent = []
+        for (s, e), a, x in zip(part.ranges, acts, xs):
+            means, counts = reference.segment_means(a if point == "attn_input" else x, cr, valid[:, s:e])
+            if point == "hidden":
+                means = blk.attn_input(means)
+            if weighting == "none":
+                counts = (counts > 0).to(counts.dtype)
+            sent.append((means, counts, torch.tensor(segment_ends(s, e, cr))))
+        new = []
+        for p, ((s, e), x, a) in enumerate(zip(part.ranges, xs, acts)):
+            outs = []
+            for b in range(batch):
+                rows, reps, pos = [], [], []
+                for q, (means, counts, ends) in enumerate(sent):
+                    if q == p:
+                        rows.append(a[b]), reps.append(valid[b, s:e].long()), pos.append(torch.arange(s, e))
+                    else:
+                        rows.append(means[b]), reps.append(counts[b].round().long()), pos.append(ends)
+                reps = torch.cat(reps)
+                seq = torch.repeat_interleave(torch.cat(rows), reps, dim=0)  # the rebuilt sequence
+                kpos = torch.repeat_interleave(torch.cat(pos), reps)
+                qkv = blk.qkv(a[b])
+                k = blk.kv(seq)[:, :d]
+                v = blk.kv(seq)[:, d:]
+                q_ = qkv[:, :d].reshape(-1, H, dh).transpose(0, 1)
+                k_ = k.reshape(-1, H, dh).transpose(0, 1)
+                v_ = v.reshape(-1, H, dh).transpose(0, 1)
+                scores = q_ @ k_.transpose(-1, -2) / math.sqrt(dh)
+                if net.causal:
+                    scores = scores.masked_fill(kpos[None, None, :] > torch.arange(s, e)[None, :, None], -math.inf)
+                outs.append((torch.softmax(scores, -1) @ v_).transpose(0, 1).reshape(-1, d))
+            attn = torch.stack(outs)
+            new.append(blk.mlp(blk.finish_attention(x, attn)))
+        xs = new
+    rows = [net.row_outputs(x) for x in xs]
+    fields = {k: torch.cat([r[k] for r in rows], dim=1) for k in rows[0]}
+    fields.update(net.cls_outputs(rows[0]))
+    return fields
+
+
+def max_err(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item()
