@@ -13,7 +13,7 @@ from pathlib import Path
 
 __all__ = ["register"]
 
-_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, KeyError, OSError)
+_USER_ERRORS = (ValueError, TypeError, ImportError, OSError)  # OSError covers FileNotFoundError
 
 
 def _user_errors(command: str):
@@ -24,8 +24,7 @@ def _user_errors(command: str):
             try:
                 return fn(args)
             except _USER_ERRORS as exc:
-                msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-                print(f"prism {command}: {msg}", file=sys.stderr)
+                print(f"prism {command}: {exc}", file=sys.stderr)
                 return 2
         return run
     return wrap

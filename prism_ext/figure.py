@@ -93,7 +93,7 @@ def digits_figure(path, digits: np.ndarray, partition, cr: int, grid: int, exact
         for pos in range(max(start, 1), stop):
             owner[pos - 1] = rank
             shade[pos - 1] = 0.34 if ((pos - start) // cr) % 2 == 0 else 0.17
-    per_row = min(len(digits), 8)
+    per_row = min(len(digits), 10)
     rows = -(-len(digits) // per_row)
     margin, gap = 16, 20
     header = 2 * _LINE + 12

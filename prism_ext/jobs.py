@@ -23,7 +23,7 @@ from .engine import RunStats
 __all__ = ["load_model", "stats_dict", "run_text", "run_image", "run_digits", "demo", "format_run", "format_demo",
            "DEMO_PROMPT"]
 
-DEMO_PROMPT = "The \"while\" statement is used for repeated execution as long as"
+DEMO_PROMPT = "The \"for\" statement is used to iterate over the elements of a sequence"
 
 
 def _progress(quiet: bool):
@@ -260,10 +260,10 @@ def run_digits(model: PrismModel, digits: np.ndarray, *, devices: int = 4, cr=4,
 
 # ---------------------------------------------------------------------- demo
 
-def demo(*, devices: int = 4, gpt_cr: int = 4, vit_cr: int = 4, max_new_tokens: int = 60, digits: int = 8,
+def demo(*, devices: int = 4, gpt_cr: int = 4, vit_cr: int = 4, max_new_tokens: int = 56, digits: int = 10,
          figure: str | Path | None = "prism-demo.png", full_test_set: bool = True, quiet: bool = True) -> dict:
     """gpt2-tiny generating over ``devices`` simulated devices, then
-    vit-tiny-digits on ``digits`` held-out digits; a figure of the latter."""
+    vit-tiny-digits on ``digits`` held-out digits (one per class); a figure of the latter."""
     say = _progress(quiet)
     t0 = time.perf_counter()
     say("loading gpt2-tiny")
@@ -272,7 +272,9 @@ def demo(*, devices: int = 4, gpt_cr: int = 4, vit_cr: int = 4, max_new_tokens: 
     say("loading vit-tiny-digits")
     vit = load_model("vit-tiny-digits")
     held = np.load(zoo.model_dir("vit-tiny-digits") / "heldout_digits.npz")
-    images, labels = held["images"][:digits], held["labels"][:digits]
+    # the first held-out example of each class, in class order
+    pick = [int(np.flatnonzero(held["labels"] == k)[0]) for k in np.unique(held["labels"])][:digits]
+    images, labels = held["images"][pick], held["labels"][pick]
     image = run_digits(vit, images, devices=devices, cr=vit_cr, quiet=quiet)
     image["labels"] = labels.tolist()
     result = {"devices": devices, "gpt2": text, "vit": image}

@@ -54,6 +54,10 @@ class _HFTokenizer:
     """A ``tokenizers.Tokenizer`` behind the same two methods (no special tokens added)."""
 
     def __init__(self, tok):
+        # A checkpoint's tokenizer.json may pad or truncate to a fixed length; a run
+        # wants the text's own tokens (and an error, not a cut, when they do not fit).
+        tok.no_padding()
+        tok.no_truncation()
         self.tok = tok
         self.vocab_size = tok.get_vocab_size()
 

@@ -89,7 +89,7 @@ def sample_layout(n: int, spec: dict, gen: torch.Generator, causal: bool):
 # ----------------------------------------------------------------- gpt2-tiny
 
 GPT2_CFG = dict(n_positions=128, n_embd=128, n_layer=4, n_head=4, dropout=0.1,
-                steps=1200, batch=16, lr=2e-3, warmup=100, weight_decay=0.1,
+                steps=3000, batch=16, lr=2e-3, warmup=100, weight_decay=0.1,
                 # then a short phase in which half the batches see PRISM attention at a
                 # random (devices, CR), so that the model tolerates compressed attention
                 prism_finetune={"steps": 300, "lr": 5e-4, "fraction": 0.5, "devices": [2, 3, 4], "crs": [2, 4, 8]})
