@@ -300,10 +300,6 @@ def demo(*, devices: int = 4, gpt_cr: int = 4, vit_cr: int = 4, max_new_tokens: 
 
 # ---------------------------------------------------------------- formatting
 
-def _mflop(x: int) -> str:
-    return f"{x / 1e6:.2f} MFLOP"
-
-
 def _device_table(stats: dict, voltage: dict | None) -> list[str]:
     lines = [f"  {'device':>6} {'positions':>11} {'sent (B)':>10} {'MFLOP':>9} {'ms':>8}"
              + (f" {'Voltage sent':>13} {'Voltage MFLOP':>14}" if voltage else "")]
