@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,3 +65,35 @@ def test_vit_training_layout_is_the_engine(tiny_vit, devices, cr):
         torch.testing.assert_close(ours, loaded(px, devices=devices, cr=cr).logits, rtol=1e-4, atol=1e-4)
         if devices > 1 and cr > 1:
             assert (ours - model(px)).abs().max() > 1e-3
+
+
+def _prism_cli(*argv) -> int:
+    from prism_ext.cli import main
+
+    return main(list(argv))
+
+
+def test_zoo_train_gpt2_end_to_end(tmp_path, monkeypatch, capsys):
+    """`prism zoo train gpt2-tiny` with a toy-sized recipe: checkpoint, tokenizer and metrics come out loadable."""
+    cfg = dict(T.GPT2_CFG, n_embd=16, n_layer=1, n_head=2, steps=3, warmup=1, batch=2,
+               prism_finetune=dict(T.GPT2_CFG["prism_finetune"], steps=2))
+    monkeypatch.setattr(T, "GPT2_CFG", cfg)
+    assert _prism_cli("zoo", "train", "gpt2-tiny", "--out", str(tmp_path), "--threads", "1") == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert json.loads(capsys.readouterr().out) == metrics
+    assert metrics["reload_max_abs_logit_diff"] < 1e-4
+    assert set(metrics["greedy_samples"]) == set(T.GPT2_PROMPTS)
+    assert set(metrics["prism_held_out_perplexity_4_devices"]) == {"1", "2", "4", "8", "16"}
+    assert prism_ext.load(tmp_path).net.d == 16
+
+
+def test_zoo_train_vit_end_to_end(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("sklearn", reason="training vit-tiny-digits needs the `train` extra (scikit-learn)")
+    cfg = dict(T.VIT_CFG, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, epochs=1)
+    monkeypatch.setattr(T, "VIT_CFG", cfg)
+    assert _prism_cli("zoo", "train", "vit-tiny-digits", "--out", str(tmp_path), "--threads", "1") == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["reload_held_out_accuracy"] == metrics["held_out_accuracy"]
+    held = np.load(tmp_path / "heldout_digits.npz")
+    assert len(held["labels"]) == metrics["data"]["held_out_images"] == 359
+    assert prism_ext.load(tmp_path).net.head == "classification"
