@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     account.add_argument("--cr", type=int, nargs="+", default=[4, 16, 128], help="compression rates")
     account.add_argument("--json", action="store_true", help="print JSON instead of a table")
     account.set_defaults(func=_account)
+    from .cli_jobs import register as register_jobs
+
+    register_jobs(sub)
     return parser
 
 

@@ -1,0 +1,48 @@
+"""The bundled models: small checkpoints trained here from data every
+machine has (``prism zoo train NAME``) and shipped as package data, so the
+package does something real with no network and no checkpoint of the user's.
+
+``prism_ext.load("gpt2-tiny")`` reads ``prism_ext/zoo/gpt2-tiny/`` like any
+Hugging Face checkpoint directory; :func:`resolve` is that name lookup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+__all__ = ["NAMES", "model_dir", "resolve", "metrics"]
+
+_HERE = Path(__file__).resolve().parent
+
+# name -> what it is (``prism zoo list``)
+NAMES = {
+    "gpt2-tiny": "GPT-2 over UTF-8 bytes, trained on Python's pydoc_data.topics",
+    "vit-tiny-digits": "ViT classifier for scikit-learn's 8x8 handwritten digits (upsampled to 32x32)",
+}
+
+
+def model_dir(name: str) -> Path:
+    """The folder of the bundled model ``name``."""
+    if name not in NAMES:
+        raise ValueError(f"model: unknown bundled model {name!r} (bundled: {', '.join(NAMES)})")
+    path = _HERE / name
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model: the bundled {name} is missing from {path}; "
+                                f"rebuild it with `prism zoo train {name}`")
+    return path
+
+
+def resolve(path_or_name):
+    """An existing path is taken as given; otherwise a bundled name becomes
+    its folder; anything else is returned unchanged for the loader to judge."""
+    if isinstance(path_or_name, (str, os.PathLike)) and not Path(path_or_name).expanduser().exists():
+        if str(path_or_name) in NAMES:
+            return model_dir(str(path_or_name))
+    return path_or_name
+
+
+def metrics(name: str) -> dict:
+    """What ``prism zoo train`` recorded for the bundled ``name``."""
+    return json.loads((model_dir(name) / "metrics.json").read_text())

@@ -1,0 +1,219 @@
+"""The bundled models through the public API, and the job's CLI: `prism demo`,
+`prism run --json`, and one-line errors for bad arguments."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import prism_ext
+from prism_ext import zoo
+from prism_ext.cli import main
+from prism_ext.images import write_png
+from prism_ext.tokenizer import load_tokenizer
+
+
+def prism(capsys, *argv):
+    """Run `prism ARGV` in process: (exit status, stdout, stderr)."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    return prism_ext.load("gpt2-tiny")
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return prism_ext.load("vit-tiny-digits")
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    data = np.load(zoo.model_dir("vit-tiny-digits") / "heldout_digits.npz")
+    return data["images"], data["labels"]
+
+
+def test_bundled_models_load_by_name_and_folder(gpt, vit):
+    assert gpt.model_type == "gpt2" and gpt.net.head == "lm"
+    assert vit.model_type == "vit" and vit.net.head == "classification"
+    by_folder = prism_ext.load(zoo.model_dir("gpt2-tiny"))
+    ids = torch.tensor([load_tokenizer(zoo.model_dir("gpt2-tiny")).encode("def f(x):")])
+    torch.testing.assert_close(by_folder(ids).logits, gpt(ids).logits, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError):
+        prism_ext.load("gpt2-tinyy")
+
+
+def test_bundle_size_and_recorded_metrics():
+    total = sum(p.stat().st_size for name in zoo.NAMES for p in zoo.model_dir(name).rglob("*") if p.is_file())
+    assert total <= 8 * 2**20
+    g, v = zoo.metrics("gpt2-tiny"), zoo.metrics("vit-tiny-digits")
+    assert g["held_out_perplexity"] <= 0.5 * g["unigram_perplexity"]
+    assert v["held_out_accuracy"] >= 0.95
+    assert g["reload_max_abs_logit_diff"] < 1e-4 and v["reload_held_out_accuracy"] == v["held_out_accuracy"]
+
+
+def test_gpt2_tiny_perplexity_holds_through_the_engine(gpt):
+    """Recompute a slice of the held-out perplexity through prism_ext (not the training code)."""
+    from prism_ext.zoo.train import _unigram_nll, text_split
+
+    train, test, _ = text_split()
+    ctx = gpt.net.n_positions
+    ids = torch.tensor(list(test[: 4 * ctx])).reshape(4, ctx)
+    logits = gpt(ids, devices=2, cr=1).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert math.exp(nll.item()) <= 0.5 * math.exp(_unigram_nll(train, test))
+
+
+def test_vit_tiny_digits_accuracy_through_the_engine(vit, held_out):
+    from prism_ext.jobs import _processor
+
+    images, labels = held_out
+    logits = vit(_processor(vit).digits_to_pixels(images), devices=1).logits
+    assert (logits.argmax(-1).numpy() == labels).mean() >= 0.95
+
+
+DEVICE_FIELDS = {"rank", "positions", "bytes_sent", "activation_bytes", "flops", "seconds"}
+STATS_FIELDS = {"mode", "crs", "wire_dtype", "partition", "bytes_sent", "activation_bytes", "flops", "devices"}
+
+
+def _check_stats(stats, devices):
+    assert STATS_FIELDS <= set(stats) and len(stats["devices"]) == devices
+    assert all(DEVICE_FIELDS <= set(d) for d in stats["devices"])
+    assert sum(d["bytes_sent"] for d in stats["devices"]) == stats["bytes_sent"] > 0
+
+
+def test_demo_quick_json(capsys, tmp_path):
+    code, out, err = prism(capsys, "demo", "--quick", "--json", "-q", "--out", str(tmp_path / "d.png"))
+    assert code == 0, err
+    r = json.loads(out)
+    g, v = r["gpt2"], r["vit"]
+    assert r["devices"] == 4 and r["figure"].endswith("d.png") and (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(g["output"]["token_ids"]) == len(g["reference"]["token_ids"]) == 16
+    assert {"tokens_identical", "first_divergence", "prefill_top1_agreement", "text"} <= set(g["reference"])
+    assert g["decode"]["bytes_sent"] == 0
+    _check_stats(g["stats"], 4)
+    _check_stats(v["stats"], 4)
+    for part in (g, v):  # PRISM sends less than Voltage and its busiest device computes less
+        assert part["stats"]["bytes_sent"] < part["voltage"]["bytes_sent"]
+        assert 0 < part["voltage"]["bytes_reduction"] < 1 and part["voltage"]["busiest_device_flops_reduction"] > 0
+    assert len(v["outputs"]) == len(v["reference"]) == len(v["labels"]) == 4
+    assert all({"class_id", "label", "probability"} <= set(o) for o in v["outputs"])
+
+
+def test_demo_at_cr1_equals_one_device(capsys, tmp_path):
+    code, out, err = prism(capsys, "demo", "--quick", "--json", "-q", "--cr", "1", "--out", str(tmp_path / "d.png"))
+    assert code == 0, err
+    r = json.loads(out)
+    g = r["gpt2"]
+    assert g["output"]["token_ids"] == g["reference"]["token_ids"]
+    assert g["reference"]["prefill_top1_agreement"] == 1.0
+    assert [o["class_id"] for o in r["vit"]["outputs"]] == [x["class_id"] for x in r["vit"]["reference"]]
+
+
+def test_demo_text_output(capsys, tmp_path):
+    code, out, err = prism(capsys, "demo", "--quick", "--out", str(tmp_path / "d.png"))
+    assert code == 0, err
+    assert "bytes exchanged" in out and "figure:" in out and "PRISM" in out
+    assert "prism: loading gpt2-tiny" in err  # progress goes to stderr
+
+
+def test_run_json_text(capsys, gpt):
+    code, out, err = prism(capsys, "run", "--model", "gpt2-tiny", "--text", "The import statement", "--devices", "3",
+                           "--cr", "2", "--max-new-tokens", "5", "--json", "-q")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["model"] == "gpt2-tiny" and r["devices"] == 3 and r["cr"] == 2 and r["mode"] == "prism"
+    assert len(r["output"]["token_ids"]) == 5 and r["input"]["tokens"] == len("The import statement")
+    _check_stats(r["stats"], 3)
+    ids = torch.tensor([list(b"The import statement")])
+    expect = gpt.generate(ids, devices=3, cr=2, max_new_tokens=5)[0, ids.shape[1]:].tolist()
+    assert r["output"]["token_ids"] == expect
+
+
+def test_run_json_voltage_forward(capsys):
+    code, out, err = prism(capsys, "run", "--model", "gpt2-tiny", "--text", "for x in", "--mode", "voltage",
+                           "--max-new-tokens", "0", "--json", "-q", "--devices", "2")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["stats"]["mode"] == "voltage" and r["reference"]["top1_agreement"] == 1.0
+
+
+def test_run_json_image_file(capsys, tmp_path, vit, held_out):
+    images, labels = held_out
+    # a held-out digit as an ordinary image file: dark ink on white, 10x larger, with a margin
+    big = np.kron(images[0].astype(np.float32) / 16, np.ones((10, 10)))
+    page = np.ones((100, 100))
+    page[10:90, 10:90] = 1 - big
+    path = tmp_path / "digit.png"
+    write_png(path, np.repeat((page * 255).astype(np.uint8)[..., None], 3, axis=2))
+    code, out, err = prism(capsys, "run", "--model", "vit-tiny-digits", "--image", str(path), "--json", "-q")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["input"]["images"] == [str(path)] and r["input"]["positions"] == 65
+    (o,) = r["outputs"]
+    assert 0 <= o["class_id"] <= 9 and 0 < o["probability"] <= 1
+    assert r["reference"][0]["class_id"] in range(10)
+    _check_stats(r["stats"], 4)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["run", "--model", "no-such-model", "--text", "hi"], "no-such-model"),
+    (["run", "--model", "gpt2-tiny", "--text", "hi", "--cr", "0"], "--cr"),
+    (["run", "--model", "gpt2-tiny", "--text", "hi", "--devices", "0"], "--devices"),
+    (["run", "--model", "gpt2-tiny", "--text", "hi", "--devices", "5"], "devices"),
+    (["run", "--model", "vit-tiny-digits", "--image", "/no/such/file.png"], "/no/such/file.png"),
+    (["run", "--model", "gpt2-tiny", "--text", "x" * 200], "positions"),
+    (["run", "--model", "gpt2-tiny", "--text", "x" * 100, "--max-new-tokens", "40"], "positions"),
+    (["run", "--model", "gpt2-tiny", "--image", "a.png"], "a.png"),
+    (["run", "--model", "vit-tiny-digits", "--text", "hi"], "--image"),
+    (["run", "--model", "gpt2-tiny", "--text", "hi", "--mode", "voltage"], "mode"),
+    (["run", "--model", "gpt2-tiny", "--text", "hi", "--device-weights", "1,1"], "--device-weights"),
+    (["run", "--model", "gpt2-tiny"], "--text"),
+    (["demo", "--cr", "0"], "--cr"),
+    (["zoo", "train", "bert-huge"], "bert-huge"),
+])
+def test_bad_arguments_one_line(capsys, argv, needle):
+    code, out, err = prism(capsys, *argv)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err
+    assert err.startswith("prism ")
+
+
+def test_zoo_list(capsys):
+    code, out, _ = prism(capsys, "zoo", "list")
+    assert code == 0 and all(name in out for name in zoo.NAMES)
+
+
+def test_bundled_checkpoints_are_hugging_face_checkpoints(gpt, vit, held_out):
+    """transformers reads the folders as GPT2LMHeadModel / ViTForImageClassification and agrees with prism_ext."""
+    transformers = pytest.importorskip("transformers", reason="the `test` extra installs transformers")
+    from prism_ext.jobs import _processor
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(zoo.model_dir("gpt2-tiny")).eval()
+    ids = torch.tensor([list(b"The with statement")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, gpt(ids).logits, rtol=1e-4, atol=1e-4)
+    hf_vit = transformers.ViTForImageClassification.from_pretrained(zoo.model_dir("vit-tiny-digits")).eval()
+    px = _processor(vit).digits_to_pixels(held_out[0][:8])
+    with torch.no_grad():
+        torch.testing.assert_close(hf_vit(pixel_values=px).logits, vit(px).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_byte_tokenizer_matches_the_tokenizers_package():
+    tokenizers = pytest.importorskip("tokenizers", reason="the `test` extra installs tokenizers (via transformers)")
+    path = zoo.model_dir("gpt2-tiny") / "tokenizer.json"
+    ours = load_tokenizer(path.parent)
+    theirs = tokenizers.Tokenizer.from_file(str(path))
+    text = "Ünïcode — and  two spaces\n\ttab, `code` ’quotes’"
+    assert theirs.encode(text).ids == ours.encode(text) == list(text.encode("utf-8"))
+    assert theirs.decode(ours.encode(text)) == ours.decode(ours.encode(text)) == text
