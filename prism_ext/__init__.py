@@ -7,18 +7,8 @@ __version__ = "0.1.0"
 import torch as _torch
 
 from . import kernels
-from .api import PrismModel, PrismOutput
-from .api import load as _load_path
+from .api import PrismModel, PrismOutput, load
 from .kernels import get_num_threads, set_num_threads
-
-
-def load(path_or_name) -> PrismModel:
-    """Load a checkpoint: a bundled model's name (``gpt2-tiny``,
-    ``vit-tiny-digits``; see ``prism zoo list``), a Hugging Face checkpoint
-    directory, or a hub name already in the local cache. Never downloads."""
-    from .zoo import resolve
-
-    return _load_path(resolve(path_or_name))
 
 
 # Kernel threads follow torch's setting unless the user sets them.

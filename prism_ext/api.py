@@ -3,6 +3,7 @@ devices in this process (an in-process transport per call)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -71,18 +72,19 @@ class PrismModel:
         self.config = net.config
         self.model_type = net.model_type
         self.directory = directory
-        self.tokenizer = None
         self.image_processor_config = None
-        if directory is not None:
-            if (directory / "tokenizer.json").is_file():
-                try:
-                    from tokenizers import Tokenizer
-                except ImportError:
-                    pass  # optional: the model works on ids without it
-                else:
-                    self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-            if (directory / "preprocessor_config.json").is_file():
-                self.image_processor_config = json.loads((directory / "preprocessor_config.json").read_text())
+        if directory is not None and (directory / "preprocessor_config.json").is_file():
+            self.image_processor_config = json.loads((directory / "preprocessor_config.json").read_text())
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The checkpoint's tokenizer (``encode``/``decode``), read on first use
+        by :func:`prism_ext.tokenizer.load_tokenizer`; the model itself runs on ids."""
+        from .tokenizer import load_tokenizer
+
+        if self.directory is None:
+            raise ValueError("tokenizer: this model has no checkpoint directory to read tokenizer.json from")
+        return load_tokenizer(self.directory)
 
     def __repr__(self):
         return f"PrismModel({self.model_type}, head={self.net.head}, layers={len(self.net.blocks)}, d={self.net.d})"
@@ -214,8 +216,10 @@ class PrismModel:
 
 
 def load(path_or_name) -> PrismModel:
-    """Load a Hugging Face checkpoint (gpt2, bert, vit) from a local directory
-    (config.json + safetensors or pytorch_model.bin; tokenizer when present).
-    Never downloads: a hub name must already be in the local HF cache."""
+    """Load a checkpoint: a bundled model's name (``gpt2-tiny``,
+    ``vit-tiny-digits``; see ``prism zoo list``) or a Hugging Face checkpoint
+    (gpt2, bert, vit) in a local directory (config.json + safetensors or
+    pytorch_model.bin; tokenizer when present). Never downloads: a hub name
+    must already be in the local HF cache."""
     net, directory = load_network(path_or_name)
     return PrismModel(net, directory)

@@ -97,13 +97,9 @@ def _vs_voltage(stats: RunStats, voltage: RunStats) -> dict:
 # ---------------------------------------------------------------------- text
 
 def _encode(model: PrismModel, text: str, room: int) -> tuple[list[int], object]:
-    from .tokenizer import load_tokenizer
-
     if not isinstance(text, str) or not text:
         raise ValueError("text: must be a non-empty string")
-    if model.directory is None:
-        raise ValueError("text: this model has no checkpoint directory to read a tokenizer from")
-    tok = load_tokenizer(model.directory)
+    tok = model.tokenizer
     ids = tok.encode(text) if model.model_type == "gpt2" else tok.encode(text, special=True)
     limit = int(model.net.config.get("n_positions") or model.net.config.get("max_position_embeddings") or 0)
     if limit and len(ids) + room > limit:

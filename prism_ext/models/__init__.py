@@ -33,13 +33,18 @@ def _hub_cache_dirs() -> list[Path]:
 
 
 def resolve(path_or_name) -> Path:
-    """A local checkpoint directory: the path itself, or a hub name already in
-    the local Hugging Face cache. Anything else is an error saying how to get it."""
+    """A local checkpoint directory: the path itself, a bundled model's name
+    (prism_ext.zoo), or a hub name already in the local Hugging Face cache.
+    Anything else is an error saying how to get it."""
+    from .. import zoo  # the bundled names: a lookup table, no model code
+
     if not isinstance(path_or_name, (str, os.PathLike)):
         raise TypeError(f"path: expected a str or os.PathLike, got {type(path_or_name).__name__}")
     path = Path(path_or_name).expanduser()
     if path.is_dir():
         return path
+    if not path.exists() and str(path_or_name) in zoo.NAMES:
+        return zoo.model_dir(str(path_or_name))
     if path.exists():
         raise ValueError(f"path: {str(path)!r} is a file; expected a checkpoint directory holding config.json")
     name = str(path_or_name)

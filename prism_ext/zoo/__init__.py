@@ -3,16 +3,15 @@ machine has (``prism zoo train NAME``) and shipped as package data, so the
 package does something real with no network and no checkpoint of the user's.
 
 ``prism_ext.load("gpt2-tiny")`` reads ``prism_ext/zoo/gpt2-tiny/`` like any
-Hugging Face checkpoint directory; :func:`resolve` is that name lookup.
+Hugging Face checkpoint directory (the loader looks names up in ``NAMES``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-__all__ = ["NAMES", "model_dir", "resolve", "metrics"]
+__all__ = ["NAMES", "model_dir", "metrics"]
 
 _HERE = Path(__file__).resolve().parent
 
@@ -32,15 +31,6 @@ def model_dir(name: str) -> Path:
         raise FileNotFoundError(f"model: the bundled {name} is missing from {path}; "
                                 f"rebuild it with `prism zoo train {name}`")
     return path
-
-
-def resolve(path_or_name):
-    """An existing path is taken as given; otherwise a bundled name becomes
-    its folder; anything else is returned unchanged for the loader to judge."""
-    if isinstance(path_or_name, (str, os.PathLike)) and not Path(path_or_name).expanduser().exists():
-        if str(path_or_name) in NAMES:
-            return model_dir(str(path_or_name))
-    return path_or_name
 
 
 def metrics(name: str) -> dict:
