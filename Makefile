@@ -11,3 +11,4 @@ clean:
 	rm -rf build .venv
 
 include mk/wheel.mk
+include mk/demo.mk
