@@ -81,7 +81,8 @@ pip_q() {
 }
 
 make_venv() {
-  if [[ -x $VENV/bin/python ]] && "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
+  # A venv interrupted while being made has python but no pip: make it anew.
+  if [[ -x $VENV/bin/pip ]] && "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
     echo "reusing $VENV ($("$VENV/bin/python" --version))"
   else
     rm -rf "$VENV"
