@@ -18,7 +18,7 @@ import zipfile
 from pathlib import PurePosixPath
 
 # Data files the package may ship (bundled configs, tokenizer files, weights).
-DATA_SUFFIXES = {".json", ".safetensors", ".txt", ".model"}
+DATA_SUFFIXES = {".json", ".safetensors", ".txt", ".model", ".npz"}  # .npz: bundled held-out digits
 # Directory names that mark tests, benches or build trees anywhere in a path.
 FORBIDDEN_DIRS = {"tests", "test", "bench", "benches", "build", "CMakeFiles", "__pycache__", ".pytest_cache", ".hypothesis"}
 FORBIDDEN_SUFFIXES = {".pyc", ".o", ".a", ".obj", ".cpp", ".cc", ".h", ".inc", ".cmake", ".ninja", ".log"}
