@@ -11,11 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .comm.local import LocalGroup
-from .comm.wire import check_wire_dtype
-from .engine import DeviceResult, LayerStats, RunConfig, RunStats, decode_step, run_device
+from .engine import GenerateOptions, RunStats
 from .models import Network, load_network
-from .partition import partition
+from .program import plan, run_stats, simulate
 
 __all__ = ["load", "PrismModel", "PrismOutput"]
 
@@ -52,16 +50,6 @@ class PrismOutput(Mapping):
     def __repr__(self):
         shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self._fields.items())
         return f"PrismOutput({shapes})"
-
-
-def _check_devices(devices, n: int) -> int:
-    if isinstance(devices, bool) or not isinstance(devices, int):
-        raise TypeError(f"devices: expected an int, got {type(devices).__name__}")
-    if devices < 1:
-        raise ValueError(f"devices: must be >= 1, got {devices}")
-    if devices > n:
-        raise ValueError(f"devices: {devices} devices need at least {devices} positions, the input has {n}")
-    return devices
 
 
 class PrismModel:
@@ -116,48 +104,36 @@ class PrismModel:
             raise ValueError(f"inputs: {self.net.input_names[0]} is required")
         return given
 
-    def _run(self, inputs: dict, devices, cr, mode, device_weights, knobs, *, decode_room=0):
-        batch, n = self.net.check_inputs(inputs)
-        devices = _check_devices(devices, n)
-        check_wire_dtype(knobs["wire_dtype"])
-        cfg = RunConfig.make(len(self.net.blocks), mode=mode, cr=cr, **knobs)
-        part = partition(n, devices, device_weights)
-        last = devices - 1
-
-        def device(rank):
-            return lambda transport: run_device(self.net, inputs, part, rank, transport, cfg,
-                                                decode_room=decode_room if rank == last else 0,
-                                                last_only=bool(decode_room))
-
-        results: list[DeviceResult] = LocalGroup(devices).run([device(r) for r in range(devices)])
-        stats = RunStats(cfg.mode, cfg.crs, cfg.wire_dtype, part, [r.stats for r in results])
-        return results, stats
-
     @torch.no_grad()
     def __call__(self, inputs=None, *, devices: int = 1, cr=1, mode: str = "prism", device_weights=None,
                  wire_dtype: str = "fp32", compression_point: str = "attn_input", mean_weighting: str = "count",
-                 **model_inputs) -> PrismOutput:
-        """Run the model over ``devices`` simulated devices.
+                 outputs=("rows", "cls"), **model_inputs) -> PrismOutput:
+        """Run the model over ``devices`` simulated devices (threads of this
+        process; :func:`prism_ext.cluster` runs them as processes).
 
         ``inputs``: what the HF model takes (``input_ids`` [+ ``attention_mask``,
         ``token_type_ids``] or ``pixel_values``), as a mapping, a tensor (the
         first of those) or keywords. ``cr``: compression rate, an int or one per
-        layer. ``mode``: ``prism`` or ``voltage`` (ignores cr). Knobs:
-        ``wire_dtype`` (fp32/fp16/bf16/int8), ``compression_point``
-        (attn_input/hidden), ``mean_weighting`` (count/none), ``device_weights``.
+        layer. ``mode``: ``prism``, ``voltage`` (ignores cr), ``tp`` (tensor
+        parallel) or ``single``. Knobs: ``wire_dtype`` (fp32/fp16/bf16/int8),
+        ``compression_point`` (attn_input/hidden), ``mean_weighting``
+        (count/none), ``device_weights``. ``outputs``: what comes back to rank 0
+        (see :func:`prism_ext.engine.run_request`): every row (``rows``, the
+        default with ``cls``), the [CLS] heads (``cls``), the mean over valid
+        positions (``pooled`` -> ``mean_pooled``), or the last position (``last``).
         """
         inputs = self._inputs(inputs, model_inputs)
-        knobs = dict(wire_dtype=wire_dtype, compression_point=compression_point, mean_weighting=mean_weighting)
-        results, stats = self._run(inputs, devices, cr, mode, device_weights, knobs)
-        fields = {name: torch.cat([r.rows[name] for r in results], dim=1) for name in results[0].rows}
-        fields.update(results[0].cls)
-        return PrismOutput(fields, stats)
+        request = plan(self.net, inputs, devices=devices, mode=mode, cr=cr, device_weights=device_weights,
+                       wire_dtype=wire_dtype, compression_point=compression_point, mean_weighting=mean_weighting,
+                       outputs=outputs)
+        collected = simulate(self.net, inputs, request)
+        return PrismOutput(collected.fields, run_stats(request, collected))
 
     @torch.no_grad()
     def generate(self, input_ids, *, devices: int = 1, cr=1, max_new_tokens: int = 20, temperature: float = 0.0,
                  top_k: int | None = None, seed: int | None = None, eos_token_id: int | None = None,
                  device_weights=None, wire_dtype: str = "fp32", compression_point: str = "attn_input",
-                 mean_weighting: str = "count", return_stats: bool = False):
+                 mean_weighting: str = "count", mode: str = "prism", return_stats: bool = False):
         """GPT-2 generation: distributed prefill over ``devices``, then decoding
         on the last device from its kept K/V (own rows and earlier partitions'
         means), with no communication per generated token.
@@ -166,53 +142,32 @@ class PrismModel:
         restricted to the ``top_k`` most likely tokens if given, with a
         ``torch.Generator`` seeded by ``seed``. Sequences that emit
         ``eos_token_id`` continue with it (like HF padding with eos). Returns
-        the ids [B, N + max_new_tokens], and with ``return_stats`` also
-        ``(prefill RunStats, per-token lists of per-layer stats)``.
+        the ids [B, N + new tokens], and with ``return_stats`` also
+        ``(prefill RunStats, DecodeStats)`` (per generated token after the first).
         """
+        inputs, request = self._generate_request(input_ids, devices, cr, max_new_tokens, temperature, top_k, seed,
+                                                 eos_token_id, device_weights, wire_dtype, compression_point,
+                                                 mean_weighting, mode)
+        collected = simulate(self.net, inputs, request)
+        ids = torch.cat([inputs["input_ids"].long(), collected.tokens], dim=1)
+        return (ids, run_stats(request, collected), collected.decode) if return_stats else ids
+
+    def _generate_request(self, input_ids, devices, cr, max_new_tokens, temperature, top_k, seed, eos_token_id,
+                          device_weights, wire_dtype, compression_point, mean_weighting, mode):
+        """Checks of a generation request (shared with the live cluster)."""
         if self.net.head != "lm":
             raise ValueError(f"generate: needs a language model head; this is {self.model_type} ({self.net.head})")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
-            raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
+        options = GenerateOptions(max_new_tokens, temperature, top_k, seed, eos_token_id)
         inputs = self._inputs(input_ids, {})
         if "attention_mask" in inputs:
             raise ValueError("input_ids: generate takes unpadded input_ids only")
         batch, n = self.net.check_inputs(inputs)
         if n + max_new_tokens > self.net.n_positions:
             raise ValueError(f"max_new_tokens: {n} + {max_new_tokens} positions exceed n_positions={self.net.n_positions}")
-        knobs = dict(wire_dtype=wire_dtype, compression_point=compression_point, mean_weighting=mean_weighting)
-        results, stats = self._run(inputs, devices, cr, "prism", device_weights, knobs, decode_room=max_new_tokens - 1)
-        last = results[-1]
-        gen = None if seed is None else torch.Generator().manual_seed(seed)
-        ids = inputs["input_ids"]
-        done = torch.zeros(batch, dtype=torch.bool)
-        logits = last.rows["logits"][:, -1]
-        decode_stats: list[list[LayerStats]] = []
-        for step in range(max_new_tokens):
-            token = self._pick(logits, temperature, top_k, gen)
-            if eos_token_id is not None:
-                token = torch.where(done, torch.full_like(token, eos_token_id), token)
-                done |= token == eos_token_id
-            ids = torch.cat([ids, token[:, None]], dim=1)
-            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
-                break
-            rows, layer_stats = decode_step(self.net, last.state, ids, n + step)
-            decode_stats.append(layer_stats)
-            logits = rows["logits"][:, -1]
-        return (ids, stats, decode_stats) if return_stats else ids
-
-    @staticmethod
-    def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen) -> torch.Tensor:
-        if temperature == 0:
-            return logits.argmax(dim=-1)
-        logits = logits / temperature
-        if top_k is not None and top_k < logits.shape[-1]:
-            kth = logits.topk(top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)[:, 0]
+        request = plan(self.net, inputs, devices=devices, mode=mode, cr=cr, device_weights=device_weights,
+                       wire_dtype=wire_dtype, compression_point=compression_point, mean_weighting=mean_weighting,
+                       generate=options)
+        return inputs, request
 
 
 def load(path_or_name) -> PrismModel:

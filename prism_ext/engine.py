@@ -12,6 +12,7 @@ Modes:
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -23,13 +24,14 @@ from .attention import prism_attention
 from .models.common import Network
 from .partition import Partition, cr_schedule, segment_ends
 
-__all__ = ["RunConfig", "LayerStats", "DeviceStats", "RunStats", "DeviceResult", "run_device", "DecodeState",
-           "decode_step"]
+__all__ = ["RunConfig", "LayerStats", "DeviceStats", "RunStats", "DeviceResult", "DecodeState", "DecodeStats",
+           "Collected", "GenerateOptions", "OUTPUTS", "run_device", "run_request", "generate_request", "decode_step"]
 
 MODES = ("prism", "voltage")
 POINTS = ("attn_input", "hidden")
 WEIGHTINGS = ("count", "none")
 PHASES = ("compress", "exchange", "project", "attention", "mlp")
+OUTPUTS = ("rows", "cls", "pooled", "last")
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ class DeviceStats:
     layers: list[LayerStats]
     time_embed: float = 0.0
     time_head: float = 0.0
+    input_bytes: int = 0  # the request as it reached this device (its own inputs only)
+    result_bytes: int = 0  # what it sent back to rank 0 after the last layer (step 8)
+    peak_rss: int = 0  # peak resident memory of the process running it, bytes
 
     @property
     def bytes_sent(self) -> int:
@@ -94,6 +99,46 @@ class DeviceStats:
         """Own compute and (de)serialisation time, no waiting on peers."""
         return self.time_embed + self.time_head + sum(sum(s.time.values()) for s in self.layers)
 
+    def to_dict(self) -> dict:
+        """JSON-ready (travels to rank 0 in a result's header)."""
+        return {"rank": self.rank, "start": self.start, "stop": self.stop, "time_embed": self.time_embed,
+                "time_head": self.time_head, "input_bytes": self.input_bytes, "result_bytes": self.result_bytes,
+                "peak_rss": self.peak_rss,
+                "layers": [{"bytes_sent": s.bytes_sent, "activation_bytes": s.activation_bytes,
+                            "rows_sent": s.rows_sent, "rows_received": s.rows_received, "flops_proj": s.flops_proj,
+                            "flops_attention": s.flops_attention, "flops_mlp": s.flops_mlp, "time": dict(s.time)}
+                           for s in self.layers]}
+
+    @classmethod
+    def from_dict(cls, d, layers: int, where: str = "stats") -> "DeviceStats":
+        """Inverse of :meth:`to_dict` for a header from another device: every
+        field checked (type, range), so a garbled one is an error, not a number."""
+        def count(v, name):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{where}: {name} must be an int >= 0, got {v!r}")
+            return v
+
+        def secs(v, name):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < 1e9):
+                raise ValueError(f"{where}: {name} must be a number of seconds, got {v!r}")
+            return float(v)
+
+        if not isinstance(d, dict) or not isinstance(d.get("layers"), list) or len(d["layers"]) != layers:
+            raise ValueError(f"{where}: expected a dict with {layers} layers")
+        out = cls(count(d.get("rank"), "rank"), count(d.get("start"), "start"), count(d.get("stop"), "stop"), [],
+                  secs(d.get("time_embed"), "time_embed"), secs(d.get("time_head"), "time_head"),
+                  count(d.get("input_bytes"), "input_bytes"), count(d.get("result_bytes"), "result_bytes"),
+                  count(d.get("peak_rss"), "peak_rss"))
+        for i, layer in enumerate(d["layers"]):
+            if not isinstance(layer, dict) or not isinstance(layer.get("time"), dict) or set(layer["time"]) != set(PHASES):
+                raise ValueError(f"{where}: layer {i} is malformed")
+            st = LayerStats(*(count(layer.get(k), f"layers[{i}].{k}") for k in
+                              ("bytes_sent", "activation_bytes", "rows_sent", "rows_received", "flops_proj",
+                               "flops_attention", "flops_mlp")))
+            st.time = {k: secs(v, f"layers[{i}].time.{k}") for k, v in layer["time"].items()}
+            out.layers.append(st)
+        return out
+
 
 @dataclass
 class RunStats:
@@ -111,11 +156,20 @@ class RunStats:
     def activation_bytes(self) -> int:
         return sum(d.activation_bytes for d in self.devices)
 
+    @property
+    def input_bytes(self) -> int:
+        return sum(d.input_bytes for d in self.devices)
+
+    @property
+    def result_bytes(self) -> int:
+        return sum(d.result_bytes for d in self.devices)
+
     def summary(self) -> str:
         lines = [f"mode={self.mode} cr={list(self.crs)} wire={self.wire_dtype} partition={self.partition.sizes()}"]
         for d in self.devices:
             lines.append(f"  device {d.rank} [{d.start}, {d.stop}): sent {d.bytes_sent} B "
-                         f"({d.activation_bytes} B activations), {d.flops / 1e6:.2f} MFLOP, {d.seconds * 1e3:.2f} ms")
+                         f"({d.activation_bytes} B activations) + {d.result_bytes} B results, "
+                         f"{d.flops / 1e6:.2f} MFLOP, {d.seconds * 1e3:.2f} ms")
         return "\n".join(lines)
 
 
@@ -143,10 +197,80 @@ class DecodeState:
 
 @dataclass
 class DeviceResult:
-    rows: dict[str, torch.Tensor]
-    cls: dict[str, torch.Tensor]
+    hidden: torch.Tensor  # [B, n, d] own rows after the last block
     stats: DeviceStats
     state: DecodeState | None = None
+
+
+@dataclass
+class DecodeStats:
+    """Per generated token (after the first, which the prefill gives) on the
+    last device: bytes it exchanged (0 by construction), FLOPs and seconds."""
+
+    bytes_sent: list[int] = field(default_factory=list)
+    flops: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"bytes_sent": self.bytes_sent, "flops": self.flops, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, d, where: str = "decode stats") -> "DecodeStats":
+        if not isinstance(d, dict) or set(d) != {"bytes_sent", "flops", "seconds"}:
+            raise ValueError(f"{where}: expected bytes_sent, flops and seconds")
+        lists = [d[k] for k in ("bytes_sent", "flops", "seconds")]
+        if not all(isinstance(v, list) for v in lists) or len({len(v) for v in lists}) != 1:
+            raise ValueError(f"{where}: expected three lists of one length")
+        ints = lists[0] + lists[1]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
+            raise ValueError(f"{where}: bytes and FLOPs must be ints >= 0")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e9 for v in lists[2]):
+            raise ValueError(f"{where}: seconds must be numbers >= 0")
+        return cls(list(lists[0]), list(lists[1]), [float(v) for v in lists[2]])
+
+
+@dataclass
+class Collected:
+    """What rank 0 holds after a request: the output fields, every device's
+    stats (gathered with the results), and for generation the new tokens."""
+
+    fields: dict[str, torch.Tensor]
+    devices: list[DeviceStats]
+    tokens: torch.Tensor | None = None
+    decode: DecodeStats | None = None
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    max_new_tokens: int = 20
+    temperature: float = 0.0
+    top_k: int | None = None
+    seed: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        def whole(v, name, low, none_ok=False):
+            if v is None and none_ok:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < low or v > 2**62:
+                raise ValueError(f"{name}: expected an int >= {low}{' or None' if none_ok else ''}, got {v!r}")
+
+        whole(self.max_new_tokens, "max_new_tokens", 1)
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature: expected a finite number >= 0, got {t!r}")
+        whole(self.top_k, "top_k", 1, none_ok=True)
+        whole(self.seed, "seed", 0, none_ok=True)
+        whole(self.eos_token_id, "eos_token_id", 0, none_ok=True)
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process, bytes (ru_maxrss is KiB on Linux)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _tick(stats: LayerStats, phase: str, t0: float) -> float:
@@ -185,21 +309,20 @@ def _exchange(blk, cfg: RunConfig, st: LayerStats, transport, rank: int, x, a, c
     return rows, r_counts, r_ends
 
 
-def run_device(net: Network, inputs: dict, part: Partition, rank: int, transport, cfg: RunConfig,
-               *, decode_room: int = 0, last_only: bool = False) -> DeviceResult:
-    """Run every layer for device ``rank`` (own rows ``part.ranges[rank]``).
+def run_device(net: Network, local: dict, part: Partition, rank: int, transport, cfg: RunConfig,
+               *, decode_room: int = 0) -> DeviceResult:
+    """Run every layer for device ``rank`` (own rows ``part.ranges[rank]``,
+    ``local`` = ``net.local_inputs(inputs, *part.ranges[rank])``).
 
     ``decode_room`` > 0 keeps a :class:`DecodeState` with space for that many
-    new tokens (generation, last device). ``last_only`` returns row outputs for
-    the last own position only."""
+    new tokens (generation, last device)."""
     start, stop = part.ranges[rank]
     n = stop - start
     d = net.d
     t0 = time.perf_counter()
-    x = net.embed(inputs, start, stop)
+    x = net.embed(local, start, stop)
     B = x.shape[0]
-    valid = net.valid(inputs)
-    own_valid = None if valid is None else valid[:, start:stop]
+    own_valid = net.valid(local)
     own_counts = torch.ones(B, n) if own_valid is None else own_valid.to(torch.float32)
     pos = torch.arange(start, stop, dtype=torch.int32)
     stats = DeviceStats(rank, start, stop, [LayerStats() for _ in net.blocks])
@@ -240,22 +363,151 @@ def run_device(net: Network, inputs: dict, part: Partition, rank: int, transport
         st.flops_proj, st.flops_attention, st.flops_mlp = f.proj, f.attention, f.mlp
         if state is not None:
             state.keep(kv, counts, k_pos, decode_room)
+    return DeviceResult(x, stats, state)
 
+
+def _finish(transport, rank: int, stats: DeviceStats, send: dict, meta: dict) -> list | None:
+    """Step 8: send what rank 0 needs (and this device's stats) to rank 0.
+    Returns, on rank 0, every rank's (meta, tensors); elsewhere None."""
+    stats.peak_rss = peak_rss()
+    got = transport.gather(send, {**meta, "stats": stats.to_dict()}, dst=0)
+    if got.items is None:
+        return None
+    # The stats travelled inside the result, so its size is known on arrival.
+    for q, (m, _) in enumerate(got.items):
+        m["stats"] = DeviceStats.from_dict(m.get("stats"), len(stats.layers), f"rank {q}: stats")
+        m["stats"].result_bytes = got.received[q]
+    return got.items
+
+
+def _device_stats(items: list) -> list[DeviceStats]:
+    return [meta["stats"] for meta, _ in items]
+
+
+def run_request(net: Network, local: dict, part: Partition, rank: int, transport, cfg: RunConfig,
+                outputs: tuple[str, ...] = ("rows", "cls")) -> Collected | None:
+    """One forward pass on device ``rank``, then only what ``outputs`` asks
+    for goes to rank 0 (DESIGN.md step 8), counted in ``result_bytes``:
+
+    rows    every row output of every position (``last_hidden_state``, ``logits``)
+    cls     the per-sequence heads ([CLS]: pooler, classifier), computed on rank 0
+    pooled  ``mean_pooled``: the mean of ``last_hidden_state`` over valid positions
+            (each device sends its sum and count, not its rows)
+    last    the row outputs of the last position (next-token logits), from the last device
+
+    Returns a :class:`Collected` on rank 0, None elsewhere."""
+    res = run_device(net, local, part, rank, transport, cfg)
     t = time.perf_counter()
-    rows_out = net.row_outputs(x[:, -1:] if last_only else x)
-    cls = net.cls_outputs(rows_out) if rank == 0 and not last_only else {}
-    stats.time_head = time.perf_counter() - t
-    return DeviceResult(rows_out, cls, stats, state)
+    x, last = res.hidden, rank == part.devices - 1
+    send: dict[str, torch.Tensor] = {}
+    rows = None
+    if "rows" in outputs or "pooled" in outputs or (rank == 0 and "cls" in outputs):
+        rows = net.row_outputs(x)
+    if "rows" in outputs:
+        send.update({f"rows.{k}": v for k, v in rows.items()})
+    if "pooled" in outputs:
+        valid = net.valid(local)
+        h = rows["last_hidden_state"]
+        w = torch.ones(h.shape[:2]) if valid is None else valid.to(torch.float32)
+        send["pooled.sum"] = torch.einsum("bn,bnd->bd", w, h)
+        send["pooled.count"] = w.sum(1).round().to(torch.int32)
+    if "last" in outputs and last:
+        tail = net.row_outputs(x[:, -1:]) if rows is None else {k: v[:, -1:] for k, v in rows.items()}
+        send.update({f"last.{k}": v for k, v in tail.items()})
+    cls = net.cls_outputs(rows) if rank == 0 and "cls" in outputs else {}
+    res.stats.time_head = time.perf_counter() - t
+    items = _finish(transport, rank, res.stats, send, {})
+    if items is None:
+        return None
+    tensors = [tensors for _, tensors in items]
+    fields: dict[str, torch.Tensor] = {}
+    if "rows" in outputs:
+        for name in (k for k in tensors[0] if k.startswith("rows.")):
+            fields[name[5:]] = torch.cat([t[name] for t in tensors], dim=1)
+    if "last" in outputs:
+        fields.update({k[5:]: v for k, v in tensors[-1].items() if k.startswith("last.")})
+    if "pooled" in outputs:
+        total = sum(t["pooled.sum"] for t in tensors)
+        count = sum(t["pooled.count"] for t in tensors).to(torch.float32)
+        fields["mean_pooled"] = total / count.clamp(min=1)[:, None]
+    fields.update(cls)
+    return Collected(fields, _device_stats(items))
 
 
-def decode_step(net: Network, state: DecodeState, ids: torch.Tensor, position: int) -> tuple[dict, list[LayerStats]]:
-    """Process the token ``ids[:, position]`` on the last device with no
+def generate_request(net: Network, local: dict, part: Partition, rank: int, transport, cfg: RunConfig,
+                     options: GenerateOptions) -> Collected | None:
+    """GPT-2 generation: the prefill on every device, then the last device
+    decodes alone from its kept K/V (own rows and earlier partitions' means:
+    no communication per token) and sends the new tokens to rank 0.
+
+    ``temperature`` 0 is greedy; > 0 samples from softmax(logits / T),
+    restricted to the ``top_k`` most likely tokens if given, with a
+    ``torch.Generator`` seeded by ``seed``. Sequences that emit
+    ``eos_token_id`` continue with it (like HF padding with eos)."""
+    last = rank == part.devices - 1
+    res = run_device(net, local, part, rank, transport, cfg, decode_room=options.max_new_tokens - 1 if last else 0)
+    send: dict[str, torch.Tensor] = {}
+    meta: dict = {}
+    if last:
+        t = time.perf_counter()
+        logits = net.row_outputs(res.hidden[:, -1:])["logits"][:, -1]
+        res.stats.time_head = time.perf_counter() - t
+        ids, decode = _decode(net, res.state, part.length, logits, options)
+        send["tokens"] = ids
+        meta["decode"] = decode.to_dict()
+    items = _finish(transport, rank, res.stats, send, meta)
+    if items is None:
+        return None
+    meta, tensors = items[-1]
+    tokens = tensors.get("tokens")
+    if tokens is None or tokens.dim() != 2 or tokens.shape[1] > options.max_new_tokens:
+        raise ValueError(f"rank {part.devices - 1}: sent no valid tokens")
+    return Collected({}, _device_stats(items), tokens.long(),
+                     DecodeStats.from_dict(meta.get("decode"), f"rank {part.devices - 1}: decode stats"))
+
+
+def _decode(net: Network, state: DecodeState, n: int, logits: torch.Tensor, options: GenerateOptions) -> tuple[torch.Tensor, DecodeStats]:
+    """The decoding loop of the last device: returns the new tokens [B, T]."""
+    gen = None if options.seed is None else torch.Generator().manual_seed(options.seed)
+    eos = options.eos_token_id
+    done = torch.zeros(logits.shape[0], dtype=torch.bool)
+    new: list[torch.Tensor] = []
+    stats = DecodeStats()
+    for step in range(options.max_new_tokens):
+        token = _pick(logits, options.temperature, options.top_k, gen)
+        if eos is not None:
+            token = torch.where(done, torch.full_like(token, eos), token)
+            done |= token == eos
+        new.append(token)
+        if step == options.max_new_tokens - 1 or (eos is not None and bool(done.all())):
+            break
+        t = time.perf_counter()
+        rows, layer_stats = decode_step(net, state, token[:, None], n + step)
+        stats.seconds.append(time.perf_counter() - t)
+        stats.bytes_sent.append(sum(s.bytes_sent for s in layer_stats))
+        stats.flops.append(sum(s.flops for s in layer_stats))
+        logits = rows["logits"][:, -1]
+    return torch.stack(new, dim=1), stats
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)[:, 0]
+
+
+def decode_step(net: Network, state: DecodeState, token: torch.Tensor, position: int) -> tuple[dict, list[LayerStats]]:
+    """Process ``token`` [B, 1] at ``position`` on the last device with no
     exchange: attend over the kept K/V, append its own K/V. Returns its row
     outputs (``logits`` [B, 1, vocab]) and per-layer stats (0 bytes)."""
     d = net.d
     pos = torch.tensor([position], dtype=torch.int32)
     layers = []
-    x = net.embed({"input_ids": ids}, position, position + 1)
+    x = net.embed({"input_ids": token}, position, position + 1)
     B = x.shape[0]
     for layer, blk in enumerate(net.blocks):
         st = LayerStats()

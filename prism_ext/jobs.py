@@ -138,8 +138,8 @@ def run_text(model: PrismModel, text: str, *, devices: int = 4, cr=4, mode: str 
                                             **knobs)
         new = out[0, len(ids):].tolist()
         result["output"] = {"text": tok.decode(new), "token_ids": new}
-        result["decode"] = {"tokens": len(decode), "bytes_sent": sum(s.bytes_sent for step in decode for s in step),
-                            "flops": sum(s.flops for step in decode for s in step)}
+        result["decode"] = {"tokens": len(decode.flops), "bytes_sent": sum(decode.bytes_sent),
+                            "flops": sum(decode.flops)}
     else:
         say(f"forward pass of {len(ids)} tokens over {devices} devices ({mode}, cr={cr})")
         out = model(x, devices=devices, cr=cr, mode=mode, **knobs)

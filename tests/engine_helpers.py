@@ -67,7 +67,7 @@ def naive_forward(net, inputs: dict, devices: int, cr: int, point: str = "attn_i
     part = partition(n, devices)
     valid = net.valid(inputs)
     valid = torch.ones(batch, n, dtype=torch.bool) if valid is None else valid
-    xs = [net.embed(inputs, s, e) for s, e in part.ranges]
+    xs = [net.embed(net.local_inputs(inputs, s, e), s, e) for s, e in part.ranges]
     d, H = net.d, net.heads
     dh = d // H
     for blk in net.blocks:

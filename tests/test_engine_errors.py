@@ -91,7 +91,7 @@ def test_hub_name_in_local_cache_resolves(gpt2_dir, tmp_path, monkeypatch):
         ({"devices": 0}, ValueError, "devices: must be >= 1"),
         ({"devices": 12}, ValueError, "devices: 12 devices need at least 12 positions, the input has 11"),
         ({"devices": 2.0}, TypeError, "devices: expected an int"),
-        ({"mode": "megatron"}, ValueError, "mode: expected one of prism, voltage"),
+        ({"mode": "megatron"}, ValueError, "mode: expected one of single, prism, voltage, tp"),
         ({"wire_dtype": "fp8"}, ValueError, "wire_dtype"),
         ({"compression_point": "output"}, ValueError, "compression_point"),
         ({"mean_weighting": "sqrt"}, ValueError, "mean_weighting"),

@@ -12,7 +12,7 @@ from engine_helpers import bert_inputs, hf_bert, hf_gpt2, hf_vit, max_err, naive
 
 import prism_ext
 from prism_ext.comm import LocalGroup
-from prism_ext.engine import RunConfig, run_device
+from prism_ext.engine import RunConfig, run_request
 from prism_ext.partition import Partition, partition
 
 TOL = 1e-4
@@ -101,7 +101,7 @@ def test_greedy_generate_equals_hf(models, devices):
         ref = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
     got, stats, decode = m.generate(ids, devices=devices, cr=1, max_new_tokens=12, return_stats=True)
     assert torch.equal(got, ref)
-    assert len(decode) == 11 and all(s.bytes_sent == 0 and s.flops > 0 for step in decode for s in step)
+    assert len(decode.flops) == 11 and all(b == 0 for b in decode.bytes_sent) and all(f > 0 for f in decode.flops)
     assert stats.bytes_sent > 0 or devices == 1
 
 
@@ -119,8 +119,9 @@ def test_decoding_equals_prefill_with_the_token_in_the_last_partition(models, de
     cfg = RunConfig.make(len(m.net.blocks), cr=cr)
     full = {"input_ids": gen}
     results = LocalGroup(devices).run(
-        [lambda tr, r=r: run_device(m.net, full, part, r, tr, cfg) for r in range(devices)])
-    logits = torch.cat([r.rows["logits"] for r in results], dim=1)
+        [lambda tr, r=r: run_request(m.net, m.net.local_inputs(full, *part.ranges[r]), part, r, tr, cfg, ("rows",))
+         for r in range(devices)])
+    logits = results[0].fields["logits"]
     # greedy: every generated token is the argmax after its predecessor
     assert torch.equal(logits[0, 13:-1].argmax(-1), gen[0, 14:])
 

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-from .wire import Gathered, check_wire_dtype, decode, encode
+from .wire import Gathered, GatheredTo, check_wire_dtype, decode, decode_message, encode
 
 __all__ = ["LocalGroup", "LocalTransport", "GroupAborted"]
 
@@ -125,3 +125,16 @@ class LocalTransport:
         items = [decode(b) for b in blobs]
         t3 = time.perf_counter()
         return Gathered(items=items, bytes_sent=len(blob), tensor_bytes=sizes, seconds=(t1 - t0) + (t3 - t2))
+
+    def gather(self, tensors: dict, meta: dict, dst: int = 0) -> GatheredTo:
+        """Send ``tensors`` (fp32) and ``meta`` to rank ``dst``; there, every
+        rank's (meta, tensors) in rank order (its own as given, not encoded)."""
+        t0 = time.perf_counter()
+        blob = b"" if self.rank == dst else encode(tensors, "fp32", meta=meta)[0]
+        t1 = time.perf_counter()
+        blobs = self.group._exchange(self.rank, blob)
+        t2 = time.perf_counter()
+        if self.rank != dst:
+            return GatheredTo(None, len(blob), t1 - t0)
+        items = [(meta, tensors) if q == dst else decode_message(b, sender=q) for q, b in enumerate(blobs)]
+        return GatheredTo(items, 0, (t1 - t0) + (time.perf_counter() - t2), [len(b) for b in blobs])

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["WIRE_DTYPES", "Gathered", "encode", "decode", "check_wire_dtype"]
+__all__ = ["WIRE_DTYPES", "Gathered", "GatheredTo", "encode", "decode", "check_wire_dtype"]
 
 WIRE_DTYPES = ("fp32", "fp16", "bf16", "int8")
 _HEADER = struct.Struct("<I")
@@ -30,6 +30,17 @@ class Gathered:
     bytes_sent: int  # everything this rank serialised (header included)
     tensor_bytes: dict[str, int] = field(default_factory=dict)  # of those, per tensor (scales included)
     seconds: float = 0.0  # encode + decode, not waiting for peers
+
+
+@dataclass
+class GatheredTo:
+    """What a gather to one rank hands back: on that rank every rank's
+    (meta, tensors) in rank order, elsewhere None."""
+
+    items: list[tuple[dict, dict[str, torch.Tensor]]] | None
+    bytes_sent: int  # what this rank serialised (0 on the destination)
+    seconds: float = 0.0  # encode + decode, not waiting for peers
+    received: list[int] | None = None  # on the destination: bytes that came from each rank
 
 
 def check_wire_dtype(wire_dtype) -> str:
@@ -66,7 +77,7 @@ def _decode_float(parts: list[bytes], shape: list[int], wire_dtype: str) -> torc
     return q * scale
 
 
-def encode(tensors: dict[str, torch.Tensor], wire_dtype: str) -> tuple[bytes, dict[str, int]]:
+def encode(tensors: dict[str, torch.Tensor], wire_dtype: str, meta=None) -> tuple[bytes, dict[str, int]]:
     """Serialise ``tensors``; returns the bytes and the bytes of each tensor."""
     check_wire_dtype(wire_dtype)
     header, blobs, sizes = [], [], {}
@@ -84,14 +95,20 @@ def encode(tensors: dict[str, torch.Tensor], wire_dtype: str) -> tuple[bytes, di
         header.append({"name": name, "dtype": dtype, "shape": list(t.shape), "parts": [len(p) for p in parts]})
         blobs.extend(parts)
         sizes[name] = sum(len(p) for p in parts)
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = json.dumps({"meta": meta or {}, "tensors": header}, separators=(",", ":")).encode()
     return _HEADER.pack(len(head)) + head + b"".join(blobs), sizes
 
 
-def decode(data: bytes) -> dict[str, torch.Tensor]:
+def decode(data: bytes, sender=None) -> dict[str, torch.Tensor]:
+    return decode_message(data, sender)[1]
+
+
+def decode_message(data: bytes, sender=None):
     """Inverse of :func:`encode` (floating tensors come back as float32)."""
+    data = bytes(data)
     (n,) = _HEADER.unpack_from(data, 0)
-    header = json.loads(data[_HEADER.size : _HEADER.size + n])
+    full = json.loads(data[_HEADER.size : _HEADER.size + n])
+    header = full["tensors"]
     offset = _HEADER.size + n
     out = {}
     for entry in header:
@@ -105,4 +122,4 @@ def decode(data: bytes) -> dict[str, torch.Tensor]:
             out[entry["name"]] = _decode_float(parts, entry["shape"], entry["dtype"])
     if offset != len(data):
         raise ValueError(f"data: {len(data) - offset} trailing bytes after the last tensor")
-    return out
+    return full["meta"], out

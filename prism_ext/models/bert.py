@@ -23,7 +23,7 @@ class BERT(Network):
         layers = cfg(config, "num_hidden_layers", required=True)
         d_ff = cfg(config, "intermediate_size", required=True)
         self.vocab = cfg(config, "vocab_size", required=True)
-        self.max_positions = cfg(config, "max_position_embeddings", required=True)
+        self.max_positions = self.n_positions = cfg(config, "max_position_embeddings", required=True)
         self.type_vocab = cfg(config, "type_vocab_size", 2)
         eps = cfg(config, "layer_norm_eps", 1e-12)
         check_heads(d, heads)
@@ -74,11 +74,10 @@ class BERT(Network):
             raise ValueError(f"input_ids: {ids.shape[1]} positions exceed max_position_embeddings={self.max_positions}")
         return ids.shape[0], ids.shape[1]
 
-    def embed(self, inputs: dict, start: int, stop: int) -> torch.Tensor:
-        ids = inputs["input_ids"][:, start:stop]
-        types = inputs.get("token_type_ids")
-        tt = self.token_type[0] if types is None else F.embedding(types[:, start:stop], self.token_type)
-        return self.ln_emb(F.embedding(ids, self.word) + self.position[start:stop] + tt)
+    def embed(self, local: dict, start: int, stop: int) -> torch.Tensor:
+        types = local.get("token_type_ids")
+        tt = self.token_type[0] if types is None else F.embedding(types.long(), self.token_type)
+        return self.ln_emb(F.embedding(local["input_ids"].long(), self.word) + self.position[start:stop] + tt)
 
     def row_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"last_hidden_state": x}

@@ -4,6 +4,7 @@ checkpoint onto :class:`Block` and supplies embeddings and heads."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -154,6 +155,7 @@ class Network:
     blocks: list[Block]
     config: dict
     input_names: tuple[str, ...]
+    n_positions: int  # the most positions the model takes
 
     @property
     def d(self) -> int:
@@ -168,13 +170,55 @@ class Network:
         raise NotImplementedError
 
     def valid(self, inputs: dict) -> torch.Tensor | None:
-        """[B, N] bool, False at padding; None when there is none."""
+        """[B, n] bool, False at padding; None when there is none (full or local inputs)."""
         mask = inputs.get("attention_mask")
         if mask is None or bool(mask.all()):
             return None
         return mask.bool()
 
-    def embed(self, inputs: dict, start: int, stop: int) -> torch.Tensor:
+    def local_inputs(self, inputs: dict, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """What the device owning positions ``[start, stop)`` needs of the
+        (checked) model inputs, and nothing more: the only input bytes that
+        travel to it. Token models: each [B, N] tensor sliced to own positions."""
+        return {name: t[:, start:stop] for name, t in inputs.items() if t is not None}
+
+    def weights_digest(self) -> str:
+        """SHA-256 over every tensor the engine runs (names, shapes, float32
+        bytes), independent of the checkpoint's file format; cached."""
+        if getattr(self, "_digest", None) is None:
+            h = hashlib.sha256()
+
+            def walk(name: str, value) -> None:
+                if isinstance(value, torch.Tensor):
+                    h.update(f"{name}:{tuple(value.shape)};".encode())
+                    h.update(value.detach().to(torch.float32).contiguous().numpy().tobytes())
+                elif isinstance(value, (list, tuple)):
+                    for i, v in enumerate(value):
+                        walk(f"{name}.{i}", v)
+                elif isinstance(value, (Block, LayerNorm)):
+                    for k in sorted(vars(value)):
+                        walk(f"{name}.{k}", getattr(value, k))
+
+            for key in sorted(vars(self)):
+                if not key.startswith("_"):
+                    walk(key, getattr(self, key))
+            self._digest = h.hexdigest()
+        return self._digest
+
+    def check_local(self, local: dict, batch: int, start: int, stop: int) -> None:
+        """Check a device's own inputs as they arrived from rank 0 (untrusted
+        bytes): the names this model takes, [batch, stop - start] shapes, values
+        in range. Token models: the full-input checks on the slice."""
+        unknown = set(local) - set(self.input_names)
+        if unknown or self.input_names[0] not in local:
+            raise ValueError(f"inputs: expected {', '.join(self.input_names)}, got {', '.join(sorted(local))}")
+        got_batch, n = self.check_inputs(local)
+        if (got_batch, n) != (batch, stop - start):
+            raise ValueError(f"inputs: expected [{batch}, {stop - start}] for positions [{start}, {stop}), "
+                             f"got [{got_batch}, {n}]")
+
+    def embed(self, local: dict, start: int, stop: int) -> torch.Tensor:
+        """First layer input [B, stop - start, d] of own positions, from :meth:`local_inputs`."""
         raise NotImplementedError
 
     def row_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -60,9 +60,8 @@ class GPT2(Network):
             raise ValueError(f"input_ids: {ids.shape[1]} positions exceed n_positions={self.n_positions}")
         return ids.shape[0], ids.shape[1]
 
-    def embed(self, inputs: dict, start: int, stop: int) -> torch.Tensor:
-        ids = inputs["input_ids"][:, start:stop]
-        return F.embedding(ids, self.wte) + self.wpe[start:stop]
+    def embed(self, local: dict, start: int, stop: int) -> torch.Tensor:
+        return F.embedding(local["input_ids"].long(), self.wte) + self.wpe[start:stop]
 
     def row_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.ln_f(x)

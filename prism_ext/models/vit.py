@@ -32,6 +32,7 @@ class ViT(Network):
         if self.image % self.patch:
             raise ValueError(f"config.json: image_size {self.image} is not a multiple of patch_size {self.patch}")
         self.grid = self.image // self.patch
+        self.n_positions = self.grid * self.grid + 1
         if cfg(config, "pooler_act", "tanh") != "tanh":
             raise ValueError(f"config.json: pooler_act={config['pooler_act']!r} is not supported (only 'tanh')")
         act = activation(cfg(config, "hidden_act", "gelu"), "hidden_act")
@@ -90,15 +91,29 @@ class ViT(Network):
     def valid(self, inputs: dict) -> torch.Tensor | None:
         return None
 
-    def embed(self, inputs: dict, start: int, stop: int) -> torch.Tensor:
+    def local_inputs(self, inputs: dict, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """The own patches only, flattened [B, patches, C·p·p] (row-major over
+        the grid, like the HF conv); position 0 is [CLS], which needs none."""
         px = inputs["pixel_values"].to(torch.float32)
         B, g, p = px.shape[0], self.grid, self.patch
         first = max(start, 1) - 1  # patch index of the first own non-[CLS] position
-        # Unfold only the own patches (row-major over the grid, like the HF conv).
         patches = px.reshape(B, self.channels, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, -1)
-        x = F.linear(patches[:, first : stop - 1], self.patch_w, self.patch_b)
+        return {"patches": patches[:, first : stop - 1].contiguous()}
+
+    def check_local(self, local: dict, batch: int, start: int, stop: int) -> None:
+        patches = local.get("patches")
+        want = (batch, stop - 1 - (max(start, 1) - 1), self.channels * self.patch * self.patch)
+        if set(local) != {"patches"} or not isinstance(patches, torch.Tensor) or tuple(patches.shape) != want:
+            shape = tuple(patches.shape) if isinstance(patches, torch.Tensor) else None
+            raise ValueError(f"patches: expected shape {list(want)} for positions [{start}, {stop}), got {shape}")
+        if not patches.dtype.is_floating_point or not bool(torch.isfinite(patches).all()):
+            raise ValueError("patches: expected finite floating-point values")
+
+    def embed(self, local: dict, start: int, stop: int) -> torch.Tensor:
+        patches = local["patches"]
+        x = F.linear(patches.to(torch.float32), self.patch_w, self.patch_b)
         if start == 0:
-            x = torch.cat([self.cls.expand(B, 1, -1), x], dim=1)
+            x = torch.cat([self.cls.expand(x.shape[0], 1, -1), x], dim=1)
         return x + self.position[start:stop]
 
     def row_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
