@@ -137,6 +137,21 @@ def _zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    import os
+
+    from .runtime import _worker_exit, worker_main
+
+    try:
+        code = worker_main(args.master, args.rank, args.world, token=args.token, timeout=args.timeout,
+                           threads=args.threads, ifname=args.ifname, model=args.model)
+    except _USER_ERRORS as exc:
+        print(f"prism worker: {exc}", file=sys.stderr)
+        code = 2
+    _worker_exit(args.rank, code, None)  # no interpreter teardown: gloo threads may be blocked on dead peers
+    return code
+
+
 def register(sub) -> None:
     """Add ``run``, ``demo`` and ``zoo`` to the ``prism`` subparsers."""
     from .zoo import NAMES
@@ -162,6 +177,22 @@ def register(sub) -> None:
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
     run.set_defaults(func=_run)
+
+    worker = _one_line_errors(sub.add_parser(
+        "worker", help="serve as one device (rank >= 1) of a cluster whose rank 0 runs `prism run --master`",
+        description="Join a PRISM cluster as device RANK of WORLD and serve its requests until rank 0 closes it. "
+                    "Rank 0 (`prism run ... --master HOST:PORT --world P`) announces the model; this device loads "
+                    "it from its own disk (--model if the path differs here). Every device must hold the same "
+                    "token (--token or PRISM_TOKEN)."), "worker")
+    worker.add_argument("--master", required=True, metavar="HOST:PORT", help="rank 0's address and port")
+    worker.add_argument("--rank", type=_positive, required=True, help="this device's rank (1 .. world-1)")
+    worker.add_argument("--world", type=_positive, required=True, help="number of devices, rank 0 included")
+    worker.add_argument("--token", help="the cluster's shared secret (default: $PRISM_TOKEN)")
+    worker.add_argument("--timeout", type=float, default=60.0, help="seconds any exchange may take (default 60)")
+    worker.add_argument("--threads", type=_positive, help="compute threads on this device (default: torch's)")
+    worker.add_argument("--ifname", help="network interface for gloo (e.g. eth0; default: by hostname)")
+    worker.add_argument("--model", help="this device's path to the model, if not the path rank 0 announces")
+    worker.set_defaults(func=_worker)
 
     demo = _one_line_errors(sub.add_parser("demo", help="the bundled models on 4 simulated devices (no network)"),
                             "demo")

@@ -43,6 +43,17 @@ class GatheredTo:
     received: list[int] | None = None  # on the destination: bytes that came from each rank
 
 
+class WireError(ValueError):
+    """A frame from another device that does not parse (temporary, hardened in the wire branch)."""
+
+
+@dataclass
+class Reduced:
+    tensor: torch.Tensor
+    bytes_sent: int
+    seconds: float = 0.0
+
+
 def check_wire_dtype(wire_dtype) -> str:
     if wire_dtype not in WIRE_DTYPES:
         raise ValueError(f"wire_dtype: expected one of {', '.join(WIRE_DTYPES)}, got {wire_dtype!r}")
