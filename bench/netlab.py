@@ -78,6 +78,12 @@ def tbf_params(rate_mbit: float) -> dict:
     buffer: enough for a TCP flow to keep the link busy (the lab's RTT is tens of
     microseconds) without hiding request latency behind a deep queue; 20 ms is
     50 KB at 20 Mbit/s, 250 KB at 100 Mbit/s, 2.5 MB at 1 Gbit/s.
+
+    Measured here (2 cores, also with 3 busy loops): TCP goodput 0.95-0.96 of
+    the rate at 20 and 100 Mbit/s, 0.93-0.98 at 1 Gbit/s; the shortfall is the
+    66 header bytes per 1514-byte frame, which tbf counts. A 0.25 ms burst lost
+    15% at 1 Gbit/s under load; 4 ms gained little. A 20 KB message takes 8.4 ms
+    at 20 Mbit/s, its full serialisation time: the small burst does not leak.
     """
     if rate_mbit <= 0:
         raise ValueError(f"rate_mbit must be > 0 (or None for an unshaped link), got {rate_mbit}")
