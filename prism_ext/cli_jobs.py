@@ -84,24 +84,88 @@ def _emit(result: dict, as_json: bool, text: str) -> None:
     print(json.dumps(result, indent=1) if as_json else text)
 
 
+def _launch(args: argparse.Namespace) -> tuple[str, dict]:
+    """Where the devices of ``prism run`` live: ("simulate", {}), ("local",
+    cluster options) for processes on this machine, or ("master", options)
+    for a cluster across machines (``--master``, or torchrun's environment)."""
+    import os
+
+    from .runtime import parse_master
+
+    env_master = os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")
+    common = dict(token=args.token, timeout=args.timeout, threads=args.threads, ifname=args.ifname)
+    if args.master or (env_master and not args.simulate):
+        if args.simulate:
+            raise ValueError("--simulate: cannot be combined with --master (a cluster of processes)")
+        master = args.master or f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        parse_master(master)
+        world = args.world or (int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE", "").isdigit() else None)
+        if world is None:
+            raise ValueError("--world: required with --master (the number of devices, rank 0 included)")
+        rank = args.rank if args.rank is not None else int(os.environ.get("RANK", "0") or 0)
+        return "master", dict(common, master=master, world=world, rank=rank)
+    if args.world is not None or args.rank is not None:
+        raise ValueError("--world/--rank: only with --master (a cluster across machines)")
+    if args.simulate or args.devices == 1:
+        return "simulate", {}
+    return "local", dict(common, devices=args.devices)
+
+
+def _pinned(args: argparse.Namespace) -> dict:
+    """The run settings this command line fixes; under torchrun every rank
+    has its own, and the handshake checks they agree with rank 0's."""
+    return {"mode": args.mode, "cr": args.cr, "wire_dtype": args.wire_dtype,
+            "compression_point": args.compression_point, "mean_weighting": args.mean_weighting,
+            "device_weights": args.weights}
+
+
 @_user_errors("run")
 def _run(args: argparse.Namespace) -> int:
     from . import jobs
+    from .runtime import ClusterError, cluster, worker_main
 
-    if args.device_weights is not None and len(args.device_weights) != args.devices:
-        raise ValueError(f"--device-weights: {len(args.device_weights)} weights for {args.devices} devices")
     for path in args.image or []:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--image: {path!r} does not exist or is not a file")
+    where, options = _launch(args)
+    if where == "master" and options["rank"] != 0:  # torchrun: this process is a worker
+        code = worker_main(options["master"], options["rank"], options["world"], token=args.token,
+                           timeout=args.timeout, threads=args.threads, ifname=args.ifname, model=args.model,
+                           settings=_pinned(args))
+        return code
+    devices = options.get("world") or options.get("devices") or args.devices
+    if args.weights is not None and len(args.weights) != devices:
+        raise ValueError(f"--weights: {len(args.weights)} weights for {devices} devices")
+    if args.auto_weights and args.weights is not None:
+        raise ValueError("--auto-weights: cannot be combined with --weights")
+    if args.auto_weights and where == "simulate":
+        raise ValueError("--auto-weights: needs real devices (not --simulate, and more than one device)")
     model = jobs.load_model(args.model)
     knobs = dict(wire_dtype=args.wire_dtype, compression_point=args.compression_point,
-                 mean_weighting=args.mean_weighting, device_weights=args.device_weights)
-    common = dict(devices=args.devices, cr=args.cr, mode=args.mode, compare=not args.no_compare, quiet=args.quiet)
-    if args.text is not None:
-        result = jobs.run_text(model, args.text, max_new_tokens=args.max_new_tokens, **common, **knobs)
-    else:
-        result = jobs.run_image(model, args.image, **common, **knobs)
-    result = {"model": str(args.model), **result}
+                 mean_weighting=args.mean_weighting, device_weights=args.weights)
+    common = dict(devices=devices, cr=args.cr, mode=args.mode, compare=not args.no_compare, quiet=args.quiet)
+    c = None
+    try:
+        if where != "simulate":
+            options.pop("rank", None)
+            options.pop("devices", None)
+            c = cluster(model, devices if where == "local" else None, device_weights=args.weights,
+                        auto_weights=args.auto_weights, settings=_pinned(args), quiet=args.quiet, **options)
+            knobs["device_weights"] = c.device_weights
+        if args.text is not None:
+            result = jobs.run_text(model, args.text, max_new_tokens=args.max_new_tokens, cluster=c, **common, **knobs)
+        else:
+            result = jobs.run_image(model, args.image, cluster=c, **common, **knobs)
+    except ClusterError as exc:
+        print(f"prism run: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if c is not None:
+            c.close()
+    runtime = {"simulate": f"{devices} simulated device(s), threads of one process",
+               "local": f"{devices} processes on this machine over loopback (gloo)",
+               "master": f"{devices} processes, rank 0 at {options.get('master')} (gloo)"}[where]
+    result = {"model": str(args.model), "runtime": runtime, **result}
     _emit(result, args.json, jobs.format_run(result))
     return 0
 
@@ -112,7 +176,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     quick = dict(max_new_tokens=16, digits=4, full_test_set=False) if args.quick else {}
     result = jobs.demo(devices=args.devices, gpt_cr=args.cr, vit_cr=args.cr, figure=args.out, quiet=args.quiet,
-                       **quick)
+                       simulate=args.simulate, **quick)
     _emit(result, args.json, jobs.format_demo(result))
     return 0
 
@@ -161,9 +225,23 @@ def register(sub) -> None:
                                      "name) over P simulated devices. GPT-2 --text: greedy generation; BERT --text: "
                                      "embedding (and class); ViT --image: class."), "run")
     run.add_argument("--model", required=True, help=f"a checkpoint directory or a bundled name ({', '.join(NAMES)})")
-    run.add_argument("--devices", "-P", type=_positive, default=4, help="simulated devices (default 4)")
+    run.add_argument("--devices", "-P", type=_positive, default=4,
+                     help="devices: processes on this machine over loopback (default 4; see --simulate, --master)")
+    run.add_argument("--simulate", action="store_true",
+                     help="run the devices as threads of this process instead of processes")
+    run.add_argument("--master", metavar="HOST:PORT",
+                     help="this process is rank 0 of a cluster across machines: start `prism worker --master "
+                          "HOST:PORT --rank R --world P` on each other device (torchrun's MASTER_ADDR, "
+                          "MASTER_PORT, RANK, WORLD_SIZE work too)")
+    run.add_argument("--world", type=_positive, help="with --master: number of devices, rank 0 included")
+    run.add_argument("--rank", type=_nonnegative, help="with --master: this process's rank (default $RANK or 0)")
+    run.add_argument("--token", help="the cluster's shared secret (default: $PRISM_TOKEN; random for local processes)")
+    run.add_argument("--timeout", type=float, default=60.0, help="seconds any exchange may take (default 60)")
+    run.add_argument("--threads", type=_positive, help="compute threads of this process (rank 0)")
+    run.add_argument("--ifname", help="network interface for gloo (e.g. eth0)")
     run.add_argument("--cr", type=_cr, default=4, help="compression rate, or one per layer: 4,4,8,8 (default 4)")
-    run.add_argument("--mode", choices=("prism", "voltage"), default="prism")
+    run.add_argument("--mode", choices=("prism", "voltage", "tp", "single"), default="prism",
+                     help="prism (default), voltage (full rows exchanged), tp (tensor parallel), single (rank 0 alone)")
     what = run.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="input text (GPT-2, BERT)")
     what.add_argument("--image", nargs="+", metavar="FILE", help="image file(s) (ViT); PNG, other formats via Pillow")
@@ -172,7 +250,9 @@ def register(sub) -> None:
     run.add_argument("--wire-dtype", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
     run.add_argument("--compression-point", choices=("attn_input", "hidden"), default="attn_input")
     run.add_argument("--mean-weighting", choices=("count", "none"), default="count")
-    run.add_argument("--device-weights", type=_weights, help="relative device speeds, e.g. 2,1,1,1")
+    run.add_argument("--weights", type=_weights, help="relative device speeds, e.g. 2,1,1,1: positions split in proportion")
+    run.add_argument("--auto-weights", action="store_true",
+                     help="time a short forward on every device, split positions by measured speed, print the plan")
     run.add_argument("--no-compare", action="store_true", help="skip the single-device and Voltage peer runs")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
@@ -194,9 +274,11 @@ def register(sub) -> None:
     worker.add_argument("--model", help="this device's path to the model, if not the path rank 0 announces")
     worker.set_defaults(func=_worker)
 
-    demo = _one_line_errors(sub.add_parser("demo", help="the bundled models on 4 simulated devices (no network)"),
+    demo = _one_line_errors(sub.add_parser("demo", help="the bundled models on 4 devices (processes on this machine)"),
                             "demo")
-    demo.add_argument("--devices", "-P", type=_positive, default=4, help="simulated devices (default 4)")
+    demo.add_argument("--devices", "-P", type=_positive, default=4,
+                      help="devices: processes on this machine over loopback (default 4)")
+    demo.add_argument("--simulate", action="store_true", help="run the devices as threads of this process")
     demo.add_argument("--cr", type=_positive, default=4, help="compression rate (default 4)")
     demo.add_argument("--out", default="prism-demo.png", help="where to write the figure (default ./prism-demo.png)")
     demo.add_argument("--quick", action="store_true", help="fewer tokens and digits (for tests)")

@@ -8,6 +8,7 @@ and :func:`format_demo` render them for people.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -70,16 +71,22 @@ def _validate(model: PrismModel, n: int, devices: int, cr, mode: str, knobs: dic
     from .engine import RunConfig
     from .partition import partition
 
-    partition(n, devices, knobs["device_weights"])
-    RunConfig.make(len(model.net.blocks), mode=mode, cr=cr, wire_dtype=knobs["wire_dtype"],
-                   compression_point=knobs["compression_point"], mean_weighting=knobs["mean_weighting"])
+    from .program import MODES
+
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+    if mode in ("prism", "voltage"):
+        partition(n, devices, knobs["device_weights"])
+    RunConfig.make(len(model.net.blocks), mode="voltage" if mode == "voltage" else "prism", cr=cr,
+                   wire_dtype=knobs["wire_dtype"], compression_point=knobs["compression_point"],
+                   mean_weighting=knobs["mean_weighting"])
 
 
-def _peers(model: PrismModel, inputs, devices: int, knobs: dict) -> tuple:
+def _peers(run, inputs, devices: int, knobs: dict) -> tuple:
     """The single-device output (exact) and the Voltage run over the same devices."""
-    exact = model(inputs, devices=1)
-    voltage = model(inputs, devices=devices, mode="voltage", device_weights=knobs["device_weights"],
-                    wire_dtype=knobs["wire_dtype"])
+    exact = run(inputs, devices=1)
+    voltage = run(inputs, devices=devices, mode="voltage", device_weights=knobs["device_weights"],
+                  wire_dtype=knobs["wire_dtype"])
     return exact, voltage
 
 
@@ -111,17 +118,20 @@ def _encode(model: PrismModel, text: str, room: int) -> tuple[list[int], object]
 
 
 def run_text(model: PrismModel, text: str, *, devices: int = 4, cr=4, mode: str = "prism",
-             max_new_tokens: int = 40, compare: bool = True, quiet: bool = True, **knobs) -> dict:
+             max_new_tokens: int = 40, compare: bool = True, quiet: bool = True, cluster=None, **knobs) -> dict:
     """GPT-2: generate ``max_new_tokens`` greedily after ``text`` (0: one forward
     pass, next-token prediction). BERT: sentence embedding (mean over tokens),
-    and the class when the checkpoint has a classifier."""
+    and the class when the checkpoint has a classifier. ``cluster``: a live
+    :class:`prism_ext.runtime.Cluster` of ``model`` to run on (default: simulated devices)."""
     say = _progress(quiet)
+    run = model if cluster is None else cluster
     knobs = _knobs(**knobs)
     if model.model_type == "vit":
         raise ValueError("text: vit models take --image, not --text")
     generating = model.model_type == "gpt2" and max_new_tokens > 0
-    if generating and mode != "prism":
-        raise ValueError("mode: generation runs in prism mode only; use max_new_tokens 0 for a voltage forward pass")
+    if generating and mode not in ("prism", "single"):
+        raise ValueError(f"mode: generation runs in prism or single mode; use --max-new-tokens 0 for a {mode} "
+                         f"forward pass")
     ids, tok = _encode(model, text, max_new_tokens if generating else 0)
     x = torch.tensor([ids])
     _validate(model, len(ids), devices, cr, mode, knobs)
@@ -130,19 +140,19 @@ def run_text(model: PrismModel, text: str, *, devices: int = 4, cr=4, mode: str 
     peers = None
     if compare:  # first, so the measured run below finds everything warmed up
         say("single-device and Voltage peers")
-        peers = _peers(model, x, devices, knobs)
+        peers = _peers(run, x, devices, knobs)
     t0 = time.perf_counter()
     if generating:
         say(f"prefill of {len(ids)} tokens over {devices} devices (cr={cr}), then {max_new_tokens} new tokens")
-        out, stats, decode = model.generate(x, devices=devices, cr=cr, max_new_tokens=max_new_tokens, return_stats=True,
-                                            **knobs)
+        out, stats, decode = run.generate(x, devices=devices, cr=cr, max_new_tokens=max_new_tokens, return_stats=True,
+                                          **knobs)
         new = out[0, len(ids):].tolist()
         result["output"] = {"text": tok.decode(new), "token_ids": new}
         result["decode"] = {"tokens": len(decode.flops), "bytes_sent": sum(decode.bytes_sent),
                             "flops": sum(decode.flops)}
     else:
         say(f"forward pass of {len(ids)} tokens over {devices} devices ({mode}, cr={cr})")
-        out = model(x, devices=devices, cr=cr, mode=mode, **knobs)
+        out = run(x, devices=devices, cr=cr, mode=mode, **knobs)
         stats = out.stats
         result["output"] = _text_output(model, out, tok)
     result["stats"] = stats_dict(stats)
@@ -151,9 +161,9 @@ def run_text(model: PrismModel, text: str, *, devices: int = 4, cr=4, mode: str 
         exact, voltage = peers
         result["voltage"] = _vs_voltage(stats, voltage.stats)
         if generating:
-            ref = model.generate(x, devices=1, max_new_tokens=max_new_tokens)[0, len(ids):].tolist()
+            ref = run.generate(x, devices=1, max_new_tokens=max_new_tokens)[0, len(ids):].tolist()
             same = next((i for i, (a, b) in enumerate(zip(new, ref)) if a != b), len(ref))
-            prism_fwd = model(x, devices=devices, cr=cr, **knobs).logits[0].argmax(-1)
+            prism_fwd = run(x, devices=devices, cr=cr, **knobs).logits[0].argmax(-1)
             result["reference"] = {
                 "text": tok.decode(ref), "token_ids": ref,
                 "tokens_identical": sum(a == b for a, b in zip(new, ref)), "first_divergence": same,
@@ -211,12 +221,13 @@ def _processor(model: PrismModel):
     return ImageProcessor(model.image_processor_config, int(c.get("num_channels", 3)), int(c["image_size"]))
 
 
-def _run_pixels(model: PrismModel, px: torch.Tensor, devices, cr, mode, compare, knobs, say) -> dict:
+def _run_pixels(model: PrismModel, px: torch.Tensor, devices, cr, mode, compare, knobs, say, cluster=None) -> dict:
     _validate(model, model.net.grid ** 2 + 1, devices, cr, mode, knobs)
-    peers = _peers(model, px, devices, knobs) if compare else None  # first: warms up the measured run
+    run = model if cluster is None else cluster
+    peers = _peers(run, px, devices, knobs) if compare else None  # first: warms up the measured run
     say(f"{px.shape[0]} image(s), {model.net.grid ** 2 + 1} positions over {devices} devices ({mode}, cr={cr})")
     t0 = time.perf_counter()
-    out = model(px, devices=devices, cr=cr, mode=mode, **knobs)
+    out = run(px, devices=devices, cr=cr, mode=mode, **knobs)
     result = {"model_type": model.model_type, "devices": devices, "cr": cr, "mode": mode, "knobs": knobs,
               "stats": stats_dict(out.stats), "seconds": time.perf_counter() - t0}
     result["outputs"] = _image_outputs(model, out)
@@ -235,21 +246,21 @@ def _image_outputs(model: PrismModel, out) -> list[dict]:
 
 
 def run_image(model: PrismModel, paths, *, devices: int = 4, cr=4, mode: str = "prism", compare: bool = True,
-              quiet: bool = True, **knobs) -> dict:
+              quiet: bool = True, cluster=None, **knobs) -> dict:
     """ViT on image files: the class (or [CLS] embedding) of each."""
     proc = _processor(model)
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     px = proc.files_to_pixels(paths)
-    result = _run_pixels(model, px, devices, cr, mode, compare, _knobs(**knobs), _progress(quiet))
+    result = _run_pixels(model, px, devices, cr, mode, compare, _knobs(**knobs), _progress(quiet), cluster)
     result["input"] = {"images": [str(p) for p in paths], "positions": model.net.grid ** 2 + 1}
     return result
 
 
 def run_digits(model: PrismModel, digits: np.ndarray, *, devices: int = 4, cr=4, mode: str = "prism",
-               compare: bool = True, quiet: bool = True, **knobs) -> dict:
+               compare: bool = True, quiet: bool = True, cluster=None, **knobs) -> dict:
     """ViT on raw 8x8 digits ([B, 8, 8], values 0..16), through the same processor as files."""
     px = _processor(model).digits_to_pixels(digits)
-    result = _run_pixels(model, px, devices, cr, mode, compare, _knobs(**knobs), _progress(quiet))
+    result = _run_pixels(model, px, devices, cr, mode, compare, _knobs(**knobs), _progress(quiet), cluster)
     result["input"] = {"digits": int(px.shape[0]), "positions": model.net.grid ** 2 + 1}
     return result
 
@@ -257,31 +268,50 @@ def run_digits(model: PrismModel, digits: np.ndarray, *, devices: int = 4, cr=4,
 # ---------------------------------------------------------------------- demo
 
 def demo(*, devices: int = 4, gpt_cr: int = 4, vit_cr: int = 4, max_new_tokens: int = 56, digits: int = 10,
-         figure: str | Path | None = "prism-demo.png", full_test_set: bool = True, quiet: bool = True) -> dict:
-    """gpt2-tiny generating over ``devices`` simulated devices, then
-    vit-tiny-digits on ``digits`` held-out digits (one per class); a figure of the latter."""
+         figure: str | Path | None = "prism-demo.png", full_test_set: bool = True, quiet: bool = True,
+         simulate: bool = False) -> dict:
+    """gpt2-tiny generating over ``devices`` devices, then vit-tiny-digits on
+    ``digits`` held-out digits (one per class); a figure of the latter. The
+    devices are processes on this machine (a live cluster per model), or
+    threads of this process with ``simulate``."""
+    from .runtime import cluster
+
     say = _progress(quiet)
     t0 = time.perf_counter()
+    simulate = simulate or devices == 1
+
+    def devices_for(model):
+        if simulate:
+            return contextlib.nullcontext(None)
+        say(f"starting {devices} processes for {model.model_type}")
+        return cluster(model, devices, quiet=quiet)
+
     say("loading gpt2-tiny")
     gpt = load_model("gpt2-tiny")
-    text = run_text(gpt, DEMO_PROMPT, devices=devices, cr=gpt_cr, max_new_tokens=max_new_tokens, quiet=quiet)
+    with devices_for(gpt) as c:
+        text = run_text(gpt, DEMO_PROMPT, devices=devices, cr=gpt_cr, max_new_tokens=max_new_tokens, quiet=quiet,
+                        cluster=c)
     say("loading vit-tiny-digits")
     vit = load_model("vit-tiny-digits")
     held = np.load(zoo.model_dir("vit-tiny-digits") / "heldout_digits.npz")
     # the first held-out example of each class, in class order
     pick = [int(np.flatnonzero(held["labels"] == k)[0]) for k in np.unique(held["labels"])][:digits]
     images, labels = held["images"][pick], held["labels"][pick]
-    image = run_digits(vit, images, devices=devices, cr=vit_cr, quiet=quiet)
-    image["labels"] = labels.tolist()
-    result = {"devices": devices, "gpt2": text, "vit": image}
-    if full_test_set:
-        say(f"all {len(held['labels'])} held-out digits, exact and PRISM")
-        px = _processor(vit).digits_to_pixels(held["images"])
-        exact = vit(px, devices=1).logits.argmax(-1).numpy()
-        prism = vit(px, devices=devices, cr=vit_cr).logits.argmax(-1).numpy()
-        result["vit_held_out"] = {"images": int(len(exact)), "exact_accuracy": float((exact == held["labels"]).mean()),
-                                  "prism_accuracy": float((prism == held["labels"]).mean()),
-                                  "prediction_agreement": float((exact == prism).mean())}
+    with devices_for(vit) as c:
+        run = vit if c is None else c
+        image = run_digits(vit, images, devices=devices, cr=vit_cr, quiet=quiet, cluster=c)
+        image["labels"] = labels.tolist()
+        result = {"devices": devices, "runtime": "simulated (threads of one process)" if simulate else
+                  "processes on this machine over loopback (gloo)", "gpt2": text, "vit": image}
+        if full_test_set:
+            say(f"all {len(held['labels'])} held-out digits, exact and PRISM")
+            px = _processor(vit).digits_to_pixels(held["images"])
+            exact = run(px, devices=1).logits.argmax(-1).numpy()
+            prism = run(px, devices=devices, cr=vit_cr, outputs=("cls",)).logits.argmax(-1).numpy()
+            result["vit_held_out"] = {"images": int(len(exact)),
+                                      "exact_accuracy": float((exact == held["labels"]).mean()),
+                                      "prism_accuracy": float((prism == held["labels"]).mean()),
+                                      "prediction_agreement": float((exact == prism).mean())}
     if figure is not None:
         from .figure import digits_figure
 
@@ -363,7 +393,8 @@ def format_run(r: dict) -> str:
 
 def format_demo(r: dict) -> str:
     g, v = r["gpt2"], r["vit"]
-    lines = [f"== gpt2-tiny on {r['devices']} simulated devices, CR {g['cr']} ==",
+    lines = [f"devices: {r['devices']} {r['runtime']}", "",
+             f"== gpt2-tiny on {r['devices']} devices, CR {g['cr']} ==",
              f"prompt: {g['input']['text']}", "", format_run(g), "",
              f"== vit-tiny-digits on {len(v['outputs'])} held-out digits, {r['devices']} devices, CR {v['cr']} =="]
     exact = [x["class_id"] for x in v["reference"]]

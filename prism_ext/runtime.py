@@ -51,7 +51,7 @@ __all__ = ["Cluster", "ClusterError", "HandshakeError", "cluster", "worker_main"
 DEFAULT_TIMEOUT = 60.0
 _TAG = 32  # bytes of an HMAC-SHA256 tag
 _HEARTBEAT = 0.5  # seconds between worker heartbeats
-_SETTINGS = ("mode", "crs", "wire_dtype", "compression_point", "mean_weighting", "device_weights")
+_SETTINGS = ("mode", "cr", "wire_dtype", "compression_point", "mean_weighting", "device_weights")
 
 
 class ClusterError(RuntimeError):

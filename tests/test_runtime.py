@@ -1,0 +1,322 @@
+"""The multi-process runtime: real processes over loopback (gloo) against the
+in-process simulation, the handshake, failures, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import prism_ext
+from prism_ext.runtime import ClusterError, HandshakeError, cluster
+
+from engine_helpers import bert_inputs, hf_bert, hf_gpt2, save
+
+PRISM = [sys.executable, "-m", "prism_ext"]
+TOKEN = "test-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped) counts as gone
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def wait_gone(pids, seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.fixture(scope="module")
+def gpt():
+    return prism_ext.load("gpt2-tiny")
+
+
+@pytest.fixture(scope="module")
+def live(gpt):
+    with cluster(gpt, devices=3, timeout=30) as c:
+        yield c
+
+
+def ids_of(m, text="The for statement is used to iterate over the elements"):
+    return torch.tensor([m.tokenizer.encode(text)])
+
+
+def assert_same_stats(real, sim):
+    for a, b in zip(real.devices, sim.devices):
+        assert [s.bytes_sent for s in a.layers] == [s.bytes_sent for s in b.layers]
+        assert [s.flops for s in a.layers] == [s.flops for s in b.layers]
+        assert (a.input_bytes, a.result_bytes) == (b.input_bytes, b.result_bytes)
+        assert a.peak_rss > 0
+
+
+@pytest.mark.parametrize("mode,cr", [("prism", 2), ("prism", 7), ("voltage", 4), ("single", 1)])
+def test_processes_equal_the_simulation(live, gpt, mode, cr):
+    ids = ids_of(gpt)
+    devices = 1 if mode == "single" else 3
+    real = live(ids, devices=devices, cr=cr, mode=mode)
+    sim = gpt(ids, devices=devices, cr=cr, mode=mode)
+    torch.testing.assert_close(real.logits, sim.logits, rtol=0, atol=1e-6)
+    assert_same_stats(real.stats, sim.stats)
+    if mode != "single":
+        assert all(d.result_bytes > 0 and d.input_bytes > 0 for d in real.stats.devices[1:])
+
+
+def test_transport_counts_what_it_sends(live, gpt):
+    """Rank 0's gloo transport: per layer, its frame to each of the P - 1
+    peers plus the 8-byte size word; it receives the results only."""
+    tr = live._group.transport
+    before = tr.wire_bytes
+    out = live(ids_of(gpt), cr=4, outputs=("last",))
+    sent = [s.bytes_sent for s in out.stats.devices[0].layers]
+    assert tr.wire_bytes - before == sum(2 * (b + 8) for b in sent)
+    assert out.stats.devices[0].result_bytes == 0
+
+
+def test_outputs_come_back_only_where_needed(live, gpt):
+    ids = ids_of(gpt)
+    rows = live(ids, cr=2)
+    last = live(ids, cr=2, outputs=("last",))
+    assert set(last.keys()) == {"logits", "last_hidden_state"} and last.logits.shape[1] == 1
+    torch.testing.assert_close(last.logits, rows.logits[:, -1:], rtol=0, atol=1e-6)
+    # only the last device sends its last row: far fewer result bytes than every row
+    assert last.stats.result_bytes < rows.stats.result_bytes / 5
+    assert last.stats.devices[1].result_bytes < last.stats.devices[2].result_bytes
+
+
+def test_generate_across_processes(live, gpt):
+    ids = ids_of(gpt)
+    real, stats, decode = live.generate(ids, cr=2, max_new_tokens=10, return_stats=True)
+    assert torch.equal(real, gpt.generate(ids, devices=3, cr=2, max_new_tokens=10))
+    assert decode.bytes_sent == [0] * 9 and all(f > 0 for f in decode.flops)
+    sampled = live.generate(ids, cr=2, max_new_tokens=8, temperature=0.8, top_k=5, seed=3)
+    assert torch.equal(sampled, gpt.generate(ids, devices=3, cr=2, max_new_tokens=8, temperature=0.8, top_k=5, seed=3))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "input_ids"),
+    (dict(input_ids=torch.zeros(1, 129, dtype=torch.long)), "input_ids: 129 positions exceed"),
+    (dict(input_ids=torch.zeros(1, 2, dtype=torch.long)), "devices: 3 devices need at least 3 positions"),
+    (dict(input_ids=torch.zeros(1, 9, dtype=torch.long), devices=2), "devices: this cluster has 3"),
+    (dict(input_ids=torch.zeros(1, 9, dtype=torch.long), cr=0), "cr"),
+    (dict(pixel_values=torch.zeros(1, 1, 32, 32)), "pixel_values"),
+])
+def test_bad_requests_are_refused_on_rank_0_and_the_cluster_keeps_serving(live, gpt, bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        live(**bad)
+    assert live.closed is None
+    torch.testing.assert_close(live(ids_of(gpt), cr=2).logits, gpt(ids_of(gpt), devices=3, cr=2).logits)
+
+
+def test_bert_with_padding_and_pooled_outputs(tmp_path):
+    m = prism_ext.load(save(hf_bert(), tmp_path / "bert"))
+    inputs = bert_inputs()
+    sim = m(inputs, devices=2, cr=3, outputs=("rows", "cls", "pooled"))
+    with cluster(m, devices=2, timeout=30) as c:
+        real = c(inputs, cr=3, outputs=("rows", "cls", "pooled"))
+        pooled_only = c(inputs, cr=3, outputs=("pooled",))
+    for key in ("last_hidden_state", "logits", "mean_pooled"):
+        torch.testing.assert_close(real[key], sim[key], rtol=0, atol=1e-6)
+    valid = inputs["attention_mask"].float()
+    want = (sim.last_hidden_state * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+    torch.testing.assert_close(real.mean_pooled, want, rtol=1e-5, atol=1e-5)
+    assert pooled_only.stats.result_bytes < real.stats.result_bytes / 4
+
+
+def test_vit_devices_receive_only_their_patches():
+    m = prism_ext.load("vit-tiny-digits")
+    px = torch.rand(2, 1, 32, 32)
+    sim = m(px, devices=2, cr=4, outputs=("cls",))
+    with cluster(m, devices=2, timeout=30, auto_weights=True) as c:
+        assert len(c.device_weights) == 2 and all(0 < w <= 1 for w in c.device_weights)
+        real = c(px, cr=4, outputs=("cls",), device_weights=[1, 1])
+    torch.testing.assert_close(real.logits, sim.logits, rtol=0, atol=1e-6)
+    # rank 1 got its own 32 of the 64 patches (16 values each) as fp32, plus a small header
+    assert 2 * 32 * 16 * 4 < real.stats.devices[1].input_bytes < 2 * 32 * 16 * 4 + 2048
+
+
+# ------------------------------------------------------------- handshake
+
+def start_worker(port, rank, world, token=TOKEN, env=None, extra=()):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.Popen(PRISM + ["worker", "--master", f"127.0.0.1:{port}", "--rank", str(rank), "--world",
+                                     str(world), "--token", token, "--timeout", "20", "--ifname", "lo", *extra],
+                            env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def refused(gpt, worker_kw, match):
+    port = free_port()
+    w = start_worker(port, 1, 2, **worker_kw)
+    try:
+        with pytest.raises(HandshakeError, match=match):
+            cluster(gpt, master=f"127.0.0.1:{port}", world=2, token=TOKEN, timeout=20, ifname="lo")
+        assert w.wait(timeout=30) == 2
+    finally:
+        w.kill()
+    return w.stderr.read()
+
+
+def test_wrong_token_is_refused_before_anything_runs(gpt):
+    err = refused(gpt, dict(token="not-the-token"), r"rank 1: authentication failed")
+    assert "authentication failed" in err and "not-the-token" not in err
+
+
+def test_different_weights_are_refused(gpt, tmp_path):
+    other = save(hf_gpt2(seed=5), tmp_path / "other")
+    err = refused(gpt, dict(extra=("--model", str(other))), r"rank 1: model (config|weights)")
+    assert "differs from rank 0's" in err
+
+
+def test_different_version_is_refused(gpt, tmp_path):
+    pkg = Path(prism_ext.__file__).parent
+    copy = tmp_path / "site" / "prism_ext"
+    shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("zoo"))
+    shutil.copytree(pkg / "zoo", copy / "zoo", symlinks=True)
+    init = copy / "__init__.py"
+    init.write_text(init.read_text().replace(f'__version__ = "{prism_ext.__version__}"', '__version__ = "9.9.9"'))
+    err = refused(gpt, dict(env={"PYTHONPATH": str(tmp_path / "site")}), r"rank 1: package version 9\.9\.9")
+    assert "9.9.9" in err
+
+
+def run_pair(rank0_args, rank1_args, port):
+    base = ["run", "--model", "gpt2-tiny", "--text", "The for statement", "--max-new-tokens", "3", "--no-compare",
+            "--master", f"127.0.0.1:{port}", "--world", "2", "--token", TOKEN, "--timeout", "20", "--ifname", "lo",
+            "--json", "-q"]
+    p0 = subprocess.Popen(PRISM + base + rank0_args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p1 = subprocess.Popen(PRISM + base + ["--rank", "1"] + rank1_args, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    out0, err0 = p0.communicate(timeout=90)
+    out1, err1 = p1.communicate(timeout=30)
+    return (p0.returncode, out0, err0), (p1.returncode, out1, err1)
+
+
+def test_torchrun_style_ranks_run_and_must_agree_on_cr():
+    (c0, out0, err0), (c1, _, _) = run_pair(["--cr", "2"], ["--cr", "2"], free_port())
+    assert (c0, c1) == (0, 0), err0
+    result = json.loads(out0)
+    assert "rank 0 at 127.0.0.1" in result["runtime"] and result["devices"] == 2
+    assert len(result["output"]["token_ids"]) == 3
+    (c0, _, err0), (c1, _, err1) = run_pair(["--cr", "2"], ["--cr", "8"], free_port())
+    assert c0 != 0 and c1 == 2
+    assert "rank 1: cr 8 differs from rank 0's 2" in err0 and len(err0.strip().splitlines()) == 1
+
+
+# -------------------------------------------------------------- failures
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory):
+    """Big enough that one prefill takes a while on 2 cores."""
+    import transformers
+
+    cfg = transformers.GPT2Config(n_embd=384, n_layer=12, n_head=6, vocab_size=512, n_positions=1024)
+    torch.manual_seed(0)
+    return save(transformers.GPT2LMHeadModel(cfg).eval(), tmp_path_factory.mktemp("slow") / "gpt2")
+
+
+def test_worker_killed_mid_prefill_names_the_rank_and_nothing_is_left(slow_model):
+    m = prism_ext.load(slow_model)
+    ids = torch.randint(0, 512, (4, 1024))
+    c = cluster(m, devices=3, timeout=20)
+    pids = [p.pid for p in c._procs.values()]
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("err", pytest.raises(ClusterError).__enter__()))
+
+    def request():
+        try:
+            c(ids, cr=4, outputs=("last",))
+        except ClusterError as exc:
+            box["error"] = exc
+            box["at"] = time.monotonic()
+
+    t = threading.Thread(target=request)
+    t.start()
+    time.sleep(1.0)  # inside the prefill: several seconds of work at this size
+    os.kill(pids[1], signal.SIGKILL)
+    killed = time.monotonic()
+    t.join(60)
+    assert not t.is_alive()
+    assert "error" in box, "the request finished before the kill: make the model slower"
+    assert "rank 2 lost" in str(box["error"]) and "SIGKILL" in str(box["error"])
+    assert box["at"] - killed < 20 + 5
+    assert wait_gone(pids, 10) == []
+    with pytest.raises(ClusterError, match="closed"):
+        c(ids[:, :8])
+
+
+def test_dead_coordinator_makes_workers_exit():
+    code = ("import sys, time, prism_ext\n"
+            "from prism_ext.runtime import cluster\n"
+            "c = cluster('gpt2-tiny', devices=3, timeout=20)\n"
+            "print(*[p.pid for p in c._procs.values()], flush=True)\n"
+            "time.sleep(120)\n")
+    coord = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in coord.stdout.readline().split()]
+    assert len(pids) == 2 and all(alive(p) for p in pids)
+    coord.kill()
+    coord.wait()
+    assert wait_gone(pids, 10) == []
+
+
+def test_ctrl_c_on_the_coordinator_stops_every_process(slow_model):
+    code = ("import torch, prism_ext\n"
+            "from prism_ext.runtime import cluster\n"
+            f"c = cluster(prism_ext.load({str(slow_model)!r}), devices=3, timeout=20)\n"
+            "print(*[p.pid for p in c._procs.values()], flush=True)\n"
+            "ids = torch.randint(0, 512, (4, 1024))\n"
+            "while True:\n"
+            "    c(ids, cr=4, outputs=('last',))\n")
+    coord = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = [int(p) for p in coord.stdout.readline().split()]
+    time.sleep(1.5)
+    t0 = time.monotonic()
+    coord.send_signal(signal.SIGINT)
+    coord.wait(timeout=30)
+    assert time.monotonic() - t0 < 10
+    assert "KeyboardInterrupt" in coord.stderr.read()
+    assert wait_gone(pids, 10) == []
+
+
+# ------------------------------------------------------------------- CLI
+
+def test_prism_run_starts_processes_and_says_so():
+    out = subprocess.run(PRISM + ["run", "--model", "gpt2-tiny", "--text", "The for statement", "--devices", "2",
+                                  "--cr", "2", "--max-new-tokens", "4", "--json", "-q"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["runtime"].startswith("2 processes on this machine")
+    assert result["reference"]["tokens_identical"] >= 0 and result["decode"]["bytes_sent"] == 0
+    sim = subprocess.run(PRISM + ["run", "--model", "gpt2-tiny", "--text", "The for statement", "--devices", "2",
+                                  "--cr", "2", "--max-new-tokens", "4", "--json", "-q", "--simulate"],
+                         capture_output=True, text=True, timeout=120)
+    assert json.loads(sim.stdout)["runtime"].startswith("2 simulated")
+    assert json.loads(sim.stdout)["output"] == result["output"]
+
+
+def test_worker_bad_arguments_are_one_line():
+    out = subprocess.run(PRISM + ["worker", "--master", "nohost", "--rank", "1", "--world", "2", "--token", "x"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "master: expected HOST:PORT" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
