@@ -15,7 +15,7 @@ from .comm.local import LocalGroup
 from .comm.wire import check_wire_dtype
 from .engine import DeviceResult, LayerStats, RunConfig, RunStats, decode_step, run_device
 from .models import Network, load_network
-from .partition import partition
+from .partition import Partition, partition
 
 __all__ = ["load", "PrismModel", "PrismOutput"]
 
@@ -142,22 +142,43 @@ class PrismModel:
         ``inputs``: what the HF model takes (``input_ids`` [+ ``attention_mask``,
         ``token_type_ids``] or ``pixel_values``), as a mapping, a tensor (the
         first of those) or keywords. ``cr``: compression rate, an int or one per
-        layer. ``mode``: ``prism`` or ``voltage`` (ignores cr). Knobs:
+        layer. ``mode``: ``prism``, ``voltage`` (ignores cr) or ``tp`` (tensor
+        parallelism over at most ``heads`` devices; ignores cr, the
+        compression knobs, and takes no device_weights, fp32 only). Knobs:
         ``wire_dtype`` (fp32/fp16/bf16/int8), ``compression_point``
         (attn_input/hidden), ``mean_weighting`` (count/none), ``device_weights``.
         """
         inputs = self._inputs(inputs, model_inputs)
+        if mode == "tp":
+            return self._call_tp(inputs, devices, device_weights, wire_dtype)
         knobs = dict(wire_dtype=wire_dtype, compression_point=compression_point, mean_weighting=mean_weighting)
         results, stats = self._run(inputs, devices, cr, mode, device_weights, knobs)
         fields = {name: torch.cat([r.rows[name] for r in results], dim=1) for name in results[0].rows}
         fields.update(results[0].cls)
         return PrismOutput(fields, stats)
 
+    def _call_tp(self, inputs: dict, devices, device_weights, wire_dtype) -> PrismOutput:
+        """``mode="tp"``: Megatron-style tensor parallelism (prism_ext.tensor_parallel)."""
+        from .tensor_parallel import check_tp_devices, run_device_tp
+
+        _, n = self.net.check_inputs(inputs)
+        devices = check_tp_devices(devices, self.net.heads)
+        if device_weights is not None:
+            raise ValueError("device_weights: mode 'tp' splits heads and MLP columns evenly; pass None")
+        if wire_dtype != "fp32":
+            raise ValueError(f"wire_dtype: mode 'tp' all-reduces in fp32 only, got {wire_dtype!r}")
+        results: list[DeviceResult] = LocalGroup(devices).run(
+            [lambda transport, r=r: run_device_tp(self.net, inputs, r, transport) for r in range(devices)])
+        # Every device holds every position: one full range per device (sizes() = [N] * P).
+        part = Partition(((0, n),) * devices)
+        stats = RunStats("tp", (1,) * len(self.net.blocks), "fp32", part, [r.stats for r in results])
+        return PrismOutput({**results[0].rows, **results[0].cls}, stats)
+
     @torch.no_grad()
     def generate(self, input_ids, *, devices: int = 1, cr=1, max_new_tokens: int = 20, temperature: float = 0.0,
                  top_k: int | None = None, seed: int | None = None, eos_token_id: int | None = None,
                  device_weights=None, wire_dtype: str = "fp32", compression_point: str = "attn_input",
-                 mean_weighting: str = "count", return_stats: bool = False):
+                 mean_weighting: str = "count", return_stats: bool = False, mode: str = "prism"):
         """GPT-2 generation: distributed prefill over ``devices``, then decoding
         on the last device from its kept K/V (own rows and earlier partitions'
         means), with no communication per generated token.
@@ -167,8 +188,11 @@ class PrismModel:
         ``torch.Generator`` seeded by ``seed``. Sequences that emit
         ``eos_token_id`` continue with it (like HF padding with eos). Returns
         the ids [B, N + max_new_tokens], and with ``return_stats`` also
-        ``(prefill RunStats, per-token lists of per-layer stats)``.
+        ``(prefill RunStats, per-token lists of per-layer stats)``. ``mode``:
+        ``prism`` only for now (tensor-parallel generation is not supported).
         """
+        if mode != "prism":
+            raise ValueError(f"mode: generate runs prism only (one device is prism with devices=1), got {mode!r}")
         if self.net.head != "lm":
             raise ValueError(f"generate: needs a language model head; this is {self.model_type} ({self.net.head})")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
