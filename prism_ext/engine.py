@@ -25,7 +25,7 @@ from .models.common import Network
 from .partition import Partition, cr_schedule, segment_ends
 
 __all__ = ["RunConfig", "LayerStats", "DeviceStats", "RunStats", "DeviceResult", "DecodeState", "DecodeStats",
-           "Collected", "GenerateOptions", "OUTPUTS", "run_device", "run_request", "generate_request", "decode_step"]
+           "Collected", "GenerateOptions", "OUTPUTS", "run_device", "run_request", "generate_request", "finish_request", "decode_step"]
 
 MODES = ("prism", "voltage")
 POINTS = ("attn_input", "hidden")
@@ -106,7 +106,8 @@ class DeviceStats:
                 "peak_rss": self.peak_rss,
                 "layers": [{"bytes_sent": s.bytes_sent, "activation_bytes": s.activation_bytes,
                             "rows_sent": s.rows_sent, "rows_received": s.rows_received, "flops_proj": s.flops_proj,
-                            "flops_attention": s.flops_attention, "flops_mlp": s.flops_mlp, "time": dict(s.time)}
+                            "flops_attention": s.flops_attention, "flops_mlp": s.flops_mlp,
+                            "time": {k: round(v, 7) for k, v in s.time.items()}}
                            for s in self.layers]}
 
     @classmethod
@@ -366,7 +367,7 @@ def run_device(net: Network, local: dict, part: Partition, rank: int, transport,
     return DeviceResult(x, stats, state)
 
 
-def _finish(transport, rank: int, stats: DeviceStats, send: dict, meta: dict) -> list | None:
+def finish_request(transport, rank: int, stats: DeviceStats, send: dict, meta: dict) -> list | None:
     """Step 8: send what rank 0 needs (and this device's stats) to rank 0.
     Returns, on rank 0, every rank's (meta, tensors); elsewhere None."""
     stats.peak_rss = peak_rss()
@@ -416,7 +417,7 @@ def run_request(net: Network, local: dict, part: Partition, rank: int, transport
         send.update({f"last.{k}": v for k, v in tail.items()})
     cls = net.cls_outputs(rows) if rank == 0 and "cls" in outputs else {}
     res.stats.time_head = time.perf_counter() - t
-    items = _finish(transport, rank, res.stats, send, {})
+    items = finish_request(transport, rank, res.stats, send, {})
     if items is None:
         return None
     tensors = [tensors for _, tensors in items]
@@ -455,7 +456,7 @@ def generate_request(net: Network, local: dict, part: Partition, rank: int, tran
         ids, decode = _decode(net, res.state, part.length, logits, options)
         send["tokens"] = ids
         meta["decode"] = decode.to_dict()
-    items = _finish(transport, rank, res.stats, send, meta)
+    items = finish_request(transport, rank, res.stats, send, meta)
     if items is None:
         return None
     meta, tensors = items[-1]

@@ -67,9 +67,13 @@ class Request:
                 isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in r)
                 for r in ranges):
             raise ValueError(f"request: ranges must be 1..{world} [start, stop] pairs")
-        ends = [0] + [v for r in ranges for v in r]
-        if any(a != b for a, b in zip(ends[0::2], ends[1::2])) or any(a >= b for a, b in ranges):
-            raise ValueError(f"request: ranges {ranges} are not contiguous non-empty ranges from 0")
+        if mode == "tp":  # every device sees every position
+            if any(r != [0, ranges[0][1]] for r in ranges) or ranges[0][1] < 1:
+                raise ValueError(f"request: tp ranges {ranges} must all be the whole sequence")
+        else:
+            ends = [0] + [v for r in ranges for v in r]
+            if any(a != b for a, b in zip(ends[0::2], ends[1::2])) or any(a >= b for a, b in ranges):
+                raise ValueError(f"request: ranges {ranges} are not contiguous non-empty ranges from 0")
         if ranges[-1][1] > net.n_positions:
             raise ValueError(f"request: {ranges[-1][1]} positions exceed the model's {net.n_positions}")
         batch = meta.get("batch")
@@ -116,6 +120,13 @@ def plan(net: Network, inputs: dict, *, devices: int, mode: str = "prism", cr=1,
     if mode == "single":
         devices = 1
     if mode == "tp":
+        from .tensor_parallel import check_tp_devices
+
+        devices = check_tp_devices(devices, net.heads)
+        if device_weights is not None and devices > 1:
+            raise ValueError("device_weights: mode 'tp' splits heads and MLP columns evenly; pass None")
+        if wire_dtype != "fp32":
+            raise ValueError(f"wire_dtype: mode 'tp' all-reduces in fp32 only, got {wire_dtype!r}")
         ranges = ((0, n),) * devices  # every device sees every position
     else:
         if devices > n:
@@ -127,9 +138,7 @@ def plan(net: Network, inputs: dict, *, devices: int, mode: str = "prism", cr=1,
 
 
 def local_inputs(net: Network, inputs: dict, request: Request, rank: int) -> dict:
-    if request.mode == "tp":
-        return {k: v for k, v in inputs.items() if v is not None}
-    return net.local_inputs(inputs, *request.ranges[rank])
+    return net.local_inputs(inputs, *request.ranges[rank])  # tp: every range is the whole sequence
 
 
 def encode_request(request: Request, local: dict) -> bytes:
@@ -154,7 +163,7 @@ def run(net: Network, request: Request, local: dict, rank: int, transport) -> Co
     if request.mode == "tp":
         from .tensor_parallel import tp_request
 
-        return tp_request(net, local, rank, transport, request.outputs)
+        return tp_request(net, local, request.ranges[0][1], rank, transport, request.outputs)
     part = request.partition
     if request.op == "generate":
         return generate_request(net, local, part, rank, transport, request.cfg, request.generate)

@@ -379,6 +379,7 @@ class Cluster:
         if request.mode == "single":  # rank 0 alone: nothing to send
             return simulate(m.net, inputs, request)
         blobs = [encode_request(request, local_inputs(m.net, inputs, request, r)) for r in range(self.world)]
+        req, local = decode_request(blobs[0], m.net, 0, self.world)  # rank 0 runs what the others receive
         with self._lock:
             self._check_open()
             g = self._group
@@ -391,7 +392,6 @@ class Cluster:
                 for r in range(1, self.world):
                     g.store.delete_key(f"req/{seq - 1}/{r}")
             g.transport.max_frame_bytes = _frame_bound(m, request)
-            req, local = decode_request(blobs[0], m.net, 0, self.world)
             collected = self._guarded(lambda: run(m.net, req, local, 0, g.transport), f"request {seq}")
         for r in range(1, self.world):
             collected.devices[r].input_bytes = len(blobs[r])
@@ -444,26 +444,36 @@ class Cluster:
     # ------------------------------------------------------------ failures
 
     def _diagnose(self, exc: BaseException) -> str:
-        """Name the rank behind a failure: a local process that died, a worker
-        whose heartbeat stopped, or one that reported an error."""
+        """Name the rank behind a failure. A peer's death makes the others
+        fail too ("connection closed by peer"), so the root cause is, in
+        order: a local process killed by a signal, a worker that went silent
+        without reporting an error (killed, hung, or cut off), a worker that
+        reported an error of its own, a local process that exited."""
         time.sleep(0.3)  # let dying peers' error reports land
         for r, p in self._procs.items():
-            if p.poll() is not None and p.returncode != 0:
+            if p.poll() is not None and p.returncode < 0:
                 return f"rank {r} lost: its process {_exit_status(p.returncode)} ({_first_line(exc)})"
         g = self._group
         if g is None:
             return _first_line(exc)
         try:
             beats = {r: g.store.add(f"alive/{r}", 0) for r in range(1, self.world)}
-            errors = {r: bytes(g.store.get(f"error/{r}")).decode(errors="replace")[:500]
-                      for r in range(1, self.world) if g.store.check([f"error/{r}"])}
             time.sleep(4 * _HEARTBEAT)
             stale = [r for r in beats if g.store.add(f"alive/{r}", 0) == beats[r]]
+            errors = {r: bytes(g.store.get(f"error/{r}")).decode(errors="replace")[:500]
+                      for r in range(1, self.world) if g.store.check([f"error/{r}"])}
         except Exception:  # noqa: BLE001 - the store is ours; if it fails, say what we know
             return _first_line(exc)
-        if stale:
-            return (f"rank {stale[0]} lost: no heartbeat for {4 * _HEARTBEAT:.0f} s (process killed, hung, or "
-                    f"network down) ({_first_line(exc)})")
+        silent = [r for r in stale if r not in errors]
+        if silent:
+            return (f"rank {silent[0]} lost: no heartbeat for {4 * _HEARTBEAT:.0f} s and no error report (process "
+                    f"killed, hung, or network down) ({_first_line(exc)})")
+        own = [r for r, e in errors.items() if not _peer_loss(e)]
+        if own:
+            return f"rank {own[0]} failed: {errors[own[0]]}"
+        for r, p in self._procs.items():
+            if p.poll() is not None and p.returncode != 0 and r not in errors:
+                return f"rank {r} lost: its process {_exit_status(p.returncode)} ({_first_line(exc)})"
         if errors:
             r = min(errors)
             return f"rank {r} failed: {errors[r]}"
@@ -497,7 +507,8 @@ class Cluster:
             with contextlib.suppress(Exception):
                 g.store.set(f"req/{self._seq}", b"close")
                 deadline = time.monotonic() + 10
-                while g.store.add("closed", 0) < self.world - 1 and time.monotonic() < deadline:
+                while (g.store.add("closed", 0) < self.world - 1 and time.monotonic() < deadline
+                       and not (self._procs and all(p.poll() is not None for p in self._procs.values()))):
                     time.sleep(0.05)
             self._teardown("closed")
 
@@ -525,6 +536,12 @@ def cluster(model, devices: int | None = None, **kwargs) -> Cluster:
     ``device_weights`` or ``auto_weights=True`` (time every rank, split by
     speed), ``ifname`` (gloo's network interface), ``quiet``."""
     return Cluster(model, devices, **kwargs)
+
+
+def _peer_loss(message: str) -> bool:
+    """An error that only reports another rank's loss (gloo's wording)."""
+    m = message.lower()
+    return "closed by peer" in m or "connection reset" in m or "broken pipe" in m or "timed out" in m
 
 
 def _exit_status(code: int | None) -> str:

@@ -1,11 +1,12 @@
 """Transports: how devices exchange tensors. The engine is handed one.
 
 A transport for device ``rank`` of ``size`` offers ``all_gather(tensors,
-wire_dtype) -> Gathered``; :mod:`.wire` is the byte format every transport
+wire_dtype) -> Gathered`` and ``all_reduce(tensor) -> Reduced`` (fp32 sum,
+tensor parallelism); :mod:`.wire` is the byte format every transport
 uses, so the bytes counted are the bytes that would cross a network.
 """
 
 from .local import LocalGroup, LocalTransport
-from .wire import WIRE_DTYPES, Gathered, decode, encode
+from .wire import WIRE_DTYPES, Gathered, Reduced, decode, encode
 
-__all__ = ["LocalGroup", "LocalTransport", "Gathered", "WIRE_DTYPES", "encode", "decode"]
+__all__ = ["LocalGroup", "LocalTransport", "Gathered", "Reduced", "WIRE_DTYPES", "encode", "decode"]

@@ -2,10 +2,11 @@
 
 Each device runs its own straight-line program on its own thread, but only
 one device runs at a time: a device holds the baton until it calls
-``all_gather`` (or returns), then passes it to the next rank. The devices'
-work is therefore serial, so the wall time each one measures is its own, and
-the program a device runs is the one it would run over a real network.
-Everything exchanged goes through :mod:`.wire`, so the bytes are real.
+``all_gather`` or ``all_reduce`` (or returns), then passes it to the next
+rank. The devices' work is therefore serial, so the wall time each one
+measures is its own, and the program a device runs is the one it would run
+over a real network. Everything exchanged goes through :mod:`.wire`, so the
+bytes are real (an all-reduce counts those of a ring, see its docstring).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-from .wire import Gathered, GatheredTo, check_wire_dtype, decode, decode_message, encode
+import torch
+
+from .wire import (Gathered, GatheredTo, Reduced, check_wire_dtype, decode, decode_message, encode,
+                   ring_all_reduce_bytes)
 
 __all__ = ["LocalGroup", "LocalTransport", "GroupAborted"]
 
@@ -138,3 +142,29 @@ class LocalTransport:
             return GatheredTo(None, len(blob), t1 - t0)
         items = [(meta, tensors) if q == dst else decode_message(b, sender=q) for q, b in enumerate(blobs)]
         return GatheredTo(items, 0, (t1 - t0) + (time.perf_counter() - t2), [len(b) for b in blobs])
+
+    def all_reduce(self, tensor: torch.Tensor) -> Reduced:
+        """Sum an fp32 ``tensor`` over all devices; every device gets the sum.
+
+        Built on the all-gather exchange: each device sends its tensor (fp32
+        on the wire) and adds all of them up in rank order, so the result is
+        bit-identical on every device. ``bytes_sent`` is a ring all-reduce's,
+        what the real (gloo) transport sends, not the in-process blob's."""
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float32:
+            got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise TypeError(f"tensor: expected a float32 torch.Tensor, got {got}")
+        t0 = time.perf_counter()
+        blob, sizes = encode({"t": tensor}, "fp32")
+        t1 = time.perf_counter()
+        blobs = self.group._exchange(self.rank, blob)
+        t2 = time.perf_counter()
+        parts = [decode(b)["t"] for b in blobs]
+        for q, part in enumerate(parts):
+            if part.shape != tensor.shape:
+                raise ValueError(f"tensor: shape {tuple(tensor.shape)} on rank {self.rank}, "
+                                 f"{tuple(part.shape)} on rank {q}")
+        total = parts[0]  # a fresh decoded copy: safe to add into
+        for part in parts[1:]:
+            total += part
+        t3 = time.perf_counter()
+        return Reduced(total, ring_all_reduce_bytes(sizes["t"], self.size), (t1 - t0) + (t3 - t2))

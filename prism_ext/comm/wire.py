@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["WIRE_DTYPES", "Gathered", "GatheredTo", "encode", "decode", "check_wire_dtype"]
+__all__ = ["WIRE_DTYPES", "Gathered", "GatheredTo", "Reduced", "WireError", "ring_all_reduce_bytes", "encode",
+           "decode", "decode_message", "check_wire_dtype"]
 
 WIRE_DTYPES = ("fp32", "fp16", "bf16", "int8")
 _HEADER = struct.Struct("<I")
@@ -49,9 +50,20 @@ class WireError(ValueError):
 
 @dataclass
 class Reduced:
-    tensor: torch.Tensor
-    bytes_sent: int
-    seconds: float = 0.0
+    """What an all-reduce (sum) hands back to one device."""
+
+    tensor: torch.Tensor  # the sum over ranks, bit-identical on every rank
+    bytes_sent: int  # what a ring all-reduce puts on the wire per rank (see ring_all_reduce_bytes)
+    seconds: float = 0.0  # encode + decode + sum, not waiting for peers
+
+
+def ring_all_reduce_bytes(tensor_bytes: int, size: int) -> int:
+    """Bytes one rank sends in a ring all-reduce of ``tensor_bytes`` over
+    ``size`` ranks: a reduce-scatter then an all-gather, each ``size - 1``
+    steps of one ``1/size`` chunk, so 2 (P - 1) / P of the tensor (rounded
+    down). The multi-process runtime uses gloo's all_reduce, a ring, so this,
+    not the in-process exchange, is what would cross the network."""
+    return 2 * (size - 1) * tensor_bytes // size
 
 
 def check_wire_dtype(wire_dtype) -> str:
