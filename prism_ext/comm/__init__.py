@@ -6,6 +6,8 @@ uses, so the bytes counted are the bytes that would cross a network.
 """
 
 from .local import LocalGroup, LocalTransport
-from .wire import WIRE_DTYPES, Gathered, decode, encode
+from .wire import WIRE_DTYPES, Gathered, WireError, decode, decode_message, encode
 
-__all__ = ["LocalGroup", "LocalTransport", "Gathered", "WIRE_DTYPES", "encode", "decode"]
+__all__ = [
+    "LocalGroup", "LocalTransport", "Gathered", "WIRE_DTYPES", "WireError", "encode", "decode", "decode_message",
+]
