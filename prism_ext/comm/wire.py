@@ -106,28 +106,31 @@ def _part_sizes(dtype: str, shape) -> list[int]:
 def _encode_float(name: str, t: torch.Tensor, wire_dtype: str) -> list[bytes]:
     t = t.detach().to(torch.float32).contiguous()
     # The receiver rejects NaN/inf, so catch them here where the cause is visible.
-    if not bool(torch.isfinite(t).all()):
+    # (numpy, not torch, for these checks: torch's reductions cost ~100 us on small tensors.)
+    if not np.isfinite(t.numpy()).all():
         raise ValueError(f"tensors[{name!r}]: has NaN or inf values, which the wire does not carry")
     if wire_dtype == "fp32":
         return [t.numpy().astype("<f4", copy=False).tobytes()]
     if wire_dtype in ("fp16", "bf16"):
-        h = t.to(torch.float16 if wire_dtype == "fp16" else torch.bfloat16)
-        if bool(torch.isinf(h).any()):  # finite input, so it overflowed the wire dtype
+        bits = t.to(torch.float16 if wire_dtype == "fp16" else torch.bfloat16).view(torch.int16).numpy()
+        inf = 0x7C00 if wire_dtype == "fp16" else 0x7F80
+        if ((bits & 0x7FFF) == inf).any():  # finite input, so it overflowed the wire dtype
             alt = "bf16 or fp32" if wire_dtype == "fp16" else "fp32"
             raise ValueError(f"wire_dtype: {wire_dtype} cannot hold tensors[{name!r}] (largest |value| "
                              f"{t.abs().max().item():g} overflows to inf); use {alt}")
-        return [h.view(torch.int16).numpy().astype("<i2", copy=False).tobytes()]
+        return [bits.astype("<i2", copy=False).tobytes()]
     # int8: symmetric, one scale per row so one large row does not flatten the rest.
+    # numpy: the same IEEE float32 arithmetic as torch, without its per-op overhead.
     rows, last = _rows_last(t.shape)
-    t2 = t.reshape(rows, last)
-    if t2.numel() == 0:  # amax cannot reduce an empty row
-        scale = torch.zeros(rows, 1)
+    x = t.numpy().reshape(rows, last)
+    if x.size == 0:  # max cannot reduce an empty row
+        scale = np.zeros((rows, 1), np.float32)
     else:
-        scale = t2.abs().amax(dim=1, keepdim=True) / 127.0
-    if not bool(torch.isfinite(scale * 127.0).all()):  # the receiver computes q * scale
+        scale = np.abs(x).max(axis=1, keepdims=True) / np.float32(127.0)
+    if not np.isfinite(scale * np.float32(127.0)).all():  # the receiver computes q * scale
         raise ValueError(f"wire_dtype: int8 cannot hold tensors[{name!r}] (values near the float32 limit); use fp32")
-    q = torch.round(t2 / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp_(-127, 127).to(torch.int8)
-    return [q.numpy().tobytes(), scale.numpy().astype("<f4", copy=False).tobytes()]
+    q = np.rint(x / np.where(scale > 0, scale, np.float32(1.0))).clip(-127, 127).astype(np.int8)
+    return [q.tobytes(), scale.astype("<f4", copy=False).tobytes()]
 
 
 def _encode_int(name: str, t: torch.Tensor) -> bytes:
@@ -276,28 +279,29 @@ class _Reader:
         return _PREFIX.size + hlen, meta, specs
 
     def entry(self, i: int, e) -> tuple[str, str, list[int], list[int]]:
-        where = f"header tensors[{i}]"
+        def bad(field: str, msg: str):  # the location is built only on failure
+            where = f"header tensors[{i}]" + (f" ({_short(e['name'])})" if field != "name" and type(e) is dict else "")
+            self.fail(f"{where}{' ' + field if field else ''}: {msg}")
+
         if type(e) is not dict or set(e) != _ENTRY_KEYS:
             got = sorted(e)[:8] if type(e) is dict else type(e).__name__
-            self.fail(f"{where}: expected an object with keys dtype, name, parts, shape; got {_short(got)}")
+            self.fail(f"header tensors[{i}]: expected an object with keys dtype, name, parts, shape; got {_short(got)}")
         name, dtype, shape, parts = e["name"], e["dtype"], e["shape"], e["parts"]
         if type(name) is not str or len(name) > MAX_NAME_CHARS:
-            self.fail(f"{where} name: expected a str of at most {MAX_NAME_CHARS} characters, got {_short(name)}")
-        where = f"{where} ({_short(name)})"
+            bad("name", f"expected a str of at most {MAX_NAME_CHARS} characters, got {_short(name)}")
         if type(dtype) is not str or dtype not in _DTYPES:
-            self.fail(f"{where} dtype: expected one of {', '.join(_DTYPES)}, got {_short(dtype)}")
+            bad("dtype", f"expected one of {', '.join(_DTYPES)}, got {_short(dtype)}")
         # type(d) is int: JSON true/false arrive as bool, which isinstance would take for an int.
         if (type(shape) is not list or len(shape) > MAX_DIMS
                 or any(type(d) is not int or d < 0 for d in shape)):
-            self.fail(f"{where} shape: expected a list of at most {MAX_DIMS} non-negative ints, got {_short(shape)}")
+            bad("shape", f"expected a list of at most {MAX_DIMS} non-negative ints, got {_short(shape)}")
         if math.prod(max(d, 1) for d in shape) > MAX_SPAN:
-            self.fail(f"{where} shape: {_short(shape)} is too large (more than 2**48 elements per dimension product)")
+            bad("shape", f"{_short(shape)} is too large (product of its dimensions over 2**48)")
         want = _part_sizes(dtype, shape)
         if type(parts) is not list or any(type(p) is not int or p < 0 for p in parts):
-            self.fail(f"{where} parts: expected a list of non-negative ints, got {_short(parts)}")
+            bad("parts", f"expected a list of non-negative ints, got {_short(parts)}")
         if parts != want:
-            self.fail(f"{where} parts: {_short(parts)} do not match dtype {dtype} and shape {_short(shape)} "
-                      f"(expected {want})")
+            bad("parts", f"{_short(parts)} do not match dtype {dtype} and shape {_short(shape)} (expected {want})")
         return name, dtype, shape, parts
 
     def tensor(self, buf: np.ndarray, off: int, name: str, dtype: str, shape: list[int], parts: list[int]):
