@@ -144,6 +144,8 @@ def _run(args: argparse.Namespace) -> int:
     knobs = dict(wire_dtype=args.wire_dtype, compression_point=args.compression_point,
                  mean_weighting=args.mean_weighting, device_weights=args.weights)
     common = dict(devices=devices, cr=args.cr, mode=args.mode, compare=not args.no_compare, quiet=args.quiet)
+    jobs.check_job(model, text=args.text, devices=devices, cr=args.cr, mode=args.mode,
+                   max_new_tokens=args.max_new_tokens, **knobs)
     c = None
     try:
         if where != "simulate":

@@ -213,7 +213,7 @@ class DecodeStats:
     seconds: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"bytes_sent": self.bytes_sent, "flops": self.flops, "seconds": self.seconds}
+        return {"bytes_sent": self.bytes_sent, "flops": self.flops, "seconds": [round(s, 6) for s in self.seconds]}
 
     @classmethod
     def from_dict(cls, d, where: str = "decode stats") -> "DecodeStats":

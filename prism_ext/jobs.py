@@ -21,7 +21,7 @@ from . import zoo
 from .api import PrismModel
 from .engine import RunStats
 
-__all__ = ["load_model", "stats_dict", "run_text", "run_image", "run_digits", "demo", "format_run", "format_demo",
+__all__ = ["load_model", "stats_dict", "check_job", "run_text", "run_image", "run_digits", "demo", "format_run", "format_demo",
            "DEMO_PROMPT"]
 
 DEMO_PROMPT = "The \"for\" statement is used to iterate over the elements of a sequence"
@@ -115,6 +115,25 @@ def _encode(model: PrismModel, text: str, room: int) -> tuple[list[int], object]
     if not ids:
         raise ValueError("text: encodes to no tokens")
     return ids, tok
+
+
+def check_job(model: PrismModel, *, text: str | None = None, devices: int = 4, cr=4, mode: str = "prism",
+              max_new_tokens: int = 40, **knobs) -> None:
+    """Every check a job makes before it runs, so a bad one is refused before
+    any device (process) is started."""
+    knobs = _knobs(**knobs)
+    if text is None:
+        _processor(model)
+        _validate(model, model.net.grid ** 2 + 1, devices, cr, mode, knobs)
+        return
+    if model.model_type == "vit":
+        raise ValueError("text: vit models take --image, not --text")
+    generating = model.model_type == "gpt2" and max_new_tokens > 0
+    if generating and mode not in ("prism", "single"):
+        raise ValueError(f"mode: generation runs in prism or single mode; use --max-new-tokens 0 for a {mode} "
+                         f"forward pass")
+    ids, _ = _encode(model, text, max_new_tokens if generating else 0)
+    _validate(model, len(ids), devices, cr, mode, knobs)
 
 
 def run_text(model: PrismModel, text: str, *, devices: int = 4, cr=4, mode: str = "prism",

@@ -177,7 +177,7 @@ def test_run_json_image_file(capsys, tmp_path, vit, held_out):
     (["run", "--model", "gpt2-tiny", "--image", "a.png"], "a.png"),
     (["run", "--model", "vit-tiny-digits", "--text", "hi"], "--image"),
     (["run", "--model", "gpt2-tiny", "--text", "hi", "--mode", "voltage"], "mode"),
-    (["run", "--model", "gpt2-tiny", "--text", "hi", "--device-weights", "1,1"], "--device-weights"),
+    (["run", "--model", "gpt2-tiny", "--text", "hi", "--weights", "1,1"], "--weights"),
     (["run", "--model", "gpt2-tiny"], "--text"),
     (["demo", "--cr", "0"], "--cr"),
     (["zoo", "train", "bert-huge"], "bert-huge"),

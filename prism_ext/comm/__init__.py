@@ -7,6 +7,9 @@ uses, so the bytes counted are the bytes that would cross a network.
 """
 
 from .local import LocalGroup, LocalTransport
-from .wire import WIRE_DTYPES, Gathered, Reduced, decode, encode
+from .wire import WIRE_DTYPES, Gathered, GatheredTo, Reduced, WireError, decode, decode_message, encode
 
-__all__ = ["LocalGroup", "LocalTransport", "Gathered", "Reduced", "WIRE_DTYPES", "encode", "decode"]
+__all__ = [
+    "LocalGroup", "LocalTransport", "Gathered", "GatheredTo", "Reduced", "WIRE_DTYPES", "WireError", "encode", "decode",
+    "decode_message",
+]

@@ -126,7 +126,7 @@ class LocalTransport:
         t1 = time.perf_counter()
         blobs = self.group._exchange(self.rank, blob)
         t2 = time.perf_counter()
-        items = [decode(b) for b in blobs]
+        items = [decode(b, sender=q) for q, b in enumerate(blobs)]  # errors name the sending rank
         t3 = time.perf_counter()
         return Gathered(items=items, bytes_sent=len(blob), tensor_bytes=sizes, seconds=(t1 - t0) + (t3 - t2))
 
