@@ -222,7 +222,7 @@ def register(sub) -> None:
     """Add ``run``, ``demo`` and ``zoo`` to the ``prism`` subparsers."""
     from .zoo import NAMES
 
-    run = _one_line_errors(sub.add_parser("run", help="run a checkpoint over P simulated devices on a text or an image",
+    run = _one_line_errors(sub.add_parser("run", help="run a checkpoint over P devices (processes, or --simulate) on a text or an image",
                          description="Run a checkpoint (a bundled name, a checkpoint directory or a cached hub "
                                      "name) over P simulated devices. GPT-2 --text: greedy generation; BERT --text: "
                                      "embedding (and class); ViT --image: class."), "run")
