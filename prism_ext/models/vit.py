@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Block, LayerNorm, Network, Weights, activation, cfg, check_heads
+from .common import Block, LayerNorm, Network, Weights, activation, cfg, cfg_eps, cfg_int, check_device, check_heads
 
 MODEL_TYPE = "vit"
 
@@ -20,14 +20,14 @@ class ViT(Network):
 
     def __init__(self, config: dict, w: Weights):
         self.config = config
-        d = cfg(config, "hidden_size", required=True)
-        heads = cfg(config, "num_attention_heads", required=True)
-        layers = cfg(config, "num_hidden_layers", required=True)
-        d_ff = cfg(config, "intermediate_size", required=True)
-        self.image = cfg(config, "image_size", required=True)
-        self.patch = cfg(config, "patch_size", required=True)
-        self.channels = cfg(config, "num_channels", 3)
-        eps = cfg(config, "layer_norm_eps", 1e-12)
+        d = cfg_int(config, "hidden_size", required=True)
+        heads = cfg_int(config, "num_attention_heads", required=True)
+        layers = cfg_int(config, "num_hidden_layers", required=True)
+        d_ff = cfg_int(config, "intermediate_size", required=True)
+        self.image = cfg_int(config, "image_size", required=True)
+        self.patch = cfg_int(config, "patch_size", required=True)
+        self.channels = cfg_int(config, "num_channels", 3)
+        eps = cfg_eps(config, "layer_norm_eps", 1e-12)
         check_heads(d, heads)
         if self.image % self.patch:
             raise ValueError(f"config.json: image_size {self.image} is not a multiple of patch_size {self.patch}")
