@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_sampling, warn_if_coarse
 from .comm.local import LocalGroup
 from .comm.wire import check_wire_dtype
 from .engine import DeviceResult, LayerStats, RunConfig, RunStats, decode_step, run_device
@@ -122,6 +123,7 @@ class PrismModel:
         check_wire_dtype(knobs["wire_dtype"])
         cfg = RunConfig.make(len(self.net.blocks), mode=mode, cr=cr, **knobs)
         part = partition(n, devices, device_weights)
+        warn_if_coarse(part, cfg.mode, cfg.crs)
         last = devices - 1
 
         def device(rank):
@@ -175,6 +177,7 @@ class PrismModel:
             raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
         if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
             raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
+        check_sampling(temperature, seed)
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
         inputs = self._inputs(input_ids, {})

@@ -80,11 +80,17 @@ class ViT(Network):
         px = inputs.get("pixel_values")
         if not isinstance(px, torch.Tensor):
             raise TypeError(f"pixel_values: expected a torch.Tensor, got {type(px).__name__}")
+        check_device(px, "pixel_values")
         if not px.dtype.is_floating_point:
             raise TypeError(f"pixel_values: expected a floating dtype, got {px.dtype}")
         want = (self.channels, self.image, self.image)
         if px.dim() != 4 or tuple(px.shape[1:]) != want or px.shape[0] < 1:
             raise ValueError(f"pixel_values: expected shape [batch, {', '.join(map(str, want))}], got {tuple(px.shape)}")
+        # One NaN pixel would make every output NaN (or, before every ISA
+        # agreed on NaN, a confident wrong label): refuse it up front.
+        if not bool(torch.isfinite(px).all()):
+            bad = int((~torch.isfinite(px)).sum())
+            raise ValueError(f"pixel_values: {bad} value(s) are NaN or infinite; every pixel must be finite")
         return px.shape[0], self.grid * self.grid + 1
 
     def valid(self, inputs: dict) -> torch.Tensor | None:
