@@ -1,5 +1,5 @@
 # `make check`: set up a fresh Debian machine (packages, .venv) and run every
-# test (pytest, C++ tests natively, with ASan+UBSan, and for aarch64 under
+# test (pytest, C++ tests natively, with ASan+UBSan, with TSan, and for aarch64 under
 # qemu). See scripts/check.sh.
 .PHONY: check clean
 

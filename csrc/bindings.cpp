@@ -5,8 +5,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <optional>
+#include <utility>
 #include <stdexcept>
 #include <string>
 
@@ -51,6 +54,22 @@ py::array_t<T> checked(const py::handle& obj, const char* name, py::ssize_t ndim
   return py::reinterpret_borrow<py::array_t<T>>(arr);
 }
 
+// Byte range [first, last) an array's elements span (not empty arrays).
+std::pair<uintptr_t, uintptr_t> byte_extent(const py::array& a) {
+  uintptr_t lo = reinterpret_cast<uintptr_t>(a.data()), hi = lo;
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    const py::ssize_t span = (a.shape(i) - 1) * a.strides(i);
+    if (span < 0) lo += span; else hi += span;
+  }
+  return {lo, hi + a.itemsize()};
+}
+
+bool overlaps(const py::array& a, const py::array& b) {
+  if (a.size() == 0 || b.size() == 0) return false;
+  const auto ea = byte_extent(a), eb = byte_extent(b);
+  return ea.first < eb.second && eb.first < ea.second;
+}
+
 template <typename T>
 bool is_c_contiguous(const py::array_t<T>& a) {
   py::ssize_t expect = 1;
@@ -86,6 +105,7 @@ py::tuple segment_means(const py::object& x_obj, int64_t seg, const py::object& 
   if (seg < 1) fail("seg: must be >= 1, got " + std::to_string(seg));
   const int64_t L = x.shape(0), n = x.shape(1), d = x.shape(2);
   if (n < 1 || d < 1) fail("x: needs at least one row and one column, got shape " + shape_str(x));
+  seg = std::min(seg, n);  // a longer segment is the whole row range; keeps the arithmetic in range
   std::optional<py::array_t<uint8_t>> valid;
   if (!valid_obj.is_none()) {
     valid = checked<uint8_t>(valid_obj, "valid", 2);
@@ -194,6 +214,15 @@ py::array_t<float> masked_softmax(const py::object& scores_obj, const py::object
     for (py::ssize_t i = 0; i < nd; ++i)
       if (out.shape(i) != scores.shape(i)) fail("out: expected shape " + shape_str(scores) + ", got " + shape_str(out));
     if (!py::reinterpret_borrow<py::array>(out_obj).writeable()) fail("out: must be writeable");
+    // Rows are read and written in one pass: out may be scores exactly (the
+    // same row is read before it is written) but must not otherwise share
+    // memory with an input, or later rows would read earlier results.
+    const bool same = out.data() == scores.data();  // both C-contiguous, same shape
+    if (!same && overlaps(out, scores))
+      fail("out: overlaps scores partially; pass out=scores for an in-place softmax, or a separate array");
+    if (mask && overlaps(out, *mask)) fail("out: overlaps additive_mask; pass a separate array");
+    if ((q_pos && overlaps(out, *q_pos)) || (k_pos && overlaps(out, *k_pos)))
+      fail("out: overlaps q_pos or k_pos; pass a separate array");
   }
   prism::SoftmaxProblem p{};
   p.scores = scores.data();
@@ -273,8 +302,18 @@ PYBIND11_MODULE(_C, m) {
     return d;
   });
   m.def("get_num_threads", &prism::num_threads);
-  m.def("set_num_threads", [](int n) {
-    if (n < 1) throw py::value_error("n: thread count must be >= 1, got " + std::to_string(n));
+  m.def("max_threads", &prism::max_threads);
+  // Takes any object so a huge or non-int n gets one clear line, not
+  // pybind11's list of overloads.
+  m.def("set_num_threads", [](const py::object& obj) {
+    if (!py::isinstance<py::int_>(obj) || py::isinstance<py::bool_>(obj))
+      throw py::type_error("n: expected an int, got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
+    const int max = prism::max_threads();
+    if (obj < py::int_(1) || obj > py::int_(max))
+      throw py::value_error("n: thread count must be in [1, " + std::to_string(max) + "], got " +
+                            std::string(py::str(obj)));
+    const int n = obj.cast<int>();
+    py::gil_scoped_release release;  // joining and starting threads can take a while
     prism::set_num_threads(n);
   }, py::arg("n"));
 }

@@ -1,5 +1,6 @@
 #include "ops.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -68,14 +69,17 @@ void segment_means_f32(const SegmentMeansProblem& p, Isa isa) {
   require(p.seg >= 1, "seg: must be >= 1, got " + std::to_string(p.seg));
   require(p.L >= 0 && p.n >= 1 && p.d >= 1, "x: needs at least one row and one column");
   const SegmentMeansFn fn = select_segment_means(isa);
-  const int64_t m = (p.n + p.seg - 1) / p.seg;
+  // seg > n is one segment of n rows; clamping first keeps seg * d and
+  // n + seg from overflowing (seg may be up to INT64_MAX).
+  const int64_t seg = std::min(p.seg, p.n);
+  const int64_t m = p.n / seg + (p.n % seg != 0);
   // Enough rows per task to amortise the hand-off (~16K floats).
-  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, p.seg * p.d));
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, seg * std::min<int64_t>(p.d, 1 << 14)));
   parallel_for(p.L * m, grain, [&](int64_t begin, int64_t end) {
     while (begin < end) {
       const int64_t b = begin / m, s0 = begin % m, s1 = std::min(m, s0 + (end - begin));
       SegmentMeansArgs a{p.x + b * p.x_batch_stride, p.valid ? p.valid + b * p.n : nullptr,
-                         p.means + b * m * p.d, p.counts + b * m, p.n, p.d, p.seg, p.x_row_stride};
+                         p.means + b * m * p.d, p.counts + b * m, p.n, p.d, seg, p.x_row_stride};
       fn(a, s0, s1);
       begin += s1 - s0;
     }

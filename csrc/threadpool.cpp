@@ -5,35 +5,47 @@
 #include <condition_variable>
 #include <exception>
 #include <mutex>
+#include <stdexcept>
+#include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
+#include <pthread.h>
+
 namespace prism {
 namespace {
+
+constexpr int kMaxThreads = 1024;
 
 thread_local bool in_pool_task = false;
 
 class Pool {
  public:
-  ~Pool() { resize(1); }
-
   int size() {
     std::lock_guard<std::mutex> g(run_mutex_);
-    return static_cast<int>(workers_.size()) + 1;
+    return size_unlocked();
   }
+  // Without the lock: for the fork child, where run_mutex_ may be held by a
+  // thread that no longer exists.
+  int size_unlocked() const { return static_cast<int>(workers_.size()) + 1; }
 
+  // Resizes to n threads (caller included). On failure (the OS refuses a
+  // thread) the pool goes back to its previous size and the error propagates.
   void resize(int n) {
     std::lock_guard<std::mutex> g(run_mutex_);
+    const int previous = static_cast<int>(workers_.size()) + 1;
     stop_workers();
-    // A new worker must start from the current generation, read here and not
-    // in the thread: a job posted before the thread first runs would otherwise
-    // count as already seen, and run() would wait for that worker forever.
-    uint64_t generation = 0;
-    {
-      std::lock_guard<std::mutex> lk(m_);
-      generation = generation_;
+    try {
+      start_workers(n);
+    } catch (...) {
+      stop_workers();
+      try {
+        start_workers(previous);
+      } catch (...) {  // best effort: a smaller pool still computes correctly
+      }
+      throw;
     }
-    for (int i = 1; i < n; ++i) workers_.emplace_back([this, generation] { worker_loop(generation); });
   }
 
   void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
@@ -96,6 +108,19 @@ class Pool {
     }
   }
 
+  void start_workers(int n) {
+    // A new worker must start from the current generation, read here and not
+    // in the thread: a job posted before the thread first runs would otherwise
+    // count as already seen, and run() would wait for that worker forever.
+    uint64_t generation = 0;
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      generation = generation_;
+    }
+    workers_.reserve(static_cast<size_t>(n > 1 ? n - 1 : 0));
+    for (int i = 1; i < n; ++i) workers_.emplace_back([this, generation] { worker_loop(generation); });
+  }
+
   void stop_workers() {
     {
       std::lock_guard<std::mutex> g(m_);
@@ -120,23 +145,67 @@ class Pool {
   std::exception_ptr error_;
 };
 
+// The pool lives behind a pointer so a child made by fork() can drop the
+// parent's: its threads do not exist in the child, and waiting for them would
+// hang for ever. The child makes a new pool of the same size on first use.
+// The old object is leaked, never destroyed: its mutexes may have been held by
+// a thread that is gone, and its std::thread members are still "joinable".
+std::mutex g_pool_mutex;  // guards creation; held across fork (see below)
+std::atomic<Pool*> g_pool{nullptr};
+int g_pool_size = 0;  // size the next pool starts with (0: hardware threads)
+
+void before_fork() { g_pool_mutex.lock(); }
+void after_fork_parent() { g_pool_mutex.unlock(); }
+void after_fork_child() {
+  // This thread held g_pool_mutex through fork (before_fork), so nothing else
+  // touches the pool state here; the child is single-threaded anyway.
+  Pool* old = g_pool.load();
+  if (old) g_pool_size = old->size_unlocked();
+  g_pool.store(nullptr);
+  g_pool_mutex.unlock();
+}
+
 Pool& pool() {
-  // Leaked on purpose: joining threads from a static destructor at interpreter
-  // exit can deadlock, and the OS reclaims them anyway.
-  static Pool* p = [] {
-    auto* q = new Pool();
+  Pool* p = g_pool.load(std::memory_order_acquire);
+  if (p) return *p;
+  std::lock_guard<std::mutex> g(g_pool_mutex);
+  p = g_pool.load();
+  if (p) return *p;
+  static const bool registered = pthread_atfork(before_fork, after_fork_parent, after_fork_child) == 0;
+  (void)registered;  // without it fork still works until a kernel runs in the child
+  p = new Pool();
+  int n = g_pool_size;
+  if (n < 1) {
     const unsigned hw = std::thread::hardware_concurrency();
-    q->resize(hw == 0 ? 1 : static_cast<int>(hw));
-    return q;
-  }();
+    n = hw == 0 ? 1 : static_cast<int>(std::min<unsigned>(hw, kMaxThreads));
+  }
+  try {
+    p->resize(n);
+  } catch (...) {  // too many threads for the OS: run on the caller alone
+  }
+  g_pool.store(p, std::memory_order_release);
   return *p;
 }
 
 }  // namespace
 
+int max_threads() { return kMaxThreads; }
+
 int num_threads() { return pool().size(); }
 
-void set_num_threads(int n) { pool().resize(std::max(1, n)); }
+void set_num_threads(int n) {
+  // Checked before anything changes: a huge n would otherwise start threads
+  // until the OS refuses, leaving a pool thousands of threads strong.
+  if (n < 1 || n > kMaxThreads)
+    throw std::invalid_argument("n: thread count must be in [1, " + std::to_string(kMaxThreads) + "], got " +
+                                std::to_string(n));
+  try {
+    pool().resize(n);
+  } catch (const std::system_error& e) {
+    throw std::invalid_argument("n: could not start " + std::to_string(n) + " threads (" + e.what() +
+                                "); the thread count is unchanged");
+  }
+}
 
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   pool().run(n, grain, fn);

@@ -8,7 +8,12 @@ namespace prism {
 
 // Number of threads parallel_for uses (the caller counts as one).
 int num_threads();
-// n >= 1. Resizes the pool; safe to call between (not during) parallel calls.
+// The largest thread count set_num_threads accepts.
+int max_threads();
+// 1 <= n <= max_threads(), else std::invalid_argument (nothing changes).
+// Resizes the pool; safe to call between (not during) parallel calls. If the
+// OS refuses a thread, throws std::invalid_argument and keeps the old size.
+// Fork-safe: a child made by fork() gets a new pool of the same size.
 void set_num_threads(int n);
 
 // Runs fn(begin, end) over [0, n) split into chunks of at least `grain`

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_sampling
 from .engine import GenerateOptions, RunStats
 from .models import Network, load_network
 from .program import plan, run_stats, simulate
@@ -157,6 +158,7 @@ class PrismModel:
         """Checks of a generation request (shared with the live cluster)."""
         if self.net.head != "lm":
             raise ValueError(f"generate: needs a language model head; this is {self.model_type} ({self.net.head})")
+        check_sampling(temperature, seed)
         options = GenerateOptions(max_new_tokens, temperature, top_k, seed, eos_token_id)
         inputs = self._inputs(input_ids, {})
         if "attention_mask" in inputs:

@@ -156,8 +156,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_accuracy_warnings() -> None:
+    """AccuracyWarning as one line on stderr, once per message (the peer runs
+    of `prism run` would repeat it), instead of Python's two-line format."""
+    import warnings
+
+    from prism_ext.partition import AccuracyWarning
+
+    default, seen = warnings.showwarning, set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, AccuracyWarning):
+            return default(message, category, filename, lineno, file, line)
+        if str(message) not in seen:
+            seen.add(str(message))
+            print(f"prism: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _one_line_accuracy_warnings()
     return args.func(args)
 
 

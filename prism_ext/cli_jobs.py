@@ -14,6 +14,7 @@ from pathlib import Path
 __all__ = ["register"]
 
 _USER_ERRORS = (ValueError, TypeError, ImportError, OSError)  # OSError covers FileNotFoundError
+_MAX_INT = 2**31 - 1  # counts travel as int32; prism_ext.partition.MAX_COUNT
 
 
 def _user_errors(command: str):
@@ -48,6 +49,8 @@ def _cr(text: str):
         raise argparse.ArgumentTypeError(f"expected an int or comma-separated ints, got {text!r}") from None
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    if any(v > _MAX_INT for v in values):  # checked before any arithmetic
+        raise argparse.ArgumentTypeError(f"must be <= {_MAX_INT}, got {text}")
     return values[0] if len(values) == 1 else values
 
 
@@ -61,6 +64,8 @@ def _int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if value > _MAX_INT:  # checked before any arithmetic
+            raise argparse.ArgumentTypeError(f"must be <= {_MAX_INT}, got {value}")
         return value
 
     return parse
@@ -141,6 +146,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.auto_weights and where == "simulate":
         raise ValueError("--auto-weights: needs real devices (not --simulate, and more than one device)")
     model = jobs.load_model(args.model)
+    # An option that does not fit the model is an error (docs/demo.md), not ignored.
+    if args.max_new_tokens is not None and (args.text is None or model.model_type != "gpt2"):
+        raise ValueError(f"--max-new-tokens: only GPT-2 text generation takes it; this is {model.model_type}")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 40
     knobs = dict(wire_dtype=args.wire_dtype, compression_point=args.compression_point,
                  mean_weighting=args.mean_weighting, device_weights=args.weights)
     common = dict(devices=devices, cr=args.cr, mode=args.mode, compare=not args.no_compare, quiet=args.quiet)
@@ -247,8 +257,8 @@ def register(sub) -> None:
     what = run.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="input text (GPT-2, BERT)")
     what.add_argument("--image", nargs="+", metavar="FILE", help="image file(s) (ViT); PNG, other formats via Pillow")
-    run.add_argument("--max-new-tokens", type=_nonnegative, default=40,
-                     help="GPT-2: tokens to generate (0: one forward pass, next-token prediction)")
+    run.add_argument("--max-new-tokens", type=_nonnegative, default=None,
+                     help="GPT-2: tokens to generate (default 40; 0: one forward pass, next-token prediction)")
     run.add_argument("--wire-dtype", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
     run.add_argument("--compression-point", choices=("attn_input", "hidden"), default="attn_input")
     run.add_argument("--mean-weighting", choices=("count", "none"), default="count")

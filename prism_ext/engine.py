@@ -250,10 +250,10 @@ class GenerateOptions:
     eos_token_id: int | None = None
 
     def __post_init__(self):
-        def whole(v, name, low, none_ok=False):
+        def whole(v, name, low, none_ok=False, high=2**62):
             if v is None and none_ok:
                 return
-            if isinstance(v, bool) or not isinstance(v, int) or v < low or v > 2**62:
+            if isinstance(v, bool) or not isinstance(v, int) or v < low or v > high:
                 raise ValueError(f"{name}: expected an int >= {low}{' or None' if none_ok else ''}, got {v!r}")
 
         whole(self.max_new_tokens, "max_new_tokens", 1)
@@ -261,7 +261,7 @@ class GenerateOptions:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature: expected a finite number >= 0, got {t!r}")
         whole(self.top_k, "top_k", 1, none_ok=True)
-        whole(self.seed, "seed", 0, none_ok=True)
+        whole(self.seed, "seed", -(2**63), none_ok=True, high=2**64 - 1)  # what torch.Generator takes
         whole(self.eos_token_id, "eos_token_id", 0, none_ok=True)
 
 

@@ -111,7 +111,9 @@ def _encode(model: PrismModel, text: str, room: int) -> tuple[list[int], object]
     limit = int(model.net.config.get("n_positions") or model.net.config.get("max_position_embeddings") or 0)
     if limit and len(ids) + room > limit:
         extra = f" + {room} new tokens" if room else ""
-        raise ValueError(f"text: {len(ids)} tokens{extra} exceed the model's {limit} positions")
+        hint = f"; use at most {limit - len(ids)} new tokens (--max-new-tokens) or a shorter text" \
+            if room and len(ids) < limit else ""
+        raise ValueError(f"text: {len(ids)} tokens{extra} exceed the model's {limit} positions{hint}")
     if not ids:
         raise ValueError("text: encodes to no tokens")
     return ids, tok
@@ -364,7 +366,8 @@ def _cost_lines(r: dict) -> list[str]:
              f"wire {s['wire_dtype']}"]
     if "voltage" in r:
         v = r["voltage"]
-        lines.append(f"bytes exchanged: {s['bytes_sent']} B (PRISM) vs {v['bytes_sent']} B (Voltage): "
+        label = "PRISM" if r.get("mode", "prism") == "prism" else f"this run, {r['mode']}"
+        lines.append(f"bytes exchanged: {s['bytes_sent']} B ({label}) vs {v['bytes_sent']} B (Voltage): "
                      f"-{100 * v['bytes_reduction']:.1f}% (activations alone -{100 * v['activation_bytes_reduction']:.1f}%)")
         lines.append(f"FLOPs of the busiest device: -{100 * v['busiest_device_flops_reduction']:.1f}% vs Voltage")
     lines += _device_table(s, r.get("voltage"))

@@ -156,7 +156,9 @@ def segment_means(x, seg: int, valid=None):
         if tuple(valid.shape) != tuple(arr.shape[:-1]):
             raise ValueError(f"valid: expected shape {tuple(arr.shape[:-1])}, got {tuple(valid.shape)}")
         valid_arr = np.ascontiguousarray((valid != 0).reshape(-1, n).view(np.uint8))
-    means, counts = _C.segment_means(flat, int(seg), valid_arr)
+    # seg > n is one segment of all n rows; clamping keeps any Python int
+    # (even beyond int64) a valid argument for the C++ side.
+    means, counts = _C.segment_means(flat, min(int(seg), n), valid_arr)
     m = means.shape[1]
     return _wrap(means.reshape(*lead, m, d), x), _wrap(counts.reshape(*lead, m), x)
 

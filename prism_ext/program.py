@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import warn_if_coarse
 from .comm.local import LocalGroup
 from .comm.wire import check_wire_dtype, decode_message, encode
 from .engine import OUTPUTS, Collected, GenerateOptions, RunConfig, RunStats, generate_request, run_request
@@ -131,7 +132,9 @@ def plan(net: Network, inputs: dict, *, devices: int, mode: str = "prism", cr=1,
     else:
         if devices > n:
             raise ValueError(f"devices: {devices} devices need at least {devices} positions, the input has {n}")
-        ranges = partition(n, devices, device_weights if devices > 1 else None).ranges
+        part = partition(n, devices, device_weights if devices > 1 else None)
+        warn_if_coarse(part, mode, cfg.crs)
+        ranges = part.ranges
     if generate is not None and mode not in ("prism", "single"):
         raise ValueError(f"mode: generation runs in prism or single mode, not {mode!r}")
     return Request("generate" if generate is not None else "forward", cfg, mode, ranges, batch, outputs, generate)

@@ -30,6 +30,7 @@ def segment_means(x: torch.Tensor, seg: int, valid: torch.Tensor | None = None):
     has count 0 and a zero mean.
     """
     n, d = x.shape[-2], x.shape[-1]
+    seg = min(seg, n)  # a longer segment holds all n rows
     m = -(-n // seg)
     w = torch.ones(x.shape[:-1], dtype=x.dtype) if valid is None else valid.to(x.dtype)
     pad = m * seg - n
@@ -63,35 +64,53 @@ def _queries(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t if t.dim() == 2 else t.reshape(t.shape[0], *([1] * (ndim - 3)), t.shape[1], 1)
 
 
-def _logit_bias(shape, counts, q_pos, k_pos, additive_mask) -> torch.Tensor:
-    """Everything added to the logits, in float64, broadcast to ``shape``."""
+def _logit_bias(shape, counts, q_pos, k_pos, additive_mask):
+    """(bias added to the logits in float64, hidden keys as a bool mask), both
+    broadcast to ``shape``. Hidden: count 0 or a key in the query's future."""
     ndim = len(shape)
     bias = torch.zeros(shape, dtype=torch.float64)
+    hidden = torch.zeros(shape, dtype=torch.bool)
     if counts is not None:
         bias = bias + _keys(key_bias(counts), ndim)
+        hidden = hidden | _keys(counts == 0, ndim)
     if q_pos is not None:
         visible = _keys(k_pos, ndim) <= _queries(q_pos, ndim)
-        bias = bias.masked_fill(~visible, -math.inf)
+        hidden = hidden | ~visible
     if additive_mask is not None:
         bias = bias + additive_mask.to(torch.float64)
-    return bias
+    return bias, hidden
 
 
 def masked_softmax(scores, counts=None, q_pos=None, k_pos=None, additive_mask=None, dtype=torch.float64):
     """Row softmax of ``scores + log(counts) + additive_mask`` with the causal
-    position rule; rows with nothing visible are zero. Computed in ``dtype``."""
-    z = scores.to(dtype) + _logit_bias(scores.shape, counts, q_pos, k_pos, additive_mask).to(dtype)
+    position rule; rows with nothing visible are zero. Computed in ``dtype``.
+
+    Non-finite values (docs/errors.md): a hidden key (count 0, future
+    position) is -inf whatever its score; a visible logit that is NaN or +inf
+    makes the whole row NaN, as torch.softmax does."""
+    bias, hidden = _logit_bias(scores.shape, counts, q_pos, k_pos, additive_mask)
+    z = (scores.to(dtype) + bias.to(dtype)).masked_fill(hidden, -math.inf)
     p = torch.softmax(z, dim=-1)
     dead = torch.isneginf(z).all(dim=-1, keepdim=True)
-    return torch.where(dead, torch.zeros((), dtype=dtype), p)
+    bad = (torch.isnan(z) | torch.isposinf(z)).any(dim=-1, keepdim=True)
+    p = torch.where(dead, torch.zeros((), dtype=dtype), p)
+    return torch.where(bad, torch.full((), math.nan, dtype=dtype), p)
 
 
 def compressed_attention(q, k, v, counts=None, q_pos=None, k_pos=None, scale=None, dtype=torch.float64):
-    """softmax(scale q k^T + log counts, causal rule) v over ``[B, H, n, dh]``."""
+    """softmax(scale q k^T + log counts, causal rule) v over ``[B, H, n, dh]``.
+
+    A key of weight 0 for a query (hidden, or logit -inf) is not read, so an
+    inf/NaN in its value does not reach that query's row (0 * inf would)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
     p = masked_softmax(scores, counts, q_pos, k_pos, dtype=dtype)
-    return torch.matmul(p, v.to(dtype))
+    v = v.to(dtype)
+    if bool(torch.isfinite(v).all()):
+        return torch.matmul(p, v)  # weight-0 keys add 0 * finite = 0
+    terms = torch.where((p > 0).unsqueeze(-1), p.unsqueeze(-1) * v.unsqueeze(-3), torch.zeros((), dtype=dtype))
+    out = terms.sum(-2)
+    return torch.where(torch.isnan(p).any(-1, keepdim=True), torch.full((), math.nan, dtype=dtype), out)
 
 
 def repeated_attention(q, k, v, counts, q_pos=None, k_pos=None, scale=None, dtype=torch.float64):

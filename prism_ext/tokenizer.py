@@ -40,7 +40,7 @@ class ByteTokenizer:
 
     def encode(self, text: str, special: bool = False) -> list[int]:
         """``special`` is accepted for symmetry: a byte-level vocabulary has no special tokens."""
-        return [self.ids[b] for b in text.encode("utf-8")]
+        return [self.ids[b] for b in check_text(text).encode("utf-8")]
 
     def decode(self, ids) -> str:
         try:
@@ -48,6 +48,19 @@ class ByteTokenizer:
         except KeyError as exc:
             raise ValueError(f"ids: {exc.args[0]} is not a byte token") from None
         return raw.decode("utf-8", errors="replace")
+
+
+def check_text(text) -> str:
+    """``text`` as a str that encodes as UTF-8. A command line with invalid
+    UTF-8 bytes reaches Python as lone surrogates, which no tokenizer can take."""
+    if not isinstance(text, str):
+        raise TypeError(f"text: expected a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text: is not valid UTF-8 (undecodable byte at character {exc.start}); "
+                         "pass the text in UTF-8") from None
+    return text
 
 
 class _HFTokenizer:
@@ -63,7 +76,7 @@ class _HFTokenizer:
 
     def encode(self, text: str, special: bool = False) -> list[int]:
         """``special``: add the tokenizer's special tokens (BERT's [CLS] ... [SEP])."""
-        return self.tok.encode(text, add_special_tokens=special).ids
+        return self.tok.encode(check_text(text), add_special_tokens=special).ids
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -101,7 +114,8 @@ def load_tokenizer(directory) -> ByteTokenizer | _HFTokenizer:
     """The tokenizer of a checkpoint directory (its ``tokenizer.json``)."""
     path = Path(directory) / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer: {directory} has no tokenizer.json; give token ids instead of text")
+        raise FileNotFoundError(f"tokenizer: {directory} has no tokenizer.json; so text cannot be encoded; "
+                                f"copy the checkpoint's tokenizer.json there (from Python, pass input_ids instead)")
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:

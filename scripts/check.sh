@@ -2,7 +2,7 @@
 # Sets up everything on a fresh Debian machine and runs every test:
 #   Debian packages -> .venv (torch 2.13.0 CPU, the package with its test
 #   extras, a real non-editable build) -> pytest -> C++ tests natively, with
-#   ASan+UBSan, and cross-compiled for aarch64 under qemu -> a symbol check on
+#   ASan+UBSan, with ThreadSanitizer, and cross-compiled for aarch64 under qemu -> a symbol check on
 #   the AVX object files -> the x86_64 wheel and the aarch64 wheel tested as
 #   installed packages (scripts/wheel-test.sh, scripts/arm-test.sh).
 #   Idempotent: a second run reuses .venv and build/.
@@ -130,6 +130,13 @@ ctest_sanitize() {
   cmake_tests build/sanitize -DPRISM_SANITIZE=ON
 }
 
+# The thread pool and the kernels under ThreadSanitizer: data races between
+# pool workers, the caller and concurrent callers fail the step.
+ctest_tsan() {
+  export TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1
+  cmake_tests build/tsan -DPRISM_TSAN=ON
+}
+
 ctest_aarch64() {
   cmake_tests build/aarch64 -DCMAKE_TOOLCHAIN_FILE="$ROOT/cmake/toolchain-aarch64.cmake" \
     -DCMAKE_CROSSCOMPILING_EMULATOR="$(command -v qemu-aarch64-static);-L;$AARCH64_SYSROOT"
@@ -192,6 +199,7 @@ setup_step "pip install .[test]" install_package
 step "pytest" run_pytest || true
 step "C++ tests (native)" ctest_native || true
 step "C++ tests (ASan+UBSan)" ctest_sanitize || true
+step "C++ tests (ThreadSanitizer)" ctest_tsan || true
 step "C++ tests (aarch64 under qemu)" ctest_aarch64 || true
 step "no weak symbols in AVX objects" check_simd_symbols || true
 step "wheel: sdist, contents, installed tests" wheel_test || true

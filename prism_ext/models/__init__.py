@@ -40,6 +40,9 @@ def resolve(path_or_name) -> Path:
 
     if not isinstance(path_or_name, (str, os.PathLike)):
         raise TypeError(f"path: expected a str or os.PathLike, got {type(path_or_name).__name__}")
+    if not str(path_or_name).strip():
+        raise ValueError("path: is empty; expected a checkpoint directory or a bundled model name "
+                         f"({', '.join(zoo.NAMES)})")
     path = Path(path_or_name).expanduser()
     if path.is_dir():
         return path
@@ -48,7 +51,12 @@ def resolve(path_or_name) -> Path:
     if path.exists():
         raise ValueError(f"path: {str(path)!r} is a file; expected a checkpoint directory holding config.json")
     name = str(path_or_name)
-    if name.count("/") <= 1 and not name.startswith((".", "/", "~")):
+    # A path (absolute, relative with ./ or ~, or nested) is never a hub name:
+    # say it is missing instead of suggesting a download.
+    if name.startswith((".", "/", "~", os.sep)) or name.count("/") > 1:
+        raise FileNotFoundError(f"path: {name!r} does not exist (expected a checkpoint directory holding "
+                                f"config.json)")
+    if name.count("/") <= 1:
         for cache in _hub_cache_dirs():
             snapshots = cache / ("models--" + name.replace("/", "--")) / "snapshots"
             if snapshots.is_dir():
@@ -71,7 +79,12 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # the loaders raise many types for a bad file
-        raise ValueError(f"weights: {path} is corrupt or unreadable ({type(exc).__name__}: {exc})") from None
+        # One line, and never torch's advice to retry with weights_only=False:
+        # that would run whatever code the file holds.
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        if "weights_only" in str(exc):
+            first = "not a plain tensor checkpoint (truncated, corrupt, or holding other objects)"
+        raise ValueError(f"weights: {path} is corrupt or unreadable ({type(exc).__name__}: {first[:200]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"weights: {path} does not hold a dict of tensors")
     return state

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Block, LayerNorm, Network, Weights, activation, cfg, check_ids, check_heads
+from .common import Block, LayerNorm, Network, Weights, activation, cfg, cfg_eps, cfg_int, check_ids, check_heads
 
 MODEL_TYPE = "bert"
 
@@ -18,14 +18,14 @@ class BERT(Network):
 
     def __init__(self, config: dict, w: Weights):
         self.config = config
-        d = cfg(config, "hidden_size", required=True)
-        heads = cfg(config, "num_attention_heads", required=True)
-        layers = cfg(config, "num_hidden_layers", required=True)
-        d_ff = cfg(config, "intermediate_size", required=True)
-        self.vocab = cfg(config, "vocab_size", required=True)
-        self.max_positions = self.n_positions = cfg(config, "max_position_embeddings", required=True)
-        self.type_vocab = cfg(config, "type_vocab_size", 2)
-        eps = cfg(config, "layer_norm_eps", 1e-12)
+        d = cfg_int(config, "hidden_size", required=True)
+        heads = cfg_int(config, "num_attention_heads", required=True)
+        layers = cfg_int(config, "num_hidden_layers", required=True)
+        d_ff = cfg_int(config, "intermediate_size", required=True)
+        self.vocab = cfg_int(config, "vocab_size", required=True)
+        self.max_positions = self.n_positions = cfg_int(config, "max_position_embeddings", required=True)
+        self.type_vocab = cfg_int(config, "type_vocab_size", 2)
+        eps = cfg_eps(config, "layer_norm_eps", 1e-12)
         check_heads(d, heads)
         if cfg(config, "position_embedding_type", "absolute") != "absolute":
             raise ValueError("config.json: only position_embedding_type='absolute' is supported")

@@ -11,7 +11,19 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Block", "LayerNorm", "Network", "Weights", "activation", "cfg", "check_ids", "check_heads"]
+__all__ = [
+    "Block",
+    "LayerNorm",
+    "Network",
+    "Weights",
+    "activation",
+    "cfg",
+    "cfg_eps",
+    "cfg_int",
+    "check_device",
+    "check_ids",
+    "check_heads",
+]
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -38,6 +50,36 @@ def cfg(config: dict, key: str, default=None, *, required: bool = False):
             raise ValueError(f"config.json: missing {key!r}")
         return default
     return config[key]
+
+
+# Config integers are checked before any arithmetic or allocation: a hostile
+# config.json (negative, huge, float, bool, string) gets one line, not an
+# IndexError or a multi-GB allocation. 2**24 is far above any real model.
+_CFG_INT_MAX = 2**24
+
+
+def cfg_int(config: dict, key: str, default=None, *, required: bool = False, minimum: int = 1,
+            maximum: int = _CFG_INT_MAX):
+    value = cfg(config, key, default, required=required)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"config.json: {key} must be an integer, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"config.json: {key} must be in [{minimum}, {maximum}], got {value}")
+    return value
+
+
+def cfg_eps(config: dict, key: str, default: float) -> float:
+    value = cfg(config, key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < 1):
+        raise ValueError(f"config.json: {key} must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
+def check_device(t: torch.Tensor, name: str) -> None:
+    if t.device.type != "cpu":
+        raise TypeError(f"{name}: expected a CPU tensor, got a tensor on {t.device}")
 
 
 @dataclass
@@ -233,7 +275,8 @@ def check_ids(inputs: dict, name: str, batch_n: tuple[int, int] | None = None, u
     t = inputs.get(name)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype.is_floating_point or t.is_complex():
+    check_device(t, name)
+    if t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{name}: expected an integer dtype, got {t.dtype}")
     if t.dim() != 2 or t.shape[1] < 1 or t.shape[0] < 1:
         raise ValueError(f"{name}: expected shape [batch, positions] with both >= 1, got {tuple(t.shape)}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Block, LayerNorm, Network, Weights, activation, cfg, check_ids, check_heads
+from .common import Block, LayerNorm, Network, Weights, activation, cfg, cfg_eps, cfg_int, check_ids, check_heads
 
 MODEL_TYPE = "gpt2"
 
@@ -19,13 +19,13 @@ class GPT2(Network):
 
     def __init__(self, config: dict, w: Weights):
         self.config = config
-        d = cfg(config, "n_embd", required=True)
-        heads = cfg(config, "n_head", required=True)
-        layers = cfg(config, "n_layer", required=True)
-        self.vocab = cfg(config, "vocab_size", required=True)
-        self.n_positions = cfg(config, "n_positions", required=True)
-        d_ff = cfg(config, "n_inner") or 4 * d
-        eps = cfg(config, "layer_norm_epsilon", 1e-5)
+        d = cfg_int(config, "n_embd", required=True)
+        heads = cfg_int(config, "n_head", required=True)
+        layers = cfg_int(config, "n_layer", required=True)
+        self.vocab = cfg_int(config, "vocab_size", required=True)
+        self.n_positions = cfg_int(config, "n_positions", required=True)
+        d_ff = cfg_int(config, "n_inner") or 4 * d
+        eps = cfg_eps(config, "layer_norm_epsilon", 1e-5)
         check_heads(d, heads)
         if cfg(config, "scale_attn_by_inverse_layer_idx", False) or not cfg(config, "scale_attn_weights", True):
             raise ValueError("config.json: only scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False is supported")

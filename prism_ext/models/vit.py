@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Block, LayerNorm, Network, Weights, activation, cfg, check_heads
+from .common import Block, LayerNorm, Network, Weights, activation, cfg, cfg_eps, cfg_int, check_device, check_heads
 
 MODEL_TYPE = "vit"
 
@@ -20,14 +20,14 @@ class ViT(Network):
 
     def __init__(self, config: dict, w: Weights):
         self.config = config
-        d = cfg(config, "hidden_size", required=True)
-        heads = cfg(config, "num_attention_heads", required=True)
-        layers = cfg(config, "num_hidden_layers", required=True)
-        d_ff = cfg(config, "intermediate_size", required=True)
-        self.image = cfg(config, "image_size", required=True)
-        self.patch = cfg(config, "patch_size", required=True)
-        self.channels = cfg(config, "num_channels", 3)
-        eps = cfg(config, "layer_norm_eps", 1e-12)
+        d = cfg_int(config, "hidden_size", required=True)
+        heads = cfg_int(config, "num_attention_heads", required=True)
+        layers = cfg_int(config, "num_hidden_layers", required=True)
+        d_ff = cfg_int(config, "intermediate_size", required=True)
+        self.image = cfg_int(config, "image_size", required=True)
+        self.patch = cfg_int(config, "patch_size", required=True)
+        self.channels = cfg_int(config, "num_channels", 3)
+        eps = cfg_eps(config, "layer_norm_eps", 1e-12)
         check_heads(d, heads)
         if self.image % self.patch:
             raise ValueError(f"config.json: image_size {self.image} is not a multiple of patch_size {self.patch}")
@@ -81,11 +81,17 @@ class ViT(Network):
         px = inputs.get("pixel_values")
         if not isinstance(px, torch.Tensor):
             raise TypeError(f"pixel_values: expected a torch.Tensor, got {type(px).__name__}")
+        check_device(px, "pixel_values")
         if not px.dtype.is_floating_point:
             raise TypeError(f"pixel_values: expected a floating dtype, got {px.dtype}")
         want = (self.channels, self.image, self.image)
         if px.dim() != 4 or tuple(px.shape[1:]) != want or px.shape[0] < 1:
             raise ValueError(f"pixel_values: expected shape [batch, {', '.join(map(str, want))}], got {tuple(px.shape)}")
+        # One NaN pixel would make every output NaN (or, before every ISA
+        # agreed on NaN, a confident wrong label): refuse it up front.
+        if not bool(torch.isfinite(px).all()):
+            bad = int((~torch.isfinite(px)).sum())
+            raise ValueError(f"pixel_values: {bad} value(s) are NaN or infinite; every pixel must be finite")
         return px.shape[0], self.grid * self.grid + 1
 
     def valid(self, inputs: dict) -> torch.Tensor | None:

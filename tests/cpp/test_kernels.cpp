@@ -481,8 +481,9 @@ void run_softmax_case(const SoftmaxCase& c, uint64_t seed) {
   std::vector<float> mask(mask_len);
   for (float& x : mask) x = rng.chance(0.15) ? -kInf : rng.uniform(-2.0f, 2.0f);
 
-  // float64 reference, following the serial semantics: fmax skips NaN logits,
-  // a NaN among the visible ones makes the row NaN, none visible gives zeros.
+  // float64 reference (docs/errors.md): a hidden key (count 0, future
+  // position) is -inf whatever its score, a NaN or +inf among the visible
+  // logits makes the row NaN, none visible gives zeros.
   std::vector<double> ref(total);
   std::vector<double> zerr(rows, 0.0);  // float32 rounding of the logits of each row
   for (int64_t r = 0; r < rows; ++r) {
@@ -496,6 +497,7 @@ void run_softmax_case(const SoftmaxCase& c, uint64_t seed) {
     const int64_t sb = c.batched_side ? b0 : 0;
     double* z = &ref[r * c.nk];
     double mx = -kInf;
+    bool bad = false;
     for (int64_t j = 0; j < c.nk; ++j) {
       const double s = scores[r * c.nk + j];
       double zj = s, mag = std::fabs(s);
@@ -509,13 +511,16 @@ void run_softmax_case(const SoftmaxCase& c, uint64_t seed) {
         zj += mv;
         if (std::isfinite(mv)) mag += std::fabs(mv);
       }
-      if (c.pos_mode && k_pos[sb * c.nk + j] > q_pos[sb * c.nq + qi]) zj = -kInf;
+      if ((c.pos_mode && k_pos[sb * c.nk + j] > q_pos[sb * c.nq + qi]) ||
+          (c.counts_mode && counts[sb * c.nk + j] == 0.0f))
+        zj = -kInf;
+      bad |= std::isnan(zj) || zj == kInf;
       if ((c.counts_mode || c.mask_mode) && std::isfinite(zj)) zerr[r] = std::max(zerr[r], 2.0 * kU * mag);
       z[j] = zj;
       mx = std::fmax(mx, zj);
     }
-    if (mx == -kInf) {
-      std::fill(z, z + c.nk, 0.0);
+    if (bad || mx == -kInf) {
+      std::fill(z, z + c.nk, bad ? std::numeric_limits<double>::quiet_NaN() : 0.0);
       continue;
     }
     double sum = 0.0;

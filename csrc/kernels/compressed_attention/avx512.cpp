@@ -40,6 +40,9 @@ static inline vf vexp(vf x) { return exp_ps(x); }
 static inline vf vselect_eq(vf a, vf b, vf x, vf y) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ), y, x);
 }
+static inline vf vselect_lt(vf a, vf b, vf x, vf y) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), y, x);
+}
 static inline bool vany_gt(vf a, vf b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) != 0; }
 static inline vi vload_i32(const int32_t* p) { return _mm512_loadu_si512(p); }
 static inline vf vhide(vf s, int32_t kpos, vi qpos) {

@@ -4,6 +4,11 @@
 // when positions are given, key j visible to query i only if k_pos[j] <= q_pos[i].
 // Online (flash-style) softmax over key blocks: the nq x nk score matrix is
 // never materialised. A query with no visible key gets a zero row.
+// Non-finite input, the same on every ISA (docs/errors.md): a hidden key
+// (count 0, future position) is never read; a visible logit that is NaN or
+// +inf makes the whole row NaN; a key of weight 0 (logit -inf, or exp
+// underflow) is not read, so its value cannot turn the row NaN; otherwise
+// NaN/inf in a value propagates through p * v as in IEEE arithmetic.
 #pragma once
 #include <cstdint>
 

@@ -40,6 +40,7 @@ static inline vf vmul(vf a, vf b) { return vmulq_f32(a, b); }
 static inline vf vmax(vf a, vf b) { return vmaxq_f32(a, b); }
 static inline vf vexp(vf x) { return exp_ps(x); }
 static inline vf vselect_eq(vf a, vf b, vf x, vf y) { return vbslq_f32(vceqq_f32(a, b), x, y); }
+static inline vf vselect_lt(vf a, vf b, vf x, vf y) { return vbslq_f32(vcltq_f32(a, b), x, y); }
 static inline bool vany_gt(vf a, vf b) { return vmaxvq_u32(vcgtq_f32(a, b)) != 0; }
 static inline vi vload_i32(const int32_t* p) { return vld1q_s32(p); }
 static inline vf vhide(vf s, int32_t kpos, vi qpos) {

@@ -47,6 +47,10 @@ static inline __m256 logits(const SoftmaxRow& r, int64_t j, __m256i tail, int64_
     z = _mm256_add_ps(z, m);
   }
   __m256 hidden = kTail ? _mm256_castsi256_ps(_mm256_xor_si256(tail, _mm256_set1_epi32(-1))) : _mm256_setzero_ps();
+  // A count-0 key is hidden whatever its score (NaN + -inf would be NaN).
+  if (r.key_bias)
+    hidden = _mm256_or_ps(hidden, _mm256_cmp_ps(load<kTail>(r.key_bias + j, tail),
+                                                 _mm256_set1_ps(-__builtin_huge_valf()), _CMP_EQ_OQ));
   if (r.k_pos) {
     const __m256i kp = kTail ? _mm256_maskload_epi32(r.k_pos + j, tail)
                              : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.k_pos + j));
@@ -64,21 +68,28 @@ void masked_softmax_row_f32_avx2(const SoftmaxRow& r) {
 
   // Pass 1: z into out, running max. max_ps(z, m) returns m when z is NaN, so
   // NaN logits are ignored like std::fmax does in the serial kernel.
+  // Lanes where z is not < +inf (NaN or +inf) make the row NaN.
   __m256 vmax = neg_inf;
+  const __m256 pos_inf = _mm256_set1_ps(__builtin_huge_valf());
+  __m256 bad = _mm256_setzero_ps();
   for (int64_t j = 0; j < n8; j += 8) {
     const __m256 z = logits<false>(r, j, tail, 8);
     _mm256_storeu_ps(r.out + j, z);
     vmax = _mm256_max_ps(z, vmax);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(z, pos_inf, _CMP_NLT_UQ));
   }
   if (n8 < n) {
     const __m256 z = logits<true>(r, n8, tail, n - n8);
     store<true>(r.out + n8, z, tail);
     vmax = _mm256_max_ps(z, vmax);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(z, pos_inf, _CMP_NLT_UQ));
   }
   const float max_z = hmax(vmax);
-  if (max_z == -__builtin_huge_valf()) {  // nothing visible
-    for (int64_t j = 0; j < n8; j += 8) _mm256_storeu_ps(r.out + j, _mm256_setzero_ps());
-    if (n8 < n) store<true>(r.out + n8, _mm256_setzero_ps(), tail);
+  const bool any_bad = _mm256_movemask_ps(bad) != 0;
+  if (any_bad || max_z == -__builtin_huge_valf()) {  // NaN row, or nothing visible
+    const __m256 fill = any_bad ? _mm256_set1_ps(__builtin_nanf("")) : _mm256_setzero_ps();
+    for (int64_t j = 0; j < n8; j += 8) _mm256_storeu_ps(r.out + j, fill);
+    if (n8 < n) store<true>(r.out + n8, fill, tail);
     return;
   }
 

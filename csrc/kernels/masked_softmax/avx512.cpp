@@ -33,6 +33,11 @@ static inline __m512 logits(const SoftmaxRow& r, int64_t j, __mmask16 lanes) {
     z = _mm512_add_ps(z, m);
   }
   __mmask16 visible = lanes;
+  // A count-0 key is hidden whatever its score (NaN + -inf would be NaN).
+  if (r.key_bias)
+    visible &= static_cast<__mmask16>(
+        ~_mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(lanes, r.key_bias + j), _mm512_set1_ps(-__builtin_huge_valf()),
+                            _CMP_EQ_OQ));
   if (r.k_pos) {
     const __m512i kp = _mm512_maskz_loadu_epi32(lanes, r.k_pos + j);
     visible &= static_cast<__mmask16>(~_mm512_cmpgt_epi32_mask(kp, _mm512_set1_epi32(r.q_pos)));
@@ -49,21 +54,27 @@ void masked_softmax_row_f32_avx512(const SoftmaxRow& r) {
 
   // Pass 1: z into out, running max. max_ps(z, m) returns m when z is NaN, so
   // NaN logits are ignored like std::fmax does in the serial kernel.
+  // Lanes where z is not < +inf (NaN or +inf) make the row NaN.
   __m512 vmax = neg_inf;
+  const __m512 pos_inf = _mm512_set1_ps(__builtin_huge_valf());
+  __mmask16 bad = 0;
   for (int64_t j = 0; j < n16; j += 16) {
     const __m512 z = logits(r, j, all);
     _mm512_storeu_ps(r.out + j, z);
     vmax = _mm512_max_ps(z, vmax);
+    bad |= _mm512_cmp_ps_mask(z, pos_inf, _CMP_NLT_UQ);
   }
   if (tail) {
     const __m512 z = logits(r, n16, tail);
     _mm512_mask_storeu_ps(r.out + n16, tail, z);
     vmax = _mm512_max_ps(z, vmax);
+    bad |= _mm512_cmp_ps_mask(z, pos_inf, _CMP_NLT_UQ);
   }
   const float max_z = hmax(vmax);
-  if (max_z == -__builtin_huge_valf()) {  // nothing visible
-    for (int64_t j = 0; j < n16; j += 16) _mm512_storeu_ps(r.out + j, _mm512_setzero_ps());
-    _mm512_mask_storeu_ps(r.out + n16, tail, _mm512_setzero_ps());
+  if (bad || max_z == -__builtin_huge_valf()) {  // NaN row, or nothing visible
+    const __m512 fill = bad ? _mm512_set1_ps(__builtin_nanf("")) : _mm512_setzero_ps();
+    for (int64_t j = 0; j < n16; j += 16) _mm512_storeu_ps(r.out + j, fill);
+    _mm512_mask_storeu_ps(r.out + n16, tail, fill);
     return;
   }
 

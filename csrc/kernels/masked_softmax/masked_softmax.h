@@ -3,6 +3,9 @@
 // where w_j = counts[j] enters as the bias log(w_j) (w_j = 0 masks key j) and,
 // when positions are given, key j is visible only if k_pos[j] <= q_pos.
 // A row with no visible key (or all logits -inf) comes out as zeros.
+// Non-finite input, the same on every ISA (docs/errors.md): a hidden key
+// (count 0, future position) is -inf whatever its score; a visible logit
+// that is NaN or +inf makes the whole row NaN (as torch.softmax does).
 #pragma once
 #include <cstdint>
 

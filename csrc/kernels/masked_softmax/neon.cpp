@@ -50,6 +50,9 @@ static inline float32x4_t logits(const SoftmaxRow& r, int64_t j, int64_t lanes) 
     }
     z = vaddq_f32(z, m);
   }
+  // A count-0 key is hidden whatever its score (NaN + -inf would be NaN).
+  if (r.key_bias)
+    z = vbslq_f32(vceqq_f32(load(r.key_bias + j, lanes, 0.0f), vdupq_n_f32(neg_inf)), vdupq_n_f32(neg_inf), z);
   if (r.k_pos) {
     int32x4_t kp;
     if (lanes == 4) {
@@ -72,20 +75,27 @@ void masked_softmax_row_f32_neon(const SoftmaxRow& r) {
 
   // Pass 1: z into out, running max. FMAXNM ignores a NaN operand like
   // std::fmax does in the serial kernel.
+  // ok: all ones in lanes where every z so far was < +inf (not NaN, not +inf).
   float32x4_t vmax = vdupq_n_f32(neg_inf);
+  const float32x4_t pos_inf = vdupq_n_f32(__builtin_huge_valf());
+  uint32x4_t ok = vdupq_n_u32(0xffffffffu);
   for (int64_t j = 0; j < n4; j += 4) {
     const float32x4_t z = logits(r, j, 4);
     vst1q_f32(r.out + j, z);
     vmax = vmaxnmq_f32(vmax, z);
+    ok = vandq_u32(ok, vcltq_f32(z, pos_inf));
   }
   if (n4 < n) {
     const float32x4_t z = logits(r, n4, n - n4);
     store(r.out + n4, z, n - n4);
     vmax = vmaxnmq_f32(vmax, z);
+    ok = vandq_u32(ok, vcltq_f32(z, pos_inf));
   }
   const float max_z = vmaxnmvq_f32(vmax);
-  if (max_z == neg_inf) {  // nothing visible
-    for (int64_t j = 0; j < n; ++j) r.out[j] = 0.0f;
+  const bool bad = vminvq_u32(ok) == 0;
+  if (bad || max_z == neg_inf) {  // NaN row, or nothing visible
+    const float fill = bad ? __builtin_nanf("") : 0.0f;
+    for (int64_t j = 0; j < n; ++j) r.out[j] = fill;
     return;
   }
 
