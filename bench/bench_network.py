@@ -373,20 +373,20 @@ def markdown_block(model: str, world: int, records: list[dict], meta: dict) -> s
                   "| ratio | " + " | ".join(f"{r:g} Mbit/s" for r in rates) + " |", "|---|" + "---|" * len(rates)]
         lines += ratio_rows
     # Compute and bytes at the slowest rate measured (bytes do not depend on the rate).
-    lines += ["", "Per request, at each rate: own compute per rank (s, no waiting), then bytes: the engine's "
+    lines += ["", "Per request, at each rate: own compute per rank (ms, no waiting), then bytes: the engine's "
               "accounting (sum over ranks of bytes_sent + result_bytes + input_bytes) and what the ranks' "
               "interfaces sent (link counters, headers and the store's control traffic included):", "",
-              "| mode | rate | wall s | compute per rank s | engine bytes | wire tx bytes | wire / engine |",
+              "| mode | rate Mbit/s | wall ms | compute per rank ms | engine bytes | wire tx bytes | wire / engine |",
               "|---|---|---|---|---|---|---|"]
     for lab in labels:
         for rt in rates:
             r = at.get((lab, rt))
             if not r:
                 continue
-            comp = " / ".join(f"{s:.2f}" for s in r["compute_s"])
+            comp = " / ".join(f"{1e3 * s:.0f}" for s in r["compute_s"])
             eng, wire = r["engine_bytes_total"], r["wire_tx_bytes_total"]
             ratio = f"{wire / eng:.2f}" if eng else "-"
-            lines.append(f"| {lab} | {rt:g} | {r['latency_s']:.2f} | {comp} | {_fmt_bytes(eng)} | "
+            lines.append(f"| {lab} | {rt:g} | {1e3 * r['latency_s']:.0f} | {comp} | {_fmt_bytes(eng)} | "
                          f"{_fmt_bytes(wire)} | {ratio} |")
     errs = {k: v for k, v in meta.get("errors", {}).items() if k.startswith(f"{model} P={world} ")}
     if errs:
