@@ -44,6 +44,7 @@ import os
 import platform
 import re
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -118,6 +119,26 @@ def _link_tx(namespaces: list[str]) -> list[int]:
                            capture_output=True, text=True, check=True)
         out.append(json.loads(r.stdout)[0]["stats64"]["tx"]["bytes"])
     return out
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads), seconds (clock-tick resolution)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def _machine_busy() -> float:
+    """CPU seconds the whole machine spent busy (every core, every process) since boot."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / _TICK  # minus idle and iowait; guest time is inside user
 
 
 def _configs(modes, crs):
@@ -240,16 +261,24 @@ def coordinator(spec: dict) -> dict:
         samples = {cfg: [] for cfg in live}
         for _ in range(spec["reps"]):
             for cfg in live:
+                pids = [os.getpid()] + [p.pid for p in workers]
                 before = _link_tx(namespaces)
+                cpu0, busy0 = [_cpu_seconds(q) for q in pids], _machine_busy()
                 t0 = time.perf_counter()
                 out = call(*cfg)
                 wall = time.perf_counter() - t0
+                cpu1, busy1 = [_cpu_seconds(q) for q in pids], _machine_busy()
                 after = _link_tx(namespaces)
                 st = out.stats
+                cpu = [b - a for a, b in zip(cpu0, cpu1)]
                 samples[cfg].append({
                     "wall": wall,
                     "wire_tx": [a - b for a, b in zip(after, before)],
                     "compute": [d.seconds for d in st.devices],
+                    # CPU time of every rank's process during the request (all ranks, also idle ones), and
+                    # what the rest of the machine used meanwhile: the noise from other jobs.
+                    "cpu": cpu,
+                    "other_cpu": [(busy1 - busy0) - sum(cpu)],
                     "bytes_sent": [d.bytes_sent for d in st.devices],
                     "result_bytes": [d.result_bytes for d in st.devices],
                     "input_bytes": [d.input_bytes for d in st.devices],
@@ -274,7 +303,8 @@ def coordinator(spec: dict) -> dict:
             "mode": mode, "cr": cr, "devices_used": 1 if mode == "single" else world,
             "latency_s": statistics.median(s["wall"] for s in ss),
             "latency_all_s": [s["wall"] for s in ss],
-            "compute_s": med("compute"), "flops": med("flops"), "peak_rss": med("peak_rss"),
+            "compute_s": med("compute"), "cpu_s": med("cpu"), "other_cpu_s": med("other_cpu")[0],
+            "flops": med("flops"), "peak_rss": med("peak_rss"),
             "bytes_sent": med("bytes_sent"), "result_bytes": med("result_bytes"), "input_bytes": med("input_bytes"),
             "engine_bytes": engine, "engine_bytes_total": sum(engine),
             "wire_tx_bytes": wire, "wire_tx_bytes_total": sum(wire),
@@ -375,9 +405,13 @@ def markdown_block(model: str, world: int, records: list[dict], meta: dict) -> s
     # Compute and bytes at the slowest rate measured (bytes do not depend on the rate).
     lines += ["", "Per request, at each rate: own compute per rank (ms, no waiting), then bytes: the engine's "
               "accounting (sum over ranks of bytes_sent + result_bytes + input_bytes) and what the ranks' "
-              "interfaces sent (link counters, headers and the store's control traffic included):", "",
-              "| mode | rate Mbit/s | wall ms | compute per rank ms | engine bytes | wire tx bytes | wire / engine |",
-              "|---|---|---|---|---|---|---|"]
+              "interfaces sent (link counters, headers and the store's control traffic included). CPU per rank: CPU "
+              "time of each rank's process during the request (10 ms ticks; below its compute time when it "
+              "waited for a core); other jobs' CPU: what the rest of the machine used meanwhile "
+              f"(of at most {os.cpu_count()} x wall):", "",
+              "| mode | rate Mbit/s | wall ms | compute per rank ms | CPU per rank ms | other jobs' CPU ms "
+              "| engine bytes | wire tx bytes | wire / engine |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for lab in labels:
         for rt in rates:
             r = at.get((lab, rt))
@@ -386,8 +420,10 @@ def markdown_block(model: str, world: int, records: list[dict], meta: dict) -> s
             comp = " / ".join(f"{1e3 * s:.0f}" for s in r["compute_s"])
             eng, wire = r["engine_bytes_total"], r["wire_tx_bytes_total"]
             ratio = f"{wire / eng:.2f}" if eng else "-"
-            lines.append(f"| {lab} | {rt:g} | {1e3 * r['latency_s']:.0f} | {comp} | {_fmt_bytes(eng)} | "
-                         f"{_fmt_bytes(wire)} | {ratio} |")
+            cpu = " / ".join(f"{1e3 * s:.0f}" for s in r["cpu_s"]) if "cpu_s" in r else "-"
+            other = f"{1e3 * r['other_cpu_s']:.0f}" if "other_cpu_s" in r else "-"
+            lines.append(f"| {lab} | {rt:g} | {1e3 * r['latency_s']:.0f} | {comp} | {cpu} | {other} | "
+                         f"{_fmt_bytes(eng)} | {_fmt_bytes(wire)} | {ratio} |")
     errs = {k: v for k, v in meta.get("errors", {}).items() if k.startswith(f"{model} P={world} ")}
     if errs:
         lines += ["", "Failed configurations (not measured):", ""]
@@ -561,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
                     # Saved after every cell: an interrupted run keeps what it measured.
                     json_path.write_text(json.dumps({"records": sorted(records.values(), key=lambda r: str(_key(r))),
                                                      "runs": runs + [dict(meta, cells=cells)]}, indent=1))
+    shutil.rmtree(log_dir, ignore_errors=True)  # kept (and named in the error) when a cell fails
     meta["seconds"] = time.monotonic() - t_start
     runs.append(dict(meta, cells=cells))
     all_records = sorted(records.values(), key=lambda r: str(_key(r)))
