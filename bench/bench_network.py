@@ -141,6 +141,40 @@ def _machine_busy() -> float:
     return (sum(v[:8]) - v[3] - v[4]) / _TICK  # minus idle and iowait; guest time is inside user
 
 
+def _proc_table(path: str, section: str) -> dict:
+    """One section of /proc/<pid>/net/snmp or netstat (header line, value line) as a dict."""
+    with open(path) as f:
+        rows = [line.split() for line in f if line.startswith(section + ":")]
+    return dict(zip(rows[0][1:], map(int, rows[1][1:]))) if len(rows) >= 2 else {}
+
+
+def _tcp_troubles(pids: list[int]) -> list[int]:
+    """[retransmitted segments, retransmission timeouts] summed over the network namespaces of ``pids``
+    (/proc/<pid>/net shows the namespace that process runs in)."""
+    retrans = timeouts = 0
+    for pid in pids:
+        try:
+            retrans += _proc_table(f"/proc/{pid}/net/snmp", "Tcp").get("RetransSegs", 0)
+            timeouts += _proc_table(f"/proc/{pid}/net/netstat", "TcpExt").get("TCPTimeouts", 0)
+        except OSError:
+            pass
+    return [retrans, timeouts]
+
+
+def _tbf_drops(namespaces: list[str], hub: str | None) -> int:
+    """Packets dropped by the tbf on both ends of every rank's link (queue full)."""
+    total = 0
+    sides = [(ns, netlab.IFNAME) for ns in namespaces] + ([(hub, f"r{r}") for r in range(len(namespaces))] if hub else [])
+    for ns, dev in sides:
+        r = subprocess.run(["tc", "-n", ns, "-s", "-j", "qdisc", "show", "dev", dev, "root"],
+                           capture_output=True, text=True)
+        try:
+            total += int((json.loads(r.stdout) or [{}])[0].get("drops") or 0)
+        except (ValueError, TypeError):
+            pass
+    return total
+
+
 def _configs(modes, crs):
     out = []
     for mode in ("single", "prism", "voltage", "tp"):  # tp last: if it breaks the cluster, the rest is done
@@ -263,12 +297,14 @@ def coordinator(spec: dict) -> dict:
             for cfg in live:
                 pids = [os.getpid()] + [p.pid for p in workers]
                 before = _link_tx(namespaces)
+                tcp0, drops0 = _tcp_troubles(pids), _tbf_drops(namespaces, spec.get("hub"))
                 cpu0, busy0 = [_cpu_seconds(q) for q in pids], _machine_busy()
                 t0 = time.perf_counter()
                 out = call(*cfg)
                 wall = time.perf_counter() - t0
                 cpu1, busy1 = [_cpu_seconds(q) for q in pids], _machine_busy()
                 after = _link_tx(namespaces)
+                tcp1, drops1 = _tcp_troubles(pids), _tbf_drops(namespaces, spec.get("hub"))
                 st = out.stats
                 cpu = [b - a for a, b in zip(cpu0, cpu1)]
                 samples[cfg].append({
@@ -279,6 +315,8 @@ def coordinator(spec: dict) -> dict:
                     # what the rest of the machine used meanwhile: the noise from other jobs.
                     "cpu": cpu,
                     "other_cpu": [(busy1 - busy0) - sum(cpu)],
+                    # TCP retransmitted segments and timeouts (all ranks), packets the tbfs dropped.
+                    "troubles": [tcp1[0] - tcp0[0], tcp1[1] - tcp0[1], drops1 - drops0],
                     "bytes_sent": [d.bytes_sent for d in st.devices],
                     "result_bytes": [d.result_bytes for d in st.devices],
                     "input_bytes": [d.input_bytes for d in st.devices],
@@ -304,6 +342,7 @@ def coordinator(spec: dict) -> dict:
             "latency_s": statistics.median(s["wall"] for s in ss),
             "latency_all_s": [s["wall"] for s in ss],
             "compute_s": med("compute"), "cpu_s": med("cpu"), "other_cpu_s": med("other_cpu")[0],
+            "tcp_retrans": med("troubles")[0], "tcp_timeouts": med("troubles")[1], "tbf_drops": med("troubles")[2],
             "flops": med("flops"), "peak_rss": med("peak_rss"),
             "bytes_sent": med("bytes_sent"), "result_bytes": med("result_bytes"), "input_bytes": med("input_bytes"),
             "engine_bytes": engine, "engine_bytes_total": sum(engine),
@@ -321,7 +360,7 @@ def run_cell(name: str, model_dir: Path, world: int, rate: float, args, log_dir:
     with NetLab(world, rate) as lab:
         with tempfile.TemporaryDirectory(prefix="prism-netbench-") as tmp:
             spec = {"model": name, "model_dir": str(model_dir), "world": world, "rate": rate,
-                    "namespaces": [lab.netns(r) for r in range(world)], "addr0": lab.addr(0),
+                    "namespaces": [lab.netns(r) for r in range(world)], "addr0": lab.addr(0), "hub": lab.hub,
                     "modes": args.modes, "crs": args.crs, "reps": args.reps, "timeout": args.timeout,
                     "log_dir": str(log_dir)}
             spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
@@ -408,10 +447,11 @@ def markdown_block(model: str, world: int, records: list[dict], meta: dict) -> s
               "interfaces sent (link counters, headers and the store's control traffic included). CPU per rank: CPU "
               "time of each rank's process during the request (10 ms ticks; below its compute time when it "
               "waited for a core); other jobs' CPU: what the rest of the machine used meanwhile "
-              f"(of at most {os.cpu_count()} x wall):", "",
+              f"(of at most {os.cpu_count()} x wall); last column: TCP segments retransmitted, retransmission "
+              "timeouts (all ranks) and packets the tbfs dropped (queue full), per request:", "",
               "| mode | rate Mbit/s | wall ms | compute per rank ms | CPU per rank ms | other jobs' CPU ms "
-              "| engine bytes | wire tx bytes | wire / engine |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| engine bytes | wire tx bytes | wire / engine | TCP retrans / RTOs / tbf drops |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for lab in labels:
         for rt in rates:
             r = at.get((lab, rt))
@@ -421,9 +461,11 @@ def markdown_block(model: str, world: int, records: list[dict], meta: dict) -> s
             eng, wire = r["engine_bytes_total"], r["wire_tx_bytes_total"]
             ratio = f"{wire / eng:.2f}" if eng else "-"
             cpu = " / ".join(f"{1e3 * s:.0f}" for s in r["cpu_s"]) if "cpu_s" in r else "-"
-            other = f"{1e3 * r['other_cpu_s']:.0f}" if "other_cpu_s" in r else "-"
+            other = f"{max(0.0, 1e3 * r['other_cpu_s']):.0f}" if "other_cpu_s" in r else "-"
+            trouble = (f"{r['tcp_retrans']:.0f} / {r['tcp_timeouts']:.0f} / {r['tbf_drops']:.0f}"
+                       if "tbf_drops" in r else "-")
             lines.append(f"| {lab} | {rt:g} | {1e3 * r['latency_s']:.0f} | {comp} | {cpu} | {other} | "
-                         f"{_fmt_bytes(eng)} | {_fmt_bytes(wire)} | {ratio} |")
+                         f"{_fmt_bytes(eng)} | {_fmt_bytes(wire)} | {ratio} | {trouble} |")
     errs = {k: v for k, v in meta.get("errors", {}).items() if k.startswith(f"{model} P={world} ")}
     if errs:
         lines += ["", "Failed configurations (not measured):", ""]
@@ -495,6 +537,21 @@ def plot(records: list[dict], path: Path) -> str | None:
     return None
 
 
+def render(json_path: Path, md_path: Path) -> int:
+    """Rewrites the blocks of every (model, P) in ``json_path`` (with the meta of the run that measured it)."""
+    data = json.loads(json_path.read_text())
+    records = data["records"]
+    latest = {}
+    for run in data.get("runs", []):
+        for cell in run.get("cells", []):
+            latest[(cell["model"], cell["P"])] = run
+    for (model, world), run in sorted(latest.items()):
+        update_markdown(md_path, [r for r in records if r["model"] == model and r["P"] == world], run)
+    skipped = plot(records, json_path.with_suffix(".png"))
+    print(f"bench_network: updated {md_path}" + (f"; {skipped}" if skipped else f", drew {json_path.with_suffix('.png')}"))
+    return 0
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -531,7 +588,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--role", choices=["driver", "coordinator"], default="driver", help=argparse.SUPPRESS)
     ap.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--render", type=Path, metavar="JSON",
+                    help="only redraw the markdown blocks (--md) and the plot from a results JSON; no root needed")
     a = ap.parse_args(argv)
+
+    if a.render:
+        return render(a.render, a.md or HERE / "RESULTS.md")
 
     if a.role == "coordinator":
         # The lab SIGTERMs our process group on the way out: unwind so the workers are stopped.
