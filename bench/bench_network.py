@@ -444,14 +444,16 @@ def markdown_block(model: str, world: int, records: list[dict], meta: dict) -> s
     # Compute and bytes at the slowest rate measured (bytes do not depend on the rate).
     lines += ["", "Per request, at each rate: own compute per rank (ms, no waiting), then bytes: the engine's "
               "accounting (sum over ranks of bytes_sent + result_bytes + input_bytes) and what the ranks' "
-              "interfaces sent (link counters, headers and the store's control traffic included). CPU per rank: CPU "
+              "interfaces sent (link counters, headers and the store's control traffic included); engine x fan-out "
+              "counts each all-gathered payload once per receiving peer (P - 1 times), which is what the wire "
+              "carries. CPU per rank: CPU "
               "time of each rank's process during the request (10 ms ticks; below its compute time when it "
               "waited for a core); other jobs' CPU: what the rest of the machine used meanwhile "
               f"(of at most {os.cpu_count()} x wall); last column: TCP segments retransmitted, retransmission "
               "timeouts (all ranks) and packets the tbfs dropped (queue full), per request:", "",
               "| mode | rate Mbit/s | wall ms | compute per rank ms | CPU per rank ms | other jobs' CPU ms "
-              "| engine bytes | wire tx bytes | wire / engine | TCP retrans / RTOs / tbf drops |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| engine bytes | engine x fan-out | wire tx bytes | wire / fan-out | TCP retrans / RTOs / tbf drops |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for lab in labels:
         for rt in rates:
             r = at.get((lab, rt))
@@ -459,13 +461,17 @@ def markdown_block(model: str, world: int, records: list[dict], meta: dict) -> s
                 continue
             comp = " / ".join(f"{1e3 * s:.0f}" for s in r["compute_s"])
             eng, wire = r["engine_bytes_total"], r["wire_tx_bytes_total"]
-            ratio = f"{wire / eng:.2f}" if eng else "-"
+            # bytes_sent is what a rank serialised once; an all-gather hands it to each of the P - 1 peers
+            # (tp's bytes_sent already counts its ring all-reduce per rank).
+            fan = (sum(r["bytes_sent"]) * (1 if r["mode"] == "tp" else max(1, r["devices_used"] - 1))
+                   + sum(r["result_bytes"]) + sum(r["input_bytes"]))
+            ratio = f"{wire / fan:.2f}" if fan else "-"
             cpu = " / ".join(f"{1e3 * s:.0f}" for s in r["cpu_s"]) if "cpu_s" in r else "-"
             other = f"{max(0.0, 1e3 * r['other_cpu_s']):.0f}" if "other_cpu_s" in r else "-"
             trouble = (f"{r['tcp_retrans']:.0f} / {r['tcp_timeouts']:.0f} / {r['tbf_drops']:.0f}"
                        if "tbf_drops" in r else "-")
             lines.append(f"| {lab} | {rt:g} | {1e3 * r['latency_s']:.0f} | {comp} | {cpu} | {other} | "
-                         f"{_fmt_bytes(eng)} | {_fmt_bytes(wire)} | {ratio} | {trouble} |")
+                         f"{_fmt_bytes(eng)} | {_fmt_bytes(fan)} | {_fmt_bytes(wire)} | {ratio} | {trouble} |")
     errs = {k: v for k, v in meta.get("errors", {}).items() if k.startswith(f"{model} P={world} ")}
     if errs:
         lines += ["", "Failed configurations (not measured):", ""]
