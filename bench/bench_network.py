@@ -472,10 +472,16 @@ def markdown_block(model: str, world: int, records: list[dict], meta: dict) -> s
                        if "tbf_drops" in r else "-")
             lines.append(f"| {lab} | {rt:g} | {1e3 * r['latency_s']:.0f} | {comp} | {cpu} | {other} | "
                          f"{_fmt_bytes(eng)} | {_fmt_bytes(fan)} | {_fmt_bytes(wire)} | {ratio} | {trouble} |")
-    errs = {k: v for k, v in meta.get("errors", {}).items() if k.startswith(f"{model} P={world} ")}
-    if errs:
+    # "<model> P=<P> <rate> Mbit/s: <config>" -> message; one line per (config, message) with its rates.
+    grouped: dict[tuple, list] = {}
+    for k, v in meta.get("errors", {}).items():
+        m = re.match(rf"{re.escape(model)} P={world} (\S+) Mbit/s: (.*)", k)
+        if m:
+            grouped.setdefault((m.group(2), v), []).append(m.group(1))
+    if grouped:
         lines += ["", "Failed configurations (not measured):", ""]
-        lines += [f"- {k}: {v}" for k, v in sorted(errs.items())]
+        lines += [f"- {cfg} at {', '.join(sorted(rates, key=float, reverse=True))} Mbit/s: {msg}"
+                  for (cfg, msg), rates in sorted(grouped.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -522,25 +528,39 @@ def plot(records: list[dict], path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no plot (pip install matplotlib)"
-    panels = sorted({(r["model"], r["P"]) for r in records})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (model, world) in zip(axes[0], panels):
-        recs = [r for r in records if r["model"] == model and r["P"] == world]
-        for lab in sorted({_mode_label(r) for r in recs}, key=_mode_order):
-            pts = sorted((r["rate_mbit"], r["latency_s"]) for r in recs if _mode_label(r) == lab)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab,
-                    linestyle="--" if lab == "single" else "-")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("link rate (Mbit/s)")
-        ax.set_ylabel("latency per request (s)")
-        ax.set_title(f"{recs[0]['model_name']} N={recs[0]['N']}, P={world}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+    # One row per model, one column per P; the same colour for a mode in every panel.
+    models = sorted({r["model"] for r in records}, key=lambda m: list(MODEL_NAMES).index(m))
+    worlds = sorted({r["P"] for r in records})
+    labels = sorted({_mode_label(r) for r in records}, key=_mode_order)
+    colour = {lab: f"C{i}" for i, lab in enumerate(labels)}
+    fig, grid = plt.subplots(len(models), len(worlds), figsize=(5.5 * len(worlds), 4 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        for j, world in enumerate(worlds):
+            ax = grid[i][j]
+            recs = [r for r in records if r["model"] == model and r["P"] == world]
+            if not recs:
+                ax.set_visible(False)
+                continue
+            _panel(ax, recs, world, colour)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return None
+
+
+def _panel(ax, recs: list[dict], world: int, colour: dict) -> None:
+    """Latency against link rate, log-log, one line per mode."""
+    for lab in sorted({_mode_label(r) for r in recs}, key=_mode_order):
+        pts = sorted((r["rate_mbit"], r["latency_s"]) for r in recs if _mode_label(r) == lab)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab, color=colour[lab],
+                linestyle="--" if lab == "single" else "-")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("link rate (Mbit/s)")
+    ax.set_ylabel("latency per request (s)")
+    ax.set_title(f"{recs[0]['model_name']} N={recs[0]['N']}, P={world}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def render(json_path: Path, md_path: Path) -> int:
