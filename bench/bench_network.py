@@ -44,6 +44,7 @@ import os
 import platform
 import re
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -118,6 +119,60 @@ def _link_tx(namespaces: list[str]) -> list[int]:
                            capture_output=True, text=True, check=True)
         out.append(json.loads(r.stdout)[0]["stats64"]["tx"]["bytes"])
     return out
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads), seconds (clock-tick resolution)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def _machine_busy() -> float:
+    """CPU seconds the whole machine spent busy (every core, every process) since boot."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / _TICK  # minus idle and iowait; guest time is inside user
+
+
+def _proc_table(path: str, section: str) -> dict:
+    """One section of /proc/<pid>/net/snmp or netstat (header line, value line) as a dict."""
+    with open(path) as f:
+        rows = [line.split() for line in f if line.startswith(section + ":")]
+    return dict(zip(rows[0][1:], map(int, rows[1][1:]))) if len(rows) >= 2 else {}
+
+
+def _tcp_troubles(pids: list[int]) -> list[int]:
+    """[retransmitted segments, retransmission timeouts] summed over the network namespaces of ``pids``
+    (/proc/<pid>/net shows the namespace that process runs in)."""
+    retrans = timeouts = 0
+    for pid in pids:
+        try:
+            retrans += _proc_table(f"/proc/{pid}/net/snmp", "Tcp").get("RetransSegs", 0)
+            timeouts += _proc_table(f"/proc/{pid}/net/netstat", "TcpExt").get("TCPTimeouts", 0)
+        except OSError:
+            pass
+    return [retrans, timeouts]
+
+
+def _tbf_drops(namespaces: list[str], hub: str | None) -> int:
+    """Packets dropped by the tbf on both ends of every rank's link (queue full)."""
+    total = 0
+    sides = [(ns, netlab.IFNAME) for ns in namespaces] + ([(hub, f"r{r}") for r in range(len(namespaces))] if hub else [])
+    for ns, dev in sides:
+        r = subprocess.run(["tc", "-n", ns, "-s", "-j", "qdisc", "show", "dev", dev, "root"],
+                           capture_output=True, text=True)
+        try:
+            total += int((json.loads(r.stdout) or [{}])[0].get("drops") or 0)
+        except (ValueError, TypeError):
+            pass
+    return total
 
 
 def _configs(modes, crs):
@@ -240,16 +295,28 @@ def coordinator(spec: dict) -> dict:
         samples = {cfg: [] for cfg in live}
         for _ in range(spec["reps"]):
             for cfg in live:
+                pids = [os.getpid()] + [p.pid for p in workers]
                 before = _link_tx(namespaces)
+                tcp0, drops0 = _tcp_troubles(pids), _tbf_drops(namespaces, spec.get("hub"))
+                cpu0, busy0 = [_cpu_seconds(q) for q in pids], _machine_busy()
                 t0 = time.perf_counter()
                 out = call(*cfg)
                 wall = time.perf_counter() - t0
+                cpu1, busy1 = [_cpu_seconds(q) for q in pids], _machine_busy()
                 after = _link_tx(namespaces)
+                tcp1, drops1 = _tcp_troubles(pids), _tbf_drops(namespaces, spec.get("hub"))
                 st = out.stats
+                cpu = [b - a for a, b in zip(cpu0, cpu1)]
                 samples[cfg].append({
                     "wall": wall,
                     "wire_tx": [a - b for a, b in zip(after, before)],
                     "compute": [d.seconds for d in st.devices],
+                    # CPU time of every rank's process during the request (all ranks, also idle ones), and
+                    # what the rest of the machine used meanwhile: the noise from other jobs.
+                    "cpu": cpu,
+                    "other_cpu": [(busy1 - busy0) - sum(cpu)],
+                    # TCP retransmitted segments and timeouts (all ranks), packets the tbfs dropped.
+                    "troubles": [tcp1[0] - tcp0[0], tcp1[1] - tcp0[1], drops1 - drops0],
                     "bytes_sent": [d.bytes_sent for d in st.devices],
                     "result_bytes": [d.result_bytes for d in st.devices],
                     "input_bytes": [d.input_bytes for d in st.devices],
@@ -274,7 +341,9 @@ def coordinator(spec: dict) -> dict:
             "mode": mode, "cr": cr, "devices_used": 1 if mode == "single" else world,
             "latency_s": statistics.median(s["wall"] for s in ss),
             "latency_all_s": [s["wall"] for s in ss],
-            "compute_s": med("compute"), "flops": med("flops"), "peak_rss": med("peak_rss"),
+            "compute_s": med("compute"), "cpu_s": med("cpu"), "other_cpu_s": med("other_cpu")[0],
+            "tcp_retrans": med("troubles")[0], "tcp_timeouts": med("troubles")[1], "tbf_drops": med("troubles")[2],
+            "flops": med("flops"), "peak_rss": med("peak_rss"),
             "bytes_sent": med("bytes_sent"), "result_bytes": med("result_bytes"), "input_bytes": med("input_bytes"),
             "engine_bytes": engine, "engine_bytes_total": sum(engine),
             "wire_tx_bytes": wire, "wire_tx_bytes_total": sum(wire),
@@ -291,7 +360,7 @@ def run_cell(name: str, model_dir: Path, world: int, rate: float, args, log_dir:
     with NetLab(world, rate) as lab:
         with tempfile.TemporaryDirectory(prefix="prism-netbench-") as tmp:
             spec = {"model": name, "model_dir": str(model_dir), "world": world, "rate": rate,
-                    "namespaces": [lab.netns(r) for r in range(world)], "addr0": lab.addr(0),
+                    "namespaces": [lab.netns(r) for r in range(world)], "addr0": lab.addr(0), "hub": lab.hub,
                     "modes": args.modes, "crs": args.crs, "reps": args.reps, "timeout": args.timeout,
                     "log_dir": str(log_dir)}
             spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
@@ -375,9 +444,16 @@ def markdown_block(model: str, world: int, records: list[dict], meta: dict) -> s
     # Compute and bytes at the slowest rate measured (bytes do not depend on the rate).
     lines += ["", "Per request, at each rate: own compute per rank (ms, no waiting), then bytes: the engine's "
               "accounting (sum over ranks of bytes_sent + result_bytes + input_bytes) and what the ranks' "
-              "interfaces sent (link counters, headers and the store's control traffic included):", "",
-              "| mode | rate Mbit/s | wall ms | compute per rank ms | engine bytes | wire tx bytes | wire / engine |",
-              "|---|---|---|---|---|---|---|"]
+              "interfaces sent (link counters, headers and the store's control traffic included); engine x fan-out "
+              "counts each all-gathered payload once per receiving peer (P - 1 times), which is what the wire "
+              "carries. CPU per rank: CPU "
+              "time of each rank's process during the request (10 ms ticks; below its compute time when it "
+              "waited for a core); other jobs' CPU: what the rest of the machine used meanwhile "
+              f"(of at most {os.cpu_count()} x wall); last column: TCP segments retransmitted, retransmission "
+              "timeouts (all ranks) and packets the tbfs dropped (queue full), per request:", "",
+              "| mode | rate Mbit/s | wall ms | compute per rank ms | CPU per rank ms | other jobs' CPU ms "
+              "| engine bytes | engine x fan-out | wire tx bytes | wire / fan-out | TCP retrans / RTOs / tbf drops |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for lab in labels:
         for rt in rates:
             r = at.get((lab, rt))
@@ -385,13 +461,27 @@ def markdown_block(model: str, world: int, records: list[dict], meta: dict) -> s
                 continue
             comp = " / ".join(f"{1e3 * s:.0f}" for s in r["compute_s"])
             eng, wire = r["engine_bytes_total"], r["wire_tx_bytes_total"]
-            ratio = f"{wire / eng:.2f}" if eng else "-"
-            lines.append(f"| {lab} | {rt:g} | {1e3 * r['latency_s']:.0f} | {comp} | {_fmt_bytes(eng)} | "
-                         f"{_fmt_bytes(wire)} | {ratio} |")
-    errs = {k: v for k, v in meta.get("errors", {}).items() if k.startswith(f"{model} P={world} ")}
-    if errs:
+            # bytes_sent is what a rank serialised once; an all-gather hands it to each of the P - 1 peers
+            # (tp's bytes_sent already counts its ring all-reduce per rank).
+            fan = (sum(r["bytes_sent"]) * (1 if r["mode"] == "tp" else max(1, r["devices_used"] - 1))
+                   + sum(r["result_bytes"]) + sum(r["input_bytes"]))
+            ratio = f"{wire / fan:.2f}" if fan else "-"
+            cpu = " / ".join(f"{1e3 * s:.0f}" for s in r["cpu_s"]) if "cpu_s" in r else "-"
+            other = f"{max(0.0, 1e3 * r['other_cpu_s']):.0f}" if "other_cpu_s" in r else "-"
+            trouble = (f"{r['tcp_retrans']:.0f} / {r['tcp_timeouts']:.0f} / {r['tbf_drops']:.0f}"
+                       if "tbf_drops" in r else "-")
+            lines.append(f"| {lab} | {rt:g} | {1e3 * r['latency_s']:.0f} | {comp} | {cpu} | {other} | "
+                         f"{_fmt_bytes(eng)} | {_fmt_bytes(fan)} | {_fmt_bytes(wire)} | {ratio} | {trouble} |")
+    # "<model> P=<P> <rate> Mbit/s: <config>" -> message; one line per (config, message) with its rates.
+    grouped: dict[tuple, list] = {}
+    for k, v in meta.get("errors", {}).items():
+        m = re.match(rf"{re.escape(model)} P={world} (\S+) Mbit/s: (.*)", k)
+        if m:
+            grouped.setdefault((m.group(2), v), []).append(m.group(1))
+    if grouped:
         lines += ["", "Failed configurations (not measured):", ""]
-        lines += [f"- {k}: {v}" for k, v in sorted(errs.items())]
+        lines += [f"- {cfg} at {', '.join(sorted(rates, key=float, reverse=True))} Mbit/s: {msg}"
+                  for (cfg, msg), rates in sorted(grouped.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -438,25 +528,54 @@ def plot(records: list[dict], path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no plot (pip install matplotlib)"
-    panels = sorted({(r["model"], r["P"]) for r in records})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (model, world) in zip(axes[0], panels):
-        recs = [r for r in records if r["model"] == model and r["P"] == world]
-        for lab in sorted({_mode_label(r) for r in recs}, key=_mode_order):
-            pts = sorted((r["rate_mbit"], r["latency_s"]) for r in recs if _mode_label(r) == lab)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab,
-                    linestyle="--" if lab == "single" else "-")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("link rate (Mbit/s)")
-        ax.set_ylabel("latency per request (s)")
-        ax.set_title(f"{recs[0]['model_name']} N={recs[0]['N']}, P={world}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+    # One row per model, one column per P; the same colour for a mode in every panel.
+    models = sorted({r["model"] for r in records}, key=lambda m: list(MODEL_NAMES).index(m))
+    worlds = sorted({r["P"] for r in records})
+    labels = sorted({_mode_label(r) for r in records}, key=_mode_order)
+    colour = {lab: f"C{i}" for i, lab in enumerate(labels)}
+    fig, grid = plt.subplots(len(models), len(worlds), figsize=(5.5 * len(worlds), 4 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        for j, world in enumerate(worlds):
+            ax = grid[i][j]
+            recs = [r for r in records if r["model"] == model and r["P"] == world]
+            if not recs:
+                ax.set_visible(False)
+                continue
+            _panel(ax, recs, world, colour)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return None
+
+
+def _panel(ax, recs: list[dict], world: int, colour: dict) -> None:
+    """Latency against link rate, log-log, one line per mode."""
+    for lab in sorted({_mode_label(r) for r in recs}, key=_mode_order):
+        pts = sorted((r["rate_mbit"], r["latency_s"]) for r in recs if _mode_label(r) == lab)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab, color=colour[lab],
+                linestyle="--" if lab == "single" else "-")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("link rate (Mbit/s)")
+    ax.set_ylabel("latency per request (s)")
+    ax.set_title(f"{recs[0]['model_name']} N={recs[0]['N']}, P={world}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def render(json_path: Path, md_path: Path) -> int:
+    """Rewrites the blocks of every (model, P) in ``json_path`` (with the meta of the run that measured it)."""
+    data = json.loads(json_path.read_text())
+    records = data["records"]
+    latest = {}
+    for run in data.get("runs", []):
+        for cell in run.get("cells", []):
+            latest[(cell["model"], cell["P"])] = run
+    for (model, world), run in sorted(latest.items()):
+        update_markdown(md_path, [r for r in records if r["model"] == model and r["P"] == world], run)
+    skipped = plot(records, json_path.with_suffix(".png"))
+    print(f"bench_network: updated {md_path}" + (f"; {skipped}" if skipped else f", drew {json_path.with_suffix('.png')}"))
+    return 0
 
 
 def machine() -> str:
@@ -495,7 +614,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--role", choices=["driver", "coordinator"], default="driver", help=argparse.SUPPRESS)
     ap.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--render", type=Path, metavar="JSON",
+                    help="only redraw the markdown blocks (--md) and the plot from a results JSON; no root needed")
     a = ap.parse_args(argv)
+
+    if a.render:
+        return render(a.render, a.md or HERE / "RESULTS.md")
 
     if a.role == "coordinator":
         # The lab SIGTERMs our process group on the way out: unwind so the workers are stopped.
@@ -561,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
                     # Saved after every cell: an interrupted run keeps what it measured.
                     json_path.write_text(json.dumps({"records": sorted(records.values(), key=lambda r: str(_key(r))),
                                                      "runs": runs + [dict(meta, cells=cells)]}, indent=1))
+    shutil.rmtree(log_dir, ignore_errors=True)  # kept (and named in the error) when a cell fails
     meta["seconds"] = time.monotonic() - t_start
     runs.append(dict(meta, cells=cells))
     all_records = sorted(records.values(), key=lambda r: str(_key(r)))
