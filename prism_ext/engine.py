@@ -280,10 +280,10 @@ def _tick(stats: LayerStats, phase: str, t0: float) -> float:
     return t
 
 
-def _exchange(blk, cfg: RunConfig, st: LayerStats, transport, rank: int, x, a, cr: int, own_valid, own_counts,
-              pos, start: int, stop: int):
-    """Steps 2-3: compress own rows, all-gather, return the other devices'
-    rows (ready for the K/V projection), counts and end positions."""
+def _send(cfg: RunConfig, st: LayerStats, transport, x, a, cr: int, own_valid, own_counts, pos, start: int,
+          stop: int):
+    """Steps 2-3, first half: compress own rows and start the all-gather;
+    the caller computes its own Q/K/V while the bytes travel."""
     t = time.perf_counter()
     if cfg.mode == "voltage":
         send = {"rows": x, "counts": own_counts.to(torch.int32), "ends": pos}
@@ -293,12 +293,17 @@ def _exchange(blk, cfg: RunConfig, st: LayerStats, transport, rank: int, x, a, c
         ends = torch.tensor(segment_ends(start, stop, cr), dtype=torch.int32)
         send = {"rows": means, "counts": counts.round().to(torch.int32), "ends": ends}
     _tick(st, "compress", t)
+    st.rows_sent = send["rows"].shape[1]
+    return transport.all_gather_start(send, cfg.wire_dtype)
 
-    got = transport.all_gather(send, cfg.wire_dtype)
+
+def _receive(blk, cfg: RunConfig, st: LayerStats, pending, rank: int):
+    """Second half: wait for the all-gather, return the other devices' rows
+    (ready for the K/V projection), counts and end positions."""
+    got = pending.wait()
     st.time["exchange"] += got.seconds
     st.bytes_sent = got.bytes_sent
     st.activation_bytes = got.tensor_bytes["rows"]
-    st.rows_sent = send["rows"].shape[1]
     others = [item for q, item in enumerate(got.items) if q != rank]
     rows = torch.cat([o["rows"] for o in others], dim=1)
     r_counts = torch.cat([o["counts"] for o in others], dim=1).to(torch.float32)
@@ -337,16 +342,19 @@ def run_device(net: Network, local: dict, part: Partition, rank: int, transport,
         t = time.perf_counter()
         a = blk.attn_input(x)
         _tick(st, "compress", t)  # LN1 prepares what is compressed and attended
-        if transport.size == 1:  # nothing to exchange with
+        pending = None
+        if transport.size > 1:
+            pending = _send(cfg, st, transport, x, a, cr, own_valid, own_counts, pos, start, stop)
+        t = time.perf_counter()
+        qkv = blk.qkv(a)  # own rows: Q, K, V, while the exchange is in flight
+        _tick(st, "project", t)
+        if pending is None:  # nothing to exchange with
             rows, r_counts, r_ends = x.new_empty(B, 0, d), torch.empty(B, 0), torch.empty(0, dtype=torch.int32)
         else:
-            rows, r_counts, r_ends = _exchange(blk, cfg, st, transport, rank, x, a, cr, own_valid, own_counts,
-                                               pos, start, stop)
+            rows, r_counts, r_ends = _receive(blk, cfg, st, pending, rank)
         m = rows.shape[1]
         st.rows_received = m
         t = time.perf_counter()
-
-        qkv = blk.qkv(a)  # own rows: Q, K, V
         kv = torch.cat([blk.kv(rows), qkv[..., d:]], dim=1)  # received rows first, then own
         t = _tick(st, "project", t)
         counts = torch.cat([r_counts, own_counts], dim=1)

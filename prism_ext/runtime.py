@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import json
 import os
+import queue
 import secrets
 import signal
 import subprocess
@@ -210,7 +211,8 @@ class _Group:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+            dist.destroy_process_group()  # first: a blocked exchange then fails and its thread can end
+        self.transport.close()
 
 
 def _frame_bound(model: PrismModel, request: Request) -> int:
@@ -239,6 +241,7 @@ class Cluster:
         self.timeout = _check_timeout(timeout)
         self.closed: str | None = "starting"
         self._procs: dict[int, subprocess.Popen] = {}
+        self._runner = _Runner()
         self._group: _Group | None = None
         self._seq = 0
         self._lock = threading.Lock()
@@ -401,22 +404,13 @@ class Cluster:
         """Run ``fn`` on a helper thread so Ctrl-C reaches this one at once;
         any failure becomes a ClusterError naming the rank, and the cluster is
         torn down (its processes exit)."""
-        box: dict = {}
-
-        def target():
-            try:
-                box["result"] = fn()
-            except BaseException as exc:  # noqa: BLE001 - handled below
-                box["error"] = exc
-
-        t = threading.Thread(target=target, daemon=True)
-        t.start()
+        box, done = self._runner.submit(fn)
         try:
-            while t.is_alive():
-                t.join(0.1)
+            while not done.wait(0.1):
+                pass
         except KeyboardInterrupt:
             self._teardown("interrupted (Ctrl-C)")
-            t.join(5)
+            done.wait(5)
             raise
         if "error" in box:
             exc = box["error"]
@@ -496,6 +490,7 @@ class Cluster:
         if g is not None:
             g.close()
             self._group = None
+        self._runner.stop()
 
     def close(self) -> None:
         """Stop every worker (they exit cleanly) and leave the group."""
@@ -521,6 +516,42 @@ class Cluster:
     def __repr__(self):
         state = "open" if self.closed is None else f"closed: {self.closed}"
         return f"Cluster({self.model.model_type}, devices={self.world}, {state})"
+
+
+class _Runner:
+    """One long-lived thread that runs rank 0's part of every request (the
+    caller's thread stays free for Ctrl-C). Long-lived so per-thread state
+    (torch's intra-op pool) is made once, not per request."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="prism-rank0", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, box, done = self._queue.get()
+            if fn is None:
+                return
+            try:
+                with torch.no_grad():  # grad mode is per thread
+                    box["result"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box["error"] = exc
+            finally:
+                done.set()
+
+    def submit(self, fn) -> tuple[dict, threading.Event]:
+        box: dict = {}
+        done = threading.Event()
+        self._queue.put((fn, box, done))
+        return box, done
+
+    def stop(self) -> None:
+        """End the thread once its current request (if any) has ended."""
+        self._queue.put((None, None, None))
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
 
 
 def cluster(model, devices: int | None = None, **kwargs) -> Cluster:
@@ -677,10 +708,12 @@ def worker_main(master: str, rank: int, world: int, *, token: str | None = None,
 
 
 def _wait_for(g: _Group, key: str) -> bytes:
-    """Wait (idle, for ever) until rank 0 signals ``key``; a lost store ends it."""
+    """Wait (idle, for ever) until rank 0 signals ``key``. A lost store ends
+    the wait at once (connection closed); a hung rank 0 is caught by the
+    heartbeat thread, whose store calls then time out."""
     while True:
         try:
-            g.store.wait([key], datetime.timedelta(seconds=1))
+            g.store.wait([key], datetime.timedelta(hours=1))
             return bytes(g.store.get(key))
         except dist.DistStoreError as exc:
             if "timeout" not in str(exc).lower():

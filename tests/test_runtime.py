@@ -280,6 +280,20 @@ def test_worker_killed_mid_prefill_names_the_rank_and_nothing_is_left(slow_model
         c(ids[:, :8])
 
 
+def test_hung_worker_is_named_after_the_timeout(slow_model):
+    """SIGSTOP: the socket stays open, so only the timeout and the stopped
+    heartbeat tell; rank 0 must name the rank, and nothing is left behind."""
+    m = prism_ext.load(slow_model)
+    c = cluster(m, devices=3, timeout=4)
+    pids = [p.pid for p in c._procs.values()]
+    os.kill(pids[0], signal.SIGSTOP)
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError, match=r"rank 1 lost: no heartbeat"):
+        c(torch.randint(0, 512, (1, 64)), cr=4, outputs=("last",))
+    assert time.monotonic() - t0 < 4 + 8
+    assert wait_gone(pids, 10) == []
+
+
 def test_dead_coordinator_makes_workers_exit():
     code = ("import sys, time, prism_ext\n"
             "from prism_ext.runtime import cluster\n"
@@ -311,6 +325,37 @@ def test_ctrl_c_on_the_coordinator_stops_every_process(slow_model):
     assert time.monotonic() - t0 < 10
     assert "KeyboardInterrupt" in coord.stderr.read()
     assert wait_gone(pids, 10) == []
+
+
+def test_auto_weights_give_a_slowed_rank_fewer_positions(gpt, capfd):
+    """Rank 1 shares its core with a busy loop (about half the speed of rank
+    0, alone on the other core): calibration must see it and split by speed."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 cores: one per rank (this process is pinned to fewer)")
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    port = free_port()
+    hog = subprocess.Popen(["taskset", "-c", str(cores[1]), sys.executable, "-c", "while True: pass"])
+    w = subprocess.Popen(["taskset", "-c", str(cores[1])] + PRISM + [
+        "worker", "--master", f"127.0.0.1:{port}", "--rank", "1", "--world", "2", "--token", TOKEN, "--timeout", "30",
+        "--ifname", "lo", "--threads", "1"], stdout=subprocess.DEVNULL)
+    saved = os.sched_getaffinity(0), torch.get_num_threads()
+    try:
+        os.sched_setaffinity(0, {cores[0]})
+        with cluster(gpt, master=f"127.0.0.1:{port}", world=2, token=TOKEN, timeout=30, ifname="lo", threads=1,
+                     auto_weights=True) as c:
+            weights = c.device_weights
+            out = c(ids_of(gpt), cr=2)
+        assert w.wait(timeout=30) == 0
+    finally:
+        os.sched_setaffinity(0, saved[0])
+        torch.set_num_threads(saved[1])
+        prism_ext.set_num_threads(saved[1])
+        hog.kill()
+        w.kill()
+    assert weights[0] == 1.0 and weights[1] < 0.8, weights
+    sizes = out.stats.partition.sizes()
+    assert sizes[0] > sizes[1]
+    assert "auto weights: rank 0:" in capfd.readouterr().err
 
 
 # ------------------------------------------------------------------- CLI

@@ -1,9 +1,13 @@
 """Transports: how devices exchange tensors. The engine is handed one.
 
 A transport for device ``rank`` of ``size`` offers ``all_gather(tensors,
-wire_dtype) -> Gathered`` and ``all_reduce(tensor) -> Reduced`` (fp32 sum,
-tensor parallelism); :mod:`.wire` is the byte format every transport
-uses, so the bytes counted are the bytes that would cross a network.
+wire_dtype) -> Gathered`` (and ``all_gather_start(...)`` whose ``wait()``
+gives it, so compute overlaps the transfer), ``gather(tensors, meta, dst)
+-> GatheredTo`` (results to rank 0) and ``all_reduce(tensor) -> Reduced``
+(fp32 sum, tensor parallelism): :class:`.local.LocalTransport` for
+in-process devices, :class:`.dist.DistTransport` for processes over TCP.
+:mod:`.wire` is the byte format every transport uses, so the bytes counted
+are the bytes that would cross a network.
 """
 
 from .local import LocalGroup, LocalTransport

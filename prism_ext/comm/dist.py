@@ -14,13 +14,15 @@ once per peer, size words included: what left it on the network.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .wire import Gathered, GatheredTo, Reduced, WireError, check_wire_dtype, decode, decode_message, encode
+from .wire import Gathered, GatheredTo, Pending, Reduced, WireError, check_wire_dtype, decode, decode_message, encode
 
 __all__ = ["DistTransport"]
 
@@ -29,6 +31,40 @@ _SIZE = torch.int64
 
 def _as_tensor(blob: bytes) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(blob, dtype=np.uint8).copy())
+
+
+class _Background:
+    """One daemon thread that runs exchanges handed to it, in order (gloo
+    calls release the GIL, so the caller's compute goes on meanwhile)."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="prism-exchange", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, box, done = self._queue.get()
+            if fn is None:
+                return
+            try:
+                box["result"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the waiter
+                box["error"] = exc
+            finally:
+                done.set()
+
+    def submit(self, fn) -> tuple[dict, threading.Event]:
+        box: dict = {}
+        done = threading.Event()
+        self._queue.put((fn, box, done))
+        return box, done
+
+    def stop(self, timeout: float) -> None:
+        """End the thread after what it is running (a thread that used torch
+        must not outlive the interpreter's shutdown)."""
+        self._queue.put((None, None, None))
+        self._thread.join(timeout)
 
 
 class DistTransport:
@@ -41,6 +77,10 @@ class DistTransport:
         self.size = size
         self.max_frame_bytes = max_frame_bytes
         self.wire_bytes = 0
+        self._background = _Background()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._background.stop(timeout)
 
     def _sizes(self, n: int) -> list[int]:
         """Every rank's frame size (an all-gather of one int64 each), bounded."""
@@ -75,15 +115,28 @@ class DistTransport:
 
     def all_gather(self, tensors: dict, wire_dtype: str = "fp32") -> Gathered:
         """Send ``tensors`` to every device, receive every device's (own included)."""
+        return self.all_gather_start(tensors, wire_dtype).wait()
+
+    def all_gather_start(self, tensors: dict, wire_dtype: str = "fp32") -> Pending:
+        """Encode now and move the bytes on this transport's background
+        thread, so the caller computes while they travel; ``wait()`` decodes."""
         check_wire_dtype(wire_dtype)
         t0 = time.perf_counter()
         blob, sizes = encode(tensors, wire_dtype)
-        t1 = time.perf_counter()
-        bufs = self._exchange(blob)
-        t2 = time.perf_counter()
-        items = [decode(blob, sender=q) if b is None else decode(b.numpy(), sender=q) for q, b in enumerate(bufs)]
-        t3 = time.perf_counter()
-        return Gathered(items=items, bytes_sent=len(blob), tensor_bytes=sizes, seconds=(t1 - t0) + (t3 - t2))
+        encoded = time.perf_counter() - t0
+        box, done = self._background.submit(lambda: self._exchange(blob))
+
+        def finish() -> Gathered:
+            done.wait()
+            if "error" in box:
+                raise box["error"]
+            t = time.perf_counter()
+            items = [decode(blob, sender=q) if b is None else decode(b.numpy(), sender=q)
+                     for q, b in enumerate(box["result"])]
+            return Gathered(items=items, bytes_sent=len(blob), tensor_bytes=sizes,
+                            seconds=encoded + time.perf_counter() - t)
+
+        return Pending(finish)
 
     def exchange_meta(self, meta: dict) -> list[dict]:
         """Every rank's ``meta`` (a small JSON object), own included."""

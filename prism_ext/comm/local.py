@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .wire import (Gathered, GatheredTo, Reduced, check_wire_dtype, decode, decode_message, encode,
+from .wire import (Gathered, GatheredTo, Pending, Reduced, check_wire_dtype, decode, decode_message, encode,
                    ring_all_reduce_bytes)
 
 __all__ = ["LocalGroup", "LocalTransport", "GroupAborted"]
@@ -129,6 +129,13 @@ class LocalTransport:
         items = [decode(b, sender=q) for q, b in enumerate(blobs)]  # errors name the sending rank
         t3 = time.perf_counter()
         return Gathered(items=items, bytes_sent=len(blob), tensor_bytes=sizes, seconds=(t1 - t0) + (t3 - t2))
+
+    def all_gather_start(self, tensors: dict, wire_dtype: str = "fp32") -> "Pending":
+        """:meth:`all_gather` in two halves (the real transport overlaps the
+        transfer with the caller's compute). Simulated devices take turns, so
+        here the whole exchange happens in ``wait()``."""
+        check_wire_dtype(wire_dtype)
+        return Pending(lambda: self.all_gather(tensors, wire_dtype))
 
     def gather(self, tensors: dict, meta: dict, dst: int = 0) -> GatheredTo:
         """Send ``tensors`` (fp32) and ``meta`` to rank ``dst``; there, every

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["WIRE_DTYPES", "Gathered", "GatheredTo", "Reduced", "WireError", "ring_all_reduce_bytes", "encode",
-           "decode", "decode_message", "check_wire_dtype"]
+__all__ = ["WIRE_DTYPES", "Gathered", "GatheredTo", "Pending", "Reduced", "WireError", "ring_all_reduce_bytes",
+           "encode", "decode", "decode_message", "check_wire_dtype"]
 
 WIRE_DTYPES = ("fp32", "fp16", "bf16", "int8")
 MAGIC = b"PRSM"
@@ -72,6 +72,16 @@ class Gathered:
     bytes_sent: int  # everything this rank serialised (header included)
     tensor_bytes: dict[str, int] = field(default_factory=dict)  # of those, per tensor (scales included)
     seconds: float = 0.0  # encode + decode, not waiting for peers
+
+
+class Pending:
+    """An all-gather under way: ``wait()`` returns its :class:`Gathered`."""
+
+    def __init__(self, finish):
+        self._finish = finish
+
+    def wait(self) -> Gathered:
+        return self._finish()
 
 
 @dataclass
