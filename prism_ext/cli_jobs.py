@@ -127,7 +127,7 @@ def _pinned(args: argparse.Namespace) -> dict:
 @_user_errors("run")
 def _run(args: argparse.Namespace) -> int:
     from . import jobs
-    from .runtime import ClusterError, cluster, worker_main
+    from .runtime import ClusterError, cluster, worker_exit, worker_main
 
     for path in args.image or []:
         if not Path(path).is_file():
@@ -137,7 +137,7 @@ def _run(args: argparse.Namespace) -> int:
         code = worker_main(options["master"], options["rank"], options["world"], token=args.token,
                            timeout=args.timeout, threads=args.threads, ifname=args.ifname, model=args.model,
                            settings=_pinned(args))
-        return code
+        worker_exit(options["rank"], code, None)  # as `prism worker`: no teardown behind blocked gloo threads
     devices = options.get("world") or options.get("devices") or args.devices
     if args.weights is not None and len(args.weights) != devices:
         raise ValueError(f"--weights: {len(args.weights)} weights for {devices} devices")
@@ -171,6 +171,9 @@ def _run(args: argparse.Namespace) -> int:
     except ClusterError as exc:
         print(f"prism run: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("prism run: interrupted; every device stopped", file=sys.stderr)
+        return 130
     finally:
         if c is not None:
             c.close()
@@ -216,7 +219,7 @@ def _zoo(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     import os
 
-    from .runtime import _worker_exit, worker_main
+    from .runtime import worker_exit, worker_main
 
     try:
         code = worker_main(args.master, args.rank, args.world, token=args.token, timeout=args.timeout,
@@ -224,7 +227,7 @@ def _worker(args: argparse.Namespace) -> int:
     except _USER_ERRORS as exc:
         print(f"prism worker: {exc}", file=sys.stderr)
         code = 2
-    _worker_exit(args.rank, code, None)  # no interpreter teardown: gloo threads may be blocked on dead peers
+    worker_exit(args.rank, code, None)  # no interpreter teardown: gloo threads may be blocked on dead peers
     return code
 
 

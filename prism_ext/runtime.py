@@ -47,7 +47,7 @@ from .comm.wire import decode_message, encode
 from .engine import Collected
 from .program import Request, decode_request, encode_request, local_inputs, plan, run, run_stats, simulate
 
-__all__ = ["Cluster", "ClusterError", "HandshakeError", "cluster", "worker_main", "DEFAULT_TIMEOUT"]
+__all__ = ["Cluster", "ClusterError", "HandshakeError", "cluster", "worker_main", "worker_exit", "DEFAULT_TIMEOUT"]
 
 DEFAULT_TIMEOUT = 60.0
 _TAG = 32  # bytes of an HMAC-SHA256 tag
@@ -241,7 +241,6 @@ class Cluster:
         self.timeout = _check_timeout(timeout)
         self.closed: str | None = "starting"
         self._procs: dict[int, subprocess.Popen] = {}
-        self._runner = _Runner()
         self._group: _Group | None = None
         self._seq = 0
         self._lock = threading.Lock()
@@ -263,10 +262,13 @@ class Cluster:
         self.settings = dict(settings or {})
         if device_weights is not None:
             self.settings["device_weights"] = list(device_weights)
+        self._runner = _Runner()
         try:
             _set_threads(threads)
-            store = dist.TCPStore(host, port, world, is_master=True, timeout=datetime.timedelta(seconds=self.timeout),
-                                  wait_for_workers=False)
+            # Under torchrun its agent already serves the rendezvous store at MASTER_PORT: join it as a client.
+            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+            store = dist.TCPStore(host, port, world, is_master=not agent_store,
+                                  timeout=datetime.timedelta(seconds=self.timeout), wait_for_workers=False)
             if master is None:
                 self._spawn(store.port, world, token, worker_threads or max(1, (os.cpu_count() or 1) // world))
             self._say(f"rank 0 waiting for {world - 1} worker(s) at {host}:{store.port}")
@@ -487,10 +489,12 @@ class Cluster:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        # With its peers gone a request in flight fails at once; let it end
+        # before the group goes away under it.
+        self._runner.stop()
         if g is not None:
             g.close()
             self._group = None
-        self._runner.stop()
 
     def close(self) -> None:
         """Stop every worker (they exit cleanly) and leave the group."""
@@ -622,14 +626,15 @@ def _liveness(host: str, port: int, rank: int, timeout: float, closing: threadin
             store.add(f"alive/{rank}", 1)
             if store.check(["abort"]) and not closing.is_set():
                 reason = bytes(store.get("abort")).decode(errors="replace")
-                _worker_exit(rank, 1, f"rank 0 aborted the cluster: {reason}")
+                worker_exit(rank, 1, f"rank 0 aborted the cluster: {reason}")
             time.sleep(_HEARTBEAT)
     except Exception as exc:  # noqa: BLE001 - any store failure means rank 0 is gone
         if not closing.is_set():
-            _worker_exit(rank, 1, f"lost the coordinator (rank 0): {_first_line(exc)}")
+            worker_exit(rank, 1, f"lost the coordinator (rank 0): {_first_line(exc)}")
 
 
-def _worker_exit(rank: int, code: int, message: str | None) -> None:
+def worker_exit(rank: int, code: int, message: str | None) -> None:
+    """End a worker process now, with ``code`` (and ``message`` on stderr)."""
     if message:
         print(f"prism worker (rank {rank}): {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()

@@ -322,8 +322,9 @@ def test_ctrl_c_on_the_coordinator_stops_every_process(slow_model):
     t0 = time.monotonic()
     coord.send_signal(signal.SIGINT)
     coord.wait(timeout=30)
-    assert time.monotonic() - t0 < 10
-    assert "KeyboardInterrupt" in coord.stderr.read()
+    took, err = time.monotonic() - t0, coord.stderr.read()
+    assert took < 10, err
+    assert "KeyboardInterrupt" in err
     assert wait_gone(pids, 10) == []
 
 
