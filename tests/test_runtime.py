@@ -239,6 +239,20 @@ def test_torchrun_style_ranks_run_and_must_agree_on_cr():
     assert "rank 1: cr 8 differs from rank 0's 2" in err0 and len(err0.strip().splitlines()) == 1
 
 
+def test_under_torchrun():
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.is_file():
+        pytest.skip(f"torchrun is not next to {sys.executable} (it comes with torch)")
+    out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "prism_ext",
+                          "run", "--model", "gpt2-tiny", "--text", "The for statement", "--cr", "2",
+                          "--max-new-tokens", "3", "--no-compare", "--token", TOKEN, "--ifname", "lo", "--json", "-q"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert "rank 0 at" in result["runtime"] and len(result["stats"]["devices"]) == 2
+    assert len(result["output"]["token_ids"]) == 3
+
+
 # -------------------------------------------------------------- failures
 
 @pytest.fixture(scope="module")
