@@ -52,6 +52,7 @@ __all__ = ["Cluster", "ClusterError", "HandshakeError", "cluster", "worker_main"
 DEFAULT_TIMEOUT = 60.0
 _TAG = 32  # bytes of an HMAC-SHA256 tag
 _HEARTBEAT = 0.5  # seconds between worker heartbeats
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 _SETTINGS = ("mode", "cr", "wire_dtype", "compression_point", "mean_weighting", "device_weights")
 
 
@@ -291,7 +292,9 @@ class Cluster:
             argv = [sys.executable, "-m", "prism_ext", "worker", "--master", f"127.0.0.1:{port}", "--rank", str(r),
                     "--world", str(world), "--threads", str(threads), "--timeout", str(self.timeout),
                     "--ifname", "lo"]
-            self._procs[r] = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            # cwd: `-m` searches the working directory first; start where this very package lies.
+            self._procs[r] = subprocess.Popen(argv, env=env, cwd=_PACKAGE_PARENT, stdin=subprocess.DEVNULL,
+                                              stdout=subprocess.DEVNULL)
 
     def _rendezvous(self, host: str, store, ifname) -> _Group:
         """Join the gloo group; meanwhile watch the local workers, so one that
@@ -589,18 +592,19 @@ def _exit_status(code: int | None) -> str:
 
 
 def _calibration_time(model: PrismModel) -> float:
-    """Median seconds of a single-device forward of a fixed short input."""
+    """Median seconds of a single-device forward of a fixed input (up to 128
+    positions), after one warm-up run (first calls pay one-off costs)."""
     net = model.net
     if net.model_type == "vit":
         inputs = {"pixel_values": torch.zeros(1, net.channels, net.image, net.image)}
     else:
-        inputs = {"input_ids": torch.zeros(1, min(net.n_positions, 64), dtype=torch.long)}
+        inputs = {"input_ids": torch.zeros(1, min(net.n_positions, 128), dtype=torch.long)}
     times = []
-    for _ in range(3):
+    for _ in range(6):
         t0 = time.perf_counter()
-        model(inputs, devices=1)
+        model(inputs, devices=1, outputs=("last",))
         times.append(time.perf_counter() - t0)
-    return sorted(times)[1]
+    return sorted(times[1:])[2]
 
 
 def _calibration_exchange(model: PrismModel, g: _Group) -> list[float]:
