@@ -57,7 +57,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import netlab  # noqa: E402  (stdlib only)
-from netlab import NetLab, NetLabError  # noqa: E402
+from netlab import NetLab  # noqa: E402
 
 MODES = ("single", "tp", "voltage", "prism")
 MODEL_NAMES = {"bert": "BERT-base", "gpt2": "GPT-2-small", "vit": "ViT-B/16", "tiny": "BERT-tiny"}

@@ -217,8 +217,6 @@ def _zoo(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    import os
-
     from .runtime import worker_exit, worker_main
 
     try:

@@ -128,14 +128,20 @@ def check_job(model: PrismModel, *, text: str | None = None, devices: int = 4, c
         _processor(model)
         _validate(model, model.net.grid ** 2 + 1, devices, cr, mode, knobs)
         return
+    _text_job(model, text, devices, cr, mode, max_new_tokens, knobs)
+
+
+def _text_job(model: PrismModel, text: str, devices, cr, mode: str, max_new_tokens: int, knobs: dict):
+    """A text job's checks; returns (token ids, tokenizer, whether it generates)."""
     if model.model_type == "vit":
         raise ValueError("text: vit models take --image, not --text")
     generating = model.model_type == "gpt2" and max_new_tokens > 0
     if generating and mode not in ("prism", "single"):
         raise ValueError(f"mode: generation runs in prism or single mode; use --max-new-tokens 0 for a {mode} "
                          f"forward pass")
-    ids, _ = _encode(model, text, max_new_tokens if generating else 0)
+    ids, tok = _encode(model, text, max_new_tokens if generating else 0)
     _validate(model, len(ids), devices, cr, mode, knobs)
+    return ids, tok, generating
 
 
 def run_text(model: PrismModel, text: str, *, devices: int = 4, cr=4, mode: str = "prism",
@@ -147,15 +153,8 @@ def run_text(model: PrismModel, text: str, *, devices: int = 4, cr=4, mode: str 
     say = _progress(quiet)
     run = model if cluster is None else cluster
     knobs = _knobs(**knobs)
-    if model.model_type == "vit":
-        raise ValueError("text: vit models take --image, not --text")
-    generating = model.model_type == "gpt2" and max_new_tokens > 0
-    if generating and mode not in ("prism", "single"):
-        raise ValueError(f"mode: generation runs in prism or single mode; use --max-new-tokens 0 for a {mode} "
-                         f"forward pass")
-    ids, tok = _encode(model, text, max_new_tokens if generating else 0)
+    ids, tok, generating = _text_job(model, text, devices, cr, mode, max_new_tokens, knobs)
     x = torch.tensor([ids])
-    _validate(model, len(ids), devices, cr, mode, knobs)
     result = {"model_type": model.model_type, "devices": devices, "cr": cr, "mode": mode, "knobs": knobs,
               "input": {"text": text, "tokens": len(ids)}}
     peers = None

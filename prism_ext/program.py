@@ -24,7 +24,7 @@ from .models import Network
 from .partition import Partition, partition
 
 __all__ = ["MODES", "Request", "plan", "local_inputs", "encode_request", "decode_request", "run", "run_stats",
-           "simulate"]
+           "simulate", "count_inputs"]
 
 # single: rank 0 alone; prism / voltage: position-wise over every device; tp: tensor parallel.
 MODES = ("single", "prism", "voltage", "tp")
@@ -154,10 +154,9 @@ def decode_request(blob, net: Network, rank: int, world: int, sender: int = 0) -
     """Parse and check a request that arrived for device ``rank``."""
     meta, local = decode_message(blob, sender=sender)
     request = Request.from_meta(meta.get("request"), net, world)
-    if request.mode != "tp" and rank >= len(request.ranges):
+    if rank >= len(request.ranges):
         raise ValueError(f"request: rank {rank} has no positions in {len(request.ranges)} ranges")
-    start, stop = (0, request.ranges[-1][1]) if request.mode == "tp" else request.ranges[rank]
-    net.check_local(local, request.batch, start, stop)
+    net.check_local(local, request.batch, *request.ranges[rank])  # tp: every range is the whole sequence
     return request, local
 
 
@@ -189,7 +188,11 @@ def simulate(net: Network, inputs: dict, request: Request) -> Collected:
             return run(net, req, local, rank, transport)
         return program
 
-    collected = LocalGroup(devices).run([device(r) for r in range(devices)])[0]
-    for r in range(1, devices):  # rank 0's own request never travels
+    return count_inputs(LocalGroup(devices).run([device(r) for r in range(devices)])[0], blobs)
+
+
+def count_inputs(collected: Collected, blobs: list[bytes]) -> Collected:
+    """Record what each device received (rank 0's own request never travels)."""
+    for r in range(1, len(blobs)):
         collected.devices[r].input_bytes = len(blobs[r])
     return collected

@@ -28,7 +28,6 @@ import hashlib
 import hmac
 import json
 import os
-import queue
 import secrets
 import signal
 import subprocess
@@ -42,10 +41,9 @@ import torch.distributed as dist
 
 from . import __version__, kernels
 from .api import PrismModel, PrismOutput, load
-from .comm.dist import DistTransport
-from .comm.wire import decode_message, encode
+from .comm.dist import DistTransport, TaskThread
 from .engine import Collected
-from .program import Request, decode_request, encode_request, local_inputs, plan, run, run_stats, simulate
+from .program import Request, count_inputs, decode_request, encode_request, local_inputs, plan, run, run_stats, simulate
 
 __all__ = ["Cluster", "ClusterError", "HandshakeError", "cluster", "worker_main", "worker_exit", "DEFAULT_TIMEOUT"]
 
@@ -162,10 +160,9 @@ class _Group:
         if dist.is_initialized():
             raise ClusterError("cluster: this process already belongs to a torch.distributed group "
                                "(one cluster per process; close the other first)")
-        self.rank, self.world, self.host, self.timeout = rank, world, host, timeout
+        self.rank, self.world = rank, world
         delta = datetime.timedelta(seconds=timeout)
         self.store = store or dist.TCPStore(host, port, world, is_master=False, timeout=delta)
-        self.port = self.store.port
         saved = os.environ.get("GLOO_SOCKET_IFNAME")
         if ifname:  # gloo reads its interface at init time only
             os.environ["GLOO_SOCKET_IFNAME"] = ifname
@@ -263,7 +260,7 @@ class Cluster:
         self.settings = dict(settings or {})
         if device_weights is not None:
             self.settings["device_weights"] = list(device_weights)
-        self._runner = _Runner()
+        self._runner = TaskThread("prism-rank0")  # rank 0's part of each request
         try:
             _set_threads(threads)
             # Under torchrun its agent already serves the rendezvous store at MASTER_PORT: join it as a client.
@@ -401,9 +398,7 @@ class Cluster:
                     g.store.delete_key(f"req/{seq - 1}/{r}")
             g.transport.max_frame_bytes = _frame_bound(m, request)
             collected = self._guarded(lambda: run(m.net, req, local, 0, g.transport), f"request {seq}")
-        for r in range(1, self.world):
-            collected.devices[r].input_bytes = len(blobs[r])
-        return collected
+        return count_inputs(collected, blobs)
 
     def _guarded(self, fn, what: str):
         """Run ``fn`` on a helper thread so Ctrl-C reaches this one at once;
@@ -523,42 +518,6 @@ class Cluster:
     def __repr__(self):
         state = "open" if self.closed is None else f"closed: {self.closed}"
         return f"Cluster({self.model.model_type}, devices={self.world}, {state})"
-
-
-class _Runner:
-    """One long-lived thread that runs rank 0's part of every request (the
-    caller's thread stays free for Ctrl-C). Long-lived so per-thread state
-    (torch's intra-op pool) is made once, not per request."""
-
-    def __init__(self):
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="prism-rank0", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            fn, box, done = self._queue.get()
-            if fn is None:
-                return
-            try:
-                with torch.no_grad():  # grad mode is per thread
-                    box["result"] = fn()
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                box["error"] = exc
-            finally:
-                done.set()
-
-    def submit(self, fn) -> tuple[dict, threading.Event]:
-        box: dict = {}
-        done = threading.Event()
-        self._queue.put((fn, box, done))
-        return box, done
-
-    def stop(self) -> None:
-        """End the thread once its current request (if any) has ended."""
-        self._queue.put((None, None, None))
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=10)
 
 
 def cluster(model, devices: int | None = None, **kwargs) -> Cluster:

@@ -1,4 +1,4 @@
-"""Shared test setup: the hypothesis profile and the per-ISA fixture."""
+"""Shared test setup: the hypothesis profile, the per-ISA fixture, the bundled models."""
 
 from __future__ import annotations
 
@@ -71,3 +71,14 @@ def pytest_report_header(config):
         f"prism_ext {prism_ext.__version__} from {os.path.dirname(prism_ext.__file__)}; "
         f"isas {kernels.available_isas()}, active {kernels.active_isa()}, threads {kernels.get_num_threads()}"
     )
+
+
+# The bundled models, loaded once per test module that asks for them.
+@pytest.fixture(scope="module")
+def gpt():
+    return prism_ext.load("gpt2-tiny")
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return prism_ext.load("vit-tiny-digits")

@@ -46,6 +46,24 @@ def save(model, path, **kw):
     return path
 
 
+def tiny_models(tmp_path_factory, seed: int) -> dict:
+    """family -> (HF model, the same checkpoint loaded by prism_ext), seeds seed, seed + 1, seed + 2."""
+    import prism_ext
+
+    hfs = {"gpt2": hf_gpt2(seed=seed), "bert": hf_bert(seed=seed + 1), "vit": hf_vit(seed=seed + 2)}
+    return {k: (hf, prism_ext.load(save(hf, tmp_path_factory.mktemp(k)))) for k, hf in hfs.items()}
+
+
+def family_inputs(family: str, n: int, seed: int = 0) -> dict:
+    """Inputs for the tiny models: 2 x n ids (gpt2), 3 x n padded (bert), 2 images (vit)."""
+    g = torch.Generator().manual_seed(seed)
+    if family == "gpt2":
+        return {"input_ids": torch.randint(0, 64, (2, n), generator=g)}
+    if family == "bert":
+        return bert_inputs(batch=3, n=n, seed=seed)
+    return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+
+
 def bert_inputs(batch=3, n=17, seed=1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 64, (batch, n), generator=g)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine_helpers import bert_inputs, hf_bert, hf_gpt2, hf_vit, max_err, naive_forward, save
+from engine_helpers import family_inputs, max_err, naive_forward, tiny_models
 
 import prism_ext
 from prism_ext.comm import LocalGroup
@@ -20,17 +20,11 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    hfs = {"gpt2": hf_gpt2(seed=10), "bert": hf_bert(seed=11), "vit": hf_vit(seed=12)}
-    return {k: (hf, prism_ext.load(save(hf, tmp_path_factory.mktemp(k)))) for k, hf in hfs.items()}
+    return tiny_models(tmp_path_factory, 10)
 
 
 def inputs_for(family, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    if family == "gpt2":
-        return {"input_ids": torch.randint(0, 64, (2, 23), generator=g)}
-    if family == "bert":
-        return bert_inputs(batch=3, n=23, seed=seed)
-    return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    return family_inputs(family, 23, seed)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bert", "vit"])

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings

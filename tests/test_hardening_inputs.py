@@ -33,16 +33,6 @@ def gpt2_dir(tmp_path_factory):
     return save(hf_gpt2(), tmp_path_factory.mktemp("gpt2"))
 
 
-@pytest.fixture(scope="module")
-def gpt():
-    return prism_ext.load("gpt2-tiny")
-
-
-@pytest.fixture(scope="module")
-def vit():
-    return prism_ext.load("vit-tiny-digits")
-
-
 def one_line(exc_info, name: str) -> None:
     msg = str(exc_info.value)
     assert msg.startswith(name), msg

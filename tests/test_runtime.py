@@ -57,11 +57,6 @@ def wait_gone(pids, seconds: float) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def gpt():
-    return prism_ext.load("gpt2-tiny")
-
-
-@pytest.fixture(scope="module")
 def live(gpt):
     """One live cluster for the tests that use it; they come first in this
     file (pytest keeps file order), and the fixture is finalised explicitly

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine_helpers import D, HEADS, LAYERS, bert_inputs, hf_bert, hf_gpt2, hf_vit, max_err, save
+from engine_helpers import D, HEADS, LAYERS, bert_inputs, family_inputs, hf_bert, max_err, save, tiny_models
 
 import prism_ext
 from prism_ext.accounting import block_flops, tp_block_flops
@@ -23,17 +23,11 @@ SIZES = [1, 2, 3, 4]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    hfs = {"gpt2": hf_gpt2(seed=20), "bert": hf_bert(seed=21), "vit": hf_vit(seed=22)}
-    return {k: (hf, prism_ext.load(save(hf, tmp_path_factory.mktemp(k)))) for k, hf in hfs.items()}
+    return tiny_models(tmp_path_factory, 20)
 
 
 def inputs_for(family, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    if family == "gpt2":
-        return {"input_ids": torch.randint(0, 64, (2, 19), generator=g)}
-    if family == "bert":
-        return bert_inputs(batch=3, n=17, seed=seed)
-    return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    return family_inputs(family, 19, seed)
 
 
 def ring_bytes(tensor_bytes: int, size: int) -> int:

@@ -28,16 +28,6 @@ def prism(capsys, *argv):
 
 
 @pytest.fixture(scope="module")
-def gpt():
-    return prism_ext.load("gpt2-tiny")
-
-
-@pytest.fixture(scope="module")
-def vit():
-    return prism_ext.load("vit-tiny-digits")
-
-
-@pytest.fixture(scope="module")
 def held_out():
     data = np.load(zoo.model_dir("vit-tiny-digits") / "heldout_digits.npz")
     return data["images"], data["labels"]

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from .wire import Gathered, GatheredTo, Pending, Reduced, WireError, check_wire_dtype, decode, decode_message, encode
 
-__all__ = ["DistTransport"]
+__all__ = ["DistTransport", "TaskThread"]
 
 _SIZE = torch.int64
 
@@ -33,13 +33,16 @@ def _as_tensor(blob: bytes) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(blob, dtype=np.uint8).copy())
 
 
-class _Background:
-    """One daemon thread that runs exchanges handed to it, in order (gloo
-    calls release the GIL, so the caller's compute goes on meanwhile)."""
+class TaskThread:
+    """One long-lived daemon thread that runs the functions handed to it, in
+    order. Used for the gloo transfers (gloo releases the GIL, so the
+    caller computes meanwhile) and for rank 0's part of each request (the
+    caller's thread stays free for Ctrl-C). Long-lived so per-thread state
+    (torch's intra-op pool) is made once."""
 
-    def __init__(self):
+    def __init__(self, name: str):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="prism-exchange", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
@@ -48,36 +51,38 @@ class _Background:
             if fn is None:
                 return
             try:
-                box["result"] = fn()
-            except BaseException as exc:  # noqa: BLE001 - re-raised by the waiter
+                with torch.no_grad():  # grad mode is per thread
+                    box["result"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
                 box["error"] = exc
             finally:
                 done.set()
 
     def submit(self, fn) -> tuple[dict, threading.Event]:
+        """Queue ``fn``; ``done`` is set once ``box`` holds its result or error."""
         box: dict = {}
         done = threading.Event()
         self._queue.put((fn, box, done))
         return box, done
 
-    def stop(self, timeout: float) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         """End the thread after what it is running (a thread that used torch
         must not outlive the interpreter's shutdown)."""
         self._queue.put((None, None, None))
-        self._thread.join(timeout)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
 
 class DistTransport:
     """Rank ``rank`` of the default process group (``dist.init_process_group``
-    done by :mod:`prism_ext.runtime`). ``ranks`` limits it to the first
-    ranks of the group (a request that uses fewer devices)."""
+    done by :mod:`prism_ext.runtime`)."""
 
     def __init__(self, rank: int, size: int, *, max_frame_bytes: int = 1 << 30):
         self.rank = rank
         self.size = size
         self.max_frame_bytes = max_frame_bytes
         self.wire_bytes = 0
-        self._background = _Background()
+        self._background = TaskThread("prism-exchange")
 
     def close(self, timeout: float = 10.0) -> None:
         self._background.stop(timeout)

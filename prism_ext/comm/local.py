@@ -158,14 +158,11 @@ class LocalTransport:
         bit-identical on every device. ``bytes_sent`` is a ring all-reduce's,
         what the real (gloo) transport sends, not the in-process blob's."""
         if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float32:
-            got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise TypeError(f"tensor: expected a float32 torch.Tensor, got {got}")
+            kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise TypeError(f"tensor: expected a float32 torch.Tensor, got {kind}")
+        got = self.all_gather({"t": tensor}, "fp32")
         t0 = time.perf_counter()
-        blob, sizes = encode({"t": tensor}, "fp32")
-        t1 = time.perf_counter()
-        blobs = self.group._exchange(self.rank, blob)
-        t2 = time.perf_counter()
-        parts = [decode(b)["t"] for b in blobs]
+        parts = [item["t"] for item in got.items]
         for q, part in enumerate(parts):
             if part.shape != tensor.shape:
                 raise ValueError(f"tensor: shape {tuple(tensor.shape)} on rank {self.rank}, "
@@ -173,5 +170,5 @@ class LocalTransport:
         total = parts[0]  # a fresh decoded copy: safe to add into
         for part in parts[1:]:
             total += part
-        t3 = time.perf_counter()
-        return Reduced(total, ring_all_reduce_bytes(sizes["t"], self.size), (t1 - t0) + (t3 - t2))
+        seconds = got.seconds + time.perf_counter() - t0
+        return Reduced(total, ring_all_reduce_bytes(got.tensor_bytes["t"], self.size), seconds)
