@@ -218,7 +218,8 @@ def _parse(kind: type[_Settings], body: dict) -> _Settings:
     try:
         return kind.model_validate(body)
     except pydantic.ValidationError as exc:
-        err = exc.errors()[0]
+        # the most specific error: a union's member with an index (input[1]) over the union as a whole
+        err = max(exc.errors(), key=lambda e: sum(isinstance(i, int) for i in e.get("loc") or ()))
         loc = err.get("loc") or ()
         param = str(loc[0]) if loc else "body"
         param += "".join(f"[{i}]" for i in loc[1:] if isinstance(i, int))
@@ -463,6 +464,7 @@ class Backend:
         self.down = "server shut down"
         if c is not None:
             c.close()
+        self._say("stopped; every device exited")
 
     # ------------------------------------------------------------ running
 
@@ -526,6 +528,7 @@ def prism_stats(stats) -> dict:
     return {"devices": len(stats.devices), "mode": stats.mode, "cr": crs[0] if len(set(crs)) == 1 else crs,
             "wire_dtype": stats.wire_dtype, "partition": [list(r) for r in stats.partition.ranges],
             "bytes_sent": stats.bytes_sent, "activation_bytes": stats.activation_bytes,
+            "input_bytes": stats.input_bytes, "result_bytes": stats.result_bytes,
             "busiest_device_flops": max(d["flops"] for d in per_device), "per_device": per_device}
 
 
@@ -602,10 +605,11 @@ class _Api:
             except (ValueError, TypeError) as exc:
                 raise ApiError(400, f"{where}: {exc}", where) from None
             limit = self.net.n_positions
+            if len(ids) > limit:
+                raise ApiError(400, f"{where}: {len(ids)} tokens exceed the model's {limit} positions", where)
             if len(ids) + room > limit:
-                extra = f" + {room} new tokens (max_tokens)" if room else ""
-                raise ApiError(400, f"{where}: {len(ids)} tokens{extra} exceed the model's {limit} positions",
-                               where if not room or len(ids) >= limit else "max_tokens")
+                raise ApiError(400, f"max_tokens: {len(ids)} prompt tokens + {room} new tokens exceed the model's "
+                                    f"{limit} positions; ask for at most {limit - len(ids)}", "max_tokens")
             if not ids:
                 raise ApiError(400, f"{where}: encodes to no tokens", where)
             out.append(ids)
@@ -961,8 +965,7 @@ def run_server(options: ServeOptions) -> int:
     server = uvicorn.Server(config)
     say(f"serving {backend.name} on http://{options.host}:{options.port} ({backend.devices} devices)")
     try:
-        server.run()
+        server.run()  # on SIGINT/SIGTERM: drains, closes the backend, then ends by that signal (uvicorn's way)
     finally:
         backend.close()
-    say("stopped; every device exited")
     return 0
