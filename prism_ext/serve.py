@@ -34,6 +34,7 @@ import hmac
 import inspect
 import io
 import json
+import os
 import re
 import sys
 import threading
@@ -313,10 +314,11 @@ class Backend:
 
     def _form(self) -> Cluster:
         o = self.options
-        kw = dict(token=o.token, timeout=o.timeout, threads=o.threads, ifname=o.ifname, quiet=o.quiet)
+        kw = dict(token=o.token, timeout=o.timeout, ifname=o.ifname, quiet=o.quiet)
         if o.master is not None:
-            return cluster(self.model, master=o.master, world=o.world, **kw)
-        return cluster(self.model, o.devices, **kw)
+            return cluster(self.model, master=o.master, world=o.world, threads=o.threads, **kw)
+        # Rank 0 shares this machine with its workers: its share of the cores, as each worker gets.
+        return cluster(self.model, o.devices, threads=o.threads or max(1, (os.cpu_count() or 1) // o.devices), **kw)
 
     # ------------------------------------------------------------ queue
 
