@@ -170,6 +170,7 @@ def main() -> int:
         args.clients, args.seconds, args.reps = 2, 2.0, 1
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     model = tiny_bert(tmp / "bert") if args.quick else Path(args.model) if args.model else minilm()
+    label = "all-MiniLM-L6-v2" if not args.quick and not args.model else model.name
     configs = {"no batching": 1, f"batching (max {args.max_batch})": args.max_batch}
     servers = {}
     try:
@@ -197,7 +198,7 @@ def main() -> int:
         return statistics.median(r[key] for r in runs[name])
 
     base = list(configs)[0]
-    print(f"\nmodel {model.name}, P = {args.devices}, CR {args.cr}, {args.clients} clients x {args.seconds:.0f} s, "
+    print(f"\nmodel {label}, P = {args.devices}, CR {args.cr}, {args.clients} clients x {args.seconds:.0f} s, "
           f"medians of {args.reps} rounds\n")
     print("| server | throughput (req/s) | vs no batching | p50 (ms) | p99 (ms) | mean batch | answered | errors | lost |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -213,7 +214,7 @@ def main() -> int:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
             "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                         "python": platform.python_version()},
-            "model": str(model), "devices": args.devices, "cr": args.cr, "clients": args.clients,
+            "model": label, "devices": args.devices, "cr": args.cr, "clients": args.clients,
             "seconds": args.seconds, "batch_wait_ms": args.batch_wait_ms, "runs": runs}, indent=1))
         print(f"\nwrote {out}")
     return 0

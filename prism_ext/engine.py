@@ -472,6 +472,7 @@ def generate_request(net: Network, local: dict, part: Partition, rank: int, tran
         t = time.perf_counter()
         logits = net.row_outputs(res.hidden[:, -1:])["logits"][:, -1]
         res.stats.time_head = time.perf_counter() - t
+
         def emit(token: torch.Tensor, done: bool) -> None:
             if rank != 0:
                 transport.send({"tokens": token.to(torch.int32)}, {"done": done}, 0)

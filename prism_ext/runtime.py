@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import hashlib
 import hmac
 import json
@@ -50,6 +51,7 @@ __all__ = ["Cluster", "ClusterError", "HandshakeError", "cluster", "worker_main"
 DEFAULT_TIMEOUT = 60.0
 _TAG = 32  # bytes of an HMAC-SHA256 tag
 _HEARTBEAT = 0.5  # seconds between worker heartbeats
+_STALE = 5.0  # seconds without a heartbeat after which lost_ranks() calls a worker lost (a loaded board can lag)
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 _SETTINGS = ("mode", "cr", "wire_dtype", "compression_point", "mean_weighting", "device_weights")
 
@@ -269,6 +271,10 @@ class Cluster:
             _set_threads(threads)
             # Under torchrun its agent already serves the rendezvous store at MASTER_PORT: join it as a client.
             agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+            # A previous cluster's store listens until its last reference goes, and a failed
+            # exchange's traceback holds it (through gloo's pending work and the process group)
+            # in a reference cycle: collect it, so this one can listen at the same address.
+            gc.collect()
             store = dist.TCPStore(host, port, world, is_master=not agent_store,
                                   timeout=datetime.timedelta(seconds=self.timeout), wait_for_workers=False)
             self._address = (host, store.port)
@@ -487,9 +493,9 @@ class Cluster:
 
     def lost_ranks(self) -> dict[int, str]:
         """The ranks that look lost now, each with why: a local worker whose
-        process ended, or a worker whose heartbeat has not moved for
-        4 beats. Safe from any thread and while a request runs (its own
-        store client); {} for a closed cluster."""
+        process ended, or a worker whose heartbeat has not moved for 5 s
+        (between calls of this method). Safe from any thread and while a
+        request runs (its own store client); {} for a closed cluster."""
         if self.closed is not None:
             return {}
         with self._watch_lock:
@@ -505,7 +511,7 @@ class Cluster:
                     seen, since = self._beats.get(r, (-1, now))
                     if beats != seen:
                         self._beats[r] = (beats, now)
-                    elif now - since > 4 * _HEARTBEAT and r not in lost:
+                    elif now - since > _STALE and r not in lost:
                         lost[r] = f"rank {r} lost: no heartbeat for {now - since:.1f} s"
             except Exception as exc:  # noqa: BLE001 - rank 0's own store failing is a loss too
                 if self.closed is None:

@@ -52,6 +52,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import __version__
 from .api import PrismModel
+from .engine import GenerateOptions
 from .jobs import stats_dict
 from .program import MODES, plan
 from .runtime import DEFAULT_TIMEOUT, Cluster, ClusterError, cluster
@@ -165,7 +166,7 @@ def decode_tokens(model: PrismModel, ids: list[int]) -> str:
     return model.tokenizer.decode(ids)
 
 
-def image_pixels(model: PrismModel, processor, data: bytes, field_name: str, max_pixels: int) -> torch.Tensor:
+def image_pixels(processor, data: bytes, field_name: str, max_pixels: int) -> torch.Tensor:
     """One uploaded image file (any format Pillow reads) -> pixel_values [1, C, H, W]."""
     from PIL import Image, UnidentifiedImageError
 
@@ -297,11 +298,11 @@ class Backend:
         self.metrics = _Metrics(self)
         self._say = (lambda msg: None) if options.quiet else (
             lambda msg: print(f"prism serve: {msg}", file=sys.stderr, flush=True))
-        self._processor = None
+        self.processor = None  # image files -> pixel_values (ViT)
         if model.model_type == "vit":
             from .jobs import _processor
 
-            self._processor = _processor(model)
+            self.processor = _processor(model)
         self.cluster = self._form()  # the first time, failures go to the caller
         self.down = None
         self._thread = threading.Thread(target=self._dispatch, name="prism-dispatcher", daemon=True)
@@ -779,8 +780,6 @@ def create_app(backend: Backend) -> FastAPI:
         options = {"max_new_tokens": req.max_tokens, "temperature": req.temperature, "top_k": req.top_k,
                    "seed": req.seed, "eos_token_id": eos}
         try:
-            from .engine import GenerateOptions
-
             GenerateOptions(**options)
         except (ValueError, TypeError) as exc:
             raise _user_error(exc, _RENAME["completions"]) from None
@@ -901,8 +900,7 @@ def create_app(backend: Backend) -> FastAPI:
                 where = "image" if len(files) == 1 else f"image[{i}]"
                 if isinstance(f, str):
                     raise ApiError(400, f"{where}: expected a file upload, got a text field", where)
-                inputs.append(image_pixels(backend.model, backend._processor, await f.read(), where,
-                                           o.max_image_pixels))
+                inputs.append(image_pixels(backend.processor, await f.read(), where, o.max_image_pixels))
             api.check_plan({"pixel_values": inputs[0]}, settings, "classify", outputs=("cls",))
         else:
             if ctype.startswith("multipart/form-data"):

@@ -60,13 +60,15 @@ def children(pid: int) -> list[int]:
 class Server:
     """`prism serve` in a subprocess, started away from the source tree."""
 
-    def __init__(self, tmp: Path, *args: str, api_key: str | None = KEY):
+    def __init__(self, tmp: Path, *args: str, api_key: str | None = KEY, before_health=None):
         self.port = free_port()
         self.log = tmp / f"serve-{self.port}.log"
         argv = PRISM + ["serve", *args, "--port", str(self.port)] + (["--api-key", api_key] if api_key else [])
         self.proc = subprocess.Popen(argv, cwd=tmp, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
         self.url = f"http://127.0.0.1:{self.port}"
         self.client = httpx.Client(base_url=self.url, headers=AUTH if api_key else {}, timeout=90)
+        if before_health is not None:
+            before_health()
         self.wait_healthy(120)
         self.workers = children(self.proc.pid)
 
@@ -283,6 +285,39 @@ class TestCompletions:
         assert "every device exited" in gpt_server.log.read_text()
 
 
+def test_remote_worker_restarted_by_its_operator_rejoins(tmp_path):
+    """--master/--world: the server waits at the same address for the
+    operator to restart `prism worker`, then serves again."""
+    port, token = free_port(), "cluster-token"
+    argv = PRISM + ["worker", "--master", f"127.0.0.1:{port}", "--rank", "1", "--world", "2", "--token", token,
+                    "--timeout", "20", "--ifname", "lo"]
+
+    def start_worker():
+        return subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    workers = []
+    s = Server(tmp_path, "--model", "gpt2-tiny", "--master", f"127.0.0.1:{port}", "--world", "2", "--token", token,
+               "--timeout", "20", "--ifname", "lo", api_key=None, before_health=lambda: workers.append(start_worker()))
+    try:
+        assert s.client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+        workers[0].kill()
+        workers[0].wait()
+        err = error_of(s.client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}), 503)
+        assert "rank 1 lost" in err["message"]
+        health = httpx.get(s.url + "/health", timeout=10)  # down until the worker is back
+        assert health.status_code == 503 and "rank 1 lost" in health.json()["reason"]
+        workers.append(start_worker())
+        s.wait_healthy(90)
+        r = s.client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    finally:
+        s.stop()
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    assert workers[1].wait(timeout=30) == 0  # the server closed the cluster: the worker exits cleanly
+
+
 # ------------------------------------------------- embeddings, text classes
 
 @pytest.fixture(scope="class")
@@ -429,3 +464,22 @@ class TestImages:
     def test_text_sent_to_a_vit(self, vit_server):
         assert error_of(vit_server.client.post("/v1/classify", json={"input": "seven"}), 400)["param"] == "image"
         assert error_of(vit_server.client.post("/v1/embeddings", json={"input": "seven"}), 400)["param"] == "model"
+
+
+# ------------------------------------------------------------- benchmark
+
+def test_bench_serve_quick_answers_every_request(tmp_path):
+    """bench/bench_serve.py --quick runs to the end and accounts for every
+    request (nothing about the numbers is checked: they belong in bench/)."""
+    bench = Path(__file__).resolve().parent.parent / "bench" / "bench_serve.py"
+    if not bench.is_file():
+        pytest.skip(f"no {bench}: not a source tree (the wheel test copies tests/ only)")
+    out = tmp_path / "serve.json"
+    proc = subprocess.run([sys.executable, str(bench), "--quick", "--json", str(out)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"no batching", "batching (max 8)"}
+    for name, [run] in runs.items():
+        assert run["sent"] > 0 and run["lost"] == 0 and run["statuses"] == {"200": run["sent"]}, run
+    assert runs["no batching"][0]["mean_batch"] == 1.0
