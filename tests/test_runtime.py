@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ import prism_ext
 from prism_ext.runtime import ClusterError, HandshakeError, cluster
 
 from engine_helpers import bert_inputs, hf_bert, hf_gpt2, save
+from process_helpers import alive, free_port, wait_gone
 
 PRISM = [sys.executable, "-m", "prism_ext"]
 TOKEN = "test-token"
@@ -31,29 +31,6 @@ def away_from_the_source_tree(tmp_path, monkeypatch):
     """Subprocesses (`python -m prism_ext`, `python -c`) put their working
     directory first on sys.path: run them where no uncompiled prism_ext lies."""
     monkeypatch.chdir(tmp_path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie (exited, not yet reaped) counts as gone
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(")")[-1].split()[0] != "Z"
-
-
-def wait_gone(pids, seconds: float) -> list[int]:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        time.sleep(0.1)
-    return [p for p in pids if alive(p)]
 
 
 @pytest.fixture(scope="module")

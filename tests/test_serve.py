@@ -14,7 +14,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,25 +28,11 @@ httpx = pytest.importorskip("httpx", reason="the serve tests talk HTTP with http
 
 import prism_ext  # noqa: E402
 from prism_ext.tokenizer import byte_level_tokenizer_json  # noqa: E402
+from process_helpers import free_port, wait_gone  # noqa: E402
 
 PRISM = [sys.executable, "-m", "prism_ext"]
 KEY = "test-api-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie counts as gone
-        return f.read().split(")")[-1].split()[0] != "Z"
 
 
 def children(pid: int) -> list[int]:
@@ -278,10 +263,7 @@ class TestCompletions:
         assert got[-1] == "[DONE]" and got[-2]["usage"]["completion_tokens"] == 60
         # uvicorn ends by the signal it drained for, after the application's shutdown
         assert gpt_server.proc.wait(timeout=60) in (0, -signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(alive(p) for p in pids):
-            time.sleep(0.1)
-        assert not any(alive(p) for p in pids)
+        assert wait_gone(pids, 15) == []
         assert "every device exited" in gpt_server.log.read_text()
 
 
