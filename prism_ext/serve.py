@@ -607,6 +607,8 @@ class _Api:
                 ids = encode_text(self.model, text)
             except (ValueError, TypeError) as exc:
                 raise ApiError(400, f"{where}: {exc}", where) from None
+            except (OSError, ImportError) as exc:  # the checkpoint has no usable tokenizer: not the client's fault
+                raise ApiError(500, f"model: cannot encode text: {exc}", "model") from None
             limit = self.net.n_positions
             if len(ids) > limit:
                 raise ApiError(400, f"{where}: {len(ids)} tokens exceed the model's {limit} positions", where)
@@ -732,6 +734,10 @@ def create_app(backend: Backend) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         return exc.response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):  # a bug: still JSON, with its type
+        return ApiError(500, f"server: {type(exc).__name__}: {exc}").response()
 
     @app.exception_handler(404)
     async def not_found(request: Request, exc):

@@ -368,6 +368,21 @@ class TestEncoders:
             torch.testing.assert_close(torch.tensor(g["data"][0]["embedding"]), torch.tensor(alone[i % 2]),
                                        rtol=0, atol=1e-5)
 
+    def test_every_mode_a_request_may_choose(self, bert_server):
+        def embed(**kw):
+            r = bert_server.client.post("/v1/embeddings", json={"input": TEXTS[2], **kw})
+            assert r.status_code == 200, r.text
+            return torch.tensor(r.json()["data"][0]["embedding"]), r.json()["prism"]
+
+        exact, stats = embed(mode="single")
+        assert stats["devices"] == 1 and stats["bytes_sent"] == 0
+        for mode in ("voltage", "tp"):  # exact at any CR: full rows, or every position on every device
+            got, stats = embed(mode=mode, cr=8)
+            assert stats["mode"] == mode and stats["devices"] == 2
+            torch.testing.assert_close(got, exact, rtol=0, atol=1e-4)
+        prism, stats = embed(mode="prism", cr=8)
+        assert stats["cr"] == 8 and stats["bytes_sent"] > 0
+
     def test_text_classification(self, bert_server, bert_dir):
         m = prism_ext.load(bert_dir)
         body = bert_server.client.post("/v1/classify", json={"input": TEXTS[:2], "cr": 1}).json()
