@@ -152,7 +152,9 @@ class DistTransport:
     def send(self, tensors: dict, meta: dict, dst: int) -> int:
         """Send one frame (``tensors`` at fp32 and ``meta``) to rank ``dst``
         alone; returns its size in bytes."""
-        blob = encode(tensors, "fp32", meta=meta)[0]
+        return self._send_frame(encode(tensors, "fp32", meta=meta)[0], dst)
+
+    def _send_frame(self, blob: bytes, dst: int) -> int:
         dist.send(torch.tensor([len(blob)], dtype=_SIZE), dst)
         dist.send(_as_tensor(blob), dst)
         self.wire_bytes += 8 + len(blob)
@@ -176,8 +178,10 @@ class DistTransport:
         rank's (meta, tensors) in rank order (its own as given)."""
         t0 = time.perf_counter()
         if self.rank != dst:
-            sent = self.send(tensors, meta, dst)
-            return GatheredTo(None, sent, time.perf_counter() - t0)
+            blob = encode(tensors, "fp32", meta=meta)[0]
+            t1 = time.perf_counter()
+            self._send_frame(blob, dst)
+            return GatheredTo(None, len(blob), t1 - t0)
         items, received, seconds = [], [], 0.0
         for q in range(self.size):
             if q == dst:
