@@ -102,6 +102,22 @@ def test_generate_across_processes(live, gpt):
     assert torch.equal(sampled, gpt.generate(ids, devices=3, cr=2, max_new_tokens=8, temperature=0.8, top_k=5, seed=3))
 
 
+@pytest.mark.parametrize("devices", [3, 1])
+def test_generate_streams_each_token_to_rank_0(live, gpt, devices):
+    """on_token: the last device sends every token to rank 0 as it decodes
+    (devices=1: rank 0 decodes itself); the same tokens as without streaming."""
+    ids = ids_of(gpt)
+    got = []
+    out, stats, _ = live.generate(ids, devices=devices, cr=2, max_new_tokens=6, return_stats=True,
+                                  on_token=lambda t: got.append(t.tolist()))
+    plain, plain_stats, _ = live.generate(ids, devices=devices, cr=2, max_new_tokens=6, return_stats=True)
+    assert torch.equal(out, plain) and [t[0] for t in got] == out[0, ids.shape[1]:].tolist()
+    if devices > 1:  # one frame per token, counted in the last device's result bytes
+        assert stats.devices[-1].result_bytes > plain_stats.devices[-1].result_bytes + 6 * 4
+        # the others' results as before (their headers carry timings: a few digits may differ)
+        assert all(abs(a.result_bytes - b.result_bytes) < 160 for a, b in zip(stats.devices[:-1], plain_stats.devices))
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "input_ids"),
     (dict(input_ids=torch.zeros(1, 129, dtype=torch.long)), "input_ids: 129 positions exceed"),
