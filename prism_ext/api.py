@@ -154,12 +154,12 @@ class PrismModel:
         return (ids, run_stats(request, collected), collected.decode) if return_stats else ids
 
     def _generate_request(self, input_ids, devices, cr, max_new_tokens, temperature, top_k, seed, eos_token_id,
-                          device_weights, wire_dtype, compression_point, mean_weighting, mode):
+                          device_weights, wire_dtype, compression_point, mean_weighting, mode, stream=False):
         """Checks of a generation request (shared with the live cluster)."""
         if self.net.head != "lm":
             raise ValueError(f"generate: needs a language model head; this is {self.model_type} ({self.net.head})")
         check_sampling(temperature, seed)
-        options = GenerateOptions(max_new_tokens, temperature, top_k, seed, eos_token_id)
+        options = GenerateOptions(max_new_tokens, temperature, top_k, seed, eos_token_id, stream)
         inputs = self._inputs(input_ids, {})
         if "attention_mask" in inputs:
             raise ValueError("input_ids: generate takes unpadded input_ids only")

@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_jobs import register as register_jobs
 
     register_jobs(sub)
+    from .cli_serve import register as register_serve
+
+    register_serve(sub)
     return parser
 
 

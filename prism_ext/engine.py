@@ -248,6 +248,7 @@ class GenerateOptions:
     top_k: int | None = None
     seed: int | None = None
     eos_token_id: int | None = None
+    stream: bool = False  # the last device sends each new token to rank 0 as it is decoded
 
     def __post_init__(self):
         def whole(v, name, low, none_ok=False, high=2**62):
@@ -263,6 +264,8 @@ class GenerateOptions:
         whole(self.top_k, "top_k", 1, none_ok=True)
         whole(self.seed, "seed", -(2**63), none_ok=True, high=2**64 - 1)  # what torch.Generator takes
         whole(self.eos_token_id, "eos_token_id", 0, none_ok=True)
+        if not isinstance(self.stream, bool):
+            raise ValueError(f"stream: expected a bool, got {self.stream!r}")
 
 
 def peak_rss() -> int:
@@ -444,7 +447,7 @@ def run_request(net: Network, local: dict, part: Partition, rank: int, transport
 
 
 def generate_request(net: Network, local: dict, part: Partition, rank: int, transport, cfg: RunConfig,
-                     options: GenerateOptions) -> Collected | None:
+                     options: GenerateOptions, on_token=None) -> Collected | None:
     """GPT-2 generation: the prefill on every device, then the last device
     decodes alone from its kept K/V (own rows and earlier partitions' means:
     no communication per token) and sends the new tokens to rank 0.
@@ -452,31 +455,74 @@ def generate_request(net: Network, local: dict, part: Partition, rank: int, tran
     ``temperature`` 0 is greedy; > 0 samples from softmax(logits / T),
     restricted to the ``top_k`` most likely tokens if given, with a
     ``torch.Generator`` seeded by ``seed``. Sequences that emit
-    ``eos_token_id`` continue with it (like HF padding with eos)."""
-    last = rank == part.devices - 1
+    ``eos_token_id`` continue with it (like HF padding with eos).
+
+    With ``options.stream`` the last device also sends each step's tokens to
+    rank 0 as soon as they are picked (the transport's point-to-point
+    ``send``/``recv``), where ``on_token(tokens [B])`` is called with them;
+    those bytes count in the last device's ``result_bytes``."""
+    last_rank = part.devices - 1
+    last = rank == last_rank
     res = run_device(net, local, part, rank, transport, cfg, decode_room=options.max_new_tokens - 1 if last else 0)
     send: dict[str, torch.Tensor] = {}
     meta: dict = {}
+    streamed: list[torch.Tensor] = []
+    stream_bytes = 0
     if last:
         t = time.perf_counter()
         logits = net.row_outputs(res.hidden[:, -1:])["logits"][:, -1]
         res.stats.time_head = time.perf_counter() - t
-        ids, decode = _decode(net, res.state, part.length, logits, options)
+
+        def emit(token: torch.Tensor, done: bool) -> None:
+            if rank != 0:
+                transport.send({"tokens": token.to(torch.int32)}, {"done": done}, 0)
+                return
+            streamed.append(token)
+            if on_token is not None:
+                on_token(token)
+
+        ids, decode = _decode(net, res.state, part.length, logits, options, emit if options.stream else None)
         send["tokens"] = ids
         meta["decode"] = decode.to_dict()
+    elif rank == 0 and options.stream:
+        stream_bytes = _receive_stream(transport, last_rank, local, options.max_new_tokens, on_token, streamed)
     items = finish_request(transport, rank, res.stats, send, meta)
     if items is None:
         return None
     meta, tensors = items[-1]
     tokens = tensors.get("tokens")
     if tokens is None or tokens.dim() != 2 or tokens.shape[1] > options.max_new_tokens:
-        raise ValueError(f"rank {part.devices - 1}: sent no valid tokens")
-    return Collected({}, _device_stats(items), tokens.long(),
-                     DecodeStats.from_dict(meta.get("decode"), f"rank {part.devices - 1}: decode stats"))
+        raise ValueError(f"rank {last_rank}: sent no valid tokens")
+    if options.stream and not torch.equal(torch.stack(streamed, dim=1), tokens.long()):
+        raise ValueError(f"rank {last_rank}: the tokens it streamed differ from those it sent at the end")
+    stats = _device_stats(items)
+    stats[last_rank].result_bytes += stream_bytes
+    return Collected({}, stats, tokens.long(),
+                     DecodeStats.from_dict(meta.get("decode"), f"rank {last_rank}: decode stats"))
 
 
-def _decode(net: Network, state: DecodeState, n: int, logits: torch.Tensor, options: GenerateOptions) -> tuple[torch.Tensor, DecodeStats]:
-    """The decoding loop of the last device: returns the new tokens [B, T]."""
+def _receive_stream(transport, src: int, local: dict, limit: int, on_token, streamed: list) -> int:
+    """Rank 0's end of a token stream: one frame per decoding step from rank
+    ``src`` until it says done; returns the bytes received."""
+    batch = next(iter(local.values())).shape[0]
+    received = 0
+    while True:
+        meta, tensors, nbytes = transport.recv(src)
+        received += nbytes
+        token = tensors.get("tokens")
+        if token is None or tuple(token.shape) != (batch,) or len(streamed) >= limit or set(meta) != {"done"}:
+            raise ValueError(f"rank {src}: sent a malformed token stream (step {len(streamed)})")
+        streamed.append(token.long())
+        if on_token is not None:
+            on_token(token.long())
+        if meta["done"] is True:
+            return received
+
+
+def _decode(net: Network, state: DecodeState, n: int, logits: torch.Tensor, options: GenerateOptions,
+            emit=None) -> tuple[torch.Tensor, DecodeStats]:
+    """The decoding loop of the last device: returns the new tokens [B, T];
+    ``emit(tokens [B], done)`` is called after every step."""
     gen = None if options.seed is None else torch.Generator().manual_seed(options.seed)
     eos = options.eos_token_id
     done = torch.zeros(logits.shape[0], dtype=torch.bool)
@@ -488,7 +534,10 @@ def _decode(net: Network, state: DecodeState, n: int, logits: torch.Tensor, opti
             token = torch.where(done, torch.full_like(token, eos), token)
             done |= token == eos
         new.append(token)
-        if step == options.max_new_tokens - 1 or (eos is not None and bool(done.all())):
+        finished = step == options.max_new_tokens - 1 or (eos is not None and bool(done.all()))
+        if emit is not None:
+            emit(token, finished)
+        if finished:
             break
         t = time.perf_counter()
         rows, layer_stats = decode_step(net, state, token[:, None], n + step)

@@ -160,15 +160,16 @@ def decode_request(blob, net: Network, rank: int, world: int, sender: int = 0) -
     return request, local
 
 
-def run(net: Network, request: Request, local: dict, rank: int, transport) -> Collected | None:
-    """Device ``rank``'s part of ``request``; on rank 0 the collected results."""
+def run(net: Network, request: Request, local: dict, rank: int, transport, on_token=None) -> Collected | None:
+    """Device ``rank``'s part of ``request``; on rank 0 the collected results
+    (``on_token``: rank 0's callback for a streamed generation)."""
     if request.mode == "tp":
         from .tensor_parallel import tp_request
 
         return tp_request(net, local, request.ranges[0][1], rank, transport, request.outputs)
     part = request.partition
     if request.op == "generate":
-        return generate_request(net, local, part, rank, transport, request.cfg, request.generate)
+        return generate_request(net, local, part, rank, transport, request.cfg, request.generate, on_token)
     return run_request(net, local, part, rank, transport, request.cfg, request.outputs)
 
 
@@ -176,16 +177,21 @@ def run_stats(request: Request, collected: Collected) -> RunStats:
     return RunStats(request.mode, request.cfg.crs, request.cfg.wire_dtype, request.partition, collected.devices)
 
 
-def simulate(net: Network, inputs: dict, request: Request) -> Collected:
+def simulate(net: Network, inputs: dict, request: Request, on_token=None) -> Collected:
     """Run ``request`` on in-process devices (threads taking turns, see
-    :mod:`prism_ext.comm.local`), each from the bytes it would have received."""
+    :mod:`prism_ext.comm.local`), each from the bytes it would have received.
+    A streamed generation needs one device here (the in-process transport
+    has no point-to-point send) or a live cluster."""
     devices = len(request.ranges)
+    if request.generate is not None and request.generate.stream and devices > 1:
+        raise ValueError("stream: a streamed generation over several devices needs a live cluster "
+                         "(prism_ext.runtime.cluster)")
     blobs = [encode_request(request, local_inputs(net, inputs, request, r)) for r in range(devices)]
 
     def device(rank: int):
         def program(transport):
             req, local = decode_request(blobs[rank], net, rank, devices)
-            return run(net, req, local, rank, transport)
+            return run(net, req, local, rank, transport, on_token if rank == 0 else None)
         return program
 
     return count_inputs(LocalGroup(devices).run([device(r) for r in range(devices)])[0], blobs)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import hashlib
 import hmac
 import json
@@ -50,6 +51,7 @@ __all__ = ["Cluster", "ClusterError", "HandshakeError", "cluster", "worker_main"
 DEFAULT_TIMEOUT = 60.0
 _TAG = 32  # bytes of an HMAC-SHA256 tag
 _HEARTBEAT = 0.5  # seconds between worker heartbeats
+_STALE = 5.0  # seconds without a heartbeat after which lost_ranks() calls a worker lost (a loaded board can lag)
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 _SETTINGS = ("mode", "cr", "wire_dtype", "compression_point", "mean_weighting", "device_weights")
 
@@ -242,6 +244,10 @@ class Cluster:
         self._group: _Group | None = None
         self._seq = 0
         self._lock = threading.Lock()
+        self._address: tuple[str, int] | None = None
+        self._watch: dist.TCPStore | None = None  # the health check's own store client (any thread)
+        self._watch_lock = threading.Lock()
+        self._beats: dict[int, tuple[int, float]] = {}
         self._say = (lambda msg: None) if quiet else (lambda msg: print(f"prism: {msg}", file=sys.stderr, flush=True))
         if master is None:  # P processes on this machine, over loopback
             world = devices if world is None else world
@@ -265,8 +271,13 @@ class Cluster:
             _set_threads(threads)
             # Under torchrun its agent already serves the rendezvous store at MASTER_PORT: join it as a client.
             agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+            # A previous cluster's store listens until its last reference goes, and a failed
+            # exchange's traceback holds it (through gloo's pending work and the process group)
+            # in a reference cycle: collect it, so this one can listen at the same address.
+            gc.collect()
             store = dist.TCPStore(host, port, world, is_master=not agent_store,
                                   timeout=datetime.timedelta(seconds=self.timeout), wait_for_workers=False)
+            self._address = (host, store.port)
             if master is None:
                 self._spawn(store.port, world, token, worker_threads or max(1, (os.cpu_count() or 1) // world))
             self._say(f"rank 0 waiting for {world - 1} worker(s) at {host}:{store.port}")
@@ -290,8 +301,11 @@ class Cluster:
                     "--world", str(world), "--threads", str(threads), "--timeout", str(self.timeout),
                     "--ifname", "lo"]
             # cwd: `-m` searches the working directory first; start where this very package lies.
+            # A session of their own: Ctrl-C in a terminal reaches rank 0 only, which decides
+            # when the workers stop (a server drains its requests first); a lost rank 0 still
+            # ends them (their heartbeat loses its store).
             self._procs[r] = subprocess.Popen(argv, env=env, cwd=_PACKAGE_PARENT, stdin=subprocess.DEVNULL,
-                                              stdout=subprocess.DEVNULL)
+                                              stdout=subprocess.DEVNULL, start_new_session=True)
 
     def _rendezvous(self, host: str, store, ifname) -> _Group:
         """Join the gloo group; meanwhile watch the local workers, so one that
@@ -351,14 +365,18 @@ class Cluster:
                  temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
                  eos_token_id: int | None = None, device_weights=None, wire_dtype: str = "fp32",
                  compression_point: str = "attn_input", mean_weighting: str = "count", mode: str = "prism",
-                 return_stats: bool = False):
+                 return_stats: bool = False, on_token=None):
         """GPT-2 generation on the cluster (see :meth:`PrismModel.generate`):
-        the prefill on every process, decoding on the last one, tokens back to rank 0."""
+        the prefill on every process, decoding on the last one, tokens back to rank 0.
+        ``on_token``: called on rank 0 with each step's new tokens [B] as
+        soon as the last device picks them (the last device streams them);
+        it runs on the cluster's request thread and must not block for long."""
         self._check_open()
         inputs, request = self.model._generate_request(
             input_ids, self._devices(devices, mode), cr, max_new_tokens, temperature, top_k, seed, eos_token_id,
-            self._weights(device_weights), wire_dtype, compression_point, mean_weighting, self._mode(devices, mode))
-        collected = self._submit(inputs, request)
+            self._weights(device_weights), wire_dtype, compression_point, mean_weighting, self._mode(devices, mode),
+            stream=on_token is not None)
+        collected = self._submit(inputs, request, on_token)
         ids = torch.cat([inputs["input_ids"].long(), collected.tokens], dim=1)
         return (ids, run_stats(request, collected), collected.decode) if return_stats else ids
 
@@ -379,10 +397,10 @@ class Cluster:
         if self.closed is not None:
             raise ClusterError(f"cluster: closed ({self.closed})")
 
-    def _submit(self, inputs: dict, request: Request) -> Collected:
+    def _submit(self, inputs: dict, request: Request, on_token=None) -> Collected:
         m = self.model
         if request.mode == "single":  # rank 0 alone: nothing to send
-            return simulate(m.net, inputs, request)
+            return simulate(m.net, inputs, request, on_token)
         blobs = [encode_request(request, local_inputs(m.net, inputs, request, r)) for r in range(self.world)]
         req, local = decode_request(blobs[0], m.net, 0, self.world)  # rank 0 runs what the others receive
         with self._lock:
@@ -397,7 +415,7 @@ class Cluster:
                 for r in range(1, self.world):
                     g.store.delete_key(f"req/{seq - 1}/{r}")
             g.transport.max_frame_bytes = _frame_bound(m, request)
-            collected = self._guarded(lambda: run(m.net, req, local, 0, g.transport), f"request {seq}")
+            collected = self._guarded(lambda: run(m.net, req, local, 0, g.transport, on_token), f"request {seq}")
         return count_inputs(collected, blobs)
 
     def _guarded(self, fn, what: str):
@@ -473,6 +491,42 @@ class Cluster:
             return f"rank {r} failed: {errors[r]}"
         return _first_line(exc)
 
+    def lost_ranks(self) -> dict[int, str]:
+        """The ranks that look lost now, each with why: a local worker whose
+        process ended, or a worker whose heartbeat has not moved for 5 s
+        (between calls of this method). Safe from any thread and while a
+        request runs (its own store client); {} for a closed cluster."""
+        if self.closed is not None:
+            return {}
+        with self._watch_lock:
+            lost = {r: f"rank {r} lost: its process {_exit_status(p.returncode)}"
+                    for r, p in self._procs.items() if p.poll() is not None}
+            try:
+                if self._watch is None:
+                    self._watch = dist.TCPStore(*self._address, is_master=False,
+                                                timeout=datetime.timedelta(seconds=5))
+                now = time.monotonic()
+                for r in range(1, self.world):
+                    beats = self._watch.add(f"alive/{r}", 0)
+                    seen, since = self._beats.get(r, (-1, now))
+                    if beats != seen:
+                        self._beats[r] = (beats, now)
+                    elif now - since > _STALE and r not in lost:
+                        lost[r] = f"rank {r} lost: no heartbeat for {now - since:.1f} s"
+            except Exception as exc:  # noqa: BLE001 - rank 0's own store failing is a loss too
+                if self.closed is None:
+                    lost[0] = f"rank 0: its store does not answer ({_first_line(exc)})"
+            return lost
+
+    def abort(self, reason: str) -> None:
+        """Stop every process now (workers exit, reporting ``reason``); the
+        cluster is closed. For a coordinator that found a rank lost between
+        requests (:meth:`lost_ranks`); a new cluster can then be formed in
+        this process."""
+        if self.closed is None:
+            with self._lock:
+                self._teardown(reason)
+
     def _teardown(self, reason: str) -> None:
         self.closed = reason
         g = self._group
@@ -493,6 +547,8 @@ class Cluster:
         if g is not None:
             g.close()
             self._group = None
+        with self._watch_lock:
+            self._watch = None
 
     def close(self) -> None:
         """Stop every worker (they exit cleanly) and leave the group."""

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ import prism_ext
 from prism_ext.runtime import ClusterError, HandshakeError, cluster
 
 from engine_helpers import bert_inputs, hf_bert, hf_gpt2, save
+from process_helpers import alive, free_port, wait_gone
 
 PRISM = [sys.executable, "-m", "prism_ext"]
 TOKEN = "test-token"
@@ -31,29 +31,6 @@ def away_from_the_source_tree(tmp_path, monkeypatch):
     """Subprocesses (`python -m prism_ext`, `python -c`) put their working
     directory first on sys.path: run them where no uncompiled prism_ext lies."""
     monkeypatch.chdir(tmp_path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie (exited, not yet reaped) counts as gone
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(")")[-1].split()[0] != "Z"
-
-
-def wait_gone(pids, seconds: float) -> list[int]:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        time.sleep(0.1)
-    return [p for p in pids if alive(p)]
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +100,22 @@ def test_generate_across_processes(live, gpt):
     assert decode.bytes_sent == [0] * 9 and all(f > 0 for f in decode.flops)
     sampled = live.generate(ids, cr=2, max_new_tokens=8, temperature=0.8, top_k=5, seed=3)
     assert torch.equal(sampled, gpt.generate(ids, devices=3, cr=2, max_new_tokens=8, temperature=0.8, top_k=5, seed=3))
+
+
+@pytest.mark.parametrize("devices", [3, 1])
+def test_generate_streams_each_token_to_rank_0(live, gpt, devices):
+    """on_token: the last device sends every token to rank 0 as it decodes
+    (devices=1: rank 0 decodes itself); the same tokens as without streaming."""
+    ids = ids_of(gpt)
+    got = []
+    out, stats, _ = live.generate(ids, devices=devices, cr=2, max_new_tokens=6, return_stats=True,
+                                  on_token=lambda t: got.append(t.tolist()))
+    plain, plain_stats, _ = live.generate(ids, devices=devices, cr=2, max_new_tokens=6, return_stats=True)
+    assert torch.equal(out, plain) and [t[0] for t in got] == out[0, ids.shape[1]:].tolist()
+    if devices > 1:  # one frame per token, counted in the last device's result bytes
+        assert stats.devices[-1].result_bytes > plain_stats.devices[-1].result_bytes + 6 * 4
+        # the others' results as before (their headers carry timings: a few digits may differ)
+        assert all(abs(a.result_bytes - b.result_bytes) < 160 for a, b in zip(stats.devices[:-1], plain_stats.devices))
 
 
 @pytest.mark.parametrize("bad,match", [

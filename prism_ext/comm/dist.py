@@ -149,6 +149,30 @@ class DistTransport:
         bufs = self._exchange(blob)
         return [meta if b is None else decode_message(b.numpy(), sender=q)[0] for q, b in enumerate(bufs)]
 
+    def send(self, tensors: dict, meta: dict, dst: int) -> int:
+        """Send one frame (``tensors`` at fp32 and ``meta``) to rank ``dst``
+        alone; returns its size in bytes."""
+        return self._send_frame(encode(tensors, "fp32", meta=meta)[0], dst)
+
+    def _send_frame(self, blob: bytes, dst: int) -> int:
+        dist.send(torch.tensor([len(blob)], dtype=_SIZE), dst)
+        dist.send(_as_tensor(blob), dst)
+        self.wire_bytes += 8 + len(blob)
+        return len(blob)
+
+    def _receive_frame(self, src: int) -> torch.Tensor:
+        size = torch.empty(1, dtype=_SIZE)
+        dist.recv(size, src)
+        buf = torch.empty(self._bounded(src, int(size[0])), dtype=torch.uint8)
+        dist.recv(buf, src)
+        return buf
+
+    def recv(self, src: int) -> tuple[dict, dict, int]:
+        """The next frame rank ``src`` sent with :meth:`send`: (meta, tensors, bytes)."""
+        buf = self._receive_frame(src)
+        meta, tensors = decode_message(buf.numpy(), sender=src)
+        return meta, tensors, buf.numel()
+
     def gather(self, tensors: dict, meta: dict, dst: int = 0) -> GatheredTo:
         """Send ``tensors`` (fp32) and ``meta`` to rank ``dst``; there, every
         rank's (meta, tensors) in rank order (its own as given)."""
@@ -156,9 +180,7 @@ class DistTransport:
         if self.rank != dst:
             blob = encode(tensors, "fp32", meta=meta)[0]
             t1 = time.perf_counter()
-            dist.send(torch.tensor([len(blob)], dtype=_SIZE), dst)
-            dist.send(_as_tensor(blob), dst)
-            self.wire_bytes += 8 + len(blob)
+            self._send_frame(blob, dst)
             return GatheredTo(None, len(blob), t1 - t0)
         items, received, seconds = [], [], 0.0
         for q in range(self.size):
@@ -166,10 +188,7 @@ class DistTransport:
                 items.append((meta, tensors))
                 received.append(0)
                 continue
-            size = torch.empty(1, dtype=_SIZE)
-            dist.recv(size, q)
-            buf = torch.empty(self._bounded(q, int(size[0])), dtype=torch.uint8)
-            dist.recv(buf, q)
+            buf = self._receive_frame(q)
             t = time.perf_counter()
             items.append(decode_message(buf.numpy(), sender=q))
             seconds += time.perf_counter() - t

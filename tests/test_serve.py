@@ -1,0 +1,482 @@
+"""`prism serve`: a real server (P = 2 processes on this machine) talked to
+over HTTP: every endpoint, streaming, batching, errors, the API key, the
+body limit, a killed worker (503 naming the rank, then recovery), SIGTERM.
+
+One server per model, shared by the tests of its class: gpt2-tiny
+(completions), a tiny BERT classifier built from a config (embeddings, text
+classification), vit-tiny-digits (image classification)."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="prism serve needs the serve extra (fastapi, uvicorn, ...)")
+httpx = pytest.importorskip("httpx", reason="the serve tests talk HTTP with httpx (a test extra)")
+
+import prism_ext  # noqa: E402
+from prism_ext.tokenizer import byte_level_tokenizer_json  # noqa: E402
+from process_helpers import free_port, wait_gone  # noqa: E402
+
+PRISM = [sys.executable, "-m", "prism_ext"]
+KEY = "test-api-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(p) for p in (task / "children").read_text().split()]
+    return out
+
+
+class Server:
+    """`prism serve` in a subprocess, started away from the source tree."""
+
+    def __init__(self, tmp: Path, *args: str, api_key: str | None = KEY, before_health=None):
+        self.port = free_port()
+        self.log = tmp / f"serve-{self.port}.log"
+        argv = PRISM + ["serve", *args, "--port", str(self.port)] + (["--api-key", api_key] if api_key else [])
+        self.proc = subprocess.Popen(argv, cwd=tmp, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = httpx.Client(base_url=self.url, headers=AUTH if api_key else {}, timeout=90)
+        if before_health is not None:
+            before_health()
+        self.wait_healthy(120)
+        self.workers = children(self.proc.pid)
+
+    def wait_healthy(self, seconds: float) -> dict:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited: {self.log.read_text()}"
+            try:
+                r = httpx.get(self.url + "/health", timeout=5)
+                if r.status_code == 200:
+                    return r.json()
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"server not healthy after {seconds} s: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.client.close()
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+def events(lines) -> list:
+    """Server-sent events' data, parsed ([DONE] kept as is)."""
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+# ------------------------------------------------------------ completions
+
+PROMPT = "The for statement is used to iterate"
+
+
+@pytest.fixture(scope="class")
+def gpt_server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("gpt"), "--model", "gpt2-tiny", "--devices", "2", "--cr", "2",
+               "--max-tokens", "64", "--max-cr", "16", "--modes", "prism,single,voltage", "--max-body", "4096")
+    yield s
+    s.stop()
+
+
+class TestCompletions:
+    def test_completion_equals_the_simulated_generation(self, gpt_server, gpt):
+        r = gpt_server.client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 12, "model": "gpt2-tiny"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        ids = gpt.tokenizer.encode(PROMPT)
+        want = gpt.generate(torch.tensor([ids]), devices=2, cr=2, max_new_tokens=12)[0, len(ids):].tolist()
+        assert body["choices"][0]["text"] == gpt.tokenizer.decode(want)
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 12, "total_tokens": len(ids) + 12}
+        p = body["prism"]
+        assert p["devices"] == 2 and p["cr"] == 2 and p["mode"] == "prism" and p["bytes_sent"] > 0
+        assert p["busiest_device_flops"] == max(d["flops"] for d in p["per_device"]) > 0
+        assert p["decode"] == {"tokens": 12, "bytes_sent": 0, "flops": p["decode"]["flops"]}
+
+    def test_stream_sends_every_token_as_an_event(self, gpt_server):
+        plain = gpt_server.client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 10}).json()
+        with gpt_server.client.stream("POST", "/v1/completions",
+                                      json={"prompt": PROMPT, "max_tokens": 10, "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            got = events(r.iter_lines())
+        assert got[-1] == "[DONE]"
+        chunks, final = got[:-2], got[-2]
+        # gpt2-tiny is byte-level: one event per generated (ASCII) token, before the final one
+        assert len(chunks) == 10 and all(c["choices"][0]["finish_reason"] is None for c in chunks)
+        text = "".join(c["choices"][0]["text"] for c in chunks) + final["choices"][0]["text"]
+        assert text == plain["choices"][0]["text"]
+        assert final["choices"][0]["finish_reason"] == "length" and final["usage"]["completion_tokens"] == 10
+        assert final["prism"]["bytes_sent"] == plain["prism"]["bytes_sent"]
+        # the streamed tokens travelled to rank 0 one frame each, counted in the results' bytes
+        assert final["prism"]["result_bytes"] > plain["prism"]["result_bytes"] + 10 * 4
+
+    def test_stop_string_ends_the_text(self, gpt_server):
+        full = gpt_server.client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 16}).json()
+        text = full["choices"][0]["text"]
+        stop = text[5:8]
+        cut = text[:text.find(stop)]
+        r = gpt_server.client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 16, "stop": stop}).json()
+        assert r["choices"][0] == {"text": cut, "index": 0, "logprobs": None, "finish_reason": "stop"}
+        with gpt_server.client.stream("POST", "/v1/completions",
+                                      json={"prompt": PROMPT, "max_tokens": 16, "stop": [stop], "stream": True}) as s:
+            got = events(s.iter_lines())
+        assert "".join(e["choices"][0]["text"] for e in got[:-1]) == cut
+        assert got[-2]["choices"][0]["finish_reason"] == "stop"
+
+    def test_sampling_is_reproducible_with_a_seed(self, gpt_server):
+        req = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0.9, "top_k": 5, "seed": 7}
+        a, b = (gpt_server.client.post("/v1/completions", json=req).json() for _ in range(2))
+        assert a["choices"] == b["choices"] and a["prism"]["seed"] == 7
+
+    def test_per_request_settings_within_the_limits(self, gpt_server):
+        def run(**kw):
+            r = gpt_server.client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, **kw})
+            assert r.status_code == 200, r.text
+            return r.json()["prism"]
+
+        cr1, cr8 = run(cr=1), run(cr=8)
+        assert cr1["cr"] == 1 and cr8["cr"] == 8 and cr8["bytes_sent"] < cr1["bytes_sent"]
+        assert run(mode="single")["devices"] == 1
+        assert run(wire_dtype="fp16")["wire_dtype"] == "fp16"
+
+    @pytest.mark.parametrize("body,status,param", [
+        ({"prompt": PROMPT, "max_tokens": 4, "top_p": 0.9}, 400, "top_p"),
+        ({"prompt": "", "max_tokens": 4}, 400, "prompt"),
+        ({"prompt": "x" * 200, "max_tokens": 4}, 400, "prompt"),  # the model has 128 positions
+        ({"prompt": "x" * 100, "max_tokens": 60}, 400, "max_tokens"),
+        ({"prompt": PROMPT, "max_tokens": 65}, 400, "max_tokens"),  # the server's limit
+        ({"prompt": PROMPT, "max_tokens": "4"}, 400, "max_tokens"),
+        ({"max_tokens": 4}, 400, "prompt"),
+        ({"prompt": PROMPT, "cr": 32}, 400, "cr"),  # above --max-cr
+        ({"prompt": PROMPT, "mode": "tp"}, 400, "mode"),  # not in --modes
+        ({"prompt": PROMPT, "mode": "voltage"}, 400, "mode"),  # allowed, but generation is prism/single
+        ({"prompt": PROMPT, "wire_dtype": "int9"}, 400, "wire_dtype"),
+        ({"prompt": PROMPT, "temperature": -1}, 400, "temperature"),
+        ({"prompt": PROMPT, "stop": ["", "a"]}, 400, "stop"),
+        ({"prompt": "x", "max_tokens": 4}, 400, "prompt"),  # 1 token for 2 devices
+        ({"prompt": PROMPT, "model": "gpt-4"}, 404, "model"),
+        ([1, 2], 400, "body"),
+    ])
+    def test_bad_requests_name_the_field(self, gpt_server, body, status, param):
+        err = error_of(gpt_server.client.post("/v1/completions", json=body), status)
+        assert err["param"] == param and err["message"].startswith(param), err
+
+    def test_other_bad_requests(self, gpt_server):
+        c = gpt_server.client
+        err = error_of(c.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}),
+                       400)
+        assert err["param"] == "body"
+        err = error_of(c.post("/v1/completions", json={"prompt": "a" * 5000}), 413)  # --max-body 4096
+        assert "4096" in err["message"]
+        err = error_of(c.post("/v1/classify", json={"input": "text"}), 400)
+        assert err["param"] == "model" and "classification head" in err["message"]
+        assert error_of(c.get("/v1/nothing"), 404)["param"] == "path"
+        assert error_of(c.get("/v1/completions"), 405)["param"] == "method"
+
+    def test_api_key(self, gpt_server):
+        bare = httpx.Client(base_url=gpt_server.url, timeout=30)
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = bare.post("/v1/completions", json={"prompt": PROMPT}, headers=headers)
+            assert error_of(r, 401)["param"] == "Authorization" and r.headers["www-authenticate"] == "Bearer"
+        assert bare.get("/v1/models").status_code == 401 and bare.get("/metrics").status_code == 401
+        assert bare.get("/health").status_code == 200  # open, for load balancers
+
+    def test_models_health_metrics(self, gpt_server):
+        c = gpt_server.client
+        model = c.get("/v1/models").json()["data"][0]
+        assert model["id"] == "gpt2-tiny" and model["prism"]["endpoints"] == ["completions", "embeddings"]
+        assert model["prism"]["limits"]["max_cr"] == 16 and model["prism"]["devices"] == 2
+        health = c.get("/health").json()
+        assert health["status"] == "ok" and [r["alive"] for r in health["ranks"]] == [True, True]
+        before = c.get("/metrics").text
+        c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3})
+        c.post("/v1/completions", json={"prompt": ""})
+        text = c.get("/metrics").text
+
+        def value(name, txt):
+            lines = [ln for ln in txt.splitlines() if ln.startswith(name + " ") or ln.startswith(name + "{")]
+            return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+        ok = 'prism_requests_total{endpoint="/v1/completions",status="200"}'
+        bad = 'prism_requests_total{endpoint="/v1/completions",status="400"}'
+        assert value(ok, text) == value(ok, before) + 1 and value(bad, text) == value(bad, before) + 1
+        assert value("prism_generated_tokens_total", text) == value("prism_generated_tokens_total", before) + 3
+        assert 'prism_request_seconds_bucket{endpoint="/v1/completions",le=' in text
+        assert 'prism_request_bytes_sent_count{endpoint="/v1/completions"}' in text
+        assert "prism_cluster_up 1.0" in text
+
+    def test_killed_worker_is_a_503_naming_the_rank_then_the_cluster_reforms(self, gpt_server):
+        c = gpt_server.client
+        [worker] = gpt_server.workers
+        os.kill(worker, signal.SIGKILL)
+        r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
+        err = error_of(r, 503)
+        assert "rank 1 lost" in err["message"] and r.headers["retry-after"]
+        assert gpt_server.proc.poll() is None  # the server stays up
+        health = gpt_server.wait_healthy(90)  # the server started a new worker
+        assert health["status"] == "ok"
+        r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
+        assert r.status_code == 200, r.text
+        new = children(gpt_server.proc.pid)
+        assert worker not in new and len(new) == 1
+        assert "prism_cluster_reforms_total 1.0" in c.get("/metrics").text
+        gpt_server.workers = new
+
+    def test_sigterm_drains_in_flight_requests_and_stops_every_process(self, gpt_server):
+        pids = [gpt_server.proc.pid] + gpt_server.workers
+        with gpt_server.client.stream("POST", "/v1/completions",
+                                      json={"prompt": PROMPT, "max_tokens": 60, "stream": True}) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            gpt_server.proc.send_signal(signal.SIGTERM)
+            got = events([first, *lines])
+        assert got[-1] == "[DONE]" and got[-2]["usage"]["completion_tokens"] == 60
+        # uvicorn ends by the signal it drained for, after the application's shutdown
+        assert gpt_server.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert wait_gone(pids, 15) == []
+        assert "every device exited" in gpt_server.log.read_text()
+
+
+def test_remote_worker_restarted_by_its_operator_rejoins(tmp_path):
+    """--master/--world: the server waits at the same address for the
+    operator to restart `prism worker`, then serves again."""
+    port, token = free_port(), "cluster-token"
+    argv = PRISM + ["worker", "--master", f"127.0.0.1:{port}", "--rank", "1", "--world", "2", "--token", token,
+                    "--timeout", "20", "--ifname", "lo"]
+
+    def start_worker():
+        return subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    workers = []
+    s = Server(tmp_path, "--model", "gpt2-tiny", "--master", f"127.0.0.1:{port}", "--world", "2", "--token", token,
+               "--timeout", "20", "--ifname", "lo", api_key=None, before_health=lambda: workers.append(start_worker()))
+    try:
+        assert s.client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+        workers[0].kill()
+        workers[0].wait()
+        err = error_of(s.client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}), 503)
+        assert "rank 1 lost" in err["message"]
+        health = httpx.get(s.url + "/health", timeout=10)  # down until the worker is back
+        assert health.status_code == 503 and "rank 1 lost" in health.json()["reason"]
+        workers.append(start_worker())
+        s.wait_healthy(90)
+        r = s.client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    finally:
+        s.stop()
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    assert workers[1].wait(timeout=30) == 0  # the server closed the cluster: the worker exits cleanly
+
+
+# ------------------------------------------------- embeddings, text classes
+
+@pytest.fixture(scope="class")
+def bert_dir(tmp_path_factory):
+    """A tiny BERT classifier from a config, with a byte-level tokenizer.json."""
+    import transformers
+
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                  vocab_size=256, max_position_embeddings=128, num_labels=3,
+                                  id2label={0: "neg", 1: "neu", 2: "pos"}, label2id={"neg": 0, "neu": 1, "pos": 2})
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bert") / "bert"
+    transformers.BertForSequenceClassification(cfg).eval().save_pretrained(str(path))
+    (path / "tokenizer.json").write_text(json.dumps(byte_level_tokenizer_json()))
+    return path
+
+
+@pytest.fixture(scope="class")
+def bert_server(bert_dir, tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("bert-serve"), "--model", str(bert_dir), "--devices", "2", "--cr", "2",
+               "--max-batch", "8", "--batch-wait-ms", "200", api_key=None)
+    yield s
+    s.stop()
+
+
+TEXTS = ["the cat sat on the mat", "a dog ran in the park", "edge devices share the work", "short one!"]
+
+
+def ids_of(text: str) -> list[int]:
+    return list(text.encode())  # the byte-level tokenizer: id = byte
+
+
+class TestEncoders:
+    def test_embeddings_are_the_mean_pooled_rows(self, bert_server, bert_dir):
+        m = prism_ext.load(bert_dir)
+        r = bert_server.client.post("/v1/embeddings", json={"input": TEXTS[0]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        want = m(torch.tensor([ids_of(TEXTS[0])]), devices=2, cr=2, outputs=("pooled",)).mean_pooled[0]
+        torch.testing.assert_close(torch.tensor(body["data"][0]["embedding"]), want, rtol=0, atol=1e-5)
+        assert body["usage"]["prompt_tokens"] == len(TEXTS[0]) and body["prism"]["devices"] == 2
+        b64 = bert_server.client.post("/v1/embeddings", json={"input": [TEXTS[0]], "encoding_format": "base64"})
+        vec = np.frombuffer(base64.b64decode(b64.json()["data"][0]["embedding"]), "<f4")
+        np.testing.assert_allclose(vec, want.numpy(), rtol=0, atol=1e-5)
+
+    def test_a_list_pads_to_the_longest_and_equals_each_alone_at_cr_1(self, bert_server, bert_dir):
+        texts = TEXTS[:3]  # lengths 22, 20, 27: similar
+        together = bert_server.client.post("/v1/embeddings", json={"input": texts, "cr": 1}).json()
+        assert [d["index"] for d in together["data"]] == [0, 1, 2]
+        for text, d in zip(texts, together["data"]):
+            alone = bert_server.client.post("/v1/embeddings", json={"input": text, "cr": 1}).json()
+            torch.testing.assert_close(torch.tensor(d["embedding"]), torch.tensor(alone["data"][0]["embedding"]),
+                                       rtol=0, atol=1e-5)
+        assert together["prism"]["batch"] == {"requests": 1, "sequences": 3, "positions": 27}
+
+    def test_concurrent_requests_are_batched_in_arrival_order(self, bert_server):
+        def one(i):  # lengths 22 and 20: similar enough to share a call
+            return bert_server.client.post("/v1/embeddings", json={"input": TEXTS[i % 2], "cr": 1}).json()
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(one, range(6)))
+        batches = [g["prism"]["batch"]["requests"] for g in got]
+        assert max(batches) > 1, batches  # a 200 ms window gathers the 6 concurrent requests
+        alone = [one(i)["data"][0]["embedding"] for i in range(2)]
+        for i, g in enumerate(got):
+            torch.testing.assert_close(torch.tensor(g["data"][0]["embedding"]), torch.tensor(alone[i % 2]),
+                                       rtol=0, atol=1e-5)
+
+    def test_every_mode_a_request_may_choose(self, bert_server):
+        def embed(**kw):
+            r = bert_server.client.post("/v1/embeddings", json={"input": TEXTS[2], **kw})
+            assert r.status_code == 200, r.text
+            return torch.tensor(r.json()["data"][0]["embedding"]), r.json()["prism"]
+
+        exact, stats = embed(mode="single")
+        assert stats["devices"] == 1 and stats["bytes_sent"] == 0
+        for mode in ("voltage", "tp"):  # exact at any CR: full rows, or every position on every device
+            got, stats = embed(mode=mode, cr=8)
+            assert stats["mode"] == mode and stats["devices"] == 2
+            torch.testing.assert_close(got, exact, rtol=0, atol=1e-4)
+        prism, stats = embed(mode="prism", cr=8)
+        assert stats["cr"] == 8 and stats["bytes_sent"] > 0
+
+    def test_text_classification(self, bert_server, bert_dir):
+        m = prism_ext.load(bert_dir)
+        body = bert_server.client.post("/v1/classify", json={"input": TEXTS[:2], "cr": 1}).json()
+        for text, d in zip(TEXTS[:2], body["data"]):
+            logits = m(torch.tensor([ids_of(text)]), devices=2, cr=1, outputs=("cls",)).logits[0]
+            torch.testing.assert_close(torch.tensor(d["logits"]), logits, rtol=0, atol=1e-5)
+            assert d["class_id"] == int(logits.argmax()) and d["label"] == ["neg", "neu", "pos"][d["class_id"]]
+        assert body["prism"]["busiest_device_flops"] > 0
+
+    @pytest.mark.parametrize("path,body,param", [
+        ("/v1/embeddings", {"input": []}, "input"),
+        ("/v1/embeddings", {"input": ["ok", ""]}, "input[1]"),
+        ("/v1/embeddings", {"input": ["ok", 3]}, "input[1]"),
+        ("/v1/embeddings", {"input": "x" * 129}, "input"),  # 128 positions
+        ("/v1/embeddings", {"input": ["ok"] * 33}, "input"),  # --max-inputs 32
+        ("/v1/embeddings", {"input": "ok", "encoding_format": "int8"}, "encoding_format"),
+        ("/v1/embeddings", {"input": "ok", "pooling": "cls"}, "pooling"),
+        ("/v1/classify", {"text": "ok"}, "input"),
+        ("/v1/completions", {"prompt": "ok"}, "model"),  # no language-model head
+    ])
+    def test_bad_requests_name_the_field(self, bert_server, path, body, param):
+        err = error_of(bert_server.client.post(path, json=body), 400)
+        assert err["param"] == param, err
+
+    def test_image_sent_to_a_text_model(self, bert_server):
+        r = bert_server.client.post("/v1/classify", files={"image": ("x.png", b"\x89PNG", "image/png")})
+        assert error_of(r, 400)["param"] == "image"
+
+
+# ---------------------------------------------------------------- images
+
+def digit_png(digit: np.ndarray) -> bytes:
+    from PIL import Image
+
+    img = Image.fromarray((255 - digit * 15).astype(np.uint8)).resize((32, 32), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="class")
+def vit_server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("vit"), "--model", "vit-tiny-digits", "--devices", "2", "--cr", "4",
+               api_key=None)
+    yield s
+    s.stop()
+
+
+class TestImages:
+    def test_uploaded_images_are_classified_like_the_simulation(self, vit_server, vit):
+        from PIL import Image
+
+        from prism_ext.jobs import _processor
+
+        held = np.load(Path(prism_ext.__file__).parent / "zoo" / "vit-tiny-digits" / "heldout_digits.npz")
+        pngs = [digit_png(held["images"][i]) for i in range(3)]
+        r = vit_server.client.post("/v1/classify", files=[("image", (f"{i}.png", p, "image/png"))
+                                                          for i, p in enumerate(pngs)], data={"cr": "2"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        px = _processor(vit).images_to_pixels([np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs])
+        want = vit(px, devices=2, cr=2, outputs=("cls",)).logits
+        torch.testing.assert_close(torch.tensor([d["logits"] for d in body["data"]]), want, rtol=0, atol=1e-5)
+        assert body["prism"]["cr"] == 2 and body["prism"]["batch"]["sequences"] == 3
+
+    @pytest.mark.parametrize("files,data,param", [
+        ([("image", ("x.png", b"not an image", "image/png"))], {}, "image"),
+        ([("image", ("x.png", b"x", "image/png")), ("image", ("y.png", b"y", "image/png"))], {}, "image[0]"),
+        ([("picture", ("x.png", b"x", "image/png"))], {}, "picture"),
+        ([("image", ("x.png", b"x", "image/png"))], {"cr": "0"}, "cr"),
+    ])
+    def test_wrong_images_name_the_field(self, vit_server, files, data, param):
+        err = error_of(vit_server.client.post("/v1/classify", files=files, data=data), 400)
+        assert err["param"] == param, err
+
+    def test_text_sent_to_a_vit(self, vit_server):
+        assert error_of(vit_server.client.post("/v1/classify", json={"input": "seven"}), 400)["param"] == "image"
+        assert error_of(vit_server.client.post("/v1/embeddings", json={"input": "seven"}), 400)["param"] == "model"
+
+
+# ------------------------------------------------------------- benchmark
+
+def test_bench_serve_quick_answers_every_request(tmp_path):
+    """bench/bench_serve.py --quick runs to the end and accounts for every
+    request (nothing about the numbers is checked: they belong in bench/)."""
+    bench = Path(__file__).resolve().parent.parent / "bench" / "bench_serve.py"
+    if not bench.is_file():
+        pytest.skip(f"no {bench}: not a source tree (the wheel test copies tests/ only)")
+    out = tmp_path / "serve.json"
+    proc = subprocess.run([sys.executable, str(bench), "--quick", "--json", str(out)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"no batching", "batching (max 8)"}
+    for name, [run] in runs.items():
+        assert run["sent"] > 0 and run["lost"] == 0 and run["statuses"] == {"200": run["sent"]}, run
+    assert runs["no batching"][0]["mean_batch"] == 1.0
