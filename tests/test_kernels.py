@@ -29,8 +29,10 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import reference
+
 import prism_ext
-from prism_ext import kernels, reference
+from prism_ext import kernels
 
 ATTENTION_TOL = dict(atol=5e-6, rtol=5e-5)
 SEGMENT_TOL = dict(atol=1e-5, rtol=1e-5)
