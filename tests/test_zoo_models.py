@@ -186,7 +186,7 @@ def test_zoo_list(capsys):
 
 def test_bundled_checkpoints_are_hugging_face_checkpoints(gpt, vit, held_out):
     """transformers reads the folders as GPT2LMHeadModel / ViTForImageClassification and agrees with prism_ext."""
-    transformers = pytest.importorskip("transformers", reason="the `test` extra installs transformers")
+    import transformers  # the `test` extra
     from prism_ext.jobs import _processor
 
     hf = transformers.GPT2LMHeadModel.from_pretrained(zoo.model_dir("gpt2-tiny")).eval()
@@ -200,7 +200,7 @@ def test_bundled_checkpoints_are_hugging_face_checkpoints(gpt, vit, held_out):
 
 
 def test_byte_tokenizer_matches_the_tokenizers_package():
-    tokenizers = pytest.importorskip("tokenizers", reason="the `test` extra installs tokenizers (via transformers)")
+    import tokenizers  # the `test` extra (via transformers)
     path = zoo.model_dir("gpt2-tiny") / "tokenizer.json"
     ours = load_tokenizer(path.parent)
     theirs = tokenizers.Tokenizer.from_file(str(path))

@@ -88,7 +88,6 @@ def test_zoo_train_gpt2_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 def test_zoo_train_vit_end_to_end(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("sklearn", reason="training vit-tiny-digits needs the `train` extra (scikit-learn)")
     cfg = dict(T.VIT_CFG, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, epochs=1)
     monkeypatch.setattr(T, "VIT_CFG", cfg)
     assert _prism_cli("zoo", "train", "vit-tiny-digits", "--out", str(tmp_path), "--threads", "1") == 0
