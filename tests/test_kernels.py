@@ -661,6 +661,27 @@ def test_available_isas():
         assert kernels.active_isa() == isas[-1]
 
 
+def test_dispatch_records_the_isa_that_ran(isa):
+    """The C++ side reports the ISA whose code each kernel ran (what `prism
+    info` prints), here the one forced by the isa fixture."""
+    x = np.ones((2, 3, 8), dtype=np.float32)
+    kernels.segment_means(x, 2)
+    kernels.compressed_attention(x, x, x)
+    kernels.masked_softmax(x)
+    assert kernels.dispatched_isas() == dict.fromkeys(("segment_means", "compressed_attention", "masked_softmax"), isa)
+
+
+def test_prism_info_reports_the_dispatch(capsys):
+    """In a process whose kernels are forced onto serial, `prism info` says serial, not the CPU's best."""
+    from prism_ext.cli import main
+
+    with kernels.use_isa("serial"):
+        assert main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for op in ("segment_means", "compressed_attention", "masked_softmax"):
+        assert f"kernel    {op}: serial" in lines
+
+
 def test_use_isa_unknown_name():
     before = kernels.active_isa()
     with pytest.raises(ValueError, match="sse9"):
