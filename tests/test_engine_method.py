@@ -192,11 +192,11 @@ def test_bytes_match_the_formula(models, devices, n, cr):
     assert 1 - pri.activation_bytes / volt.activation_bytes == pytest.approx(1 - 1 / cr, abs=1e-12)
 
 
-# Max |logits - fp32 logits| of the test below over inputs_for("bert", seed),
-# seeds 0..39 (measured 2026-12-01, x86-64 AVX-512): fp16 2.1e-4 (median 9.5e-5), bf16 1.7e-3
-# (median 8.8e-4), int8 8.0e-3 (median 2.9e-3), i.e. the rounding of each
-# format (2**-11, 2**-8, 1/254 of a row's largest value) carried through two
-# layers. The bounds are those maxima with a margin of about 1.5.
+# Max |logits - fp32 logits| of the test below over inputs_for("bert", seed)
+# for seeds 0..39 (measured 2026-12-01, x86-64 AVX-512): fp16 2.1e-4 (median
+# 9.5e-5), bf16 1.7e-3 (median 8.8e-4), int8 8.0e-3 (median 2.9e-3), i.e. the
+# rounding of each format (2**-11, 2**-8, 1/254 of a row's largest value)
+# carried through two layers. Each bound is its maximum with a margin of ~1.5.
 @pytest.mark.parametrize("wire,itemsize,per_row,bound", [("fp16", 2, 0, 3e-4), ("bf16", 2, 0, 2.5e-3),
                                                           ("int8", 1, 4, 1.2e-2)])
 def test_wire_dtypes_shrink_bytes_and_stay_close(models, wire, itemsize, per_row, bound):
