@@ -48,17 +48,13 @@ def test_bundle_size():
     assert total <= 8 * 2**20
 
 
-def held_out_text() -> tuple[bytes, bytes]:
-    """(train, held-out) bytes of gpt2-tiny, re-derived from the split
+def held_out_text() -> bytes:
+    """The text gpt2-tiny was not trained on, re-derived from the split
     prism_ext/zoo/train.py documents: Python's pydoc_data.topics sorted by
-    name, every 8th topic held out."""
+    name, every 8th topic held out (training used the others)."""
     from pydoc_data.topics import topics
 
-    keys = sorted(topics)
-    held = set(keys[::8])
-    train = "\n\n".join(topics[k] for k in keys if k not in held)
-    test = "\n\n".join(topics[k] for k in keys if k in held)
-    return train.encode("utf-8"), test.encode("utf-8")
+    return "\n\n".join(topics[k] for k in sorted(topics)[::8]).encode("utf-8")
 
 
 @pytest.mark.parametrize("devices,cr", [(1, 1), (4, 4)])
@@ -67,7 +63,7 @@ def test_gpt2_tiny_perplexity_on_held_out_text(gpt, devices, cr):
     through prism_ext. Measured (2026-12-01): 3.84 on one device, 3.98 at
     P = 4, CR = 4; the held-out bytes' own unigram perplexity (the best any
     byte-frequency model does on them) is 25.7."""
-    _, test = held_out_text()
+    test = held_out_text()
     ctx = gpt.net.n_positions
     ids = torch.tensor(list(test[: 8 * ctx])).reshape(8, ctx)
     logits = gpt(ids, devices=devices, cr=cr).logits
@@ -81,7 +77,7 @@ def test_gpt2_tiny_perplexity_on_held_out_text(gpt, devices, cr):
 def test_held_out_digits_are_the_split_train_py_holds_out(held_out):
     """heldout_digits.npz is the test part of the split documented in
     prism_ext/zoo/train.py (re-derived here): scikit-learn's digits in a fixed
-    shuffle (numpy seed 0), the first 20% held out, none of them trained on."""
+    shuffle (numpy seed 0), the first 20% held out (training used the rest)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
