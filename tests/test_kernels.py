@@ -1,5 +1,5 @@
 """The Python face of the kernels (prism_ext.kernels) against the pure-torch
-reference (prism_ext.reference), on every ISA this machine runs.
+reference (tests/reference.py), on every ISA this machine runs.
 
 Tolerances: the kernels compute in float32; the reference runs in float64 on
 the same float32 inputs, so the differences are the kernels' own rounding:
