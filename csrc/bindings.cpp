@@ -278,6 +278,16 @@ PYBIND11_MODULE(_C, m) {
     return names;
   });
   m.def("active_isa", [] { return std::string(prism::isa_name(prism::active_isa())); });
+  m.def("dispatched_isas", [] {
+    py::dict d;
+    for (auto [name, kernel] : {std::pair{"segment_means", prism::Kernel::segment_means},
+                                std::pair{"compressed_attention", prism::Kernel::compressed_attention},
+                                std::pair{"masked_softmax", prism::Kernel::masked_softmax}}) {
+      const int isa = prism::last_dispatched_isa(kernel);
+      d[name] = isa < 0 ? py::object(py::none()) : py::object(py::str(prism::isa_name(static_cast<Isa>(isa))));
+    }
+    return d;
+  });
   m.def("forced_isa", []() -> std::optional<std::string> {
     if (!prism::isa_is_forced()) return std::nullopt;
     return std::string(prism::isa_name(prism::active_isa()));

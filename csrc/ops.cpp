@@ -1,6 +1,7 @@
 #include "ops.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -19,27 +20,36 @@ void require(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument(msg);
 }
 
+// What each driver last ran (an Isa value; -1 before its first call), as the
+// switch below picked it: `prism info` reports this, not what the CPU offers.
+std::atomic<int> dispatched[3] = {-1, -1, -1};
+
+void record(Kernel kernel, Isa isa) {
+  dispatched[static_cast<int>(kernel)].store(static_cast<int>(isa), std::memory_order_relaxed);
+}
+
 // Picks the kernel of one family for an ISA; every family has the same four.
 #if PRISM_HAVE_AVX2
-#define PRISM_CASE_AVX2(fn) case Isa::avx2: return fn##_avx2;
+#define PRISM_CASE_AVX2(fn, k) case Isa::avx2: record(k, Isa::avx2); return fn##_avx2;
 #else
-#define PRISM_CASE_AVX2(fn)
+#define PRISM_CASE_AVX2(fn, k)
 #endif
 #if PRISM_HAVE_AVX512
-#define PRISM_CASE_AVX512(fn) case Isa::avx512: return fn##_avx512;
+#define PRISM_CASE_AVX512(fn, k) case Isa::avx512: record(k, Isa::avx512); return fn##_avx512;
 #else
-#define PRISM_CASE_AVX512(fn)
+#define PRISM_CASE_AVX512(fn, k)
 #endif
 #if PRISM_HAVE_NEON
-#define PRISM_CASE_NEON(fn) case Isa::neon: return fn##_neon;
+#define PRISM_CASE_NEON(fn, k) case Isa::neon: record(k, Isa::neon); return fn##_neon;
 #else
-#define PRISM_CASE_NEON(fn)
+#define PRISM_CASE_NEON(fn, k)
 #endif
-#define PRISM_SELECT(fn, isa)                                                          \
+#define PRISM_SELECT(fn, isa, k)                                                       \
   do {                                                                                 \
     require(isa_available(isa), std::string("isa: '") + isa_name(isa) + "' is not available"); \
     switch (isa) {                                                                     \
-      PRISM_CASE_AVX2(fn) PRISM_CASE_AVX512(fn) PRISM_CASE_NEON(fn) default: return fn##_serial; \
+      PRISM_CASE_AVX2(fn, k) PRISM_CASE_AVX512(fn, k) PRISM_CASE_NEON(fn, k)           \
+      default: record(k, Isa::serial); return fn##_serial;                             \
     }                                                                                  \
   } while (0)
 
@@ -47,9 +57,9 @@ using SegmentMeansFn = void (*)(const SegmentMeansArgs&, int64_t, int64_t);
 using AttentionFn = void (*)(const AttentionHead&, int64_t, int64_t);
 using SoftmaxFn = void (*)(const SoftmaxRow&);
 
-SegmentMeansFn select_segment_means(Isa isa) { PRISM_SELECT(segment_means_f32, isa); }
-AttentionFn select_attention(Isa isa) { PRISM_SELECT(compressed_attention_f32, isa); }
-SoftmaxFn select_softmax(Isa isa) { PRISM_SELECT(masked_softmax_row_f32, isa); }
+SegmentMeansFn select_segment_means(Isa isa) { PRISM_SELECT(segment_means_f32, isa, Kernel::segment_means); }
+AttentionFn select_attention(Isa isa) { PRISM_SELECT(compressed_attention_f32, isa, Kernel::compressed_attention); }
+SoftmaxFn select_softmax(Isa isa) { PRISM_SELECT(masked_softmax_row_f32, isa, Kernel::masked_softmax); }
 
 // log(counts) as additive key bias; counts must be finite and >= 0.
 std::vector<float> key_bias_from_counts(const float* counts, int64_t n) {
@@ -64,6 +74,8 @@ std::vector<float> key_bias_from_counts(const float* counts, int64_t n) {
 }
 
 }  // namespace
+
+int last_dispatched_isa(Kernel kernel) { return dispatched[static_cast<int>(kernel)].load(std::memory_order_relaxed); }
 
 void segment_means_f32(const SegmentMeansProblem& p, Isa isa) {
   require(p.seg >= 1, "seg: must be >= 1, got " + std::to_string(p.seg));

@@ -8,6 +8,11 @@
 
 namespace prism {
 
+enum class Kernel : int { segment_means = 0, compressed_attention = 1, masked_softmax = 2 };
+// The ISA whose code the driver of `kernel` ran on its latest call in this
+// process (an Isa value), or -1 before its first call.
+int last_dispatched_isa(Kernel kernel);
+
 // x: [L, n, d] with element strides (x_batch_stride, x_row_stride, 1);
 // valid: contiguous [L, n] or nullptr. means: [L, ceil(n/seg), d] and
 // counts: [L, ceil(n/seg)], both contiguous.

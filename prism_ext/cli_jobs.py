@@ -210,7 +210,7 @@ def _zoo(args: argparse.Namespace) -> int:
         return 0
     from .zoo.train import train
 
-    out = Path(args.out) if args.out else Path(zoo.__file__).parent / args.name
+    out = Path(args.out) if args.out else Path.cwd() / args.name  # never into the installed package
     metrics = train(args.name, out, threads=args.threads)
     print(json.dumps(metrics, indent=1, ensure_ascii=False))
     return 0
@@ -305,6 +305,6 @@ def register(sub) -> None:
     train = _one_line_errors(zsub.add_parser("train", help="train a bundled model (needs the `train` extra: "
                                                            "scikit-learn)"), "zoo train")
     train.add_argument("name", choices=list(NAMES))
-    train.add_argument("--out", help="output folder (default: the package's own copy)")
+    train.add_argument("--out", help="output folder (default: ./NAME in the current directory)")
     train.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
     zoo.set_defaults(func=_zoo)

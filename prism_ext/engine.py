@@ -1,4 +1,4 @@
-"""One device's layer loop (DESIGN.md section 2). Knows nothing of sockets:
+"""One device's layer loop (docs/design.md, steps 2-10). Knows nothing of sockets:
 the transport is handed in and only its ``all_gather`` is used, once per layer.
 
 Modes:
@@ -399,7 +399,7 @@ def _device_stats(items: list) -> list[DeviceStats]:
 def run_request(net: Network, local: dict, part: Partition, rank: int, transport, cfg: RunConfig,
                 outputs: tuple[str, ...] = ("rows", "cls")) -> Collected | None:
     """One forward pass on device ``rank``, then only what ``outputs`` asks
-    for goes to rank 0 (DESIGN.md step 8), counted in ``result_bytes``:
+    for goes to rank 0 (docs/design.md, step 9), counted in ``result_bytes``:
 
     rows    every row output of every position (``last_hidden_state``, ``logits``)
     cls     the per-sequence heads ([CLS]: pooler, classifier), computed on rank 0

@@ -28,6 +28,7 @@ __all__ = [
     "masked_softmax",
     "available_isas",
     "active_isa",
+    "dispatched_isas",
     "use_isa",
     "cpu_features",
     "get_num_threads",
@@ -272,6 +273,12 @@ def available_isas() -> list[str]:
 def active_isa() -> str:
     """The ISA the kernels use now."""
     return _C.active_isa()
+
+
+def dispatched_isas() -> dict[str, str | None]:
+    """Kernel name -> the ISA whose code it ran on its latest call in this
+    process, as the C++ dispatch recorded it (None before its first call)."""
+    return dict(_C.dispatched_isas())
 
 
 @contextlib.contextmanager

@@ -107,8 +107,9 @@ run_pytest() {
   # Run the pytest executable (not `python -m pytest`, which would put the
   # source tree on sys.path) so `import prism_ext` finds the installed copy.
   # A hang fails the step (and dumps every thread's stack) instead of eating
-  # CI's time.
-  timeout --kill-after=30 1800 "$VENV/bin/pytest" -o faulthandler_timeout=600 "$ROOT/tests"
+  # CI's time. --strict-skips (tests/conftest.py): any skip but an ISA this
+  # machine cannot run fails the step.
+  timeout --kill-after=30 1800 "$VENV/bin/pytest" -o faulthandler_timeout=600 --strict-skips "$ROOT/tests"
 }
 
 # cmake_tests BUILD_DIR [extra cmake args...]: configure, build and ctest the

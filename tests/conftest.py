@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -64,6 +65,59 @@ def restore_threads():
     before = kernels.get_num_threads()
     yield
     kernels.set_num_threads(before)
+
+
+# --strict-skips (CI: scripts/check.sh, the wheel tests, the arm64 tests): a
+# skipped test fails the run unless its reason is one of these, the reasons
+# isa_skip_reason gives for an ISA this machine cannot run. Anything else (a
+# missing test dependency, no root for the network lab, one core, a build
+# without an ISA the CPU has) would turn a proof into a quiet "s".
+ALLOWED_SKIPS = (
+    re.compile(r"neon: not an ARM64 machine "),
+    re.compile(r"(avx2|avx512): not an x86-64 machine "),
+    re.compile(r"(avx2|avx512) not supported by this CPU/OS "),
+)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--strict-skips", action="store_true",
+                     help="fail the run if a test is skipped for any reason but an ISA this machine cannot run")
+
+
+def pytest_configure(config):
+    if config.getoption("strict_skips"):
+        config.pluginmanager.register(StrictSkips(), "strict-skips")
+
+
+class StrictSkips:
+    """Records every skip (of a test or of a whole module) and fails the
+    session if one is not in ALLOWED_SKIPS, listing it in the summary."""
+
+    def __init__(self):
+        self.refused: list[tuple[str, str]] = []
+
+    def _record(self, report) -> None:
+        if report.skipped and not hasattr(report, "wasxfail"):
+            longrepr = report.longrepr
+            reason = (longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)).removeprefix("Skipped: ")
+            if not any(p.match(reason) for p in ALLOWED_SKIPS):
+                self.refused.append((report.nodeid, reason))
+
+    def pytest_runtest_logreport(self, report):
+        self._record(report)
+
+    def pytest_collectreport(self, report):
+        self._record(report)
+
+    def pytest_sessionfinish(self, session):
+        if self.refused and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if self.refused:
+            terminalreporter.section("skips refused by --strict-skips", sep="=", red=True)
+            for node, reason in self.refused:
+                terminalreporter.line(f"SKIPPED {node}: {reason}")
 
 
 def pytest_report_header(config):

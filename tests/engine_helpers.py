@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
+import transformers  # a test dependency (the `test` extra): missing, the engine tests fail, never skip
+from torch.utils.flop_counter import FlopCounterMode
 
-transformers = pytest.importorskip("transformers", reason="the engine tests compare against transformers (test extra)")
+import reference
 
-from prism_ext import reference  # noqa: E402
-from prism_ext.partition import partition, segment_ends  # noqa: E402
+from prism_ext.partition import partition, segment_ends
 
 D, HEADS, LAYERS, FF = 32, 4, 2, 64
 INIT = 0.2  # 10x the HF default: peaked attention, so compression visibly matters
@@ -128,6 +128,21 @@ def naive_forward(net, inputs: dict, devices: int, cr: int, point: str = "attn_i
     fields = {k: torch.cat([r[k] for r in rows], dim=1) for k in rows[0]}
     fields.update(net.cls_outputs(rows[0]))
     return fields
+
+
+def counted_flops(fn) -> int:
+    """FLOPs torch's own counter (``torch.utils.flop_counter``) sees while ``fn()`` runs on this thread."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def attention_flops(batch: int, heads: int, nq: int, nk: int, dh: int) -> int:
+    """The counter's FLOPs of dense attention of ``nq`` queries over ``nk`` keys.
+    The C++ kernel is invisible to the counter (and it has no formula for CPU
+    sdpa kernels), so attention is spelled out at the shapes it ran."""
+    q, kv = torch.randn(batch, heads, nq, dh), torch.randn(batch, heads, nk, dh)
+    return counted_flops(lambda: torch.softmax(q @ kv.transpose(-1, -2), -1) @ kv)
 
 
 def max_err(a, b) -> float:

@@ -44,7 +44,7 @@ def test_torch_peer_computes_the_kernel(case):
 
 
 def test_prism_bench_kernels_quick(tmp_path):
-    pytest.importorskip("google_benchmark", reason="needs the bench extra: pip install 'prism-ext[bench]'")
+    import google_benchmark  # noqa: F401 - a test dependency: `prism bench kernels` needs it
     out = tmp_path / "report.json"
     proc = subprocess.run(
         [sys.executable, "-m", "prism_ext.cli", "bench", "kernels", "--quick", "--threads", "1", "--json", str(out)],

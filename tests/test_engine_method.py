@@ -6,13 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
-from engine_helpers import family_inputs, max_err, naive_forward, tiny_models
+from engine_helpers import attention_flops, counted_flops, family_inputs, max_err, naive_forward, tiny_models
 
 import prism_ext
 from prism_ext.comm import LocalGroup
-from prism_ext.engine import RunConfig, run_request
+from prism_ext.engine import RunConfig, decode_step, run_device
 from prism_ext.partition import Partition, partition
 
 TOL = 1e-4
@@ -95,29 +94,74 @@ def test_greedy_generate_equals_hf(models, devices):
         ref = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
     got, stats, decode = m.generate(ids, devices=devices, cr=1, max_new_tokens=12, return_stats=True)
     assert torch.equal(got, ref)
-    assert len(decode.flops) == 11 and all(b == 0 for b in decode.bytes_sent) and all(f > 0 for f in decode.flops)
+    assert len(decode.flops) == 11 and all(b == 0 for b in decode.bytes_sent)
     assert stats.bytes_sent > 0 or devices == 1
+    # the k-th decoded token (k = 1..11) attends over the prefill's keys plus itself and the k - 1 before it
+    last = stats.devices[-1]
+    keys = [s.rows_received + last.stop - last.start for s in last.layers]
+    assert decode.flops == [_decode_flops(m.net, 2, [k + step for k in keys]) for step in range(1, 12)]
 
 
-@pytest.mark.parametrize("devices,cr", [(2, 2), (3, 4)])
-def test_decoding_equals_prefill_with_the_token_in_the_last_partition(models, devices, cr):
+def _decode_flops(net, batch: int, keys: list[int]) -> int:
+    """What torch's FLOP counter sees in one decode step of every block (one
+    row: Q/K/V, output projection, MLP) plus attention over ``keys[layer]`` keys."""
+    total = 0
+    for blk, nk in zip(net.blocks, keys):
+        x, inner = torch.randn(batch, 1, blk.d), torch.randn(batch, 1, blk.d_ff)
+        total += counted_flops(lambda: (F.linear(x, blk.wqkv, blk.bqkv), F.linear(x, blk.wo, blk.bo),
+                                        F.linear(x, blk.w1, blk.b1), F.linear(inner, blk.w2, blk.b2)))
+        total += attention_flops(batch, blk.heads, 1, nk, blk.d // blk.heads)
+    return total
+
+
+def _prefill(net, ids, part: Partition, cfg: RunConfig, decode_room: int = 0):
+    """Every device's result of a prefill of ``ids`` over ``part`` (in-process devices)."""
+    full = {"input_ids": ids}
+    return LocalGroup(part.devices).run(
+        [lambda tr, r=r: run_device(net, net.local_inputs(full, *part.ranges[r]), part, r, tr, cfg,
+                                    decode_room=decode_room if r == part.devices - 1 else 0)
+         for r in range(part.devices)])
+
+
+def _grown(part: Partition, length: int) -> Partition:
+    """``part`` with the last device's range extended to ``length`` positions."""
+    return Partition(part.ranges[:-1] + ((part.ranges[-1][0], length),))
+
+
+@pytest.mark.parametrize("devices", [2, 3])
+@pytest.mark.parametrize("cr", [2, 4, 7])
+def test_decoding_equals_prefill_with_the_tokens_in_the_last_partition(models, devices, cr):
     """A decoded token attends exactly as if it had been an own row of the last
-    device in the prefill: check against a prefill over the longer sequence
-    with the same ranges for the earlier devices."""
+    device in the prefill: its logits equal those of a prefill over the longer
+    sequence with the same ranges for the earlier devices. The continuation is
+    teacher-forced (fixed random tokens), and greedy generate() picks the
+    argmax of those same logits."""
     _, m = models["gpt2"]
-    ids = torch.randint(0, 64, (1, 14), generator=torch.Generator().manual_seed(cr))
-    gen = m.generate(ids, devices=devices, cr=cr, max_new_tokens=4)
-    ranges = list(partition(14, devices).ranges)
-    ranges[-1] = (ranges[-1][0], gen.shape[1])
-    part = Partition(tuple(ranges))
-    cfg = RunConfig.make(len(m.net.blocks), cr=cr)
-    full = {"input_ids": gen}
-    results = LocalGroup(devices).run(
-        [lambda tr, r=r: run_request(m.net, m.net.local_inputs(full, *part.ranges[r]), part, r, tr, cfg, ("rows",))
-         for r in range(devices)])
-    logits = results[0].fields["logits"]
-    # greedy: every generated token is the argmax after its predecessor
-    assert torch.equal(logits[0, 13:-1].argmax(-1), gen[0, 14:])
+    net, n, new = m.net, 17, 6
+    g = torch.Generator().manual_seed(10 * cr + devices)
+    ids = torch.randint(0, 64, (2, n + new), generator=g)
+    part = partition(n, devices)
+    cfg = RunConfig.make(len(net.blocks), cr=cr)
+    last = _prefill(net, ids[:, :n], part, cfg, decode_room=new)[-1]
+    decoded = [net.row_outputs(last.hidden[:, -1:])["logits"][:, 0]]
+    keys = [s.rows_received + last.stats.stop - last.stats.start for s in last.stats.layers]
+    for i in range(new):
+        rows, layer_stats = decode_step(net, last.state, ids[:, n + i : n + i + 1], n + i)
+        decoded.append(rows["logits"][:, 0])
+        assert sum(s.bytes_sent for s in layer_stats) == 0
+        assert sum(s.flops for s in layer_stats) == _decode_flops(net, 2, [k + i + 1 for k in keys])
+    decoded = torch.stack(decoded, dim=1)  # logits after positions n - 1 .. n + new - 1
+
+    prefill = net.row_outputs(_prefill(net, ids, _grown(part, n + new), cfg)[-1].hidden)["logits"][:, -(new + 1):]
+    assert max_err(decoded, prefill) <= TOL
+    # CR > 1 changes these logits (far more than the tolerance), so the
+    # equality above holds for the compressed attention, not by accident.
+    exact = m(ids, devices=devices, cr=1).logits[:, n - 1 :]
+    assert max_err(prefill, exact) > 1e-2
+
+    gen = m.generate(ids[:, :n], devices=devices, cr=cr, max_new_tokens=4)
+    forced = net.row_outputs(_prefill(net, gen, _grown(part, n + 4), cfg)[-1].hidden)["logits"]
+    assert torch.equal(forced[:, -5:-1].argmax(-1), gen[:, n:])
 
 
 def test_sampling_is_seeded_and_top_k_limits(models):
@@ -148,8 +192,14 @@ def test_bytes_match_the_formula(models, devices, n, cr):
     assert 1 - pri.activation_bytes / volt.activation_bytes == pytest.approx(1 - 1 / cr, abs=1e-12)
 
 
-@pytest.mark.parametrize("wire,itemsize,per_row", [("fp16", 2, 0), ("bf16", 2, 0), ("int8", 1, 4)])
-def test_wire_dtypes_shrink_bytes_and_stay_close(models, wire, itemsize, per_row):
+# Max |logits - fp32 logits| of the test below over inputs_for("bert", seed)
+# for seeds 0..39 (measured 2026-12-01, x86-64 AVX-512): fp16 2.1e-4 (median
+# 9.5e-5), bf16 1.7e-3 (median 8.8e-4), int8 8.0e-3 (median 2.9e-3), i.e. the
+# rounding of each format (2**-11, 2**-8, 1/254 of a row's largest value)
+# carried through two layers. Each bound is its maximum with a margin of ~1.5.
+@pytest.mark.parametrize("wire,itemsize,per_row,bound", [("fp16", 2, 0, 3e-4), ("bf16", 2, 0, 2.5e-3),
+                                                          ("int8", 1, 4, 1.2e-2)])
+def test_wire_dtypes_shrink_bytes_and_stay_close(models, wire, itemsize, per_row, bound):
     _, m = models["bert"]
     inputs = inputs_for("bert", seed=3)
     base = m(inputs, devices=3, cr=2)
@@ -160,7 +210,7 @@ def test_wire_dtypes_shrink_bytes_and_stay_close(models, wire, itemsize, per_row
             assert s.activation_bytes == B * s.rows_sent * (d * itemsize + per_row)
             assert s32.activation_bytes == B * s.rows_sent * d * 4
     err = max_err(out.logits, base.logits)
-    assert 0 < err < 0.05
+    assert 0 < err <= bound
 
 
 def test_knobs_change_results_as_documented(models):
@@ -194,12 +244,6 @@ def test_cr_schedule_and_device_weights(models):
     assert gen.shape == (1, 11)
 
 
-def _torch_flops(fn) -> int:
-    with FlopCounterMode(display=False) as fc:
-        fn()
-    return fc.get_total_flops()
-
-
 @pytest.mark.parametrize("family,mode,cr", [("bert", "prism", 3), ("gpt2", "prism", 4), ("vit", "voltage", 1)])
 def test_flops_match_torch_flop_counter(models, family, mode, cr):
     _, m = models[family]
@@ -213,13 +257,10 @@ def test_flops_match_torch_flop_counter(models, family, mode, cr):
         for s in dev.layers:
             mr = s.rows_received
             own, recv, inner = torch.randn(B, n, d), torch.randn(B, mr, d), torch.randn(B, n, blk.d_ff)
-            proj = _torch_flops(lambda: (F.linear(own, blk.wqkv, blk.bqkv), F.linear(recv, blk.wkv, blk.bkv),
-                                         F.linear(own, blk.wo, blk.bo)))
-            q = torch.randn(B, H, n, d // H)
-            kv = torch.randn(B, H, n + mr, d // H)
-            # (the counter has no formula for CPU sdpa kernels: spell attention out)
-            att = _torch_flops(lambda: torch.softmax(q @ kv.transpose(-1, -2), -1) @ kv)
-            mlp = _torch_flops(lambda: (F.linear(own, blk.w1, blk.b1), F.linear(inner, blk.w2, blk.b2)))
+            proj = counted_flops(lambda: (F.linear(own, blk.wqkv, blk.bqkv), F.linear(recv, blk.wkv, blk.bkv),
+                                          F.linear(own, blk.wo, blk.bo)))
+            att = attention_flops(B, H, n, n + mr, d // H)
+            mlp = counted_flops(lambda: (F.linear(own, blk.w1, blk.b1), F.linear(inner, blk.w2, blk.b2)))
             assert (s.flops_proj, s.flops_attention, s.flops_mlp) == (proj, att, mlp)
 
 

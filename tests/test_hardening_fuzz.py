@@ -17,10 +17,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import reference
 from engine_helpers import hf_gpt2, save
 
 import prism_ext
-from prism_ext import kernels, reference
+from prism_ext import kernels
 
 NAMED = re.compile(r"^[A-Za-z_][\w.\-]*: ")  # "seg: ...", "config.json: ...", "--cr: ..."
 # Large but finite values stay far from float32 overflow (q.k of two 1e30s

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from prism_ext import kernels, reference
+import reference
+
+from prism_ext import kernels
 
 TOL = dict(rtol=1e-4, atol=1e-5, equal_nan=True)
 BAD_VALUES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}

@@ -1,5 +1,5 @@
 """The Python face of the kernels (prism_ext.kernels) against the pure-torch
-reference (prism_ext.reference), on every ISA this machine runs.
+reference (tests/reference.py), on every ISA this machine runs.
 
 Tolerances: the kernels compute in float32; the reference runs in float64 on
 the same float32 inputs, so the differences are the kernels' own rounding:
@@ -29,8 +29,10 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import reference
+
 import prism_ext
-from prism_ext import kernels, reference
+from prism_ext import kernels
 
 ATTENTION_TOL = dict(atol=5e-6, rtol=5e-5)
 SEGMENT_TOL = dict(atol=1e-5, rtol=1e-5)
@@ -657,6 +659,27 @@ def test_available_isas():
         with kernels.use_isa(name):
             assert kernels.active_isa() == name
         assert kernels.active_isa() == isas[-1]
+
+
+def test_dispatch_records_the_isa_that_ran(isa):
+    """The C++ side reports the ISA whose code each kernel ran (what `prism
+    info` prints), here the one forced by the isa fixture."""
+    x = np.ones((2, 3, 8), dtype=np.float32)
+    kernels.segment_means(x, 2)
+    kernels.compressed_attention(x, x, x)
+    kernels.masked_softmax(x)
+    assert kernels.dispatched_isas() == dict.fromkeys(("segment_means", "compressed_attention", "masked_softmax"), isa)
+
+
+def test_prism_info_reports_the_dispatch(capsys):
+    """In a process whose kernels are forced onto serial, `prism info` says serial, not the CPU's best."""
+    from prism_ext.cli import main
+
+    with kernels.use_isa("serial"):
+        assert main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for op in ("segment_means", "compressed_attention", "masked_softmax"):
+        assert f"kernel    {op}: serial" in lines
 
 
 def test_use_isa_unknown_name():

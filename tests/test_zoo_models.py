@@ -43,33 +43,60 @@ def test_bundled_models_load_by_name_and_folder(gpt, vit):
         prism_ext.load("gpt2-tinyy")
 
 
-def test_bundle_size_and_recorded_metrics():
+def test_bundle_size():
     total = sum(p.stat().st_size for name in zoo.NAMES for p in zoo.model_dir(name).rglob("*") if p.is_file())
     assert total <= 8 * 2**20
-    g, v = zoo.metrics("gpt2-tiny"), zoo.metrics("vit-tiny-digits")
-    assert g["held_out_perplexity"] <= 0.5 * g["unigram_perplexity"]
-    assert v["held_out_accuracy"] >= 0.95
-    assert g["reload_max_abs_logit_diff"] < 1e-4 and v["reload_held_out_accuracy"] == v["held_out_accuracy"]
 
 
-def test_gpt2_tiny_perplexity_holds_through_the_engine(gpt):
-    """Recompute a slice of the held-out perplexity through prism_ext (not the training code)."""
-    from prism_ext.zoo.train import _unigram_nll, text_split
+def held_out_text() -> bytes:
+    """The text gpt2-tiny was not trained on, re-derived from the split
+    prism_ext/zoo/train.py documents: Python's pydoc_data.topics sorted by
+    name, every 8th topic held out (training used the others)."""
+    from pydoc_data.topics import topics
 
-    train, test, _ = text_split()
+    return "\n\n".join(topics[k] for k in sorted(topics)[::8]).encode("utf-8")
+
+
+@pytest.mark.parametrize("devices,cr", [(1, 1), (4, 4)])
+def test_gpt2_tiny_perplexity_on_held_out_text(gpt, devices, cr):
+    """Next-byte perplexity over the first 8 windows of held-out text, run
+    through prism_ext. Measured (2026-12-01): 3.84 on one device, 3.98 at
+    P = 4, CR = 4; the held-out bytes' own unigram perplexity (the best any
+    byte-frequency model does on them) is 25.7."""
+    test = held_out_text()
     ctx = gpt.net.n_positions
-    ids = torch.tensor(list(test[: 4 * ctx])).reshape(4, ctx)
-    logits = gpt(ids, devices=2, cr=1).logits
+    ids = torch.tensor(list(test[: 8 * ctx])).reshape(8, ctx)
+    logits = gpt(ids, devices=devices, cr=cr).logits
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-    assert math.exp(nll.item()) <= 0.5 * math.exp(_unigram_nll(train, test))
+    assert math.exp(nll.item()) <= 4.5
+    freq = np.bincount(np.frombuffer(test, np.uint8), minlength=256) / len(test)
+    unigram = math.exp(-(freq[freq > 0] * np.log(freq[freq > 0])).sum())
+    assert math.exp(nll.item()) <= unigram / 5
 
 
-def test_vit_tiny_digits_accuracy_through_the_engine(vit, held_out):
+def test_held_out_digits_are_the_split_train_py_holds_out(held_out):
+    """heldout_digits.npz is the test part of the split documented in
+    prism_ext/zoo/train.py (re-derived here): scikit-learn's digits in a fixed
+    shuffle (numpy seed 0), the first 20% held out (training used the rest)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.target))
+    test = order[: round(0.2 * len(order))]
+    images, labels = held_out
+    assert np.array_equal(images, digits.images[test].astype(np.uint8))
+    assert np.array_equal(labels, digits.target[test]) and len(labels) == 359
+
+
+@pytest.mark.parametrize("devices,cr,most_wrong", [(1, 1, 5), (4, 4, 6)])
+def test_vit_tiny_digits_classifies_held_out_digits(vit, held_out, devices, cr, most_wrong):
+    """Predicted class against the label for all 359 held-out digits, through
+    prism_ext. Measured (2026-12-01): 3 wrong on one device, 4 at P = 4, CR = 4."""
     from prism_ext.jobs import _processor
 
     images, labels = held_out
-    logits = vit(_processor(vit).digits_to_pixels(images), devices=1).logits
-    assert (logits.argmax(-1).numpy() == labels).mean() >= 0.95
+    predicted = vit(_processor(vit).digits_to_pixels(images), devices=devices, cr=cr).logits.argmax(-1).numpy()
+    assert (predicted != labels).sum() <= most_wrong
 
 
 DEVICE_FIELDS = {"rank", "positions", "bytes_sent", "activation_bytes", "flops", "seconds"}
@@ -98,6 +125,7 @@ def test_demo_quick_json(capsys, tmp_path):
         assert 0 < part["voltage"]["bytes_reduction"] < 1 and part["voltage"]["busiest_device_flops_reduction"] > 0
     assert len(v["outputs"]) == len(v["reference"]) == len(v["labels"]) == 4
     assert all({"class_id", "label", "probability"} <= set(o) for o in v["outputs"])
+    assert [o["class_id"] for o in v["outputs"]] == [o["class_id"] for o in v["reference"]] == v["labels"]
 
 
 def test_demo_at_cr1_equals_one_device(capsys, tmp_path):
@@ -151,8 +179,7 @@ def test_run_json_image_file(capsys, tmp_path, vit, held_out):
     r = json.loads(out)
     assert r["input"]["images"] == [str(path)] and r["input"]["positions"] == 65
     (o,) = r["outputs"]
-    assert 0 <= o["class_id"] <= 9 and 0 < o["probability"] <= 1
-    assert r["reference"][0]["class_id"] in range(10)
+    assert o["class_id"] == r["reference"][0]["class_id"] == labels[0] and 0 < o["probability"] <= 1
     _check_stats(r["stats"], 4)
 
 
@@ -186,7 +213,7 @@ def test_zoo_list(capsys):
 
 def test_bundled_checkpoints_are_hugging_face_checkpoints(gpt, vit, held_out):
     """transformers reads the folders as GPT2LMHeadModel / ViTForImageClassification and agrees with prism_ext."""
-    transformers = pytest.importorskip("transformers", reason="the `test` extra installs transformers")
+    import transformers  # the `test` extra
     from prism_ext.jobs import _processor
 
     hf = transformers.GPT2LMHeadModel.from_pretrained(zoo.model_dir("gpt2-tiny")).eval()
@@ -200,7 +227,7 @@ def test_bundled_checkpoints_are_hugging_face_checkpoints(gpt, vit, held_out):
 
 
 def test_byte_tokenizer_matches_the_tokenizers_package():
-    tokenizers = pytest.importorskip("tokenizers", reason="the `test` extra installs tokenizers (via transformers)")
+    import tokenizers  # the `test` extra (via transformers)
     path = zoo.model_dir("gpt2-tiny") / "tokenizer.json"
     ours = load_tokenizer(path.parent)
     theirs = tokenizers.Tokenizer.from_file(str(path))

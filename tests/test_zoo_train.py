@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import prism_ext
+from prism_ext import zoo
 from prism_ext.zoo import train as T
 
 
@@ -78,17 +79,20 @@ def test_zoo_train_gpt2_end_to_end(tmp_path, monkeypatch, capsys):
     cfg = dict(T.GPT2_CFG, n_embd=16, n_layer=1, n_head=2, steps=3, warmup=1, batch=2,
                prism_finetune=dict(T.GPT2_CFG["prism_finetune"], steps=2))
     monkeypatch.setattr(T, "GPT2_CFG", cfg)
-    assert _prism_cli("zoo", "train", "gpt2-tiny", "--out", str(tmp_path), "--threads", "1") == 0
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    monkeypatch.chdir(tmp_path)  # no --out: ./gpt2-tiny, never the installed package's copy
+    bundled = {p.name: p.read_bytes() for p in zoo.model_dir("gpt2-tiny").iterdir() if p.is_file()}
+    assert _prism_cli("zoo", "train", "gpt2-tiny", "--threads", "1") == 0
+    out = tmp_path / "gpt2-tiny"
+    metrics = json.loads((out / "metrics.json").read_text())
     assert json.loads(capsys.readouterr().out) == metrics
     assert metrics["reload_max_abs_logit_diff"] < 1e-4
     assert set(metrics["greedy_samples"]) == set(T.GPT2_PROMPTS)
     assert set(metrics["prism_held_out_perplexity_4_devices"]) == {"1", "2", "4", "8", "16"}
-    assert prism_ext.load(tmp_path).net.d == 16
+    assert prism_ext.load(out).net.d == 16
+    assert {p.name: p.read_bytes() for p in zoo.model_dir("gpt2-tiny").iterdir() if p.is_file()} == bundled
 
 
 def test_zoo_train_vit_end_to_end(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("sklearn", reason="training vit-tiny-digits needs the `train` extra (scikit-learn)")
     cfg = dict(T.VIT_CFG, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, epochs=1)
     monkeypatch.setattr(T, "VIT_CFG", cfg)
     assert _prism_cli("zoo", "train", "vit-tiny-digits", "--out", str(tmp_path), "--threads", "1") == 0

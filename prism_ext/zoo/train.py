@@ -38,8 +38,8 @@ def prism_layout(n: int, devices: int, cr: int, causal: bool) -> tuple[torch.Ten
     [own-resolution keys ; segment-mean keys]: a query sees its own device's
     keys at full resolution (causally for causal models) and the other
     devices' segment means weighted by their counts (only earlier devices'
-    means for causal models), as in DESIGN.md section 2. Because K and V are
-    affine, ``S @ K`` are the keys of the means."""
+    means for causal models), as in docs/design.md, steps 5-7. Because K
+    and V are affine, ``S @ K`` are the keys of the means."""
     from ..partition import partition
 
     ranges = partition(n, devices).ranges

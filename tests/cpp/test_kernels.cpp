@@ -220,6 +220,8 @@ void run_segment_case(const SegCase& c, uint64_t seed) {
     prism::SegmentMeansProblem p{x.data(), masked ? valid.data() : nullptr, means.data(), counts.data(),
                                  c.L, c.n, c.d, c.seg, batch_stride, row_stride};
     prism::segment_means_f32(p, isa);
+    EXPECT(prism::last_dispatched_isa(prism::Kernel::segment_means) == static_cast<int>(isa),
+           what + ": the dispatch records the ISA that ran");
     EXPECT(means.guard_intact() && counts.guard_intact(), what + ": writes stay inside the outputs");
     expect_close(counts.data(), ref_counts.data(), c.L * m, 0.0, 0.0, what + ": counts");
     ++g_checks;
@@ -372,6 +374,8 @@ void run_attention_case(const AttnCase& c, uint64_t seed) {
     std::copy(ks, ks + 3, p.v_strides);
     p.scale = scale;
     prism::compressed_attention_f32(p, isa);
+    EXPECT(prism::last_dispatched_isa(prism::Kernel::compressed_attention) == static_cast<int>(isa),
+           what + ": the dispatch records the ISA that ran");
 
     std::vector<float> got(c.B * c.H * c.nq * c.dh);
     bool pad_intact = out.guard_intact();
@@ -559,6 +563,8 @@ void run_softmax_case(const SoftmaxCase& c, uint64_t seed) {
     p.nk = c.nk;
     p.counts_batches = p.pos_batches = side_batches;
     prism::masked_softmax_f32(p, isa);
+    EXPECT(prism::last_dispatched_isa(prism::Kernel::masked_softmax) == static_cast<int>(isa),
+           what + ": the dispatch records the ISA that ran");
 
     EXPECT(out.guard_intact(), what + ": writes stay inside the output");
     if (!c.in_place) EXPECT(std::memcmp(in.data(), scores.data(), sizeof(float) * total) == 0, what + ": input untouched");

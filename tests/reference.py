@@ -1,6 +1,6 @@
 """Pure-torch reference of every kernel in :mod:`prism_ext.kernels`.
 
-Used by the tests (kernel == reference == naive repetition) and as the plain
+Used by the tests only (kernel == reference == naive repetition) and as the plain
 formulation to read when in doubt. Shapes and conventions are those of
 :mod:`prism_ext.kernels`: ``counts`` is ``(nk,)`` or ``(B, nk)`` and the
 positions ``(n,)`` or ``(B, n)``, indexed by the first (batch) dimension.
