@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +57,6 @@ def open_image(source, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     try:
         im.load()
         return ImageOps.exif_transpose(im)
-    except Image.DecompressionBombError:
-        raise ValueError(f"image: {name} has more than {max_pixels} pixels (the limit)") from None
     except (OSError, ValueError, SyntaxError) as exc:  # Pillow's errors for truncated or corrupt data
         raise ValueError(f"image: {name} is truncated or corrupt ({exc})") from None
 
@@ -98,8 +97,11 @@ def _open_checked(source, max_pixels: int) -> tuple[Image.Image, str]:
             im = Image.open(source)  # reads the header only
         except UnidentifiedImageError:
             raise ValueError(f"image: {name} is not an image Pillow can read") from None
-        except Image.DecompressionBombError:
-            raise ValueError(f"image: {name} has more than {max_pixels} pixels (the limit)") from None
+        except Image.DecompressionBombError as exc:  # Pillow's own header check, far above ours
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            count = f"{found.group(1)} pixels" if found else "too many pixels"
+            raise ValueError(f"image: {name} has {count}, more than the limit of {max_pixels}; "
+                             f"scale it down first") from None
         except OSError as exc:
             raise ValueError(f"image: {name} could not be read ({exc})") from None
     width, height = im.size
