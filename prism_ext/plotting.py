@@ -36,38 +36,43 @@ def digits_figure(path, digits, partition, cr: int, grid: int, exact, prism, lab
 
     digits = np.asarray(digits, np.float32)
     devices = len(partition)
-    fig = new_figure(figsize=(1.45 * min(len(digits), 10) + 0.4, 2.0 * -(-len(digits) // 10) + 1.3), layout="constrained")
-    colours = _device_colours(devices)
+    colours = np.array([c[:3] for c in _device_colours(devices)], np.float32)
     side = grid * 4
     ink = F.interpolate(torch.from_numpy(digits)[:, None] / 16.0, size=(side, side), mode="bilinear",
-                        align_corners=False)[:, 0].clamp(0, 1).numpy()
+                        align_corners=False)[:, 0].clamp(0, 1).numpy() ** 1.5  # gamma: crisper strokes
     cell = side // grid
-    # owner device and segment parity of each patch (position p + 1: [CLS] is position 0)
-    tint = np.zeros((grid * grid, 4), np.float32)
+    # background of each patch: its device's colour, light and lighter for alternate segments
+    # (position p + 1 is patch p: [CLS] is position 0, held by device 0)
+    paper = np.ones((grid * grid, 3), np.float32)
     for rank, (start, stop) in enumerate(partition):
         for pos in range(max(start, 1), stop):
-            tint[pos - 1, :3] = colours[rank][:3]
-            tint[pos - 1, 3] = 0.55 if ((pos - start) // cr) % 2 == 0 else 0.3
-    tint = tint.reshape(grid, grid, 4).repeat(cell, 0).repeat(cell, 1)
+            strength = 0.55 if ((pos - start) // cr) % 2 == 0 else 0.3
+            paper[pos - 1] = 1 - strength * (1 - colours[rank])
+    paper = paper.reshape(grid, grid, 3).repeat(cell, 0).repeat(cell, 1)
     per_row = min(len(digits), 10)
-    axes = fig.subplots(-(-len(digits) // per_row), per_row, squeeze=False)
+    rows = -(-len(digits) // per_row)
+    width = max(1.3 * per_row + 0.3, 7.0)
+    panel = (width - 0.3) / per_row
+    fig = new_figure(figsize=(width, rows * (panel + 0.45) + 0.9), layout="constrained")
+    axes = fig.subplots(rows, per_row, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.set_axis_off()
         if i >= len(digits):
             continue
-        ax.imshow(ink[i], cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-        ax.imshow(tint, interpolation="nearest")
-        ax.set_xticks(np.arange(-0.5, side, cell), minor=True)
-        ax.set_yticks(np.arange(-0.5, side, cell), minor=True)
-        ax.set_title(f"label {labels[i]}", fontsize=10)
+        ax.imshow(paper * (1 - ink[i][..., None]), interpolation="nearest")  # dark ink on the device colours
+        for k in range(1, grid):  # patch borders
+            ax.axhline(k * cell - 0.5, color="white", lw=0.6)
+            ax.axvline(k * cell - 0.5, color="white", lw=0.6)
+        ax.set_title(f"label {labels[i]}", fontsize=10, pad=3)
         agree = prism[i] == exact[i]
-        ax.text(0.5, -0.04, f"exact {exact[i]} · PRISM {prism[i]}", transform=ax.transAxes, ha="center", va="top",
-                fontsize=9, color="black" if agree else "red", fontweight="normal" if agree else "bold")
-    handles = [Patch(color=colours[r], label=f"device {r}" + (" (+[CLS])" if r == 0 else "")) for r in range(devices)]
+        ax.text(0.5, -0.03, f"exact {exact[i]} · PRISM {prism[i]}", transform=ax.transAxes, ha="center", va="top",
+                fontsize=8.5, color="black" if agree else "red", fontweight="normal" if agree else "bold")
+    handles = [Patch(color=tuple(colours[r]), label=f"device {r}" + (" (+[CLS])" if r == 0 else ""))
+               for r in range(devices)]
     fig.legend(handles=handles, loc="outside lower center", ncol=devices, frameon=False, fontsize=9)
     fig.suptitle(f"PRISM on vit-tiny-digits: {grid}x{grid} patches over P = {devices} devices, CR = {cr}\n"
-                 f"each patch tinted by its device; alternating shades: the {cr} patches one mean row stands for",
-                 fontsize=10)
+                 f"a patch's colour: its device; darker and lighter runs: the {cr} patches one mean row stands for",
+                 fontsize=9.5)
     fig.savefig(path, dpi=120)
 
 
