@@ -160,21 +160,23 @@ def _image_paths(items: list[str]) -> list[str]:
 
 
 def _print_records(records, as_json: bool) -> None:
-    """--json: one JSON object per input (JSON Lines); otherwise each input's
-    output, and the costs of each batch after its last input."""
+    """--json: one JSON object per input (JSON Lines), in input order.
+    Otherwise each input's output, and a request's costs once the last input
+    it ran (``batch.size`` of them) is printed."""
     from . import jobs
 
-    previous = None
+    seen = {}  # id of a request's stats -> inputs printed
     for r in records:
         if as_json:
             print(json.dumps(r), flush=True)
             continue
-        if previous is not None and r["stats"] is not previous["stats"]:
-            print("\n".join(jobs.cost_lines(previous)) + "\n", flush=True)
-        print(jobs.format_output(r), flush=True)
-        previous = r
-    if previous is not None and not as_json:
-        print("\n".join(jobs.cost_lines(previous)), flush=True)
+        many = r["batch"]["size"] > 1 or r["index"] > 0
+        print((f"[{r['index']}] " if many else "") + jobs.format_output(r), flush=True)
+        key = id(r["stats"])
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] == r["batch"]["size"]:
+            del seen[key]
+            print("\n".join(jobs.cost_lines(r)) + "\n", flush=True)
 
 
 @_user_errors("run")
@@ -232,6 +234,11 @@ def _run(args: argparse.Namespace) -> int:
         else:
             records = jobs.run_images(model, images, cluster=c, **common, **knobs)
         _print_records(({"model": str(args.model), "runtime": runtime, **r} for r in records), args.json)
+    except BrokenPipeError:  # the reader (`| head`, `| jq ... | head`) has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except ClusterError as exc:
         print(f"prism run: {exc}", file=sys.stderr)
         return 1

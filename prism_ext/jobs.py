@@ -179,9 +179,9 @@ def run_texts(model: PrismModel, texts: list[str], *, batch_size: int = 8, quiet
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     with progress(total=len(texts), desc="texts", quiet=quiet, unit="text") as bar:
         for start in range(0, len(texts), batch_size):
-            for result in run_text_batch(model, texts[start:start + batch_size], quiet=True, **options):
+            for k, result in enumerate(run_text_batch(model, texts[start:start + batch_size], quiet=True, **options)):
                 bar.update(1)
-                yield result
+                yield {"index": start + k, **result}
 
 
 def run_text_batch(model: PrismModel, texts: list[str], *, devices: int = 4, cr=4, mode: str = "prism",
@@ -345,8 +345,9 @@ def run_images(model: PrismModel, images, *, batch_size: int = 8, devices: int =
             outputs, references = r.pop("outputs"), r.pop("reference", None)
             r["batch"] = {"size": len(batch), "positions": model.net.grid ** 2 + 1}
             for k, im in enumerate(batch):
-                one = {**r, "input": {"image": str(im) if isinstance(im, (str, Path)) else f"image {start + k}",
-                                      "positions": model.net.grid ** 2 + 1}, "output": outputs[k]}
+                one = {"index": start + k, **r, "output": outputs[k],
+                       "input": {"image": str(im) if isinstance(im, (str, Path)) else f"image {start + k}",
+                                 "positions": model.net.grid ** 2 + 1}}
                 if references is not None:
                     one["reference"] = references[k]
                 bar.update(1)
