@@ -624,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", type=_csv(str), default=list(MODES), help="single,tp,voltage,prism")
     ap.add_argument("--reps", type=int, default=3, help="measured requests per configuration (after one warm-up)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny BERT, P = 2, 100 Mbit/s, CR 4,16, 2 reps")
+    ap.add_argument("--quiet", "-q", action="store_true", help="no progress bar on stderr")
     ap.add_argument("--out", type=Path, default=None, help="directory for the JSON and the plot (default bench/results)")
     ap.add_argument("--md", type=Path, default=None,
                     help="markdown file to update (default bench/RESULTS.md; with --out or --quick: OUT/RESULTS.md)")
@@ -682,9 +683,13 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     cells = []
     log_dir = Path(tempfile.mkdtemp(prefix="prism-netbench-logs-"))
+    from prism_ext.progress import progress
+
+    bar = progress(total=len(a.models) * len(a.devices) * len(a.rates), desc="bench_network", quiet=a.quiet,
+                   unit="cell")
     with tempfile.TemporaryDirectory(prefix="prism-netbench-ckpt-") as ckroot:
         for name in a.models:
-            print(f"bench_network: making a random-weight {MODEL_NAMES[name]} checkpoint", flush=True)
+            bar.write(f"bench_network: making a random-weight {MODEL_NAMES[name]} checkpoint")
             model_dir = make_checkpoint(name, Path(ckroot))
             for world in a.devices:
                 for rate in a.rates:
@@ -698,11 +703,13 @@ def main(argv: list[str] | None = None) -> int:
                                   "background_tx_bytes_per_s": res["background_tx_bytes_per_s"],
                                   "load_avg_end": res["load_avg_end"]})
                     summary = ", ".join(f"{_mode_label(r)} {1e3 * r['latency_s']:.0f} ms" for r in res["records"])
-                    print(f"bench_network: {name} P={world} {rate:g} Mbit/s ({time.monotonic() - t0:.0f} s): {summary}",
-                          flush=True)
+                    bar.write(f"bench_network: {name} P={world} {rate:g} Mbit/s ({time.monotonic() - t0:.0f} s): "
+                              f"{summary}")
+                    bar.update(1)
                     # Saved after every cell: an interrupted run keeps what it measured.
                     json_path.write_text(json.dumps({"records": sorted(records.values(), key=lambda r: str(_key(r))),
                                                      "runs": runs + [dict(meta, cells=cells)]}, indent=1))
+    bar.close()
     shutil.rmtree(log_dir, ignore_errors=True)  # kept (and named in the error) when a cell fails
     meta["seconds"] = time.monotonic() - t_start
     runs.append(dict(meta, cells=cells))
