@@ -217,7 +217,10 @@ def _run(args: argparse.Namespace) -> int:
         from .images import check_image
 
         for path in images:  # every header, before any device starts
-            check_image(path)
+            try:
+                check_image(path)
+            except ValueError as exc:
+                raise ValueError(f"--image: {str(exc).removeprefix('image: ')}") from None
     runtime = {"simulate": f"{devices} simulated device(s), threads of one process",
                "local": f"{devices} processes on this machine over loopback (gloo)",
                "master": f"{devices} processes, rank 0 at {options.get('master')} (gloo)"}[where]

@@ -125,7 +125,7 @@ def check_job(model: PrismModel, *, text: str | None = None, texts: list[str] | 
     any device (process) is started. ``texts``: a batch job's texts (each checked)."""
     knobs = _knobs(**knobs)
     if text is None and texts is None:
-        model.image_processor
+        model.image_processor  # raises, naming what is missing, for a model that takes no images
         _validate(model, model.net.grid ** 2 + 1, devices, cr, mode, knobs)
         return
     _text_job(model, [text] if texts is None else texts, devices, cr, mode, max_new_tokens, knobs)

@@ -115,7 +115,7 @@ def test_text_output_shows_each_input_and_each_batch_cost(capsys, tmp_path):
     ("latin1.txt", ["--model", "gpt2-tiny", "--text-file", "{tmp}/latin1.txt"], "--text-file: {tmp}/latin1.txt is not UTF-8"),
     ("folder", ["--model", "vit-tiny-digits", "--image", "{tmp}/folder"], "--image: folder '{tmp}/folder' holds no image"),
     (None, ["--model", "vit-tiny-digits", "--image", "{tmp}/none.png"], "--image: '{tmp}/none.png' does not"),
-    ("fake.png", ["--model", "vit-tiny-digits", "--image", "{tmp}/fake.png"], "{tmp}/fake.png is not an image"),
+    ("fake.png", ["--model", "vit-tiny-digits", "--image", "{tmp}/fake.png"], "--image: {tmp}/fake.png is not an image"),
     ("long.txt", ["--model", "gpt2-tiny", "--text-file", "{tmp}/long.txt"], "text 2: 200 tokens"),
     (None, ["--model", "gpt2-tiny", "--text", "hi", "--batch-size", "0"], "--batch-size"),
 ])
