@@ -98,11 +98,12 @@ class Tokenizer:
         else:
             object.__setattr__(self, name, value)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only for names not found the usual way
+        special = self.__dict__.get("_special", {})
         if name in _SPECIAL:
-            return self.__dict__["_special"].get(name)
+            return special.get(name)
         if name.endswith("_token_id") and name[:-3] in _SPECIAL:
-            token = self.__dict__["_special"].get(name[:-3])
+            token = special.get(name[:-3])
             return None if token is None else self.backend.token_to_id(token)
         raise AttributeError(name)
 
