@@ -37,7 +37,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["MAX_PIXELS", "open_image", "check_image", "image_files", "ImageProcessor"]
 
-# 50 megapixels: above any phone camera's photo (48 MP), far below what would
+# 50 megapixels: above the photos of most phone cameras (12-50 MP), far below what would
 # exhaust a small board's memory (a decoded RGB image takes 3 bytes a pixel).
 MAX_PIXELS = 50_000_000
 
