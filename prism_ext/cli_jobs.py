@@ -164,19 +164,20 @@ def _print_records(records, as_json: bool) -> None:
     Otherwise each input's output, and a request's costs once the last input
     it ran (``batch.size`` of them) is printed."""
     from . import jobs
+    from .progress import write
 
     seen = {}  # id of a request's stats -> inputs printed
     for r in records:
         if as_json:
-            print(json.dumps(r), flush=True)
+            write(json.dumps(r))
             continue
         many = r["batch"]["size"] > 1 or r["index"] > 0
-        print((f"[{r['index']}] " if many else "") + jobs.format_output(r), flush=True)
+        write((f"[{r['index']}] " if many else "") + jobs.format_output(r))
         key = id(r["stats"])
         seen[key] = seen.get(key, 0) + 1
         if seen[key] == r["batch"]["size"]:
             del seen[key]
-            print("\n".join(jobs.cost_lines(r)) + "\n", flush=True)
+            write("\n".join(jobs.cost_lines(r)) + "\n")
 
 
 @_user_errors("run")

@@ -11,7 +11,7 @@ import sys
 
 from tqdm import tqdm
 
-__all__ = ["progress"]
+__all__ = ["progress", "write"]
 
 
 def progress(iterable=None, desc: str | None = None, total: int | None = None, quiet: bool = False, **kwargs):
@@ -20,3 +20,11 @@ def progress(iterable=None, desc: str | None = None, total: int | None = None, q
     is not a terminal. Extra keyword arguments go to tqdm (``unit``, ``leave``)."""
     show = not quiet and sys.stderr.isatty()
     return tqdm(iterable, desc=desc, total=total, file=sys.stderr, disable=not show, dynamic_ncols=True, **kwargs)
+
+
+def write(text: str, file=None) -> None:
+    """Print ``text`` (to stdout by default) above any bar on the screen, so a
+    result line and a bar on the same terminal do not run into each other."""
+    stream = file or sys.stdout
+    tqdm.write(text, file=stream)
+    stream.flush()
