@@ -1,6 +1,6 @@
-"""m.tokenizer against transformers' AutoTokenizer (same ids, masks, decode) on
+"""Hugging Face conventions: m.tokenizer against transformers' AutoTokenizer (same ids, masks, decode) on
 the real MiniLM tokenizer, a GPT-2-style byte-level BPE and the bundled
-gpt2-tiny; prism_ext.load on a transformers model object."""
+gpt2-tiny; prism_ext.load on transformers model objects (GPT-2, BERT, ViT) and their folders."""
 
 from __future__ import annotations
 
@@ -155,3 +155,15 @@ def test_load_accepts_a_transformers_model_and_its_folder(tmp_path, gpt2_style_d
     m = prism_ext.load(reloaded)  # its folder is known: the tokenizer comes with it
     assert m.directory == tmp_path and m.tokenizer.encode("def f") == load_tokenizer(gpt2_style_dir).encode("def f")
     torch.testing.assert_close(prism_ext.load(tmp_path)(input_ids=ids).logits, ref.logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_load_accepts_bert_and_vit_model_objects(family):
+    from engine_helpers import family_inputs, hf_bert, hf_vit
+
+    hf = {"bert": hf_bert, "vit": hf_vit}[family](seed=3)
+    inputs = family_inputs(family, 16, seed=1)
+    with torch.no_grad():
+        ref = hf(**inputs)
+    out = prism_ext.load(hf)(inputs, devices=2, cr=1)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)  # the classifier, HF's field name
