@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import prism_ext
-from prism_ext.progress import progress
+from prism_ext.progress import progress, write
 
 
 def _configs(seq: int):
@@ -67,7 +66,7 @@ def bench_p1(name, hf, make_inputs, model, reps):
         err = (model(inputs, devices=1).last_hidden_state - hf(**inputs, output_hidden_states=True).hidden_states[-1]).abs().max().item()
     row = {"model": name, "positions": inputs["input_ids"].shape[1], "engine_s": t_eng, "hf_sdpa_s": t_hf,
            "engine_over_hf": t_eng / t_hf, "max_abs_err": err}
-    tqdm.write(f"P=1 {name:11s} N={row['positions']}: engine {t_eng * 1e3:8.1f} ms  HF {t_hf * 1e3:8.1f} ms  "
+    write(f"P=1 {name:11s} N={row['positions']}: engine {t_eng * 1e3:8.1f} ms  HF {t_hf * 1e3:8.1f} ms  "
           f"ratio {t_eng / t_hf:.3f}  (max err {err:.1e})")
     return row
 
@@ -102,7 +101,7 @@ def bench_p4(name, make_inputs, model, reps, devices, crs, bar):
                 "prism_phase_s_mean_device": phases(sp), "voltage_phase_s_mean_device": phases(sv),
             }
             rows.append(row)
-            tqdm.write(f"P={devices} {name:11s} N={row['positions']} CR={cr:3d}: per-device time prism "
+            write(f"P={devices} {name:11s} N={row['positions']} CR={cr:3d}: per-device time prism "
                   f"{max(tp) * 1e3:7.1f} ms vs voltage {max(tv) * 1e3:7.1f} ms (busiest): "
                   f"-{100 * row['time_reduction_busiest']:.1f}% measured, -{100 * row['flop_reduction_busiest']:.1f}% "
                   f"FLOPs, comm -{100 * row['comm_reduction']:.2f}%")

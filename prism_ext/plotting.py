@@ -41,7 +41,7 @@ def digits_figure(path, digits, partition, cr: int, grid: int, exact, prism, lab
     ink = F.interpolate(torch.from_numpy(digits)[:, None] / 16.0, size=(side, side), mode="bilinear",
                         align_corners=False)[:, 0].clamp(0, 1).numpy() ** 1.5  # gamma: crisper strokes
     cell = side // grid
-    # background of each patch: its device's colour, light and lighter for alternate segments
+    # background of each patch: its device's colour, darker and lighter for alternate segments
     # (position p + 1 is patch p: [CLS] is position 0, held by device 0)
     paper = np.ones((grid * grid, 3), np.float32)
     for rank, (start, stop) in enumerate(partition):

@@ -26,9 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
-
-from ..progress import progress
+from ..progress import progress, write
 
 SEED = 0
 
@@ -556,7 +554,7 @@ def train(name: str, out: Path, threads: int | None = None, log=None, quiet: boo
     if log is None:
         def log(msg):
             if not quiet:
-                tqdm.write(msg, file=sys.stderr)  # above a progress bar, not through it
+                write(msg, file=sys.stderr)  # above a progress bar, not through it
     if threads is not None:
         torch.set_num_threads(threads)
     metrics = TRAINERS[name](Path(out), log, quiet)
