@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import prism_ext
+from prism_ext.progress import progress, write
 
 
 def _configs(seq: int):
@@ -65,7 +66,7 @@ def bench_p1(name, hf, make_inputs, model, reps):
         err = (model(inputs, devices=1).last_hidden_state - hf(**inputs, output_hidden_states=True).hidden_states[-1]).abs().max().item()
     row = {"model": name, "positions": inputs["input_ids"].shape[1], "engine_s": t_eng, "hf_sdpa_s": t_hf,
            "engine_over_hf": t_eng / t_hf, "max_abs_err": err}
-    print(f"P=1 {name:11s} N={row['positions']}: engine {t_eng * 1e3:8.1f} ms  HF {t_hf * 1e3:8.1f} ms  "
+    write(f"P=1 {name:11s} N={row['positions']}: engine {t_eng * 1e3:8.1f} ms  HF {t_hf * 1e3:8.1f} ms  "
           f"ratio {t_eng / t_hf:.3f}  (max err {err:.1e})")
     return row
 
@@ -74,7 +75,7 @@ def _device_times(stats):
     return [d.seconds for d in stats.devices]
 
 
-def bench_p4(name, make_inputs, model, reps, devices, crs):
+def bench_p4(name, make_inputs, model, reps, devices, crs, bar):
     inputs = make_inputs()
     rows = []
     with torch.inference_mode():
@@ -100,10 +101,11 @@ def bench_p4(name, make_inputs, model, reps, devices, crs):
                 "prism_phase_s_mean_device": phases(sp), "voltage_phase_s_mean_device": phases(sv),
             }
             rows.append(row)
-            print(f"P={devices} {name:11s} N={row['positions']} CR={cr:3d}: per-device time prism "
+            write(f"P={devices} {name:11s} N={row['positions']} CR={cr:3d}: per-device time prism "
                   f"{max(tp) * 1e3:7.1f} ms vs voltage {max(tv) * 1e3:7.1f} ms (busiest): "
                   f"-{100 * row['time_reduction_busiest']:.1f}% measured, -{100 * row['flop_reduction_busiest']:.1f}% "
                   f"FLOPs, comm -{100 * row['comm_reduction']:.2f}%")
+            bar.update(1)
     return rows
 
 
@@ -115,6 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--devices", type=int, default=4)
     ap.add_argument("--cr", type=int, nargs="+", default=[4, 16, 128])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--quiet", "-q", action="store_true", help="no progress bar on stderr")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     prism_ext.set_num_threads(args.threads)
@@ -126,14 +129,18 @@ def main(argv=None) -> int:
                     "isa": prism_ext.kernels.active_isa(), "threads": args.threads},
         "p1": [], "p4": [],
     }
-    for name, (hf, make_inputs) in _configs(args.seq).items():
+    configs = _configs(args.seq)
+    bar = progress(total=len(configs) * (1 + len(args.cr)), desc="bench_engine", quiet=args.quiet, unit="config")
+    for name, (hf, make_inputs) in configs.items():
         hf.eval()
         with tempfile.TemporaryDirectory() as tmp:
             hf.save_pretrained(tmp)
             model = prism_ext.load(tmp)
         result["p1"].append(bench_p1(name, hf, make_inputs, model, args.reps))
-        result["p4"].extend(bench_p4(name, make_inputs, model, args.reps, args.devices, args.cr))
+        bar.update(1)
+        result["p4"].extend(bench_p4(name, make_inputs, model, args.reps, args.devices, args.cr, bar))
         del hf, model
+    bar.close()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"engine-{dt.date.today().isoformat()}.json"
     path.write_text(json.dumps(result, indent=1))

@@ -27,7 +27,7 @@ link is its rate plus the (sub-millisecond) veth/bridge delay.
 Needs root (network namespaces, qdiscs) and iproute2. Writes
 bench/results/network-<date>.json, updates the "Shaped network" section of
 bench/RESULTS.md (one block per model and P, so a subset run only replaces
-its own blocks) and draws bench/results/network-<date>.png if matplotlib is
+its own blocks) and draws bench/results/network-<date>.png if matplotlib (the plot extra) is
 installed.
 
     sudo .venv/bin/python bench/bench_network.py --models bert --devices 2 --crs 16,64
@@ -521,19 +521,27 @@ def update_markdown(md_path: Path, records: list[dict], meta: dict) -> None:
 
 
 def plot(records: list[dict], path: Path) -> str | None:
-    try:
-        import matplotlib
+    """Latency against link rate: one panel per (model, P), one colour per mode
+    in every panel (PRISM's CRs in one hue, darker as CR grows), one legend."""
+    from prism_ext.plotting import PLOT_HINT, new_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:
+        fig = new_figure(layout="constrained")
     except ImportError:
-        return "matplotlib is not installed: no plot (pip install matplotlib)"
-    # One row per model, one column per P; the same colour for a mode in every panel.
+        return f"no plot: {PLOT_HINT}"
+    from matplotlib import colormaps
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     models = sorted({r["model"] for r in records}, key=lambda m: list(MODEL_NAMES).index(m))
     worlds = sorted({r["P"] for r in records})
     labels = sorted({_mode_label(r) for r in records}, key=_mode_order)
-    colour = {lab: f"C{i}" for i, lab in enumerate(labels)}
-    fig, grid = plt.subplots(len(models), len(worlds), figsize=(5.5 * len(worlds), 4 * len(models)), squeeze=False)
+    crs = [lab for lab in labels if lab.startswith("prism")]
+    colour = {"single": "0.35", "tp": "tab:orange", "voltage": "tab:red"}
+    blues = colormaps["Blues"]
+    colour.update({lab: blues(0.45 + 0.55 * i / max(1, len(crs) - 1)) for i, lab in enumerate(crs)})
+    fig.set_size_inches(4.6 * len(worlds), 3.3 * len(models) + 0.6)
+    grid = fig.subplots(len(models), len(worlds), squeeze=False)
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
     for i, model in enumerate(models):
         for j, world in enumerate(worlds):
             ax = grid[i][j]
@@ -541,26 +549,36 @@ def plot(records: list[dict], path: Path) -> str | None:
             if not recs:
                 ax.set_visible(False)
                 continue
-            _panel(ax, recs, world, colour)
-    fig.tight_layout()
+            for lab in sorted({_mode_label(r) for r in recs}, key=_mode_order):
+                pts = sorted((r["rate_mbit"], r["latency_s"]) for r in recs if _mode_label(r) == lab)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=lab,
+                        color=colour.get(lab, "black"), linestyle="--" if lab == "single" else "-")
+            rates = sorted({r["rate_mbit"] for r in recs})
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xticks(rates)  # the measured link rates, as plain numbers
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # labels in every panel
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.set_title(f"{recs[0]['model_name']}, N = {recs[0]['N']}, P = {world}", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            if i == len(models) - 1:
+                ax.set_xlabel("link rate (Mbit/s)")
+            if j == 0:
+                ax.set_ylabel("latency per request (s)")
+    handles, names = [], []
+    for ax in grid.flat:
+        for h, n in zip(*ax.get_legend_handles_labels()):
+            if n not in names:
+                handles.append(h)
+                names.append(n)
+    order = sorted(range(len(names)), key=lambda k: _mode_order(names[k]))
+    fig.legend([handles[k] for k in order], [names[k] for k in order], loc="outside upper center",
+               ncol=len(names), frameon=False, fontsize=9)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return None
-
-
-def _panel(ax, recs: list[dict], world: int, colour: dict) -> None:
-    """Latency against link rate, log-log, one line per mode."""
-    for lab in sorted({_mode_label(r) for r in recs}, key=_mode_order):
-        pts = sorted((r["rate_mbit"], r["latency_s"]) for r in recs if _mode_label(r) == lab)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab, color=colour[lab],
-                linestyle="--" if lab == "single" else "-")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("link rate (Mbit/s)")
-    ax.set_ylabel("latency per request (s)")
-    ax.set_title(f"{recs[0]['model_name']} N={recs[0]['N']}, P={world}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
 
 
 def render(json_path: Path, md_path: Path) -> int:
@@ -606,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", type=_csv(str), default=list(MODES), help="single,tp,voltage,prism")
     ap.add_argument("--reps", type=int, default=3, help="measured requests per configuration (after one warm-up)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny BERT, P = 2, 100 Mbit/s, CR 4,16, 2 reps")
+    ap.add_argument("--quiet", "-q", action="store_true", help="no progress bar on stderr")
     ap.add_argument("--out", type=Path, default=None, help="directory for the JSON and the plot (default bench/results)")
     ap.add_argument("--md", type=Path, default=None,
                     help="markdown file to update (default bench/RESULTS.md; with --out or --quick: OUT/RESULTS.md)")
@@ -664,9 +683,13 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     cells = []
     log_dir = Path(tempfile.mkdtemp(prefix="prism-netbench-logs-"))
+    from prism_ext.progress import progress
+
+    bar = progress(total=len(a.models) * len(a.devices) * len(a.rates), desc="bench_network", quiet=a.quiet,
+                   unit="cell")
     with tempfile.TemporaryDirectory(prefix="prism-netbench-ckpt-") as ckroot:
         for name in a.models:
-            print(f"bench_network: making a random-weight {MODEL_NAMES[name]} checkpoint", flush=True)
+            bar.write(f"bench_network: making a random-weight {MODEL_NAMES[name]} checkpoint")
             model_dir = make_checkpoint(name, Path(ckroot))
             for world in a.devices:
                 for rate in a.rates:
@@ -680,11 +703,13 @@ def main(argv: list[str] | None = None) -> int:
                                   "background_tx_bytes_per_s": res["background_tx_bytes_per_s"],
                                   "load_avg_end": res["load_avg_end"]})
                     summary = ", ".join(f"{_mode_label(r)} {1e3 * r['latency_s']:.0f} ms" for r in res["records"])
-                    print(f"bench_network: {name} P={world} {rate:g} Mbit/s ({time.monotonic() - t0:.0f} s): {summary}",
-                          flush=True)
+                    bar.write(f"bench_network: {name} P={world} {rate:g} Mbit/s ({time.monotonic() - t0:.0f} s): "
+                              f"{summary}")
+                    bar.update(1)
                     # Saved after every cell: an interrupted run keeps what it measured.
                     json_path.write_text(json.dumps({"records": sorted(records.values(), key=lambda r: str(_key(r))),
                                                      "runs": runs + [dict(meta, cells=cells)]}, indent=1))
+    bar.close()
     shutil.rmtree(log_dir, ignore_errors=True)  # kept (and named in the error) when a cell fails
     meta["seconds"] = time.monotonic() - t_start
     runs.append(dict(meta, cells=cells))

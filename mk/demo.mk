@@ -1,5 +1,5 @@
 # The out-of-the-box job (include from the top-level Makefile).
-#   make demo       fresh clone -> virtualenv with prism-ext installed -> `prism demo`
+#   make demo       fresh clone -> virtualenv with prism-ext (and its `plot` extra: matplotlib) -> `prism demo`
 #   make zoo-train  rebuild the bundled models with the recorded recipe (needs scikit-learn)
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +13,7 @@ PRISM_SOURCES := $(shell find csrc prism_ext CMakeLists.txt pyproject.toml -type
 $(VENV)/.prism-installed: $(PRISM_SOURCES)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
-	CMAKE_BUILD_PARALLEL_LEVEL=$(DEMO_JOBS) $(VENV)/bin/pip install -q .
+	CMAKE_BUILD_PARALLEL_LEVEL=$(DEMO_JOBS) $(VENV)/bin/pip install -q ".[plot]"
 	touch $@
 
 demo: $(VENV)/.prism-installed

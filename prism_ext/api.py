@@ -67,13 +67,27 @@ class PrismModel:
 
     @functools.cached_property
     def tokenizer(self):
-        """The checkpoint's tokenizer (``encode``/``decode``), read on first use
-        by :func:`prism_ext.tokenizer.load_tokenizer`; the model itself runs on ids."""
+        """The checkpoint's tokenizer (:class:`prism_ext.tokenizer.Tokenizer`),
+        called like a transformers one: ``m.tokenizer(texts, return_tensors="pt",
+        padding=True)`` gives the inputs this model takes; read on first use."""
         from .tokenizer import load_tokenizer
 
         if self.directory is None:
             raise ValueError("tokenizer: this model has no checkpoint directory to read tokenizer.json from")
-        return load_tokenizer(self.directory)
+        return load_tokenizer(self.directory, model_input_names=self.net.input_names)
+
+    @functools.cached_property
+    def image_processor(self):
+        """The checkpoint's image processor (:class:`prism_ext.images.ImageProcessor`,
+        from its ``preprocessor_config.json``): ``m.image_processor(images)``
+        gives ``{"pixel_values": ...}`` for paths, bytes, PIL images or arrays."""
+        from .images import ImageProcessor
+
+        if self.model_type != "vit":
+            raise ValueError(f"image: this is a {self.model_type} model; images need a vit model")
+        if self.image_processor_config is None:
+            raise ValueError(f"image: {self.directory} has no preprocessor_config.json")
+        return ImageProcessor(self.image_processor_config, self.net.channels, self.net.image)
 
     def __repr__(self):
         return f"PrismModel({self.model_type}, head={self.net.head}, layers={len(self.net.blocks)}, d={self.net.d})"
@@ -172,11 +186,27 @@ class PrismModel:
         return inputs, request
 
 
+def _from_transformers(model) -> PrismModel:
+    """A transformers ``PreTrainedModel`` (GPT2LMHeadModel, BertModel,
+    ViTForImageClassification, ...): its config and weights, and its folder
+    (``name_or_path``) for the tokenizer and image processor when it is local."""
+    from .models import build_network
+
+    config = model.config.to_dict()
+    tensors = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    net = build_network(config, tensors, f"the {type(model).__name__} object")
+    folder = Path(str(getattr(model, "name_or_path", "") or "")).expanduser()
+    return PrismModel(net, folder if folder.is_dir() else None)
+
+
 def load(path_or_name) -> PrismModel:
     """Load a checkpoint: a bundled model's name (``gpt2-tiny``,
-    ``vit-tiny-digits``; see ``prism zoo list``) or a Hugging Face checkpoint
+    ``vit-tiny-digits``; see ``prism zoo list``), a Hugging Face checkpoint
     (gpt2, bert, vit) in a local directory (config.json + safetensors or
-    pytorch_model.bin; tokenizer when present). Never downloads: a hub name
-    must already be in the local HF cache."""
+    pytorch_model.bin; tokenizer when present), or a transformers model object
+    (its weights as they are in memory). Never downloads: a hub name must
+    already be in the local HF cache."""
+    if hasattr(path_or_name, "state_dict") and hasattr(getattr(path_or_name, "config", None), "to_dict"):
+        return _from_transformers(path_or_name)
     net, directory = load_network(path_or_name)
     return PrismModel(net, directory)

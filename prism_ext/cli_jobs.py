@@ -124,14 +124,69 @@ def _pinned(args: argparse.Namespace) -> dict:
             "device_weights": args.weights}
 
 
+def _read_texts(path: str) -> list[str]:
+    """--text-file: one text per line (UTF-8; blank lines skipped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--text-file: {path!r} does not exist or is not a file")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        line = p.read_bytes()[:exc.start].count(b"\n") + 1
+        raise ValueError(f"--text-file: {path} is not UTF-8 text (undecodable byte on line {line})") from None
+    texts = [t for t in lines if t.strip()]
+    if not texts:
+        raise ValueError(f"--text-file: {path} holds no text (it is empty or blank)")
+    return texts
+
+
+def _image_paths(items: list[str]) -> list[str]:
+    """--image: files, and folders standing for the images in them (by extension)."""
+    from .images import image_files
+
+    paths = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = image_files(p)
+            if not found:
+                raise ValueError(f"--image: folder {item!r} holds no image files")
+            paths += [str(f) for f in found]
+        elif p.is_file():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"--image: {item!r} does not exist or is not a file")
+    return paths
+
+
+def _print_records(records, as_json: bool) -> None:
+    """--json: one JSON object per input (JSON Lines), in input order.
+    Otherwise each input's output, and a request's costs once the last input
+    it ran (``batch.size`` of them) is printed."""
+    from . import jobs
+    from .progress import write
+
+    seen = {}  # id of a request's stats -> inputs printed
+    for r in records:
+        if as_json:
+            write(json.dumps(r))
+            continue
+        many = r["batch"]["size"] > 1 or r["index"] > 0
+        write((f"[{r['index']}] " if many else "") + jobs.format_output(r))
+        key = id(r["stats"])
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] == r["batch"]["size"]:
+            del seen[key]
+            write("\n".join(jobs.cost_lines(r)) + "\n")
+
+
 @_user_errors("run")
 def _run(args: argparse.Namespace) -> int:
     from . import jobs
     from .runtime import ClusterError, cluster, worker_exit, worker_main
 
-    for path in args.image or []:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--image: {path!r} does not exist or is not a file")
+    images = _image_paths(args.image) if args.image else None
+    texts = _read_texts(args.text_file) if args.text_file else None
     where, options = _launch(args)
     if where == "master" and options["rank"] != 0:  # torchrun: this process is a worker
         code = worker_main(options["master"], options["rank"], options["world"], token=args.token,
@@ -146,16 +201,30 @@ def _run(args: argparse.Namespace) -> int:
     if args.auto_weights and where == "simulate":
         raise ValueError("--auto-weights: needs real devices (not --simulate, and more than one device)")
     model = jobs.load_model(args.model)
+    if args.text is not None:
+        texts = [args.text]
     # An option that does not fit the model is an error (docs/demo.md), not ignored.
-    if args.max_new_tokens is not None and (args.text is None or model.model_type != "gpt2"):
+    if args.max_new_tokens is not None and (texts is None or model.model_type != "gpt2"):
         raise ValueError(f"--max-new-tokens: only GPT-2 text generation takes it; this is {model.model_type}")
     if args.max_new_tokens is None:
         args.max_new_tokens = 40
     knobs = dict(wire_dtype=args.wire_dtype, compression_point=args.compression_point,
                  mean_weighting=args.mean_weighting, device_weights=args.weights)
-    common = dict(devices=devices, cr=args.cr, mode=args.mode, compare=not args.no_compare, quiet=args.quiet)
-    jobs.check_job(model, text=args.text, devices=devices, cr=args.cr, mode=args.mode,
+    common = dict(devices=devices, cr=args.cr, mode=args.mode, compare=not args.no_compare, quiet=args.quiet,
+                  batch_size=args.batch_size)
+    jobs.check_job(model, texts=texts, devices=devices, cr=args.cr, mode=args.mode,
                    max_new_tokens=args.max_new_tokens, **knobs)
+    if images is not None:
+        from .images import check_image
+
+        for path in images:  # every header, before any device starts
+            try:
+                check_image(path)
+            except ValueError as exc:
+                raise ValueError(f"--image: {str(exc).removeprefix('image: ')}") from None
+    runtime = {"simulate": f"{devices} simulated device(s), threads of one process",
+               "local": f"{devices} processes on this machine over loopback (gloo)",
+               "master": f"{devices} processes, rank 0 at {options.get('master')} (gloo)"}[where]
     c = None
     try:
         if where != "simulate":
@@ -164,10 +233,16 @@ def _run(args: argparse.Namespace) -> int:
             c = cluster(model, devices if where == "local" else None, device_weights=args.weights,
                         auto_weights=args.auto_weights, settings=_pinned(args), quiet=args.quiet, **options)
             knobs["device_weights"] = c.device_weights
-        if args.text is not None:
-            result = jobs.run_text(model, args.text, max_new_tokens=args.max_new_tokens, cluster=c, **common, **knobs)
+        if texts is not None:
+            records = jobs.run_texts(model, texts, max_new_tokens=args.max_new_tokens, cluster=c, **common, **knobs)
         else:
-            result = jobs.run_image(model, args.image, cluster=c, **common, **knobs)
+            records = jobs.run_images(model, images, cluster=c, **common, **knobs)
+        _print_records(({"model": str(args.model), "runtime": runtime, **r} for r in records), args.json)
+    except BrokenPipeError:  # the reader (`| head`, `| jq ... | head`) has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except ClusterError as exc:
         print(f"prism run: {exc}", file=sys.stderr)
         return 1
@@ -177,11 +252,6 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         if c is not None:
             c.close()
-    runtime = {"simulate": f"{devices} simulated device(s), threads of one process",
-               "local": f"{devices} processes on this machine over loopback (gloo)",
-               "master": f"{devices} processes, rank 0 at {options.get('master')} (gloo)"}[where]
-    result = {"model": str(args.model), "runtime": runtime, **result}
-    _emit(result, args.json, jobs.format_run(result))
     return 0
 
 
@@ -211,7 +281,7 @@ def _zoo(args: argparse.Namespace) -> int:
     from .zoo.train import train
 
     out = Path(args.out) if args.out else Path.cwd() / args.name  # never into the installed package
-    metrics = train(args.name, out, threads=args.threads)
+    metrics = train(args.name, out, threads=args.threads, quiet=args.quiet)
     print(json.dumps(metrics, indent=1, ensure_ascii=False))
     return 0
 
@@ -257,7 +327,11 @@ def register(sub) -> None:
                      help="prism (default), voltage (full rows exchanged), tp (tensor parallel), single (rank 0 alone)")
     what = run.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="input text (GPT-2, BERT)")
-    what.add_argument("--image", nargs="+", metavar="FILE", help="image file(s) (ViT); PNG, other formats via Pillow")
+    what.add_argument("--text-file", metavar="FILE", help="a file of texts, one per line (UTF-8; blank lines skipped)")
+    what.add_argument("--image", nargs="+", action="extend", metavar="FILE",
+                      help="image files or folders of them (ViT; any format Pillow reads); repeatable")
+    run.add_argument("--batch-size", type=_positive, default=8,
+                     help="inputs per request (default 8); texts of a batch are padded to its longest")
     run.add_argument("--max-new-tokens", type=_nonnegative, default=None,
                      help="GPT-2: tokens to generate (default 40; 0: one forward pass, next-token prediction)")
     run.add_argument("--wire-dtype", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
@@ -267,8 +341,8 @@ def register(sub) -> None:
     run.add_argument("--auto-weights", action="store_true",
                      help="time a short forward on every device, split positions by measured speed, print the plan")
     run.add_argument("--no-compare", action="store_true", help="skip the single-device and Voltage peer runs")
-    run.add_argument("--json", action="store_true", help="print the result as JSON")
-    run.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
+    run.add_argument("--json", action="store_true", help="print one JSON object per input (JSON Lines)")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress lines or bar on stderr")
     run.set_defaults(func=_run)
 
     worker = _one_line_errors(sub.add_parser(
@@ -307,4 +381,5 @@ def register(sub) -> None:
     train.add_argument("name", choices=list(NAMES))
     train.add_argument("--out", help="output folder (default: ./NAME in the current directory)")
     train.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
+    train.add_argument("--quiet", "-q", action="store_true", help="no progress lines or bar on stderr")
     zoo.set_defaults(func=_zoo)

@@ -21,8 +21,8 @@ from . import zoo
 from .api import PrismModel
 from .engine import RunStats
 
-__all__ = ["load_model", "stats_dict", "check_job", "run_text", "run_image", "run_digits", "demo", "format_run", "format_demo",
-           "DEMO_PROMPT"]
+__all__ = ["load_model", "stats_dict", "check_job", "run_text", "run_text_batch", "run_texts", "run_images",
+           "run_digits", "demo", "format_run", "format_demo", "DEMO_PROMPT"]
 
 DEMO_PROMPT = "The \"for\" statement is used to iterate over the elements of a sequence"
 
@@ -103,45 +103,61 @@ def _vs_voltage(stats: RunStats, voltage: RunStats) -> dict:
 
 # ---------------------------------------------------------------------- text
 
-def _encode(model: PrismModel, text: str, room: int) -> tuple[list[int], object]:
+def _encode(model: PrismModel, text: str, room: int, what: str = "text") -> list[int]:
+    """The ids of one text (special tokens added, as transformers does), checked against the model's positions."""
     if not isinstance(text, str) or not text:
-        raise ValueError("text: must be a non-empty string")
-    tok = model.tokenizer
-    ids = tok.encode(text) if model.model_type == "gpt2" else tok.encode(text, special=True)
+        raise ValueError(f"{what}: must be a non-empty string")
+    ids = model.tokenizer.encode(text)
     limit = int(model.net.config.get("n_positions") or model.net.config.get("max_position_embeddings") or 0)
     if limit and len(ids) + room > limit:
         extra = f" + {room} new tokens" if room else ""
         hint = f"; use at most {limit - len(ids)} new tokens (--max-new-tokens) or a shorter text" \
             if room and len(ids) < limit else ""
-        raise ValueError(f"text: {len(ids)} tokens{extra} exceed the model's {limit} positions{hint}")
+        raise ValueError(f"{what}: {len(ids)} tokens{extra} exceed the model's {limit} positions{hint}")
     if not ids:
-        raise ValueError("text: encodes to no tokens")
-    return ids, tok
+        raise ValueError(f"{what}: encodes to no tokens")
+    return ids
 
 
-def check_job(model: PrismModel, *, text: str | None = None, devices: int = 4, cr=4, mode: str = "prism",
-              max_new_tokens: int = 40, **knobs) -> None:
+def check_job(model: PrismModel, *, text: str | None = None, texts: list[str] | None = None, devices: int = 4,
+              cr=4, mode: str = "prism", max_new_tokens: int = 40, **knobs) -> None:
     """Every check a job makes before it runs, so a bad one is refused before
-    any device (process) is started."""
+    any device (process) is started. ``texts``: a batch job's texts (each checked)."""
     knobs = _knobs(**knobs)
-    if text is None:
-        _processor(model)
+    if text is None and texts is None:
+        model.image_processor  # raises, naming what is missing, for a model that takes no images
         _validate(model, model.net.grid ** 2 + 1, devices, cr, mode, knobs)
         return
-    _text_job(model, text, devices, cr, mode, max_new_tokens, knobs)
+    _text_job(model, [text] if texts is None else texts, devices, cr, mode, max_new_tokens, knobs)
 
 
-def _text_job(model: PrismModel, text: str, devices, cr, mode: str, max_new_tokens: int, knobs: dict):
-    """A text job's checks; returns (token ids, tokenizer, whether it generates)."""
+def _text_job(model: PrismModel, texts: list[str], devices, cr, mode: str, max_new_tokens: int, knobs: dict):
+    """A text job's checks; returns (token ids of each text, whether it generates)."""
     if model.model_type == "vit":
         raise ValueError("text: vit models take --image, not --text")
     generating = model.model_type == "gpt2" and max_new_tokens > 0
     if generating and mode not in ("prism", "single"):
         raise ValueError(f"mode: generation runs in prism or single mode; use --max-new-tokens 0 for a {mode} "
                          f"forward pass")
-    ids, tok = _encode(model, text, max_new_tokens if generating else 0)
-    _validate(model, len(ids), devices, cr, mode, knobs)
-    return ids, tok, generating
+    if not texts:
+        raise ValueError("text: no texts given")
+    room = max_new_tokens if generating else 0
+    ids = [_encode(model, t, room, "text" if len(texts) == 1 else f"text {i + 1}") for i, t in enumerate(texts)]
+    for n in sorted({len(i) for i in ids})[:1]:  # the shortest text bounds the devices
+        _validate(model, n, devices, cr, mode, knobs)
+    return ids, generating
+
+
+def _text_groups(ids: list[list[int]], generating: bool) -> list[list[int]]:
+    """Indices of the texts that run together: a batch pads to its longest text
+    (attention_mask marks the padding); generation takes unpadded ids, so
+    there the texts of one length run together."""
+    if not generating:
+        return [list(range(len(ids)))]
+    by_length = {}
+    for i, row in enumerate(ids):
+        by_length.setdefault(len(row), []).append(i)
+    return list(by_length.values())
 
 
 def run_text(model: PrismModel, text: str, *, devices: int = 4, cr=4, mode: str = "prism",
@@ -150,59 +166,108 @@ def run_text(model: PrismModel, text: str, *, devices: int = 4, cr=4, mode: str 
     pass, next-token prediction). BERT: sentence embedding (mean over tokens),
     and the class when the checkpoint has a classifier. ``cluster``: a live
     :class:`prism_ext.runtime.Cluster` of ``model`` to run on (default: simulated devices)."""
+    return run_text_batch(model, [text], devices=devices, cr=cr, mode=mode, max_new_tokens=max_new_tokens,
+                          compare=compare, quiet=quiet, cluster=cluster, **knobs)[0]
+
+
+def run_texts(model: PrismModel, texts: list[str], *, batch_size: int = 8, quiet: bool = True, **options):
+    """:func:`run_text_batch` over ``texts`` in batches of ``batch_size``;
+    yields one result per text, in order (a progress bar on stderr)."""
+    from .progress import progress
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    with progress(total=len(texts), desc="texts", quiet=quiet, unit="text") as bar:
+        for start in range(0, len(texts), batch_size):
+            for k, result in enumerate(run_text_batch(model, texts[start:start + batch_size], quiet=True, **options)):
+                bar.update(1)
+                yield {"index": start + k, **result}
+
+
+def run_text_batch(model: PrismModel, texts: list[str], *, devices: int = 4, cr=4, mode: str = "prism",
+                   max_new_tokens: int = 40, compare: bool = True, quiet: bool = True, cluster=None,
+                   **knobs) -> list[dict]:
+    """:func:`run_text` on several texts at once: one result per text. The
+    texts run as one padded batch (generation: one batch per token length);
+    each result's ``stats``, ``voltage`` and ``seconds`` are its batch's."""
     say = _progress(quiet)
     run = model if cluster is None else cluster
     knobs = _knobs(**knobs)
-    ids, tok, generating = _text_job(model, text, devices, cr, mode, max_new_tokens, knobs)
-    x = torch.tensor([ids])
-    result = {"model_type": model.model_type, "devices": devices, "cr": cr, "mode": mode, "knobs": knobs,
-              "input": {"text": text, "tokens": len(ids)}}
-    peers = None
-    if compare:  # first, so the measured run below finds everything warmed up
-        say("single-device and Voltage peers")
-        peers = _peers(run, x, devices, knobs)
-    t0 = time.perf_counter()
-    if generating:
-        say(f"prefill of {len(ids)} tokens over {devices} devices (cr={cr}), then {max_new_tokens} new tokens")
-        out, stats, decode = run.generate(x, devices=devices, cr=cr, max_new_tokens=max_new_tokens, return_stats=True,
-                                          **knobs)
-        new = out[0, len(ids):].tolist()
-        result["output"] = {"text": tok.decode(new), "token_ids": new}
-        result["decode"] = {"tokens": len(decode.flops), "bytes_sent": sum(decode.bytes_sent),
-                            "flops": sum(decode.flops)}
-    else:
-        say(f"forward pass of {len(ids)} tokens over {devices} devices ({mode}, cr={cr})")
-        out = run(x, devices=devices, cr=cr, mode=mode, **knobs)
-        stats = out.stats
-        result["output"] = _text_output(model, out, tok)
-    result["stats"] = stats_dict(stats)
-    result["seconds"] = time.perf_counter() - t0
-    if peers is not None:
-        exact, voltage = peers
-        result["voltage"] = _vs_voltage(stats, voltage.stats)
+    ids, generating = _text_job(model, list(texts), devices, cr, mode, max_new_tokens, knobs)
+    results = [None] * len(texts)
+    for group in _text_groups(ids, generating):
+        batch = [texts[i] for i in group]
+        inputs = dict(model.tokenizer(batch, padding=True, return_tensors="pt"))
+        base = {"model_type": model.model_type, "devices": devices, "cr": cr, "mode": mode, "knobs": knobs,
+                "batch": {"size": len(group), "positions": int(inputs["input_ids"].shape[1])}}
+        peers = None
+        if compare:  # first, so the measured run below finds everything warmed up
+            say("single-device and Voltage peers")
+            peers = _peers(run, inputs, devices, knobs)
+        t0 = time.perf_counter()
+        n = inputs["input_ids"].shape[1]
         if generating:
-            ref = run.generate(x, devices=1, max_new_tokens=max_new_tokens)[0, len(ids):].tolist()
-            same = next((i for i, (a, b) in enumerate(zip(new, ref)) if a != b), len(ref))
-            prism_fwd = run(x, devices=devices, cr=cr, **knobs).logits[0].argmax(-1)
-            result["reference"] = {
-                "text": tok.decode(ref), "token_ids": ref,
-                "tokens_identical": sum(a == b for a, b in zip(new, ref)), "first_divergence": same,
-                "prefill_top1_agreement": float((prism_fwd == exact.logits[0].argmax(-1)).float().mean()),
-            }
+            say(f"prefill of {len(group)} x {n} tokens over {devices} devices (cr={cr}), then {max_new_tokens} "
+                f"new tokens")
+            x = inputs["input_ids"]
+            out, stats, decode = run.generate(x, devices=devices, cr=cr, max_new_tokens=max_new_tokens,
+                                              return_stats=True, **knobs)
+            outputs = [{"text": model.tokenizer.decode(row[n:]), "token_ids": row[n:].tolist()} for row in out]
+            decoded = {"tokens": len(decode.flops), "bytes_sent": sum(decode.bytes_sent), "flops": sum(decode.flops)}
         else:
-            result["reference"] = _agreement(_text_output(model, exact, tok), result["output"])
-    return result
+            say(f"forward pass of {len(group)} x {n} tokens over {devices} devices ({mode}, cr={cr})")
+            out = run(inputs, devices=devices, cr=cr, mode=mode, **knobs)
+            stats = out.stats
+            outputs = _text_outputs(model, out, inputs["attention_mask"])
+        seconds = time.perf_counter() - t0
+        references = voltage = None
+        if peers is not None:
+            exact, voltage_out = peers
+            voltage = _vs_voltage(stats, voltage_out.stats)
+            if generating:
+                refs = run.generate(x, devices=1, max_new_tokens=max_new_tokens)[:, n:].tolist()
+                prism_top1 = run(x, devices=devices, cr=cr, **knobs).logits.argmax(-1)
+                exact_top1 = exact.logits.argmax(-1)
+                references = []
+                for row, (o, ref) in enumerate(zip(outputs, refs)):
+                    new = o["token_ids"]
+                    references.append({
+                        "text": model.tokenizer.decode(ref), "token_ids": ref,
+                        "tokens_identical": sum(a == b for a, b in zip(new, ref)),
+                        "first_divergence": next((i for i, (a, b) in enumerate(zip(new, ref)) if a != b), len(ref)),
+                        "prefill_top1_agreement": float((prism_top1[row] == exact_top1[row]).float().mean())})
+            else:
+                references = [_agreement(r, g) for r, g in
+                              zip(_text_outputs(model, exact, inputs["attention_mask"]), outputs)]
+        shared = stats_dict(stats)  # one object per batch: printing tells batches apart by it
+        for k, i in enumerate(group):
+            r = {**base, "input": {"text": texts[i], "tokens": len(ids[i])}, "output": outputs[k],
+                 "stats": shared, "seconds": seconds}
+            if generating:
+                r["decode"] = decoded
+            if references is not None:
+                r["voltage"], r["reference"] = voltage, references[k]
+            results[i] = r
+    return results
 
 
-def _text_output(model: PrismModel, out, tok) -> dict:
-    if model.model_type == "gpt2":
-        top1 = out.logits[0].argmax(-1).tolist()  # the prediction after every position
-        return {"next_token_id": top1[-1], "next_token": tok.decode(top1[-1:]), "top1_ids": top1}
-    emb = out.last_hidden_state[0].mean(0)
-    res = {"embedding_dim": int(emb.numel()), "embedding": emb.tolist()}
-    if "logits" in out:
-        res.update(_class_output(model, out.logits[0]))
-    return res
+def _text_outputs(model: PrismModel, out, mask: torch.Tensor) -> list[dict]:
+    """Per text of a (right-padded) batch: GPT-2's next-token predictions over
+    its own tokens; BERT's embedding (the mean over its tokens) and class."""
+    results = []
+    for row, valid in enumerate(mask.bool()):
+        n = int(valid.sum())
+        if model.model_type == "gpt2":
+            top1 = out.logits[row, :n].argmax(-1).tolist()  # the prediction after every position
+            results.append({"next_token_id": top1[-1], "next_token": model.tokenizer.decode(top1[-1:]),
+                            "top1_ids": top1})
+            continue
+        emb = out.last_hidden_state[row][valid].mean(0)
+        res = {"embedding_dim": int(emb.numel()), "embedding": emb.tolist()}
+        if "logits" in out:
+            res.update(_class_output(model, out.logits[row]))
+        results.append(res)
+    return results
 
 
 def _class_output(model: PrismModel, logits: torch.Tensor) -> dict:
@@ -230,17 +295,6 @@ def _agreement(ref: dict, got: dict) -> dict:
 
 # --------------------------------------------------------------------- image
 
-def _processor(model: PrismModel):
-    from .images import ImageProcessor
-
-    if model.model_type != "vit":
-        raise ValueError(f"image: --image needs a vit model; this is {model.model_type} (use --text)")
-    if model.image_processor_config is None:
-        raise ValueError(f"image: {model.directory} has no preprocessor_config.json")
-    c = model.net.config
-    return ImageProcessor(model.image_processor_config, int(c.get("num_channels", 3)), int(c["image_size"]))
-
-
 def _run_pixels(model: PrismModel, px: torch.Tensor, devices, cr, mode, compare, knobs, say, cluster=None) -> dict:
     _validate(model, model.net.grid ** 2 + 1, devices, cr, mode, knobs)
     run = model if cluster is None else cluster
@@ -265,21 +319,45 @@ def _image_outputs(model: PrismModel, out) -> list[dict]:
     return [{"embedding_dim": model.net.d, "embedding": row.tolist()} for row in out.last_hidden_state[:, 0]]
 
 
-def run_image(model: PrismModel, paths, *, devices: int = 4, cr=4, mode: str = "prism", compare: bool = True,
-              quiet: bool = True, cluster=None, **knobs) -> dict:
-    """ViT on image files: the class (or [CLS] embedding) of each."""
-    proc = _processor(model)
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    px = proc.files_to_pixels(paths)
-    result = _run_pixels(model, px, devices, cr, mode, compare, _knobs(**knobs), _progress(quiet), cluster)
-    result["input"] = {"images": [str(p) for p in paths], "positions": model.net.grid ** 2 + 1}
-    return result
+def run_images(model: PrismModel, images, *, batch_size: int = 8, devices: int = 4, cr=4, mode: str = "prism",
+               compare: bool = True, quiet: bool = True, cluster=None, **knobs):
+    """ViT on images (paths, bytes or PIL images; see
+    :func:`prism_ext.images.open_image`) in batches of ``batch_size``: yields
+    one result per image, in order, with its batch's ``stats``, ``voltage``
+    and ``seconds``. Every file's header is checked before the first batch runs."""
+    from .images import check_image
+    from .progress import progress
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    proc = model.image_processor
+    images = [images] if isinstance(images, (str, Path)) else list(images)
+    if not images:
+        raise ValueError("image: no images given")
+    for im in images:
+        check_image(im, max_pixels=proc.max_pixels)
+    knobs = _knobs(**knobs)
+    _validate(model, model.net.grid ** 2 + 1, devices, cr, mode, knobs)
+    with progress(total=len(images), desc="images", quiet=quiet, unit="image") as bar:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            r = _run_pixels(model, proc.to_pixels(batch), devices, cr, mode, compare, knobs, _progress(True), cluster)
+            outputs, references = r.pop("outputs"), r.pop("reference", None)
+            r["batch"] = {"size": len(batch), "positions": model.net.grid ** 2 + 1}
+            for k, im in enumerate(batch):
+                one = {"index": start + k, **r, "output": outputs[k],
+                       "input": {"image": str(im) if isinstance(im, (str, Path)) else f"image {start + k}",
+                                 "positions": model.net.grid ** 2 + 1}}
+                if references is not None:
+                    one["reference"] = references[k]
+                bar.update(1)
+                yield one
 
 
 def run_digits(model: PrismModel, digits: np.ndarray, *, devices: int = 4, cr=4, mode: str = "prism",
                compare: bool = True, quiet: bool = True, cluster=None, **knobs) -> dict:
     """ViT on raw 8x8 digits ([B, 8, 8], values 0..16), through the same processor as files."""
-    px = _processor(model).digits_to_pixels(digits)
+    px = model.image_processor.digits_to_pixels(digits)
     result = _run_pixels(model, px, devices, cr, mode, compare, _knobs(**knobs), _progress(quiet), cluster)
     result["input"] = {"digits": int(px.shape[0]), "positions": model.net.grid ** 2 + 1}
     return result
@@ -325,7 +403,7 @@ def demo(*, devices: int = 4, gpt_cr: int = 4, vit_cr: int = 4, max_new_tokens: 
                   "processes on this machine over loopback (gloo)", "gpt2": text, "vit": image}
         if full_test_set:
             say(f"all {len(held['labels'])} held-out digits, exact and PRISM")
-            px = _processor(vit).digits_to_pixels(held["images"])
+            px = vit.image_processor.digits_to_pixels(held["images"])
             exact = run(px, devices=1).logits.argmax(-1).numpy()
             prism = run(px, devices=devices, cr=vit_cr, outputs=("cls",)).logits.argmax(-1).numpy()
             result["vit_held_out"] = {"images": int(len(exact)),
@@ -333,13 +411,16 @@ def demo(*, devices: int = 4, gpt_cr: int = 4, vit_cr: int = 4, max_new_tokens: 
                                       "prism_accuracy": float((prism == held["labels"]).mean()),
                                       "prediction_agreement": float((exact == prism).mean())}
     if figure is not None:
-        from .figure import digits_figure
+        from .plotting import PLOT_HINT, digits_figure
 
-        say(f"writing {figure}")
-        digits_figure(figure, images, image["stats"]["partition"], vit_cr, vit.net.grid,
-                      [r["class_id"] for r in image["reference"]], [o["class_id"] for o in image["outputs"]],
-                      labels.tolist())
-        result["figure"] = str(Path(figure).resolve())
+        try:
+            say(f"writing {figure}")
+            digits_figure(figure, images, image["stats"]["partition"], vit_cr, vit.net.grid,
+                          [r["class_id"] for r in image["reference"]], [o["class_id"] for o in image["outputs"]],
+                          labels.tolist())
+            result["figure"] = str(Path(figure).resolve())
+        except ImportError:  # matplotlib is the `plot` extra: the demo runs without it
+            result["figure_skipped"] = PLOT_HINT
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -359,10 +440,12 @@ def _device_table(stats: dict, voltage: dict | None) -> list[str]:
     return lines
 
 
-def _cost_lines(r: dict) -> list[str]:
+def cost_lines(r: dict) -> list[str]:
+    """A run's (or batch's) costs: partition, bytes and FLOPs against Voltage, per device."""
     s = r["stats"]
     lines = [f"partition {s['partition']}, cr {s['crs'][0] if len(set(s['crs'])) == 1 else s['crs']}, "
-             f"wire {s['wire_dtype']}"]
+             f"wire {s['wire_dtype']}" + (f", batch of {r['batch']['size']}" if r.get("batch", {}).get("size", 1) > 1
+                                          else "")]
     if "voltage" in r:
         v = r["voltage"]
         label = "PRISM" if r.get("mode", "prism") == "prism" else f"this run, {r['mode']}"
@@ -373,10 +456,23 @@ def _cost_lines(r: dict) -> list[str]:
     return lines
 
 
-def format_run(r: dict) -> str:
+def _image_line(name: str, o: dict, ref: dict) -> str:
+    desc = f"class {o['label']} (p = {o['probability']:.3f})" if "label" in o else \
+        f"[CLS] embedding ({o['embedding_dim']})"
+    if "class_id" in ref:
+        desc += f", one device: {ref['class_id']}"
+    elif "embedding_cosine" in ref:
+        desc += f", cosine to one device {ref['embedding_cosine']:.6f}"
+    return f"{name}: {desc}"
+
+
+def format_output(r: dict) -> str:
+    """What one input gave (a result of run_text, run_texts or run_images), without the costs."""
     lines = []
     out = r.get("output")
-    if "decode" in r:
+    if "image" in r["input"]:
+        lines.append(_image_line(r["input"]["image"], out, r.get("reference", {})))
+    elif "decode" in r:
         lines.append(f"{r['input']['text']}\033[1m{out['text']}\033[0m" if sys.stdout.isatty()
                      else r["input"]["text"] + out["text"])
         lines.append(f"({r['input']['tokens']} prompt tokens + {len(out['token_ids'])} generated; decoding sent "
@@ -387,6 +483,8 @@ def format_run(r: dict) -> str:
                          f"tokens identical (first divergence at {ref['first_divergence']}), prefill next-token "
                          f"top-1 agreement {100 * ref['prefill_top1_agreement']:.1f}%")
     elif out is not None:
+        if r.get("batch", {}).get("size", 1) > 1:
+            lines.append(f"text: {r['input']['text']}")
         if "next_token" in out:
             lines.append(f"next token after the text: {out['next_token']!r} (id {out['next_token_id']})")
         if "label" in out:
@@ -397,19 +495,14 @@ def format_run(r: dict) -> str:
                          f"norm {math.sqrt(sum(v * v for v in e)):.4f}")
         if "reference" in r:
             lines.append("vs one device: " + ", ".join(f"{k} {v}" for k, v in r["reference"].items()))
-    else:
+    else:  # a batch of digits (run_digits)
         for i, o in enumerate(r["outputs"]):
-            name = r["input"]["images"][i] if "images" in r["input"] else f"digit {i}"
-            ref = r["reference"][i] if "reference" in r else {}
-            desc = f"class {o['label']} (p = {o['probability']:.3f})" if "label" in o else \
-                f"[CLS] embedding ({o['embedding_dim']})"
-            if "class_id" in ref:
-                desc += f", one device: {ref['class_id']}"
-            elif "embedding_cosine" in ref:
-                desc += f", cosine to one device {ref['embedding_cosine']:.6f}"
-            lines.append(f"{name}: {desc}")
-    lines += _cost_lines(r)
+            lines.append(_image_line(f"digit {i}", o, r["reference"][i] if "reference" in r else {}))
     return "\n".join(lines)
+
+
+def format_run(r: dict) -> str:
+    return "\n".join([format_output(r)] + cost_lines(r))
 
 
 def format_demo(r: dict) -> str:
@@ -428,8 +521,10 @@ def format_demo(r: dict) -> str:
         h = r["vit_held_out"]
         lines.append(f"  all {h['images']} held-out digits: accuracy {100 * h['exact_accuracy']:.1f}% exact, "
                      f"{100 * h['prism_accuracy']:.1f}% PRISM, predictions agree on {100 * h['prediction_agreement']:.1f}%")
-    lines += _cost_lines(v)
+    lines += cost_lines(v)
     if "figure" in r:
         lines.append(f"\nfigure: {r['figure']}")
+    elif "figure_skipped" in r:
+        lines.append(f"\nno figure: {r['figure_skipped']}")
     lines.append(f"({r['seconds']:.1f} s)")
     return "\n".join(lines)

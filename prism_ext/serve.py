@@ -156,31 +156,25 @@ def _user_error(exc: Exception, rename: dict[str, str]) -> ApiError:
 # ---------------------------------------------------------------- inputs
 
 def encode_text(model: PrismModel, text: str) -> list[int]:
-    """Text -> token ids the model's way: GPT-2 without special tokens,
-    encoders with theirs ([CLS] ... [SEP])."""
-    tok = model.tokenizer
-    return tok.encode(text) if model.model_type == "gpt2" else tok.encode(text, special=True)
+    """Text -> token ids as transformers makes them (special tokens added:
+    [CLS] ... [SEP] for encoders, none for GPT-2)."""
+    return model.tokenizer.encode(text)
 
 
 def decode_tokens(model: PrismModel, ids: list[int]) -> str:
     return model.tokenizer.decode(ids)
 
 
-def image_pixels(processor, data: bytes, field_name: str, max_pixels: int) -> torch.Tensor:
-    """One uploaded image file (any format Pillow reads) -> pixel_values [1, C, H, W]."""
-    from PIL import Image, UnidentifiedImageError
+def image_pixels(model: PrismModel, data: bytes, field_name: str, max_pixels: int) -> torch.Tensor:
+    """One uploaded image file (any format Pillow reads) -> pixel_values [1, C, H, W];
+    the pixel limit is checked from the header, before anything is decoded."""
+    from .images import check_image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > max_pixels:  # checked before the pixels are decoded
-                raise ApiError(400, f"{field_name}: {im.width}x{im.height} pixels exceed the server's limit of "
-                                    f"{max_pixels}", field_name)
-            img = np.asarray(im.convert("RGBA" if "A" in im.getbands() else "RGB"))
-    except ApiError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ApiError(400, f"{field_name}: not a readable image ({type(exc).__name__}: {exc})", field_name) from None
-    return processor.images_to_pixels([img])
+        check_image(data, max_pixels=max_pixels)  # the server's own limit, from the header
+        return model.image_processor.to_pixels(data)
+    except ValueError as exc:
+        raise ApiError(400, f"{field_name}: {str(exc).removeprefix('image: ')}", field_name) from None
 
 
 # -------------------------------------------------------- request bodies
@@ -298,11 +292,6 @@ class Backend:
         self.metrics = _Metrics(self)
         self._say = (lambda msg: None) if options.quiet else (
             lambda msg: print(f"prism serve: {msg}", file=sys.stderr, flush=True))
-        self.processor = None  # image files -> pixel_values (ViT)
-        if model.model_type == "vit":
-            from .jobs import _processor
-
-            self.processor = _processor(model)
         self.cluster = self._form()  # the first time, failures go to the caller
         self.down = None
         self._thread = threading.Thread(target=self._dispatch, name="prism-dispatcher", daemon=True)
@@ -906,7 +895,7 @@ def create_app(backend: Backend) -> FastAPI:
                 where = "image" if len(files) == 1 else f"image[{i}]"
                 if isinstance(f, str):
                     raise ApiError(400, f"{where}: expected a file upload, got a text field", where)
-                inputs.append(image_pixels(backend.processor, await f.read(), where, o.max_image_pixels))
+                inputs.append(image_pixels(backend.model, await f.read(), where, o.max_image_pixels))
             api.check_plan({"pixel_values": inputs[0]}, settings, "classify", outputs=("cls",))
         else:
             if ctype.startswith("multipart/form-data"):

@@ -1,10 +1,23 @@
-"""Text tokenizers for ``prism run --text`` and the bundled models.
+"""A checkpoint's tokenizer, called the way transformers users call one.
 
-A checkpoint's ``tokenizer.json`` (Hugging Face ``tokenizers`` format) is read
-here. A byte-level tokenizer with no merges (every UTF-8 byte is one token, the
-scheme of the bundled ``gpt2-tiny``) needs no package at all; any other
-tokenizer (GPT-2 BPE, BERT WordPiece) is handed to the ``tokenizers`` package,
-which is then required.
+Every ``tokenizer.json`` (BERT WordPiece, GPT-2 byte-level BPE, the bundled
+``gpt2-tiny``'s byte-level vocabulary with no merges) is read by the
+``tokenizers`` package; :class:`Tokenizer` adds what a transformers
+tokenizer does around it::
+
+    enc = m.tokenizer(["a text", "another"], return_tensors="pt", padding=True, truncation=True, max_length=64)
+    out = m(**enc)                      # input_ids, attention_mask (+ token_type_ids for BERT)
+    m.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+Special tokens are added by default, as transformers does (BERT's [CLS] ...
+[SEP]; GPT-2 adds none). ``tokenizer_config.json`` and
+``special_tokens_map.json`` next to ``tokenizer.json`` give the pad/eos/...
+tokens, ``model_max_length``, ``padding_side`` and ``truncation_side``.
+
+Padding: a tokenizer with no pad token pads with its eos token, or with id 0
+when it has neither (GPT-2 checkpoints have no pad token; transformers would
+refuse, and users then set ``tok.pad_token = tok.eos_token``). The padded
+positions carry ``attention_mask`` 0, so the model never reads them.
 """
 
 from __future__ import annotations
@@ -12,42 +25,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["ByteTokenizer", "load_tokenizer", "byte_level_tokenizer_json"]
+__all__ = ["Tokenizer", "BatchEncoding", "load_tokenizer", "byte_level_tokenizer_json", "check_text"]
 
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (byte-level BPE's alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
-    cs = bs[:]
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-class ByteTokenizer:
-    """One token per UTF-8 byte; ``ids[b]`` is the id of byte ``b``."""
-
-    def __init__(self, ids: list[int]):
-        if sorted(ids) != sorted(set(ids)) or len(ids) != 256:
-            raise ValueError("tokenizer: a byte-level vocabulary must give 256 distinct ids")
-        self.ids = list(ids)
-        self.bytes = {i: b for b, i in enumerate(ids)}
-        self.vocab_size = max(ids) + 1
-
-    def encode(self, text: str, special: bool = False) -> list[int]:
-        """``special`` is accepted for symmetry: a byte-level vocabulary has no special tokens."""
-        return [self.ids[b] for b in check_text(text).encode("utf-8")]
-
-    def decode(self, ids) -> str:
-        try:
-            raw = bytes(self.bytes[int(i)] for i in ids)
-        except KeyError as exc:
-            raise ValueError(f"ids: {exc.args[0]} is not a byte token") from None
-        return raw.decode("utf-8", errors="replace")
+_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_VERY_LARGE = int(1e30)  # transformers' model_max_length when a checkpoint states none
 
 
 def check_text(text) -> str:
@@ -63,28 +44,258 @@ def check_text(text) -> str:
     return text
 
 
-class _HFTokenizer:
-    """A ``tokenizers.Tokenizer`` behind the same two methods (no special tokens added)."""
+class BatchEncoding(dict):
+    """What a tokenizer call returns: a dict of model inputs with attribute
+    access (``enc.input_ids``), usable as ``m(**enc)`` or ``m(enc)``."""
 
-    def __init__(self, tok):
-        # A checkpoint's tokenizer.json may pad or truncate to a fixed length; a run
-        # wants the text's own tokens (and an error, not a cut, when they do not fit).
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"this encoding has no {name!r} (it has {', '.join(self)})") from None
+
+
+def _token_content(value) -> str | None:
+    """A special-token entry of tokenizer_config.json: a str or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` with transformers' calling conventions.
+
+    ``model_input_names``: the fields a call returns (the model's inputs:
+    GPT-2 takes no ``token_type_ids``)."""
+
+    def __init__(self, tok, config: dict | None = None,
+                 model_input_names=("input_ids", "token_type_ids", "attention_mask")):
+        # tokenizer.json may fix padding/truncation; here a call's arguments decide, as in transformers.
         tok.no_padding()
         tok.no_truncation()
-        self.tok = tok
-        self.vocab_size = tok.get_vocab_size()
+        self.backend = tok
+        config = dict(config or {})
+        self.model_input_names = tuple(config.get("model_input_names") or model_input_names)
+        limit = config.get("model_max_length")
+        self.model_max_length = int(limit) if isinstance(limit, (int, float)) and 0 < limit < _VERY_LARGE \
+            else _VERY_LARGE
+        self.padding_side = config.get("padding_side", "right")
+        self.truncation_side = config.get("truncation_side", "right")
+        for side in ("padding_side", "truncation_side"):
+            if getattr(self, side) not in ("left", "right"):
+                raise ValueError(f"tokenizer_config.json: {side} must be 'left' or 'right', got {getattr(self, side)!r}")
+        self._truncating = {}
+        # special tokens the vocabulary does not hold are left out (transformers would add them)
+        self._special = {name: token for name in _SPECIAL
+                         if (token := _token_content(config.get(name))) is not None and tok.token_to_id(token) is not None}
 
-    def encode(self, text: str, special: bool = False) -> list[int]:
-        """``special``: add the tokenizer's special tokens (BERT's [CLS] ... [SEP])."""
-        return self.tok.encode(check_text(text), add_special_tokens=special).ids
+    # -- special tokens: set like transformers (tok.pad_token = tok.eos_token)
+    def __setattr__(self, name, value):
+        if name in _SPECIAL:
+            if value is not None and self.backend.token_to_id(value) is None:
+                raise ValueError(f"{name}: {value!r} is not in the vocabulary")
+            self._special[name] = value
+        else:
+            object.__setattr__(self, name, value)
 
-    def decode(self, ids) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+    def __getattr__(self, name):  # only for names not found the usual way
+        special = self.__dict__.get("_special", {})
+        if name in _SPECIAL:
+            return special.get(name)
+        if name.endswith("_token_id") and name[:-3] in _SPECIAL:
+            token = special.get(name[:-3])
+            return None if token is None else self.backend.token_to_id(token)
+        raise AttributeError(name)
+
+    @property
+    def vocab_size(self) -> int:
+        """The base vocabulary (as transformers: without added tokens; ``len(tok)`` counts them)."""
+        return self.backend.get_vocab_size(with_added_tokens=False)
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        ids = {self.backend.token_to_id(t) for t in self._special.values() if t is not None}
+        ids |= {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        return sorted(i for i in ids if i is not None)
+
+    def _pad_id(self) -> int:
+        for token in (self.pad_token, self.eos_token):
+            if token is not None:
+                return self.backend.token_to_id(token)
+        return 0
+
+    def __repr__(self):
+        return (f"Tokenizer(vocab_size={self.vocab_size}, model_max_length={self.model_max_length}, "
+                f"special={ {k: v for k, v in self._special.items() if v is not None} })")
+
+    # -- encoding
+    def _backend(self, truncate_to: int | None):
+        """The backend, or a copy of it that truncates to ``truncate_to`` (the
+        tokenizers package keeps the special tokens, as transformers does). Copies
+        are cached: the shared backend is never reconfigured, so calls may run
+        on several threads."""
+        if truncate_to is None:
+            return self.backend
+        key = (truncate_to, self.truncation_side)
+        tok = self._truncating.get(key)
+        if tok is None:
+            from tokenizers import Tokenizer as Backend
+
+            tok = Backend.from_str(self.backend.to_str())
+            tok.enable_truncation(truncate_to, direction=self.truncation_side)
+            self._truncating[key] = tok
+        return tok
+
+    def __call__(self, text, *, add_special_tokens: bool = True, padding=False, truncation=None,
+                 max_length: int | None = None, return_tensors: str | None = None,
+                 return_attention_mask: bool | None = None, return_token_type_ids: bool | None = None,
+                 pad_to_multiple_of: int | None = None) -> BatchEncoding:
+        """Encode a text or a list of texts. ``padding``: False, True/"longest",
+        or "max_length"; ``truncation``: True cuts to ``max_length`` (or the
+        model's maximum); ``return_tensors``: None (lists), "pt" or "np"."""
+        single = isinstance(text, str)
+        texts = [text] if single else text
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"text: expected a str or a list of str, got {type(text).__name__}")
+        if not texts:
+            raise ValueError("text: the list of texts is empty")
+        if padding not in (False, True, "longest", "max_length", "do_not_pad"):
+            raise ValueError(f"padding: expected False, True, 'longest' or 'max_length', got {padding!r}")
+        if truncation not in (None, False, True, "longest_first", "only_first", "do_not_truncate"):
+            raise ValueError(f"truncation: expected True or False, got {truncation!r}")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 1):
+            raise ValueError(f"max_length: expected an int >= 1, got {max_length!r}")
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors: expected None, 'pt' or 'np', got {return_tensors!r}")
+        if truncation is None:  # transformers: max_length alone truncates (unless it is the padding length)
+            truncation = max_length is not None and padding != "max_length"
+        truncate_to = None
+        if truncation not in (False, "do_not_truncate"):
+            truncate_to = max_length if max_length is not None else self.model_max_length
+        if truncate_to is not None and truncate_to >= _VERY_LARGE:
+            truncate_to = None
+        encs = self._backend(truncate_to).encode_batch([check_text(t) for t in texts],
+                                                       add_special_tokens=add_special_tokens)
+        rows = [(list(e.ids), list(e.type_ids)) for e in encs]
+
+        if padding in (True, "longest"):
+            target = max(len(ids) for ids, _ in rows)
+        elif padding == "max_length":
+            target = max_length if max_length is not None else self.model_max_length
+            if target >= _VERY_LARGE:
+                raise ValueError("max_length: padding='max_length' needs max_length (the model states no maximum)")
+        else:
+            target = None
+        if target is not None and pad_to_multiple_of:
+            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+        fields = {"input_ids": [], "token_type_ids": [], "attention_mask": []}
+        pad = self._pad_id()
+        for ids, types in rows:
+            mask = [1] * len(ids)
+            room = max(0, target - len(ids)) if target is not None else 0
+            if room:
+                fill = ([pad] * room, [0] * room, [0] * room)
+                ids, types, mask = ((f + x if self.padding_side == "left" else x + f)
+                                    for f, x in zip(fill, (ids, types, mask)))
+            fields["input_ids"].append(list(ids))
+            fields["token_type_ids"].append(list(types))
+            fields["attention_mask"].append(list(mask))
+        wanted = [name for name in fields if name in self.model_input_names or name == "input_ids"]
+        if return_attention_mask is not None:
+            wanted = [n for n in wanted if n != "attention_mask"] + (["attention_mask"] if return_attention_mask else [])
+        if return_token_type_ids is not None:
+            wanted = [n for n in wanted if n != "token_type_ids"] + (["token_type_ids"] if return_token_type_ids else [])
+        out = BatchEncoding()
+        for name in ("input_ids", "token_type_ids", "attention_mask"):
+            if name not in wanted:
+                continue
+            value = fields[name]
+            if return_tensors is not None:
+                if len({len(v) for v in value}) > 1:
+                    raise ValueError("padding: the texts have different lengths; pass padding=True to return "
+                                     "them as one tensor")
+                import numpy as np
+
+                value = np.array(value, dtype=np.int64)
+                if return_tensors == "pt":
+                    import torch
+
+                    value = torch.from_numpy(value)
+            elif single:
+                value = value[0]
+            out[name] = value
+        return out
+
+    def encode(self, text: str, add_special_tokens: bool = True, *, truncation=None,
+               max_length: int | None = None) -> list[int]:
+        """The ids of one text (special tokens added by default, as transformers does)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text: expected a str, got {type(text).__name__}")
+        return self(text, add_special_tokens=add_special_tokens, truncation=truncation,
+                    max_length=max_length)["input_ids"]
+
+    # -- decoding
+    @staticmethod
+    def _ids(ids) -> list[int]:
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        if isinstance(ids, int):
+            return [ids]
+        try:
+            return [int(i) for i in ids]
+        except (TypeError, ValueError):
+            raise TypeError("ids: expected a sequence of ints or a 1-d tensor") from None
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        ids = self._ids(ids)
+        size = len(self)
+        bad = next((i for i in ids if not 0 <= i < size), None)
+        if bad is not None:
+            raise ValueError(f"ids: {bad} is outside the vocabulary (0..{size - 1})")
+        if skip_special_tokens:  # pad/eos set on this object are special even when the backend does not know it
+            specials = set(self.all_special_ids)
+            ids = [i for i in ids if i not in specials]
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+        if hasattr(sequences, "tolist"):
+            sequences = sequences.tolist()
+        return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in sequences]
+
+    def convert_ids_to_tokens(self, ids):
+        if isinstance(ids, int):
+            return self.backend.id_to_token(ids)
+        return [self.backend.id_to_token(i) for i in self._ids(ids)]
+
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, str):
+            return self.backend.token_to_id(tokens)
+        return [self.backend.token_to_id(t) for t in tokens]
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
+        return self.backend.encode(check_text(text), add_special_tokens=add_special_tokens).tokens
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (byte-level BPE's alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
+    cs = bs[:]
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 def byte_level_tokenizer_json() -> dict:
-    """tokenizer.json of a byte-level BPE with no merges where id = byte value:
-    readable by ``tokenizers``/transformers and by :class:`ByteTokenizer`."""
+    """tokenizer.json of a byte-level BPE with no merges where id = byte value
+    (the bundled gpt2-tiny's vocabulary): one token per UTF-8 byte."""
     table = _bytes_to_unicode()
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
     return {
@@ -96,40 +307,34 @@ def byte_level_tokenizer_json() -> dict:
     }
 
 
-def _as_byte_level(spec: dict) -> ByteTokenizer | None:
-    model = spec.get("model") or {}
-    pre = spec.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or model.get("merges") or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space"):
-        return None
-    if spec.get("normalizer") or spec.get("added_tokens"):
-        return None
-    table = _bytes_to_unicode()
-    vocab = model.get("vocab") or {}
-    if len(vocab) != 256 or any(table[b] not in vocab for b in range(256)):
-        return None
-    return ByteTokenizer([vocab[table[b]] for b in range(256)])
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"tokenizer: {path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"tokenizer: {path} must hold a JSON object")
+    return data
 
 
-def load_tokenizer(directory) -> ByteTokenizer | _HFTokenizer:
-    """The tokenizer of a checkpoint directory (its ``tokenizer.json``)."""
-    path = Path(directory) / "tokenizer.json"
+def load_tokenizer(directory, model_input_names=("input_ids", "token_type_ids", "attention_mask")) -> Tokenizer:
+    """The tokenizer of a checkpoint directory: its ``tokenizer.json`` with
+    ``tokenizer_config.json`` and ``special_tokens_map.json`` when present."""
+    from tokenizers import Tokenizer as Backend
+
+    directory = Path(directory)
+    path = directory / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer: {directory} has no tokenizer.json; so text cannot be encoded; "
                                 f"copy the checkpoint's tokenizer.json there (from Python, pass input_ids instead)")
     try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ValueError(f"tokenizer: {path} is not valid JSON ({exc})") from None
-    byte_level = _as_byte_level(spec) if isinstance(spec, dict) else None
-    if byte_level is not None:
-        return byte_level
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        kind = (spec.get("model") or {}).get("type", "unknown") if isinstance(spec, dict) else "unknown"
-        raise ImportError(f"tokenizer: {path} is a {kind} tokenizer; reading it needs the `tokenizers` package "
-                          f"(pip install tokenizers)") from None
-    try:
-        return _HFTokenizer(Tokenizer.from_file(str(path)))
+        backend = Backend.from_file(str(path))
     except Exception as exc:  # tokenizers raises its own exception type
-        raise ValueError(f"tokenizer: {path} could not be read ({exc})") from None
+        raise ValueError(f"tokenizer: {path} could not be read ({str(exc).splitlines()[0][:200]})") from None
+    config = {**_read_json(directory / "special_tokens_map.json"), **_read_json(directory / "tokenizer_config.json")}
+    try:
+        return Tokenizer(backend, config, model_input_names)
+    except ValueError as exc:
+        raise ValueError(f"tokenizer: {directory}: {exc}") from None

@@ -41,6 +41,10 @@ def test_quick_run_completes_writes_json_and_leaves_no_namespace(tmp_path):
     assert len(files) == 1, sorted(p.name for p in tmp_path.iterdir())
     report = json.loads(files[0].read_text())
     assert report["records"] and report["runs"]
+    from PIL import Image
+
+    with Image.open(files[0].with_suffix(".png")) as plot:  # matplotlib is in the test extra: the plot is drawn
+        assert plot.format == "PNG" and plot.size[0] >= 400 and plot.size[1] >= 300
     # Its namespaces are named prism-<its pid>-...: none is left.
     prefix = f"{netlab.DEFAULT_PREFIX}{proc.pid}-"
     assert [n for n in netlab.list_netns() if n.startswith(prefix)] == []

