@@ -121,7 +121,7 @@ def _pinned(args: argparse.Namespace) -> dict:
     has its own, and the handshake checks they agree with rank 0's."""
     return {"mode": args.mode, "cr": args.cr, "wire_dtype": args.wire_dtype,
             "compression_point": args.compression_point, "mean_weighting": args.mean_weighting,
-            "device_weights": args.weights}
+            "exact_rows": args.exact_rows, "device_weights": args.weights}
 
 
 @_user_errors("run")
@@ -152,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_new_tokens is None:
         args.max_new_tokens = 40
     knobs = dict(wire_dtype=args.wire_dtype, compression_point=args.compression_point,
-                 mean_weighting=args.mean_weighting, device_weights=args.weights)
+                 mean_weighting=args.mean_weighting, device_weights=args.weights, exact_rows=args.exact_rows)
     common = dict(devices=devices, cr=args.cr, mode=args.mode, compare=not args.no_compare, quiet=args.quiet)
     jobs.check_job(model, text=args.text, devices=devices, cr=args.cr, mode=args.mode,
                    max_new_tokens=args.max_new_tokens, **knobs)
@@ -263,6 +263,9 @@ def register(sub) -> None:
     run.add_argument("--wire-dtype", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
     run.add_argument("--compression-point", choices=("attn_input", "hidden"), default="attn_input")
     run.add_argument("--mean-weighting", choices=("count", "none"), default="count")
+    run.add_argument("--exact-rows", default="none", metavar="SPEC",
+                     help="rows sent as their own rows instead of averaged: none, first, special (position 0 and "
+                          "special tokens), top<K> (K largest-norm rows per device), joined by '+' (default none)")
     run.add_argument("--weights", type=_weights, help="relative device speeds, e.g. 2,1,1,1: positions split in proportion")
     run.add_argument("--auto-weights", action="store_true",
                      help="time a short forward on every device, split positions by measured speed, print the plan")
