@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_jobs import register as register_jobs
 
     register_jobs(sub)
+    from .cli_eval import register as register_eval
+
+    register_eval(sub)
     return parser
 
 

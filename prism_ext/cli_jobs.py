@@ -211,7 +211,7 @@ def _zoo(args: argparse.Namespace) -> int:
     from .zoo.train import train
 
     out = Path(args.out) if args.out else Path(zoo.__file__).parent / args.name
-    metrics = train(args.name, out, threads=args.threads)
+    metrics = train(args.name, out, threads=args.threads, exact_only=args.exact_only)
     print(json.dumps(metrics, indent=1, ensure_ascii=False))
     return 0
 
@@ -310,4 +310,6 @@ def register(sub) -> None:
     train.add_argument("name", choices=list(NAMES))
     train.add_argument("--out", help="output folder (default: the package's own copy)")
     train.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
+    train.add_argument("--exact-only", action="store_true",
+                       help="vit-tiny-digits without PRISM-aware batches (the exact-only peer; use with --out)")
     zoo.set_defaults(func=_zoo)

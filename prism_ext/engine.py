@@ -394,9 +394,11 @@ def _send(cfg: RunConfig, st: LayerStats, transport, x, a, cr: int, own_valid, o
         send = {"rows": x, "counts": own_counts.to(torch.int32), "ends": pos}
     else:
         src = a if cfg.compression_point == "attn_input" else x
-        if exact is not None:
+        if exact is not None and cr > 1:  # at CR 1 every row travels alone anyway
             valid = own_counts > 0
             means, counts, ends = _exact_means(src, cfg.exact_rows.mask(exact, x, valid), valid, cr, pos)
+            if bool((ends == ends[:1]).all()):
+                ends = ends[0]  # the same for every sequence: sent once, as plain segment ends are
         else:
             means, counts = kernels.segment_means(src, cr, valid=own_valid)
             counts = counts.round().to(torch.int32)
