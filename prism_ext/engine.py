@@ -44,19 +44,23 @@ class ExactRows:
     instead of being averaged into a segment: attention sinks such as [CLS],
     [SEP] or the first position, whose weight a mean would dilute.
 
-    first  position 0 ([CLS] of BERT and ViT, the first token of GPT-2)
-    ids    every position holding one of these token ids (special tokens)
-    topk   per device, layer and sequence, the k valid rows of largest L2 norm
-           of the layer input (outlier tokens); chosen anew at every layer
+    first     position 0 ([CLS] of BERT and ViT, the first token of GPT-2)
+    ids       every position holding one of these token ids (special tokens)
+    topk      per device, layer and sequence, the k valid rows of largest L2
+              norm of the layer input (outlier tokens); chosen anew at every layer
+    adaptive  the other rows are grouped where consecutive rows jump most
+              (same number of groups), not in groups of equal size; see
+              :func:`prism_ext.partition.exact_slots`
     """
 
     first: bool = False
     ids: tuple[int, ...] = ()
     topk: int = 0
+    adaptive: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.first, bool):
-            raise ValueError(f"exact_rows: first must be a bool, got {self.first!r}")
+        if not isinstance(self.first, bool) or not isinstance(self.adaptive, bool):
+            raise ValueError(f"exact_rows: first and adaptive must be bools, got {self.first!r}, {self.adaptive!r}")
         if (not isinstance(self.ids, tuple) or len(self.ids) > _MAX_EXACT_IDS or not all(
                 isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in self.ids)):
             raise ValueError(f"exact_rows: ids must be at most {_MAX_EXACT_IDS} token ids in [0, 2**31)")
@@ -65,39 +69,43 @@ class ExactRows:
             raise ValueError(f"exact_rows: topk must be an int in [0, {_MAX_TOPK}], got {t!r}")
 
     def __bool__(self) -> bool:
-        return self.first or bool(self.ids) or self.topk > 0
+        return self.first or bool(self.ids) or self.topk > 0 or self.adaptive
 
     @classmethod
     def parse(cls, spec: str, special_ids=()) -> "ExactRows":
         """A user's spec: ``none``, or ``+``-joined parts ``first`` (position 0),
         ``special`` (position 0 and the model's ``special_ids``), ``top<K>``
-        (the K largest-norm rows of each device), e.g. ``special+top2``."""
+        (the K largest-norm rows of each device), ``adaptive`` (group the
+        other rows at their largest jumps), e.g. ``special+top2``."""
         if isinstance(spec, ExactRows):
             return spec
         if not isinstance(spec, str):
             raise TypeError(f"exact_rows: expected a str such as 'special' or 'none', got {type(spec).__name__}")
-        first, ids, topk = False, (), 0
+        first, ids, topk, adaptive = False, (), 0, False
         if spec != "none":
             for part in spec.split("+"):
                 if part == "first":
                     first = True
+                elif part == "adaptive":
+                    adaptive = True
                 elif part == "special":
                     first, ids = True, tuple(sorted(set(special_ids)))
                 elif part.startswith("top") and part[3:].isdigit() and int(part[3:]) >= 1:
                     topk = int(part[3:])
                 else:
-                    raise ValueError(f"exact_rows: {part!r} is not one of none, first, special, top<K> "
+                    raise ValueError(f"exact_rows: {part!r} is not one of none, first, special, top<K>, adaptive "
                                      f"(join parts with '+', e.g. 'special+top2')")
-        return cls(first, ids, topk)
+        return cls(first, ids, topk, adaptive)
 
     def to_meta(self) -> dict:
-        return {"first": self.first, "ids": list(self.ids), "topk": self.topk}
+        return {"first": self.first, "ids": list(self.ids), "topk": self.topk, "adaptive": self.adaptive}
 
     @classmethod
     def from_meta(cls, meta) -> "ExactRows":
-        if not isinstance(meta, dict) or set(meta) != {"first", "ids", "topk"} or not isinstance(meta["ids"], list):
-            raise ValueError("request: exact_rows must be an object with first, ids and topk")
-        return cls(meta["first"], tuple(meta["ids"]), meta["topk"])
+        if (not isinstance(meta, dict) or set(meta) != {"first", "ids", "topk", "adaptive"}
+                or not isinstance(meta["ids"], list)):
+            raise ValueError("request: exact_rows must be an object with first, ids, topk and adaptive")
+        return cls(meta["first"], tuple(meta["ids"]), meta["topk"], meta["adaptive"])
 
     def static_mask(self, local: dict, start: int, batch: int, n: int) -> torch.Tensor:
         """[B, n] the rows that are exact at every layer (first, ids)."""
@@ -369,14 +377,15 @@ def _tick(stats: LayerStats, phase: str, t0: float) -> float:
     return t
 
 
-def _exact_means(src: torch.Tensor, exact: torch.Tensor, valid: torch.Tensor, cr: int, pos: torch.Tensor):
+def _exact_means(src: torch.Tensor, exact: torch.Tensor, valid: torch.Tensor, cr: int, pos: torch.Tensor,
+                 adaptive: bool = False):
     """Step 2 with exact rows: each exact row alone (count 1, its own
     position), the other valid rows averaged in the groups of
     :func:`prism_ext.partition.exact_slots`. Uneven, per-sequence groups are
     beyond the segment kernel, so this is a scatter-add over the rows.
     Returns (rows [B, m, d], counts [B, m] int32, ends [B, m] int32)."""
     B, n, d = src.shape
-    slot, m = exact_slots(exact, valid, cr)
+    slot, m = exact_slots(exact, valid, cr, src if adaptive else None)
     target = torch.where(slot < 0, m, slot)  # padding rows land in a spare slot, dropped below
     sums = src.new_zeros(B, m + 1, d).scatter_add_(1, target[..., None].expand(B, n, d), src)
     counts = torch.zeros(B, m + 1).scatter_add_(1, target, torch.ones(B, n))
@@ -396,7 +405,8 @@ def _send(cfg: RunConfig, st: LayerStats, transport, x, a, cr: int, own_valid, o
         src = a if cfg.compression_point == "attn_input" else x
         if exact is not None and cr > 1:  # at CR 1 every row travels alone anyway
             valid = own_counts > 0
-            means, counts, ends = _exact_means(src, cfg.exact_rows.mask(exact, x, valid), valid, cr, pos)
+            means, counts, ends = _exact_means(src, cfg.exact_rows.mask(exact, x, valid), valid, cr, pos,
+                                               cfg.exact_rows.adaptive)
             if bool((ends == ends[:1]).all()):
                 ends = ends[0]  # the same for every sequence: sent once, as plain segment ends are
         else:

@@ -558,11 +558,17 @@ def plot(result: dict, path: Path) -> None:
     for p in result["points"]:
         if p["status"] == "ok":
             lines.setdefault((p["variant"], p["devices"]), []).append(p)
+    variants = list(dict.fromkeys(v for v, _ in lines))
+    counts = sorted({p for _, p in lines})
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D", "v", "x"]
     for (variant, devices), pts in lines.items():
         label = f"P={devices}" + ("" if variant == "plain PRISM" else f", {variant}")
-        left.plot([p["cr"] for p in pts], [p["metrics"][result["metric"]] for p in pts], marker="o", label=label)
-        right.plot([p["bytes"] / 1e3 for p in pts], [p["metrics"][result["fidelity"]] for p in pts], marker="o",
-                   label=label)
+        i = variants.index(variant)
+        look = dict(color=f"C{counts.index(devices)}", ls=styles[i % len(styles)], marker=markers[i % len(markers)],
+                    alpha=0.85, label=label)  # colour: devices; line and marker: knobs (identical lines stay visible)
+        left.plot([p["cr"] for p in pts], [p["metrics"][result["metric"]] for p in pts], **look)
+        right.plot([p["bytes"] / 1e3 for p in pts], [p["metrics"][result["fidelity"]] for p in pts], **look)
     left.axhline(result["exact"]["metrics"][result["metric"]], color="k", ls="--", label="exact model")
     left.set_xscale("log", base=2)
     left.set_xlabel("compression rate CR")

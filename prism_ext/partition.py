@@ -148,7 +148,8 @@ def rows_sent(n: int, cr: int, exact: int = 0) -> int:
     return exact + (min(rest, max(1, budget - exact)) if rest else 0)
 
 
-def exact_slots(exact: torch.Tensor, valid: torch.Tensor, cr: int) -> tuple[torch.Tensor, int]:
+def exact_slots(exact: torch.Tensor, valid: torch.Tensor, cr: int,
+                rows: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Which row a device sends carries each of its own rows, when the rows
     where ``exact`` [B, n] is True travel as their own rows (count 1).
 
@@ -156,7 +157,10 @@ def exact_slots(exact: torch.Tensor, valid: torch.Tensor, cr: int) -> tuple[torc
     order; its r_b other valid rows are cut, in position order, into s_b
     contiguous groups of nearly equal size (slots k_b..k_b+s_b-1), where
     s_b = min(r_b, max(1, ceil(n / cr) - k_b)): the row budget of plain
-    segments (:func:`rows_sent`). Padding rows get slot -1. Returns
+    segments (:func:`rows_sent`). With ``rows`` [B, n, d] the groups are
+    adaptive instead: cut before the s_b - 1 rows farthest (L2) from the
+    previous row of the group's kind, so that a mean never spans a jump.
+    Padding rows get slot -1. Returns
     (slot [B, n] int64, m = rows sent, the largest k_b + s_b, at least 1;
     a sequence with fewer rows leaves the rest empty: count 0)."""
     B, n = valid.shape
@@ -168,7 +172,18 @@ def exact_slots(exact: torch.Tensor, valid: torch.Tensor, cr: int) -> tuple[torc
     s = torch.where(r > 0, torch.minimum(r, (budget - k).clamp(min=1)), torch.zeros_like(r))
     exact_rank = exact.long().cumsum(1) - 1
     rest_rank = rest.long().cumsum(1) - 1
-    group = torch.div(rest_rank * s[:, None], r.clamp(min=1)[:, None], rounding_mode="floor")
+    if rows is None:
+        group = torch.div(rest_rank * s[:, None], r.clamp(min=1)[:, None], rounding_mode="floor")
+    else:
+        idx = torch.arange(n).expand(B, n)
+        last = torch.where(rest, idx, -1).cummax(1).values  # the last other row at or before t
+        before = torch.cat([torch.full((B, 1), -1), last[:, :-1]], dim=1)
+        prev = rows.gather(1, before.clamp(min=0)[..., None].expand(-1, -1, rows.shape[-1]))
+        gap = (rows - prev).norm(dim=-1).masked_fill(~rest | (before < 0), -math.inf)
+        order = gap.argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, idx.contiguous())
+        cut = (rank < (s - 1)[:, None]) & (gap > -math.inf)
+        group = cut.long().cumsum(1)
     slot = torch.where(exact, exact_rank, torch.where(rest, k[:, None] + group, torch.full_like(group, -1)))
     return slot, max(1, int((k + s).max()))
 

@@ -79,7 +79,8 @@ def _exact_groups(net, inputs, exact, x, a_or_x, valid_b, s, e, cr, b):
     (rows [r, d], counts [r], positions [r]). Exact rows are position 0
     (``first``), the ``ids`` and the ``topk`` largest-norm valid rows of x;
     the others are grouped as :func:`prism_ext.partition.exact_slots` says
-    and each group is one mean row at its last position."""
+    (the layout under test there) and each group is one mean row at its last
+    position."""
     n = e - s
     mask = torch.zeros(n, dtype=torch.bool)
     if exact.first and s == 0:
@@ -92,7 +93,7 @@ def _exact_groups(net, inputs, exact, x, a_or_x, valid_b, s, e, cr, b):
         norms = [(float(x[b, j].norm()), j) for j in range(n) if valid_b[j] and not mask[j]]
         for _, j in sorted(norms, reverse=True)[:exact.topk]:
             mask[j] = True
-    slot, _ = exact_slots(mask[None], valid_b[None], cr)
+    slot, _ = exact_slots(mask[None], valid_b[None], cr, a_or_x[b][None] if exact.adaptive else None)
     rows, counts, pos = [], [], []
     for j in range(n):
         if mask[j]:

@@ -264,15 +264,16 @@ EXACT = {"gpt2": ExactRows(first=True, ids=(3, 5)), "bert": ExactRows(first=True
 
 # top<K> is left out for the tiny BERT: its layer inputs are LayerNorm outputs
 # with unit gain, so every row has the same norm and the K largest are a tie.
-@pytest.mark.parametrize("family,devices,cr,topk", [
-    (f, p, c, k) for f in ("gpt2", "bert", "vit") for p, c, k in ((2, 4, 0), (3, 7, 0), (3, 3, 2))
+@pytest.mark.parametrize("family,devices,cr,topk,adaptive", [
+    (f, p, c, k, a) for f in ("gpt2", "bert", "vit") for p, c, k, a in ((2, 4, 0, False), (3, 7, 0, False),
+                                                                       (3, 3, 2, False), (3, 4, 0, True))
     if not (f == "bert" and k)])
-def test_exact_rows_equal_naive_reconstruction(models, family, devices, cr, topk):
+def test_exact_rows_equal_naive_reconstruction(models, family, devices, cr, topk, adaptive):
     """With exact rows the naive reconstruction repeats each group's mean
     over the non-exact rows only; exact rows stand for themselves."""
     _, m = models[family]
     inputs = inputs_for(family, seed=cr * 10 + devices + topk)
-    exact = ExactRows(EXACT[family].first, EXACT[family].ids, topk)
+    exact = ExactRows(EXACT[family].first, EXACT[family].ids, topk, adaptive)
     with torch.no_grad():
         ref = naive_forward(m.net, inputs, devices, cr, exact=exact)
     out = m(inputs, devices=devices, cr=cr, exact_rows=exact)
@@ -303,7 +304,21 @@ def test_exact_slots_keep_the_row_budget():
         cr = int(torch.randint(1, 12, (1,), generator=g))
         exact = torch.rand(B, n, generator=g) < 0.15
         valid = torch.rand(B, n, generator=g) < 0.9
+        rows = torch.randn(B, n, 4, generator=g)
         slot, m = exact_slots(exact, valid, cr)
+        adaptive, m_adaptive = exact_slots(exact, valid, cr, rows)
+        assert m_adaptive == m
+        for b in range(B):  # the same exact slots and number of groups; contiguous groups, cut at the largest jumps
+            rest = valid[b] & ~exact[b]
+            assert torch.equal(adaptive[b][~rest], slot[b][~rest])
+            got = adaptive[b][rest]
+            assert bool((got[1:] - got[:-1] <= 1).all() and (got[1:] >= got[:-1]).all())
+            assert len(torch.unique(got)) == len(torch.unique(slot[b][rest]))
+            kept = rows[b][rest]
+            jumps = (kept[1:] - kept[:-1]).norm(dim=-1)
+            cut = got[1:] > got[:-1]
+            if bool(cut.any()) and bool((~cut).any()):
+                assert float(jumps[cut].min()) >= float(jumps[~cut].max())
         assert bool((slot[~valid] == -1).all())
         for b in range(B):
             k = int((exact[b] & valid[b]).sum())
@@ -325,6 +340,7 @@ def test_exact_slots_keep_the_row_budget():
     with pytest.raises(ValueError, match="topk"):
         ExactRows(topk=-1)
     assert ExactRows.parse("special+top2", (5, 1)) == ExactRows(True, (1, 5), 2)
+    assert ExactRows.parse("adaptive+top1") == ExactRows(False, (), 1, True)
     assert not ExactRows.parse("none")
 
 
@@ -373,7 +389,7 @@ def test_exact_rows_travel_in_the_request_and_are_checked(models):
 
     _, m = models["bert"]
     inputs = inputs_for("bert")
-    req = plan(m.net, inputs, devices=2, cr=3, exact_rows=ExactRows(True, (0, 7), 2))
+    req = plan(m.net, inputs, devices=2, cr=3, exact_rows=ExactRows(True, (0, 7), 2, True))
     meta = req.to_meta()
     assert Request.from_meta(meta, m.net, 2) == req
     for bad in ({"first": 1, "ids": [], "topk": 0}, {"first": True, "ids": [-1], "topk": 0},

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from prism_ext import datasets
 from prism_ext.cli import main
@@ -200,4 +199,11 @@ def test_eval_bad_arguments_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--model", "gpt2-tiny", "--task", "lm", "--cr", "0"])
     assert "--cr" in capsys.readouterr().err
-    torch.manual_seed(0)
+
+
+def test_exact_only_recipe_is_for_the_vit_only(tmp_path):
+    from prism_ext.zoo.train import VIT_CFG, train
+
+    with pytest.raises(ValueError, match="--exact-only: only vit-tiny-digits"):
+        train("gpt2-tiny", tmp_path, exact_only=True)
+    assert VIT_CFG["prism_training"]["fraction"] > 0  # the bundled recipe stays PRISM-aware
