@@ -516,6 +516,12 @@ def _as_list(cr, layers: int) -> list[int]:
 
 # -------------------------------------------------------------- reports
 
+def _model_name(result: dict) -> str:
+    """The checkpoint folder's name (its parent's when the folder is just ``model``)."""
+    path = Path(result["model"])
+    return path.parent.name if path.name == "model" else path.name
+
+
 def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) and abs(v) < 10 else f"{v:.2f}" if isinstance(v, float) else str(v)
 
@@ -525,7 +531,7 @@ def markdown(result: dict) -> str:
     metrics = list(result["exact"]["metrics"])
     head = ["P", "CR", *metrics, "KB sent / seq", "busiest MFLOP / seq"]
     ex = result["exact"]
-    lines = [f"**{result['task']}** on `{Path(result['model']).name}` ({result['model_type']}), "
+    lines = [f"**{result['task']}** on `{_model_name(result)}` ({result['model_type']}), "
              f"{result['items']} items of {result['positions'][0]}-{result['positions'][1]} positions. "
              f"{result['data']}.", "",
              "Exact model (one device): " + ", ".join(f"{k} {_fmt(v)}" for k, v in ex["metrics"].items())
@@ -579,7 +585,7 @@ def plot(result: dict, path: Path) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
     left.legend(fontsize=7)
-    fig.suptitle(f"{result['task']}: {Path(result['model']).name}", fontsize=10)
+    fig.suptitle(f"{result['task']}: {_model_name(result)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
