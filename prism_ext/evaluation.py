@@ -558,6 +558,7 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     lines: dict[tuple, list] = {}
@@ -580,6 +581,7 @@ def plot(result: dict, path: Path) -> None:
     left.set_xlabel("compression rate CR")
     left.set_ylabel(result["metric"])
     right.set_xscale("log")
+    right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on short ranges
     right.set_xlabel("KB sent per sequence (all devices, all layers)")
     right.set_ylabel(f"{result['fidelity']} (to the exact model)")
     for ax in (left, right):

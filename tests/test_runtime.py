@@ -402,3 +402,13 @@ def test_worker_bad_arguments_are_one_line():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "master: expected HOST:PORT" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_handshake_refuses_a_rank_pinned_to_other_exact_rows():
+    from prism_ext.runtime import _mismatches
+
+    base = {"version": "1", "model_type": "gpt2", "config": "c", "weights": "w"}
+    claims = [{**base, "settings": {"cr": 4, "exact_rows": "special"}},
+              {**base, "settings": {"cr": 4, "exact_rows": "none"}},
+              {**base, "settings": {"cr": 4}}]  # a rank that pinned nothing about it agrees
+    assert _mismatches(claims) == ["rank 1: exact_rows none differs from rank 0's special"]
