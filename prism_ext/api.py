@@ -143,7 +143,7 @@ class PrismModel:
         ``compression_point`` (attn_input/hidden), ``mean_weighting``
         (count/none), ``device_weights``, ``exact_rows`` (rows sent as their
         own rows instead of averaged: ``none``, ``special`` = position 0 and
-        special tokens, ``top<K>``, joined by ``+``; see
+        special tokens, ``top<K>``, ``adaptive``, joined by ``+``; see
         :class:`prism_ext.engine.ExactRows`). ``outputs``: what comes back to rank 0
         (see :func:`prism_ext.engine.run_request`): every row (``rows``, the
         default with ``cls``), the [CLS] heads (``cls``), the mean over valid

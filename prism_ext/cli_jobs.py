@@ -265,7 +265,8 @@ def register(sub) -> None:
     run.add_argument("--mean-weighting", choices=("count", "none"), default="count")
     run.add_argument("--exact-rows", default="none", metavar="SPEC",
                      help="rows sent as their own rows instead of averaged: none, first, special (position 0 and "
-                          "special tokens), top<K> (K largest-norm rows per device), joined by '+' (default none)")
+                          "special tokens), top<K> (K largest-norm rows per device), adaptive (group the other rows at "
+                          "their largest jumps), joined by '+' (default none; docs/eval.md)")
     run.add_argument("--weights", type=_weights, help="relative device speeds, e.g. 2,1,1,1: positions split in proportion")
     run.add_argument("--auto-weights", action="store_true",
                      help="time a short forward on every device, split positions by measured speed, print the plan")

@@ -249,7 +249,7 @@ def _pixels_task(model: PrismModel, data, label_map, limit) -> ClassifierTask:
         from .images import read_image
 
         px = proc.images_to_pixels([read_image(im) if isinstance(im, Path) else im for im in images.images])
-        labels, what = images.labels, f"{root} ({len(labels)} images)"
+        labels, what = images.labels, f"{root} ({len(images.labels)} images)"
     items = [{"pixel_values": px[i:i + 1]} for i in range(len(px))]
     task = ClassifierTask("images", items, labels, note=f"{what}; the model's classification head on its labels")
     task.positions = model.net.grid ** 2 + 1
@@ -272,9 +272,16 @@ def _text_inputs(model: PrismModel, first: str, second: str | None, max_len: int
     return out
 
 
-def _halves(n: int) -> np.ndarray:
-    """Probe split: every other item trains the probe (on exact features)."""
-    return np.arange(n) % 2 == 0
+def _halves(labels) -> np.ndarray:
+    """Probe split: every other item of each label trains the probe (on
+    exact features); the rest test it."""
+    labels = np.asarray(labels)
+    train = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        train[np.flatnonzero(labels == c)[::2]] = True
+    if len(np.unique(labels[train])) < 2 or train.all():
+        raise ValueError("data: a linear probe needs at least two labels and two items of some label")
+    return train
 
 
 def _glue_task(model: PrismModel, task: str, data, limit) -> Task:
@@ -286,7 +293,7 @@ def _glue_task(model: PrismModel, task: str, data, limit) -> Task:
              for i, a in enumerate(pairs.first)]
     if model.net.head == "classification":
         return ClassifierTask(task, items, pairs.labels, note=f"{data}; the model's classifier on the dev labels")
-    return EmbeddingTask(task, items, pairs.labels, _halves(len(items)),
+    return EmbeddingTask(task, items, pairs.labels, _halves(pairs.labels),
                          note=f"{data}; bare encoder: linear probe trained on exact-model mean-pooled features of "
                               f"half the items, applied to PRISM features of the other half")
 
@@ -314,7 +321,7 @@ def _pydoc_task(model: PrismModel, limit) -> EmbeddingTask:
                 item["token_type_ids"] = torch.zeros(1, len(ids), dtype=torch.long)
             items.append(item)
             labels.append(label)
-    return EmbeddingTask("pydoc-topics", items, labels, _halves(len(items)),
+    return EmbeddingTask("pydoc-topics", items, labels, _halves(labels),
                          note=f"{len(items)} windows of {width + len(wrap)} tokens from pydoc_data.topics "
                               f"({', '.join(ranked[:want])}); linear probe: which topic, trained on exact features of "
                               f"half the windows, applied to PRISM features of the other half")

