@@ -419,14 +419,30 @@ def _send(cfg: RunConfig, st: LayerStats, transport, x, a, cr: int, own_valid, o
     return transport.all_gather_start(send, cfg.wire_dtype)
 
 
-def _receive(blk, cfg: RunConfig, st: LayerStats, pending, rank: int):
+def _check_item(item: dict, q: int, batch: int, d: int) -> dict:
+    """Rank ``q``'s exchange item, shapes checked (its bytes are untrusted):
+    rows [B, m, d], counts [B, m], ends [m] or [B, m] (per-sequence ends of
+    exact rows)."""
+    rows, counts, ends = item.get("rows"), item.get("counts"), item.get("ends")
+    if rows is None or counts is None or ends is None or rows.dim() != 3 or rows.shape[0] != batch \
+            or rows.shape[2] != d:
+        raise ValueError(f"rank {q}: sent no rows [{batch}, m, {d}] in its exchange")
+    m = rows.shape[1]
+    if tuple(counts.shape) != (batch, m) or tuple(ends.shape) not in ((m,), (batch, m)):
+        raise ValueError(f"rank {q}: sent counts {list(counts.shape)} and ends {list(ends.shape)} that do not "
+                         f"match its {m} rows")
+    return item
+
+
+def _receive(blk, cfg: RunConfig, st: LayerStats, pending, rank: int, batch: int):
     """Second half: wait for the all-gather, return the other devices' rows
     (ready for the K/V projection), counts and end positions."""
+    d = blk.d
     got = pending.wait()
     st.time["exchange"] += got.seconds
     st.bytes_sent = got.bytes_sent
     st.activation_bytes = got.tensor_bytes["rows"]
-    others = [item for q, item in enumerate(got.items) if q != rank]
+    others = [_check_item(item, q, batch, d) for q, item in enumerate(got.items) if q != rank]
     rows = torch.cat([o["rows"] for o in others], dim=1)
     B = rows.shape[0]
     r_counts = torch.cat([o["counts"] for o in others], dim=1).to(torch.float32)
@@ -478,7 +494,7 @@ def run_device(net: Network, local: dict, part: Partition, rank: int, transport,
         if pending is None:  # nothing to exchange with
             rows, r_counts, r_ends = x.new_empty(B, 0, d), torch.empty(B, 0), torch.empty(B, 0, dtype=torch.int32)
         else:
-            rows, r_counts, r_ends = _receive(blk, cfg, st, pending, rank)
+            rows, r_counts, r_ends = _receive(blk, cfg, st, pending, rank, B)
         m = rows.shape[1]
         st.rows_received = m
         t = time.perf_counter()

@@ -398,3 +398,28 @@ def test_exact_rows_travel_in_the_request_and_are_checked(models):
             Request.from_meta({**meta, "exact_rows": bad}, m.net, 2)
     # Voltage sends every row: exact rows do not apply
     assert not plan(m.net, inputs, devices=2, mode="voltage", exact_rows=ExactRows(True)).cfg.exact_rows
+
+
+def test_a_peer_sending_misshapen_exact_row_ends_is_named(models, monkeypatch):
+    """Per-sequence ends [B, m] are new on the wire: a peer whose ends (or
+    counts) do not match its rows is an error naming that rank."""
+    import prism_ext.engine as engine
+
+    _, m = models["gpt2"]
+    real = engine._send
+
+    def bad_send(cfg, st, transport, *args):
+        pending = real(cfg, st, transport, *args)
+        if transport.rank == 1:  # the others receive rank 1's item garbled
+            return pending
+
+        class Garbled:
+            def wait(self):
+                got = pending.wait()
+                got.items[1] = {**got.items[1], "ends": torch.zeros(3, 1, dtype=torch.int32)}
+                return got
+        return Garbled()
+
+    monkeypatch.setattr(engine, "_send", bad_send)
+    with pytest.raises(ValueError, match="rank 1: sent counts .* and ends"):
+        m(torch.randint(0, 64, (2, 20)), devices=3, cr=4, exact_rows="first")
