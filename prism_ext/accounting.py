@@ -51,9 +51,11 @@ def tp_block_flops(batch: int, n: int, d: int, heads_own: int, dh: int, cols_own
     return BlockFlops(proj, attention, mlp)
 
 
-def prism_layer(part: Partition, cr: int, d: int, d_ff: int, itemsize: int = 4):
-    """Per device (flops, bytes sent) of one PRISM layer with no padding."""
-    sent = [part.segments(p, cr) for p in range(part.devices)]
+def prism_layer(part: Partition, cr: int, d: int, d_ff: int, itemsize: int = 4, exact: int = 0):
+    """Per device (flops, bytes sent) of one PRISM layer with no padding;
+    ``exact`` rows of each device travel as their own rows (device 0's
+    position 0 among them when it is one: count it in ``exact``)."""
+    sent = [part.segments(p, cr, exact) for p in range(part.devices)]
     out = []
     for p, n in enumerate(part.sizes()):
         out.append((block_flops(1, n, sum(sent) - sent[p], d, d_ff), sent[p] * d * itemsize))

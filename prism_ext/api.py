@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .checks import check_sampling
-from .engine import GenerateOptions, RunStats
+from .engine import ExactRows, GenerateOptions, RunStats
 from .models import Network, load_network
 from .program import plan, run_stats, simulate
 
@@ -64,6 +64,29 @@ class PrismModel:
         self.image_processor_config = None
         if directory is not None and (directory / "preprocessor_config.json").is_file():
             self.image_processor_config = json.loads((directory / "preprocessor_config.json").read_text())
+
+    @functools.cached_property
+    def special_ids(self) -> tuple[int, ...]:
+        """Token ids of the special tokens: ``*_token_id`` of config.json and
+        the ``special`` added tokens of tokenizer.json (read as JSON, no
+        tokenizer package). Empty for image models."""
+        if "input_ids" not in self.net.input_names:
+            return ()
+        ids = {v for k, v in self.config.items() if k.endswith("_token_id") and isinstance(v, int)
+               and not isinstance(v, bool) and v >= 0}
+        path = None if self.directory is None else self.directory / "tokenizer.json"
+        if path is not None and path.is_file():
+            try:
+                added = json.loads(path.read_text()).get("added_tokens") or []
+            except ValueError as exc:
+                raise ValueError(f"tokenizer: {path} is not valid JSON ({exc})") from None
+            ids |= {t["id"] for t in added if isinstance(t, dict) and t.get("special") is True
+                    and isinstance(t.get("id"), int) and t["id"] >= 0}
+        return tuple(sorted(ids))
+
+    def exact_rows(self, spec) -> ExactRows:
+        """Resolve an ``exact_rows`` spec (see :meth:`ExactRows.parse`) for this model."""
+        return ExactRows.parse(spec, self.special_ids)
 
     @functools.cached_property
     def tokenizer(self):
@@ -122,7 +145,7 @@ class PrismModel:
     @torch.no_grad()
     def __call__(self, inputs=None, *, devices: int = 1, cr=1, mode: str = "prism", device_weights=None,
                  wire_dtype: str = "fp32", compression_point: str = "attn_input", mean_weighting: str = "count",
-                 outputs=("rows", "cls"), **model_inputs) -> PrismOutput:
+                 exact_rows="none", outputs=("rows", "cls"), **model_inputs) -> PrismOutput:
         """Run the model over ``devices`` simulated devices (threads of this
         process; :func:`prism_ext.cluster` runs them as processes).
 
@@ -132,7 +155,10 @@ class PrismModel:
         layer. ``mode``: ``prism``, ``voltage`` (ignores cr), ``tp`` (tensor
         parallel) or ``single``. Knobs: ``wire_dtype`` (fp32/fp16/bf16/int8),
         ``compression_point`` (attn_input/hidden), ``mean_weighting``
-        (count/none), ``device_weights``. ``outputs``: what comes back to rank 0
+        (count/none), ``device_weights``, ``exact_rows`` (rows sent as their
+        own rows instead of averaged: ``none``, ``special`` = position 0 and
+        special tokens, ``top<K>``, ``adaptive``, joined by ``+``; see
+        :class:`prism_ext.engine.ExactRows`). ``outputs``: what comes back to rank 0
         (see :func:`prism_ext.engine.run_request`): every row (``rows``, the
         default with ``cls``), the [CLS] heads (``cls``), the mean over valid
         positions (``pooled`` -> ``mean_pooled``), or the last position (``last``).
@@ -140,7 +166,7 @@ class PrismModel:
         inputs = self._inputs(inputs, model_inputs)
         request = plan(self.net, inputs, devices=devices, mode=mode, cr=cr, device_weights=device_weights,
                        wire_dtype=wire_dtype, compression_point=compression_point, mean_weighting=mean_weighting,
-                       outputs=outputs)
+                       exact_rows=self.exact_rows(exact_rows), outputs=outputs)
         collected = simulate(self.net, inputs, request)
         return PrismOutput(collected.fields, run_stats(request, collected))
 
@@ -148,7 +174,7 @@ class PrismModel:
     def generate(self, input_ids, *, devices: int = 1, cr=1, max_new_tokens: int = 20, temperature: float = 0.0,
                  top_k: int | None = None, seed: int | None = None, eos_token_id: int | None = None,
                  device_weights=None, wire_dtype: str = "fp32", compression_point: str = "attn_input",
-                 mean_weighting: str = "count", mode: str = "prism", return_stats: bool = False):
+                 mean_weighting: str = "count", exact_rows="none", mode: str = "prism", return_stats: bool = False):
         """GPT-2 generation: distributed prefill over ``devices``, then decoding
         on the last device from its kept K/V (own rows and earlier partitions'
         means), with no communication per generated token.
@@ -162,13 +188,13 @@ class PrismModel:
         """
         inputs, request = self._generate_request(input_ids, devices, cr, max_new_tokens, temperature, top_k, seed,
                                                  eos_token_id, device_weights, wire_dtype, compression_point,
-                                                 mean_weighting, mode)
+                                                 mean_weighting, mode, exact_rows)
         collected = simulate(self.net, inputs, request)
         ids = torch.cat([inputs["input_ids"].long(), collected.tokens], dim=1)
         return (ids, run_stats(request, collected), collected.decode) if return_stats else ids
 
     def _generate_request(self, input_ids, devices, cr, max_new_tokens, temperature, top_k, seed, eos_token_id,
-                          device_weights, wire_dtype, compression_point, mean_weighting, mode, stream=False):
+                          device_weights, wire_dtype, compression_point, mean_weighting, mode, exact_rows="none", stream=False):
         """Checks of a generation request (shared with the live cluster)."""
         if self.net.head != "lm":
             raise ValueError(f"generate: needs a language model head; this is {self.model_type} ({self.net.head})")
@@ -182,7 +208,7 @@ class PrismModel:
             raise ValueError(f"max_new_tokens: {n} + {max_new_tokens} positions exceed n_positions={self.net.n_positions}")
         request = plan(self.net, inputs, devices=devices, mode=mode, cr=cr, device_weights=device_weights,
                        wire_dtype=wire_dtype, compression_point=compression_point, mean_weighting=mean_weighting,
-                       generate=options)
+                       exact_rows=self.exact_rows(exact_rows), generate=options)
         return inputs, request
 
 

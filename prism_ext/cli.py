@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_serve import register as register_serve
 
     register_serve(sub)
+    from .cli_eval import register as register_eval
+
+    register_eval(sub)
     return parser
 
 

@@ -121,7 +121,7 @@ def _pinned(args: argparse.Namespace) -> dict:
     has its own, and the handshake checks they agree with rank 0's."""
     return {"mode": args.mode, "cr": args.cr, "wire_dtype": args.wire_dtype,
             "compression_point": args.compression_point, "mean_weighting": args.mean_weighting,
-            "device_weights": args.weights}
+            "exact_rows": args.exact_rows, "device_weights": args.weights}
 
 
 def _read_texts(path: str) -> list[str]:
@@ -209,7 +209,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_new_tokens is None:
         args.max_new_tokens = 40
     knobs = dict(wire_dtype=args.wire_dtype, compression_point=args.compression_point,
-                 mean_weighting=args.mean_weighting, device_weights=args.weights)
+                 mean_weighting=args.mean_weighting, device_weights=args.weights, exact_rows=args.exact_rows)
     common = dict(devices=devices, cr=args.cr, mode=args.mode, compare=not args.no_compare, quiet=args.quiet,
                   batch_size=args.batch_size)
     jobs.check_job(model, texts=texts, devices=devices, cr=args.cr, mode=args.mode,
@@ -281,7 +281,7 @@ def _zoo(args: argparse.Namespace) -> int:
     from .zoo.train import train
 
     out = Path(args.out) if args.out else Path.cwd() / args.name  # never into the installed package
-    metrics = train(args.name, out, threads=args.threads, quiet=args.quiet)
+    metrics = train(args.name, out, threads=args.threads, quiet=args.quiet, exact_only=args.exact_only)
     print(json.dumps(metrics, indent=1, ensure_ascii=False))
     return 0
 
@@ -337,6 +337,10 @@ def register(sub) -> None:
     run.add_argument("--wire-dtype", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
     run.add_argument("--compression-point", choices=("attn_input", "hidden"), default="attn_input")
     run.add_argument("--mean-weighting", choices=("count", "none"), default="count")
+    run.add_argument("--exact-rows", default="none", metavar="SPEC",
+                     help="rows sent as their own rows instead of averaged: none, first, special (position 0 and "
+                          "special tokens), top<K> (K largest-norm rows per device), adaptive (group the other rows at "
+                          "their largest jumps), joined by '+' (default none; docs/eval.md)")
     run.add_argument("--weights", type=_weights, help="relative device speeds, e.g. 2,1,1,1: positions split in proportion")
     run.add_argument("--auto-weights", action="store_true",
                      help="time a short forward on every device, split positions by measured speed, print the plan")
@@ -382,4 +386,6 @@ def register(sub) -> None:
     train.add_argument("--out", help="output folder (default: ./NAME in the current directory)")
     train.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
     train.add_argument("--quiet", "-q", action="store_true", help="no progress lines or bar on stderr")
+    train.add_argument("--exact-only", action="store_true",
+                       help="vit-tiny-digits without PRISM-aware batches (the exact-only peer; use with --out)")
     zoo.set_defaults(func=_zoo)

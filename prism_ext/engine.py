@@ -22,9 +22,9 @@ from . import kernels
 from .accounting import block_flops
 from .attention import prism_attention
 from .models.common import Network
-from .partition import Partition, cr_schedule, segment_ends
+from .partition import Partition, cr_schedule, exact_slots, segment_ends
 
-__all__ = ["RunConfig", "LayerStats", "DeviceStats", "RunStats", "DeviceResult", "DecodeState", "DecodeStats",
+__all__ = ["ExactRows", "RunConfig", "LayerStats", "DeviceStats", "RunStats", "DeviceResult", "DecodeState", "DecodeStats",
            "Collected", "GenerateOptions", "OUTPUTS", "run_device", "run_request", "generate_request", "finish_request", "decode_step"]
 
 MODES = ("prism", "voltage")
@@ -34,6 +34,100 @@ PHASES = ("compress", "exchange", "project", "attention", "mlp")
 OUTPUTS = ("rows", "cls", "pooled", "last")
 
 
+_MAX_EXACT_IDS = 4096
+_MAX_TOPK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ExactRows:
+    """Rows that travel as their own rows (count 1, their own end position)
+    instead of being averaged into a segment: attention sinks such as [CLS],
+    [SEP] or the first position, whose weight a mean would dilute.
+
+    first     position 0 ([CLS] of BERT and ViT, the first token of GPT-2)
+    ids       every position holding one of these token ids (special tokens)
+    topk      per device, layer and sequence, the k valid rows of largest L2
+              norm of the layer input (outlier tokens); chosen anew at every layer
+    adaptive  the other rows are grouped where consecutive rows jump most
+              (same number of groups), not in groups of equal size; see
+              :func:`prism_ext.partition.exact_slots`
+    """
+
+    first: bool = False
+    ids: tuple[int, ...] = ()
+    topk: int = 0
+    adaptive: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.first, bool) or not isinstance(self.adaptive, bool):
+            raise ValueError(f"exact_rows: first and adaptive must be bools, got {self.first!r}, {self.adaptive!r}")
+        if (not isinstance(self.ids, tuple) or len(self.ids) > _MAX_EXACT_IDS or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in self.ids)):
+            raise ValueError(f"exact_rows: ids must be at most {_MAX_EXACT_IDS} token ids in [0, 2**31)")
+        t = self.topk
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= _MAX_TOPK:
+            raise ValueError(f"exact_rows: topk must be an int in [0, {_MAX_TOPK}], got {t!r}")
+
+    def __bool__(self) -> bool:
+        return self.first or bool(self.ids) or self.topk > 0 or self.adaptive
+
+    @classmethod
+    def parse(cls, spec: str, special_ids=()) -> "ExactRows":
+        """A user's spec: ``none``, or ``+``-joined parts ``first`` (position 0),
+        ``special`` (position 0 and the model's ``special_ids``), ``top<K>``
+        (the K largest-norm rows of each device), ``adaptive`` (group the
+        other rows at their largest jumps), e.g. ``special+top2``."""
+        if isinstance(spec, ExactRows):
+            return spec
+        if not isinstance(spec, str):
+            raise TypeError(f"exact_rows: expected a str such as 'special' or 'none', got {type(spec).__name__}")
+        first, ids, topk, adaptive = False, (), 0, False
+        if spec != "none":
+            for part in spec.split("+"):
+                if part == "first":
+                    first = True
+                elif part == "adaptive":
+                    adaptive = True
+                elif part == "special":
+                    first, ids = True, tuple(sorted(set(special_ids)))
+                elif part.startswith("top") and part[3:].isdigit() and int(part[3:]) >= 1:
+                    topk = int(part[3:])
+                else:
+                    raise ValueError(f"exact_rows: {part!r} is not one of none, first, special, top<K>, adaptive "
+                                     f"(join parts with '+', e.g. 'special+top2')")
+        return cls(first, ids, topk, adaptive)
+
+    def to_meta(self) -> dict:
+        return {"first": self.first, "ids": list(self.ids), "topk": self.topk, "adaptive": self.adaptive}
+
+    @classmethod
+    def from_meta(cls, meta) -> "ExactRows":
+        if (not isinstance(meta, dict) or set(meta) != {"first", "ids", "topk", "adaptive"}
+                or not isinstance(meta["ids"], list)):
+            raise ValueError("request: exact_rows must be an object with first, ids, topk and adaptive")
+        return cls(meta["first"], tuple(meta["ids"]), meta["topk"], meta["adaptive"])
+
+    def static_mask(self, local: dict, start: int, batch: int, n: int) -> torch.Tensor:
+        """[B, n] the rows that are exact at every layer (first, ids)."""
+        mask = torch.zeros(batch, n, dtype=torch.bool)
+        if self.first and start == 0:
+            mask[:, 0] = True
+        ids = local.get("input_ids")
+        if self.ids and ids is not None:
+            mask |= torch.isin(ids, torch.tensor(self.ids, dtype=ids.dtype))
+        return mask
+
+    def mask(self, static: torch.Tensor, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """This layer's exact rows: the static ones and the ``topk`` valid
+        others of largest norm of ``x`` [B, n, d]."""
+        if not self.topk:
+            return static
+        norms = x.norm(dim=-1).masked_fill(static | ~valid, -math.inf)
+        top = norms.topk(min(self.topk, norms.shape[1]), dim=1)
+        picked = torch.zeros_like(static).scatter_(1, top.indices, top.values > -math.inf)
+        return static | picked
+
+
 @dataclass(frozen=True)
 class RunConfig:
     mode: str
@@ -41,17 +135,20 @@ class RunConfig:
     wire_dtype: str = "fp32"  # checked by the transport's wire format
     compression_point: str = "attn_input"
     mean_weighting: str = "count"
+    exact_rows: ExactRows = ExactRows()  # prism mode only (Voltage sends every row anyway)
 
     @classmethod
     def make(cls, layers: int, *, mode="prism", cr=1, wire_dtype="fp32", compression_point="attn_input",
-             mean_weighting="count") -> "RunConfig":
+             mean_weighting="count", exact_rows: ExactRows = ExactRows()) -> "RunConfig":
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
         if compression_point not in POINTS:
             raise ValueError(f"compression_point: expected one of {', '.join(POINTS)}, got {compression_point!r}")
         if mean_weighting not in WEIGHTINGS:
             raise ValueError(f"mean_weighting: expected one of {', '.join(WEIGHTINGS)}, got {mean_weighting!r}")
-        return cls(mode, tuple(cr_schedule(cr, layers)), wire_dtype, compression_point, mean_weighting)
+        if not isinstance(exact_rows, ExactRows):
+            raise TypeError(f"exact_rows: expected an ExactRows, got {type(exact_rows).__name__}")
+        return cls(mode, tuple(cr_schedule(cr, layers)), wire_dtype, compression_point, mean_weighting, exact_rows)
 
 
 @dataclass
@@ -179,7 +276,7 @@ class DecodeState:
     """What the last device keeps after prefill to decode with no
     communication. Per layer: K/V rows [B, capacity, 2d] (received rows, then
     own rows, then room for new tokens), their counts [B, capacity] and their
-    last positions [capacity]; ``length[l]`` rows are filled."""
+    last positions [B, capacity]; ``length[l]`` rows are filled."""
 
     kv: list[torch.Tensor] = field(default_factory=list)
     counts: list[torch.Tensor] = field(default_factory=list)
@@ -192,7 +289,7 @@ class DecodeState:
         buf[:, :L] = kv
         self.kv.append(buf)
         self.counts.append(torch.cat([counts, torch.ones(B, room)], dim=1))
-        self.positions.append(torch.cat([positions, torch.zeros(room, dtype=torch.int32)]))
+        self.positions.append(torch.cat([positions, torch.zeros(B, room, dtype=torch.int32)], dim=1))
         self.length.append(L)
 
 
@@ -283,8 +380,25 @@ def _tick(stats: LayerStats, phase: str, t0: float) -> float:
     return t
 
 
-def _send(cfg: RunConfig, st: LayerStats, transport, x, a, cr: int, own_valid, own_counts, pos, start: int,
-          stop: int):
+def _exact_means(src: torch.Tensor, exact: torch.Tensor, valid: torch.Tensor, cr: int, pos: torch.Tensor,
+                 adaptive: bool = False):
+    """Step 2 with exact rows: each exact row alone (count 1, its own
+    position), the other valid rows averaged in the groups of
+    :func:`prism_ext.partition.exact_slots`. Uneven, per-sequence groups are
+    beyond the segment kernel, so this is a scatter-add over the rows.
+    Returns (rows [B, m, d], counts [B, m] int32, ends [B, m] int32)."""
+    B, n, d = src.shape
+    slot, m = exact_slots(exact, valid, cr, src if adaptive else None)
+    target = torch.where(slot < 0, m, slot)  # padding rows land in a spare slot, dropped below
+    sums = src.new_zeros(B, m + 1, d).scatter_add_(1, target[..., None].expand(B, n, d), src)
+    counts = torch.zeros(B, m + 1).scatter_add_(1, target, torch.ones(B, n))
+    ends = torch.full((B, m + 1), int(pos[-1]), dtype=torch.int32).scatter_reduce_(
+        1, target, pos.expand(B, n), reduce="amax", include_self=False)
+    means = sums[:, :m] / counts[:, :m].clamp(min=1)[..., None]
+    return means, counts[:, :m].to(torch.int32), ends[:, :m]
+
+
+def _send(cfg: RunConfig, st: LayerStats, transport, x, a, cr: int, own_valid, own_counts, pos, exact):
     """Steps 2-3, first half: compress own rows and start the all-gather;
     the caller computes its own Q/K/V while the bytes travel."""
     t = time.perf_counter()
@@ -292,25 +406,51 @@ def _send(cfg: RunConfig, st: LayerStats, transport, x, a, cr: int, own_valid, o
         send = {"rows": x, "counts": own_counts.to(torch.int32), "ends": pos}
     else:
         src = a if cfg.compression_point == "attn_input" else x
-        means, counts = kernels.segment_means(src, cr, valid=own_valid)
-        ends = torch.tensor(segment_ends(start, stop, cr), dtype=torch.int32)
-        send = {"rows": means, "counts": counts.round().to(torch.int32), "ends": ends}
+        if exact is not None and cr > 1:  # at CR 1 every row travels alone anyway
+            valid = own_counts > 0
+            means, counts, ends = _exact_means(src, cfg.exact_rows.mask(exact, x, valid), valid, cr, pos,
+                                               cfg.exact_rows.adaptive)
+            if bool((ends == ends[:1]).all()):
+                ends = ends[0]  # the same for every sequence: sent once, as plain segment ends are
+        else:
+            means, counts = kernels.segment_means(src, cr, valid=own_valid)
+            counts = counts.round().to(torch.int32)
+            ends = torch.tensor(segment_ends(int(pos[0]), int(pos[-1]) + 1, cr), dtype=torch.int32)
+        send = {"rows": means, "counts": counts, "ends": ends}
     _tick(st, "compress", t)
     st.rows_sent = send["rows"].shape[1]
     return transport.all_gather_start(send, cfg.wire_dtype)
 
 
-def _receive(blk, cfg: RunConfig, st: LayerStats, pending, rank: int):
+def _check_item(item: dict, q: int, batch: int, d: int) -> dict:
+    """Rank ``q``'s exchange item, shapes checked (its bytes are untrusted):
+    rows [B, m, d], counts [B, m], ends [m] or [B, m] (per-sequence ends of
+    exact rows)."""
+    rows, counts, ends = item.get("rows"), item.get("counts"), item.get("ends")
+    if rows is None or counts is None or ends is None or rows.dim() != 3 or rows.shape[0] != batch \
+            or rows.shape[2] != d:
+        raise ValueError(f"rank {q}: sent no rows [{batch}, m, {d}] in its exchange")
+    m = rows.shape[1]
+    if tuple(counts.shape) != (batch, m) or tuple(ends.shape) not in ((m,), (batch, m)):
+        raise ValueError(f"rank {q}: sent counts {list(counts.shape)} and ends {list(ends.shape)} that do not "
+                         f"match its {m} rows")
+    return item
+
+
+def _receive(blk, cfg: RunConfig, st: LayerStats, pending, rank: int, batch: int):
     """Second half: wait for the all-gather, return the other devices' rows
     (ready for the K/V projection), counts and end positions."""
+    d = blk.d
     got = pending.wait()
     st.time["exchange"] += got.seconds
     st.bytes_sent = got.bytes_sent
     st.activation_bytes = got.tensor_bytes["rows"]
-    others = [item for q, item in enumerate(got.items) if q != rank]
+    others = [_check_item(item, q, batch, d) for q, item in enumerate(got.items) if q != rank]
     rows = torch.cat([o["rows"] for o in others], dim=1)
+    B = rows.shape[0]
     r_counts = torch.cat([o["counts"] for o in others], dim=1).to(torch.float32)
-    r_ends = torch.cat([o["ends"] for o in others])
+    # Shared segment ends travel once [m]; exact rows' ends differ per sequence [B, m].
+    r_ends = torch.cat([o["ends"].expand(B, -1) for o in others], dim=1)
     if cfg.mean_weighting == "none" and cfg.mode == "prism":
         r_counts = (r_counts > 0).to(torch.float32)
     if blk.pre_ln and (cfg.mode == "voltage" or cfg.compression_point == "hidden"):
@@ -334,6 +474,9 @@ def run_device(net: Network, local: dict, part: Partition, rank: int, transport,
     own_valid = net.valid(local)
     own_counts = torch.ones(B, n) if own_valid is None else own_valid.to(torch.float32)
     pos = torch.arange(start, stop, dtype=torch.int32)
+    exact = None
+    if cfg.exact_rows and cfg.mode == "prism":
+        exact = cfg.exact_rows.static_mask(local, start, B, n)
     stats = DeviceStats(rank, start, stop, [LayerStats() for _ in net.blocks])
     stats.time_embed = time.perf_counter() - t0
     state = None
@@ -347,24 +490,25 @@ def run_device(net: Network, local: dict, part: Partition, rank: int, transport,
         _tick(st, "compress", t)  # LN1 prepares what is compressed and attended
         pending = None
         if transport.size > 1:
-            pending = _send(cfg, st, transport, x, a, cr, own_valid, own_counts, pos, start, stop)
+            pending = _send(cfg, st, transport, x, a, cr, own_valid, own_counts, pos, exact)
         t = time.perf_counter()
         qkv = blk.qkv(a)  # own rows: Q, K, V, while the exchange is in flight
         _tick(st, "project", t)
         if pending is None:  # nothing to exchange with
-            rows, r_counts, r_ends = x.new_empty(B, 0, d), torch.empty(B, 0), torch.empty(0, dtype=torch.int32)
+            rows, r_counts, r_ends = x.new_empty(B, 0, d), torch.empty(B, 0), torch.empty(B, 0, dtype=torch.int32)
         else:
-            rows, r_counts, r_ends = _receive(blk, cfg, st, pending, rank)
+            rows, r_counts, r_ends = _receive(blk, cfg, st, pending, rank, B)
         m = rows.shape[1]
         st.rows_received = m
         t = time.perf_counter()
         kv = torch.cat([blk.kv(rows), qkv[..., d:]], dim=1)  # received rows first, then own
         t = _tick(st, "project", t)
         counts = torch.cat([r_counts, own_counts], dim=1)
-        k_pos = torch.cat([r_ends, pos])
+        q_pos = pos.expand(B, n).contiguous()  # batched like the received ends (exact rows differ per sequence)
+        k_pos = torch.cat([r_ends, q_pos], dim=1)
         causal = net.causal
         attn = prism_attention(qkv[..., :d], kv[..., :d], kv[..., d:], blk.heads, counts,
-                               pos if causal else None, k_pos if causal else None)
+                               q_pos if causal else None, k_pos if causal else None)
         t = _tick(st, "attention", t)
         x = blk.finish_attention(x, attn)
         t = _tick(st, "project", t)
@@ -576,12 +720,12 @@ def decode_step(net: Network, state: DecodeState, token: torch.Tensor, position:
         if L == state.kv[layer].shape[1]:
             raise ValueError("max_new_tokens: the decode cache is full")
         state.kv[layer][:, L] = qkv[:, 0, d:]
-        state.positions[layer][L] = position
+        state.positions[layer][:, L] = position
         state.length[layer] = L = L + 1
         t = _tick(st, "project", t)
         kv = state.kv[layer][:, :L]
         attn = prism_attention(qkv[..., :d], kv[..., :d], kv[..., d:], blk.heads,
-                               state.counts[layer][:, :L], pos, state.positions[layer][:L])
+                               state.counts[layer][:, :L], pos.expand(B, 1).contiguous(), state.positions[layer][:, :L])
         t = _tick(st, "attention", t)
         x = blk.finish_attention(x, attn)
         t = _tick(st, "project", t)

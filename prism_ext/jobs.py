@@ -61,9 +61,10 @@ def stats_dict(stats: RunStats) -> dict:
     }
 
 
-def _knobs(wire_dtype="fp32", compression_point="attn_input", mean_weighting="count", device_weights=None) -> dict:
+def _knobs(wire_dtype="fp32", compression_point="attn_input", mean_weighting="count", device_weights=None,
+           exact_rows="none") -> dict:
     return dict(wire_dtype=wire_dtype, compression_point=compression_point, mean_weighting=mean_weighting,
-                device_weights=device_weights)
+                device_weights=device_weights, exact_rows=exact_rows)
 
 
 def _validate(model: PrismModel, n: int, devices: int, cr, mode: str, knobs: dict) -> None:
@@ -79,7 +80,7 @@ def _validate(model: PrismModel, n: int, devices: int, cr, mode: str, knobs: dic
         partition(n, devices, knobs["device_weights"])
     RunConfig.make(len(model.net.blocks), mode="voltage" if mode == "voltage" else "prism", cr=cr,
                    wire_dtype=knobs["wire_dtype"], compression_point=knobs["compression_point"],
-                   mean_weighting=knobs["mean_weighting"])
+                   mean_weighting=knobs["mean_weighting"], exact_rows=model.exact_rows(knobs["exact_rows"]))
 
 
 def _peers(run, inputs, devices: int, knobs: dict) -> tuple:

@@ -13,11 +13,15 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
+
 __all__ = [
     "Partition",
     "partition",
     "segment_ends",
     "segment_sizes",
+    "rows_sent",
+    "exact_slots",
     "cr_schedule",
     "AccuracyWarning",
     "coarse_warning",
@@ -78,10 +82,11 @@ class Partition:
     def sizes(self) -> list[int]:
         return [stop - start for start, stop in self.ranges]
 
-    def segments(self, rank: int, cr: int) -> int:
-        """Mean rows device ``rank`` sends at compression rate ``cr``."""
+    def segments(self, rank: int, cr: int, exact: int = 0) -> int:
+        """Rows device ``rank`` sends at compression rate ``cr`` with
+        ``exact`` of its rows travelling exactly (see :func:`rows_sent`)."""
         start, stop = self.ranges[rank]
-        return -(-(stop - start) // cr)
+        return rows_sent(stop - start, cr, exact)
 
 
 def partition(n: int, devices: int, weights: Sequence[float] | None = None) -> Partition:
@@ -128,6 +133,59 @@ def segment_ends(start: int, stop: int, cr: int) -> list[int]:
 def segment_sizes(start: int, stop: int, cr: int) -> list[int]:
     """Rows in each CR-row segment of ``[start, stop)`` (padding included)."""
     return [min(s + cr, stop) - s for s in range(start, stop, cr)]
+
+
+def rows_sent(n: int, cr: int, exact: int = 0) -> int:
+    """Rows a device owning ``n`` positions sends at ``cr`` when ``exact`` of
+    them travel as their own rows: the same ceil(n / cr) rows as without
+    exact rows (the exact rows take the place of segments), but never fewer
+    than the exact rows plus one segment for the rest."""
+    budget = -(-n // cr)
+    exact = min(exact, n)
+    if exact == 0:
+        return budget
+    rest = n - exact
+    return exact + (min(rest, max(1, budget - exact)) if rest else 0)
+
+
+def exact_slots(exact: torch.Tensor, valid: torch.Tensor, cr: int,
+                rows: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Which row a device sends carries each of its own rows, when the rows
+    where ``exact`` [B, n] is True travel as their own rows (count 1).
+
+    Per sequence b: its k_b valid exact rows take slots 0..k_b-1 in position
+    order; its r_b other valid rows are cut, in position order, into s_b
+    contiguous groups of nearly equal size (slots k_b..k_b+s_b-1), where
+    s_b = min(r_b, max(1, ceil(n / cr) - k_b)): the row budget of plain
+    segments (:func:`rows_sent`). With ``rows`` [B, n, d] the groups are
+    adaptive instead: cut before the s_b - 1 rows farthest (L2) from the
+    previous row of the group's kind, so that a mean never spans a jump.
+    Padding rows get slot -1. Returns
+    (slot [B, n] int64, m = rows sent, the largest k_b + s_b, at least 1;
+    a sequence with fewer rows leaves the rest empty: count 0)."""
+    B, n = valid.shape
+    exact = exact & valid
+    rest = valid & ~exact
+    k = exact.sum(1)
+    r = rest.sum(1)
+    budget = -(-n // cr)
+    s = torch.where(r > 0, torch.minimum(r, (budget - k).clamp(min=1)), torch.zeros_like(r))
+    exact_rank = exact.long().cumsum(1) - 1
+    rest_rank = rest.long().cumsum(1) - 1
+    if rows is None:
+        group = torch.div(rest_rank * s[:, None], r.clamp(min=1)[:, None], rounding_mode="floor")
+    else:
+        idx = torch.arange(n).expand(B, n)
+        last = torch.where(rest, idx, -1).cummax(1).values  # the last other row at or before t
+        before = torch.cat([torch.full((B, 1), -1), last[:, :-1]], dim=1)
+        prev = rows.gather(1, before.clamp(min=0)[..., None].expand(-1, -1, rows.shape[-1]))
+        gap = (rows - prev).norm(dim=-1).masked_fill(~rest | (before < 0), -math.inf)
+        order = gap.argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, idx.contiguous())
+        cut = (rank < (s - 1)[:, None]) & (gap > -math.inf)
+        group = cut.long().cumsum(1)
+    slot = torch.where(exact, exact_rank, torch.where(rest, k[:, None] + group, torch.full_like(group, -1)))
+    return slot, max(1, int((k + s).max()))
 
 
 def cr_schedule(cr, layers: int) -> list[int]:

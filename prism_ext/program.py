@@ -19,7 +19,7 @@ import torch
 from .checks import warn_if_coarse
 from .comm.local import LocalGroup
 from .comm.wire import check_wire_dtype, decode_message, encode
-from .engine import OUTPUTS, Collected, GenerateOptions, RunConfig, RunStats, generate_request, run_request
+from .engine import OUTPUTS, Collected, ExactRows, GenerateOptions, RunConfig, RunStats, generate_request, run_request
 from .models import Network
 from .partition import Partition, partition
 
@@ -50,6 +50,7 @@ class Request:
         c = self.cfg
         return {"op": self.op, "mode": self.mode, "crs": list(c.crs), "wire_dtype": c.wire_dtype,
                 "compression_point": c.compression_point, "mean_weighting": c.mean_weighting,
+                "exact_rows": c.exact_rows.to_meta(),
                 "ranges": [list(r) for r in self.ranges], "batch": self.batch, "outputs": list(self.outputs),
                 "generate": None if self.generate is None else vars(self.generate)}
 
@@ -88,7 +89,8 @@ class Request:
         crs = meta.get("crs")
         if not isinstance(crs, list):
             raise ValueError("request: crs must be a list")
-        cfg = RunConfig.make(len(net.blocks), mode="voltage" if mode == "voltage" else "prism", cr=crs, **knobs)
+        cfg = RunConfig.make(len(net.blocks), mode="voltage" if mode == "voltage" else "prism", cr=crs,
+                             exact_rows=ExactRows.from_meta(meta.get("exact_rows")), **knobs)
         gen = meta.get("generate")
         if op == "generate":
             if not isinstance(gen, dict) or set(gen) != set(GenerateOptions.__dataclass_fields__):
@@ -101,9 +103,11 @@ class Request:
 
 def plan(net: Network, inputs: dict, *, devices: int, mode: str = "prism", cr=1, device_weights=None,
          wire_dtype: str = "fp32", compression_point: str = "attn_input", mean_weighting: str = "count",
-         outputs=("rows", "cls"), generate: GenerateOptions | None = None) -> Request:
+         exact_rows: ExactRows = ExactRows(), outputs=("rows", "cls"),
+         generate: GenerateOptions | None = None) -> Request:
     """Check a request on rank 0, before anything is sent: every error here
-    names the argument and leaves the devices untouched."""
+    names the argument and leaves the devices untouched. ``exact_rows`` is
+    resolved (:meth:`prism_ext.api.PrismModel.exact_rows`); it applies in prism mode."""
     batch, n = net.check_inputs(inputs)
     if isinstance(devices, bool) or not isinstance(devices, int):
         raise TypeError(f"devices: expected an int, got {type(devices).__name__}")
@@ -117,7 +121,8 @@ def plan(net: Network, inputs: dict, *, devices: int, mode: str = "prism", cr=1,
     check_wire_dtype(wire_dtype)
     engine_mode = "voltage" if mode == "voltage" else "prism"
     cfg = RunConfig.make(len(net.blocks), mode=engine_mode, cr=cr if mode in ("prism", "voltage") else 1,
-                         wire_dtype=wire_dtype, compression_point=compression_point, mean_weighting=mean_weighting)
+                         wire_dtype=wire_dtype, compression_point=compression_point, mean_weighting=mean_weighting,
+                         exact_rows=exact_rows if mode == "prism" else ExactRows())
     if mode == "single":
         devices = 1
     if mode == "tp":

@@ -53,7 +53,7 @@ _TAG = 32  # bytes of an HMAC-SHA256 tag
 _HEARTBEAT = 0.5  # seconds between worker heartbeats
 _STALE = 5.0  # seconds without a heartbeat after which lost_ranks() calls a worker lost (a loaded board can lag)
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
-_SETTINGS = ("mode", "cr", "wire_dtype", "compression_point", "mean_weighting", "device_weights")
+_SETTINGS = ("mode", "cr", "wire_dtype", "compression_point", "mean_weighting", "exact_rows", "device_weights")
 
 
 class ClusterError(RuntimeError):
@@ -350,14 +350,15 @@ class Cluster:
 
     def __call__(self, inputs=None, *, devices: int | None = None, cr=1, mode: str = "prism", device_weights=None,
                  wire_dtype: str = "fp32", compression_point: str = "attn_input", mean_weighting: str = "count",
-                 outputs=("rows", "cls"), **model_inputs) -> PrismOutput:
+                 exact_rows="none", outputs=("rows", "cls"), **model_inputs) -> PrismOutput:
         """Run one forward pass on the cluster (see :meth:`PrismModel.__call__`)."""
         self._check_open()
         m = self.model
         inputs = m._inputs(inputs, model_inputs)
         request = plan(m.net, inputs, devices=self._devices(devices, mode), mode=self._mode(devices, mode), cr=cr,
                        device_weights=self._weights(device_weights), wire_dtype=wire_dtype,
-                       compression_point=compression_point, mean_weighting=mean_weighting, outputs=outputs)
+                       compression_point=compression_point, mean_weighting=mean_weighting,
+                       exact_rows=m.exact_rows(exact_rows), outputs=outputs)
         collected = self._submit(inputs, request)
         return PrismOutput(collected.fields, run_stats(request, collected))
 
@@ -365,7 +366,7 @@ class Cluster:
                  temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
                  eos_token_id: int | None = None, device_weights=None, wire_dtype: str = "fp32",
                  compression_point: str = "attn_input", mean_weighting: str = "count", mode: str = "prism",
-                 return_stats: bool = False, on_token=None):
+                 exact_rows="none", return_stats: bool = False, on_token=None):
         """GPT-2 generation on the cluster (see :meth:`PrismModel.generate`):
         the prefill on every process, decoding on the last one, tokens back to rank 0.
         ``on_token``: called on rank 0 with each step's new tokens [B] as
@@ -375,7 +376,7 @@ class Cluster:
         inputs, request = self.model._generate_request(
             input_ids, self._devices(devices, mode), cr, max_new_tokens, temperature, top_k, seed, eos_token_id,
             self._weights(device_weights), wire_dtype, compression_point, mean_weighting, self._mode(devices, mode),
-            stream=on_token is not None)
+            exact_rows, stream=on_token is not None)
         collected = self._submit(inputs, request, on_token)
         ids = torch.cat([inputs["input_ids"].long(), collected.tokens], dim=1)
         return (ids, run_stats(request, collected), collected.decode) if return_stats else ids

@@ -32,7 +32,6 @@ import collections
 import concurrent.futures
 import hmac
 import inspect
-import io
 import json
 import os
 import re
@@ -43,7 +42,6 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
 import prometheus_client as prom
 import pydantic
 import torch

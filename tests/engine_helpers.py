@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import reference
 
-from prism_ext.partition import partition, segment_ends
+from prism_ext.partition import exact_slots, partition, segment_ends
 
 D, HEADS, LAYERS, FF = 32, 4, 2, 64
 INIT = 0.2  # 10x the HF default: peaked attention, so compression visibly matters
@@ -74,7 +74,40 @@ def bert_inputs(batch=3, n=17, seed=1):
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
 
-def naive_forward(net, inputs: dict, devices: int, cr: int, point: str = "attn_input", weighting: str = "count"):
+def _exact_groups(net, inputs, exact, x, a_or_x, valid_b, s, e, cr, b):
+    """Reference of one device's sent rows for sequence b with exact rows:
+    (rows [r, d], counts [r], positions [r]). Exact rows are position 0
+    (``first``), the ``ids`` and the ``topk`` largest-norm valid rows of x;
+    the others are grouped as :func:`prism_ext.partition.exact_slots` says
+    (the layout under test there) and each group is one mean row at its last
+    position."""
+    n = e - s
+    mask = torch.zeros(n, dtype=torch.bool)
+    if exact.first and s == 0:
+        mask[0] = True
+    if "input_ids" in inputs:
+        for j in range(n):
+            mask[j] |= int(inputs["input_ids"][b, s + j]) in exact.ids
+    mask &= valid_b
+    if exact.topk:
+        norms = [(float(x[b, j].norm()), j) for j in range(n) if valid_b[j] and not mask[j]]
+        for _, j in sorted(norms, reverse=True)[:exact.topk]:
+            mask[j] = True
+    slot, _ = exact_slots(mask[None], valid_b[None], cr, a_or_x[b][None] if exact.adaptive else None)
+    rows, counts, pos = [], [], []
+    for j in range(n):
+        if mask[j]:
+            rows.append(a_or_x[b, j]), counts.append(1), pos.append(s + j)
+    for g in sorted(set(slot[0][~mask & valid_b].tolist())):
+        members = [j for j in range(n) if slot[0, j] == g]
+        rows.append(a_or_x[b, members].mean(0)), counts.append(len(members)), pos.append(s + max(members))
+    if not rows:
+        return a_or_x.new_zeros(0, a_or_x.shape[-1]), torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return torch.stack(rows), torch.tensor(counts, dtype=torch.float32), torch.tensor(pos)
+
+
+def naive_forward(net, inputs: dict, devices: int, cr: int, point: str = "attn_input", weighting: str = "count",
+                  exact=None):
     """Reference engine: per layer, device p rebuilds the whole sequence (own
     rows + every other device's segment means of the attention input, each
     repeated count times, with the segment's last position as its position),
@@ -92,22 +125,29 @@ def naive_forward(net, inputs: dict, devices: int, cr: int, point: str = "attn_i
         acts = [blk.attn_input(x) for x in xs]
         sent = []
         for (s, e), a, x in zip(part.ranges, acts, xs):
-            means, counts = reference.segment_means(a if point == "attn_input" else x, cr, valid[:, s:e])
+            src = a if point == "attn_input" else x
+            if exact:  # per sequence: [(rows, counts, positions)] for b in the batch
+                groups = [_exact_groups(net, inputs, exact, x, src, valid[b, s:e], s, e, cr, b) for b in range(batch)]
+            else:
+                means, counts = reference.segment_means(src, cr, valid[:, s:e])
+                ends = torch.tensor(segment_ends(s, e, cr))
+                groups = [(means[b], counts[b], ends) for b in range(batch)]
             if point == "hidden":
-                means = blk.attn_input(means)
+                groups = [(blk.attn_input(r), c, q) for r, c, q in groups]
             if weighting == "none":
-                counts = (counts > 0).to(counts.dtype)
-            sent.append((means, counts, torch.tensor(segment_ends(s, e, cr))))
+                groups = [(r, (c > 0).to(c.dtype), q) for r, c, q in groups]
+            sent.append(groups)
         new = []
         for p, ((s, e), x, a) in enumerate(zip(part.ranges, xs, acts)):
             outs = []
             for b in range(batch):
                 rows, reps, pos = [], [], []
-                for q, (means, counts, ends) in enumerate(sent):
+                for q, groups in enumerate(sent):
                     if q == p:
                         rows.append(a[b]), reps.append(valid[b, s:e].long()), pos.append(torch.arange(s, e))
                     else:
-                        rows.append(means[b]), reps.append(counts[b].round().long()), pos.append(ends)
+                        means, counts, ends = groups[b]
+                        rows.append(means), reps.append(counts.round().long()), pos.append(ends)
                 reps = torch.cat(reps)
                 seq = torch.repeat_interleave(torch.cat(rows), reps, dim=0)  # the rebuilt sequence
                 kpos = torch.repeat_interleave(torch.cat(pos), reps)

@@ -11,8 +11,8 @@ from engine_helpers import attention_flops, counted_flops, family_inputs, max_er
 
 import prism_ext
 from prism_ext.comm import LocalGroup
-from prism_ext.engine import RunConfig, decode_step, run_device
-from prism_ext.partition import Partition, partition
+from prism_ext.engine import ExactRows, RunConfig, decode_step, run_device, run_request
+from prism_ext.partition import Partition, exact_slots, partition, rows_sent
 
 TOL = 1e-4
 
@@ -295,3 +295,172 @@ def test_every_isa_runs_the_engine_through_the_kernels(models, monkeypatch, isa)
     layers = len(m.net.blocks)
     assert calls == {"segment_means": 3 * layers, "compressed_attention": 3 * layers}
     assert max_err(out.logits, ref["logits"]) <= TOL
+
+
+# ---------------------------------------------------------------- exact rows
+
+EXACT = {"gpt2": ExactRows(first=True, ids=(3, 5)), "bert": ExactRows(first=True, ids=(0, 7, 9)),
+         "vit": ExactRows(first=True)}
+
+
+# top<K> is left out for the tiny BERT: its layer inputs are LayerNorm outputs
+# with unit gain, so every row has the same norm and the K largest are a tie.
+@pytest.mark.parametrize("family,devices,cr,topk,adaptive", [
+    (f, p, c, k, a) for f in ("gpt2", "bert", "vit") for p, c, k, a in ((2, 4, 0, False), (3, 7, 0, False),
+                                                                       (3, 3, 2, False), (3, 4, 0, True))
+    if not (f == "bert" and k)])
+def test_exact_rows_equal_naive_reconstruction(models, family, devices, cr, topk, adaptive):
+    """With exact rows the naive reconstruction repeats each group's mean
+    over the non-exact rows only; exact rows stand for themselves."""
+    _, m = models[family]
+    inputs = inputs_for(family, seed=cr * 10 + devices + topk)
+    exact = ExactRows(EXACT[family].first, EXACT[family].ids, topk, adaptive)
+    with torch.no_grad():
+        ref = naive_forward(m.net, inputs, devices, cr, exact=exact)
+    out = m(inputs, devices=devices, cr=cr, exact_rows=exact)
+    for name in ref:
+        assert max_err(out[name], ref[name]) <= TOL, name
+    plain = m(inputs, devices=devices, cr=cr)
+    assert max_err(out.last_hidden_state, plain.last_hidden_state) > 100 * max_err(
+        out.last_hidden_state, ref["last_hidden_state"])
+
+
+@pytest.mark.parametrize("family,point,weighting", [("gpt2", "hidden", "count"), ("vit", "attn_input", "none"),
+                                                    ("vit", "hidden", "none")])
+def test_exact_rows_with_the_other_knobs_equal_naive_reconstruction(models, family, point, weighting):
+    _, m = models[family]
+    inputs = inputs_for(family, seed=11)
+    exact = ExactRows(True, EXACT[family].ids, 1)
+    with torch.no_grad():
+        ref = naive_forward(m.net, inputs, 3, 4, point=point, weighting=weighting, exact=exact)
+    out = m(inputs, devices=3, cr=4, compression_point=point, mean_weighting=weighting, exact_rows=exact)
+    for name in ref:
+        assert max_err(out[name], ref[name]) <= TOL, name
+
+
+def test_exact_slots_keep_the_row_budget():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        B, n = 3, int(torch.randint(1, 40, (1,), generator=g))
+        cr = int(torch.randint(1, 12, (1,), generator=g))
+        exact = torch.rand(B, n, generator=g) < 0.15
+        valid = torch.rand(B, n, generator=g) < 0.9
+        rows = torch.randn(B, n, 4, generator=g)
+        slot, m = exact_slots(exact, valid, cr)
+        adaptive, m_adaptive = exact_slots(exact, valid, cr, rows)
+        assert m_adaptive == m
+        for b in range(B):  # the same exact slots and number of groups; contiguous groups, cut at the largest jumps
+            rest = valid[b] & ~exact[b]
+            assert torch.equal(adaptive[b][~rest], slot[b][~rest])
+            got = adaptive[b][rest]
+            assert bool((got[1:] - got[:-1] <= 1).all() and (got[1:] >= got[:-1]).all())
+            assert len(torch.unique(got)) == len(torch.unique(slot[b][rest]))
+            kept = rows[b][rest]
+            jumps = (kept[1:] - kept[:-1]).norm(dim=-1)
+            cut = got[1:] > got[:-1]
+            if bool(cut.any()) and bool((~cut).any()):
+                assert float(jumps[cut].min()) >= float(jumps[~cut].max())
+        assert bool((slot[~valid] == -1).all())
+        for b in range(B):
+            k = int((exact[b] & valid[b]).sum())
+            assert sorted(slot[b][exact[b] & valid[b]].tolist()) == list(range(k))  # each exact row alone
+            rest = slot[b][valid[b] & ~exact[b]]
+            assert bool((rest[1:] >= rest[:-1]).all())  # groups are contiguous in position order
+            sizes = torch.bincount(rest - k) if len(rest) else torch.zeros(0)
+            if len(rest):
+                assert int(sizes.min()) >= 1 and int(sizes.max()) - int(sizes.min()) <= 1
+            rows = k + len(sizes)
+            assert rows <= m
+            if bool(valid[b].all()):
+                assert rows == rows_sent(n, cr, k)
+                assert rows == -(-n // cr) or rows == k + 1  # the plain budget, or one group past the exact rows
+        assert m == max(1, max(int((exact[b] & valid[b]).sum()) + len(torch.unique(slot[b][valid[b] & ~exact[b]]))
+                               for b in range(B)))
+    with pytest.raises(ValueError, match="exact_rows"):
+        ExactRows.parse("special+bogus")
+    with pytest.raises(ValueError, match="topk"):
+        ExactRows(topk=-1)
+    assert ExactRows.parse("special+top2", (5, 1)) == ExactRows(True, (1, 5), 2)
+    assert ExactRows.parse("adaptive+top1") == ExactRows(False, (), 1, True)
+    assert not ExactRows.parse("none")
+
+
+def test_exact_rows_cost_no_bytes_within_the_budget(models):
+    """Exact rows take the place of segments: the same rows travel as plain
+    PRISM (only their per-sequence end positions are extra)."""
+    _, m = models["gpt2"]
+    ids = torch.randint(0, 64, (1, 48), generator=torch.Generator().manual_seed(3))
+    plain = m(ids, devices=3, cr=4)
+    exact = m(ids, devices=3, cr=4, exact_rows="first+top1")
+    assert [[s.rows_sent for s in d.layers] for d in exact.stats.devices] == \
+        [[s.rows_sent for s in d.layers] for d in plain.stats.devices]
+    assert exact.stats.activation_bytes == plain.stats.activation_bytes
+    assert plain.stats.bytes_sent <= exact.stats.bytes_sent <= 1.01 * plain.stats.bytes_sent  # ends' header
+    # at CR 16 each device has one segment: its exact rows (first + top1 on device 0, top1 elsewhere) need a group more
+    plain = m(ids, devices=3, cr=16)
+    exact = m(ids, devices=3, cr=16, exact_rows="first+top1")
+    assert [d.layers[0].rows_sent for d in exact.stats.devices] == [3, 2, 2]
+    part = exact.stats.partition
+    assert [part.segments(p, 16, k) for p, k in enumerate((2, 1, 1))] == [3, 2, 2]  # what accounting counts
+    assert [d.layers[0].rows_sent for d in plain.stats.devices] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("devices,cr", [(2, 4), (3, 3)])
+def test_decoding_with_exact_rows_equals_prefill(models, devices, cr):
+    _, m = models["gpt2"]
+    ids = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(cr))
+    exact = ExactRows(True, (3, 5), 1)
+    gen = m.generate(ids, devices=devices, cr=cr, max_new_tokens=4, exact_rows=exact)
+    ranges = list(partition(17, devices).ranges)
+    ranges[-1] = (ranges[-1][0], gen.shape[1])
+    part = Partition(tuple(ranges))
+    cfg = RunConfig.make(len(m.net.blocks), cr=cr, exact_rows=exact)
+    full = {"input_ids": gen}
+    results = LocalGroup(devices).run(
+        [lambda tr, r=r: run_request(m.net, m.net.local_inputs(full, *part.ranges[r]), part, r, tr, cfg, ("rows",))
+         for r in range(devices)])
+    logits = results[0].fields["logits"]
+    assert torch.equal(logits[:, 16:-1].argmax(-1), gen[:, 17:])
+    # and the exact rows changed what the last device attended to
+    assert max_err(m(ids, devices=devices, cr=cr, exact_rows=exact).logits, m(ids, devices=devices, cr=cr).logits) > 1e-3
+
+
+def test_exact_rows_travel_in_the_request_and_are_checked(models):
+    from prism_ext.program import Request, plan
+
+    _, m = models["bert"]
+    inputs = inputs_for("bert")
+    req = plan(m.net, inputs, devices=2, cr=3, exact_rows=ExactRows(True, (0, 7), 2, True))
+    meta = req.to_meta()
+    assert Request.from_meta(meta, m.net, 2) == req
+    for bad in ({"first": 1, "ids": [], "topk": 0}, {"first": True, "ids": [-1], "topk": 0},
+                {"first": True, "ids": [], "topk": "2"}, {"first": True, "ids": []}, None):
+        with pytest.raises(ValueError, match="exact_rows"):
+            Request.from_meta({**meta, "exact_rows": bad}, m.net, 2)
+    # Voltage sends every row: exact rows do not apply
+    assert not plan(m.net, inputs, devices=2, mode="voltage", exact_rows=ExactRows(True)).cfg.exact_rows
+
+
+def test_a_peer_sending_misshapen_exact_row_ends_is_named(models, monkeypatch):
+    """Per-sequence ends [B, m] are new on the wire: a peer whose ends (or
+    counts) do not match its rows is an error naming that rank."""
+    import prism_ext.engine as engine
+
+    _, m = models["gpt2"]
+    real = engine._send
+
+    def bad_send(cfg, st, transport, *args):
+        pending = real(cfg, st, transport, *args)
+        if transport.rank == 1:  # the others receive rank 1's item garbled
+            return pending
+
+        class Garbled:
+            def wait(self):
+                got = pending.wait()
+                got.items[1] = {**got.items[1], "ends": torch.zeros(3, 1, dtype=torch.int32)}
+                return got
+        return Garbled()
+
+    monkeypatch.setattr(engine, "_send", bad_send)
+    with pytest.raises(ValueError, match="rank 1: sent counts .* and ends"):
+        m(torch.randint(0, 64, (2, 20)), devices=3, cr=4, exact_rows="first")

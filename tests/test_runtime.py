@@ -58,12 +58,13 @@ def assert_same_stats(real, sim):
         assert a.peak_rss > 0
 
 
-@pytest.mark.parametrize("mode,cr", [("prism", 2), ("prism", 7), ("voltage", 4), ("tp", 1), ("single", 1)])
-def test_processes_equal_the_simulation(live, gpt, mode, cr):
+@pytest.mark.parametrize("mode,cr,exact", [("prism", 2, "none"), ("prism", 7, "none"), ("prism", 4, "first+top1"),
+                                            ("voltage", 4, "none"), ("tp", 1, "none"), ("single", 1, "none")])
+def test_processes_equal_the_simulation(live, gpt, mode, cr, exact):
     ids = ids_of(gpt)
     devices = 1 if mode == "single" else 3
-    real = live(ids, devices=devices, cr=cr, mode=mode)
-    sim = gpt(ids, devices=devices, cr=cr, mode=mode)
+    real = live(ids, devices=devices, cr=cr, mode=mode, exact_rows=exact)
+    sim = gpt(ids, devices=devices, cr=cr, mode=mode, exact_rows=exact)
     # tp: gloo's all-reduce sums in its own order; the others are the same arithmetic
     torch.testing.assert_close(real.logits, sim.logits, rtol=0, atol=1e-4 if mode == "tp" else 1e-6)
     assert_same_stats(real.stats, sim.stats)
@@ -98,6 +99,8 @@ def test_generate_across_processes(live, gpt):
     real, stats, decode = live.generate(ids, cr=2, max_new_tokens=10, return_stats=True)
     assert torch.equal(real, gpt.generate(ids, devices=3, cr=2, max_new_tokens=10))
     assert decode.bytes_sent == [0] * 9 and all(f > 0 for f in decode.flops)
+    exact = live.generate(ids, cr=4, max_new_tokens=6, exact_rows="first+top2")
+    assert torch.equal(exact, gpt.generate(ids, devices=3, cr=4, max_new_tokens=6, exact_rows="first+top2"))
     sampled = live.generate(ids, cr=2, max_new_tokens=8, temperature=0.8, top_k=5, seed=3)
     assert torch.equal(sampled, gpt.generate(ids, devices=3, cr=2, max_new_tokens=8, temperature=0.8, top_k=5, seed=3))
 
@@ -392,3 +395,13 @@ def test_worker_bad_arguments_are_one_line():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "master: expected HOST:PORT" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_handshake_refuses_a_rank_pinned_to_other_exact_rows():
+    from prism_ext.runtime import _mismatches
+
+    base = {"version": "1", "model_type": "gpt2", "config": "c", "weights": "w"}
+    claims = [{**base, "settings": {"cr": 4, "exact_rows": "special"}},
+              {**base, "settings": {"cr": 4, "exact_rows": "none"}},
+              {**base, "settings": {"cr": 4}}]  # a rank that pinned nothing about it agrees
+    assert _mismatches(claims) == ["rank 1: exact_rows none differs from rank 0's special"]

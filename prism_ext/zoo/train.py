@@ -464,10 +464,10 @@ def _augment(px: torch.Tensor, background: float, gen: torch.Generator) -> torch
     return F.grid_sample(px - background, grid, align_corners=False) + background
 
 
-def train_vit(out: Path, log, quiet: bool = False) -> dict:
+def train_vit(out: Path, log, quiet: bool = False, exact_only: bool = False) -> dict:
     from ..images import ImageProcessor
 
-    c = VIT_CFG
+    c = dict(VIT_CFG, prism_training={**VIT_CFG["prism_training"], "fraction": 0.0}) if exact_only else VIT_CFG
     torch.manual_seed(SEED)
     tr_x, tr_y, te_x, te_y = digits_split(c["test_fraction"])
     proc = ImageProcessor(DIGITS_PROCESSOR, 1, c["image_size"])
@@ -541,11 +541,16 @@ def train_vit(out: Path, log, quiet: bool = False) -> dict:
 TRAINERS = {"gpt2-tiny": train_gpt2, "vit-tiny-digits": train_vit}
 
 
-def train(name: str, out: Path, threads: int | None = None, log=None, quiet: bool = False) -> dict:
+def train(name: str, out: Path, threads: int | None = None, log=None, quiet: bool = False,
+          exact_only: bool = False) -> dict:
     """Train ``name`` into ``out`` and write ``out/metrics.json``; returns the metrics.
-    Progress: ``log`` lines and a bar on stderr, neither with ``quiet``."""
+    Progress: ``log`` lines and a bar on stderr, neither with ``quiet``. ``exact_only``:
+    vit-tiny-digits without PRISM-aware batches (the peer that shows what PRISM-aware
+    training buys, bench/EVAL.md)."""
     if name not in TRAINERS:
         raise ValueError(f"name: unknown bundled model {name!r} (known: {', '.join(TRAINERS)})")
+    if exact_only and name != "vit-tiny-digits":
+        raise ValueError(f"--exact-only: only vit-tiny-digits has PRISM-aware batches to leave out, not {name}")
     if name == "vit-tiny-digits":
         try:
             import sklearn  # noqa: F401
@@ -557,6 +562,7 @@ def train(name: str, out: Path, threads: int | None = None, log=None, quiet: boo
                 write(msg, file=sys.stderr)  # above a progress bar, not through it
     if threads is not None:
         torch.set_num_threads(threads)
-    metrics = TRAINERS[name](Path(out), log, quiet)
+    extra = {"exact_only": True} if exact_only else {}
+    metrics = TRAINERS[name](Path(out), log, quiet, **extra)
     (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     return metrics

@@ -1,0 +1,75 @@
+"""``prism eval``: the accuracy-against-cost grid (:mod:`prism_ext.evaluation`)."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+from .cli_jobs import _one_line_errors, _positive, _user_errors
+
+
+def _ints(name: str):
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected comma-separated ints, got {text!r}") from None
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"{name}: expected ints >= 1, got {text!r}")
+        return values
+    return parse
+
+
+def _words(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+@_user_errors("eval")
+def _eval(args: argparse.Namespace) -> int:
+    from . import evaluation, jobs
+
+    model = jobs.load_model(args.model)
+    out = Path(args.out)
+    variants = [evaluation.Variant(*combo) for combo in itertools.product(
+        args.exact_rows, args.wire_dtype, args.compression_point, args.mean_weighting, args.schedule)]
+    for v in variants:  # every knob checked before the first point runs
+        model.exact_rows(v.exact_rows)
+        evaluation.cr_for_schedule(v.schedule, 2, len(model.net.blocks))
+    task = evaluation.build_task(model, args.task, args.data, args.label_map, args.limit, out)
+    result = evaluation.evaluate(model, task, args.devices, args.cr, variants, mode=args.mode, batch=args.batch,
+                                 quiet=args.quiet)
+    result["command"] = "prism eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None
+    paths = evaluation.write_report(result, out, args.name or args.task)
+    print(evaluation.markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def register(sub) -> None:
+    from .evaluation import SCHEDULES, TASKS
+
+    ev = _one_line_errors(sub.add_parser(
+        "eval", help="accuracy and fidelity against bytes and FLOPs over devices x CR x knobs",
+        description="Run a task through the engine (simulated devices) at every grid point and write JSON, "
+                    "a markdown table and a PNG plot (needs the `eval` and `plot` extras)."), "eval")
+    ev.add_argument("--model", required=True, help="a checkpoint directory or a bundled name")
+    ev.add_argument("--task", required=True, choices=TASKS)
+    ev.add_argument("--data", help="the task's data (see docs/eval.md); some tasks have a built-in default")
+    ev.add_argument("--label-map", help="image folder task: a synset mapping text or a JSON {folder: label}")
+    ev.add_argument("--devices", "-P", type=_ints("--devices"), default=[2, 4], help="device counts (default 2,4)")
+    ev.add_argument("--cr", type=_ints("--cr"), default=[1, 2, 4, 8, 16, 32, 64, 128],
+                    help="compression rates (default 1,2,...,128)")
+    ev.add_argument("--mode", choices=("prism", "voltage"), default="prism")
+    ev.add_argument("--exact-rows", type=_words, default=["none"], help="comma-separated exact-rows specs")
+    ev.add_argument("--wire-dtype", type=_words, default=["fp32"], help="comma-separated wire dtypes")
+    ev.add_argument("--compression-point", type=_words, default=["attn_input"])
+    ev.add_argument("--mean-weighting", type=_words, default=["count"])
+    ev.add_argument("--schedule", type=_words, default=["flat"], help=f"per-layer CR: {', '.join(SCHEDULES)}")
+    ev.add_argument("--limit", type=_positive, help="at most this many items")
+    ev.add_argument("--batch", type=_positive, default=16, help="sequences per engine call (same length only)")
+    ev.add_argument("--out", default="eval-out", help="folder for the JSON, markdown and PNG")
+    ev.add_argument("--name", help="file stem of the outputs (default: the task)")
+    ev.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_eval)
