@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .images import image_files
+
 __all__ = ["ImageSet", "TextPairs", "ClozeItem", "read_cifar", "read_image_folder", "read_glue", "read_cbt",
            "write_cbt", "GLUE_TASKS"]
 
@@ -137,9 +139,6 @@ def read_cifar(path, split: str = "test", limit: int | None = None) -> ImageSet:
 
 # ------------------------------------------------------- ImageNet-style folder
 
-_IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
-
-
 def _label_map(path: Path) -> dict[str, tuple[int, str]]:
     """folder -> (label, name) from a synset mapping text or a JSON object."""
     text = path.read_text()
@@ -178,10 +177,9 @@ def read_image_folder(path, label_map=None, limit: int | None = None) -> ImageSe
     for folder in folders:
         if folder.name not in mapping:
             raise ValueError(f"data: folder {folder.name!r} is not in the label map {label_map}")
-        for f in sorted(folder.iterdir()):
-            if f.suffix.lower() in _IMAGE_SUFFIXES:
-                images.append(f)
-                labels.append(mapping[folder.name][0])
+        for f in image_files(folder):  # every extension Pillow reads
+            images.append(f)
+            labels.append(mapping[folder.name][0])
     if not images:
         raise ValueError(f"data: {root} holds no images in class folders")
     names = [""] * (max(v for v, _ in mapping.values()) + 1)

@@ -230,11 +230,9 @@ class ClozeTask(Task):
 # ------------------------------------------------------------ task data
 
 def _pixels_task(model: PrismModel, data, label_map, limit) -> ClassifierTask:
-    from .jobs import _processor
-
     if model.net.head != "classification":
         raise ValueError(f"task images: needs an image classifier; {model.model_type} has head {model.net.head}")
-    proc = _processor(model)
+    proc = model.image_processor
     if data is None:
         if proc.digits is None or model.directory is None or not (model.directory / "heldout_digits.npz").is_file():
             raise ValueError("--data: required (a CIFAR folder or an image folder) for a model with no bundled "
@@ -247,9 +245,7 @@ def _pixels_task(model: PrismModel, data, label_map, limit) -> ClassifierTask:
             images = read_cifar(root, limit=limit)
         else:
             images = read_image_folder(root, label_map, limit=limit)
-        from .images import read_image
-
-        px = proc.images_to_pixels([read_image(im) if isinstance(im, Path) else im for im in images.images])
+        px = proc.to_pixels(list(images.images))
         labels, what = images.labels, f"{root} ({len(images.labels)} images)"
     items = [{"pixel_values": px[i:i + 1]} for i in range(len(px))]
     task = ClassifierTask("images", items, labels, note=f"{what}; the model's classification head on its labels")
@@ -259,12 +255,12 @@ def _pixels_task(model: PrismModel, data, label_map, limit) -> ClassifierTask:
 
 def _text_inputs(model: PrismModel, first: str, second: str | None, max_len: int) -> dict:
     tok = model.tokenizer
-    wrap = tok.encode("", special=True)  # [CLS] [SEP] for BERT-style tokenizers
+    wrap = tok.encode("")  # the special tokens alone: [CLS] [SEP] for BERT-style tokenizers
     cls, sep = (wrap[:1], wrap[-1:]) if len(wrap) == 2 else ([], [])
-    a = tok.encode(first)
+    a = tok.encode(first, add_special_tokens=False)
     ids, types = cls + a + sep, [0] * (len(cls) + len(a) + len(sep))
     if second is not None:
-        b = tok.encode(second) + sep
+        b = tok.encode(second, add_special_tokens=False) + sep
         ids, types = ids + b, types + [1] * len(b)
     ids, types = ids[:max_len - len(sep)] + (sep if len(ids) > max_len else []), types[:max_len]
     out = {"input_ids": torch.tensor([ids])}
@@ -308,9 +304,9 @@ def _pydoc_task(model: PrismModel, limit) -> EmbeddingTask:
         raise ValueError("task pydoc-topics: needs a text encoder (BERT-style)")
     per_topic = 8
     tok = model.tokenizer
-    wrap = tok.encode("", special=True)
+    wrap = tok.encode("")
     width = min(256, model.net.n_positions) - len(wrap)
-    encoded = {k: tok.encode(topics[k]) for k in sorted(topics)}
+    encoded = {k: tok.encode(topics[k], add_special_tokens=False) for k in sorted(topics)}
     ranked = sorted((k for k in encoded if len(encoded[k]) >= per_topic * width), key=lambda k: -len(encoded[k]))
     want = max(1, (limit or 48) // per_topic)
     items, labels = [], []
@@ -342,7 +338,7 @@ def _lm_task(model: PrismModel, data, limit) -> LanguageModelTask:
     if model.net.head != "lm":
         raise ValueError(f"task lm: needs a language model; {model.model_type} has head {model.net.head}")
     text, what = _held_out_text(model, data)
-    ids = model.tokenizer.encode(text)
+    ids = model.tokenizer.encode(text, add_special_tokens=False)
     width = min(model.net.n_positions, 256)
     items = [{"input_ids": torch.tensor([ids[i:i + width]])} for i in range(0, len(ids) - width + 1, width)]
     return LanguageModelTask("lm", items[:limit], note=f"{what}: non-overlapping windows of {width} tokens")
@@ -398,8 +394,8 @@ def _cbt_task(model: PrismModel, data, limit, out_dir: Path | None) -> ClozeTask
         for cand in ex.candidates:
             ctx_lines = list(ex.context)
             while True:
-                prefix = tok.encode("\n".join(ctx_lines + [head]))
-                rest = tok.encode(cand + tail)
+                prefix = tok.encode("\n".join(ctx_lines + [head]), add_special_tokens=False)
+                rest = tok.encode(cand + tail, add_special_tokens=False)
                 if len(prefix) + len(rest) <= n_pos or not ctx_lines:
                     break
                 ctx_lines.pop(0)  # drop the oldest context line until it fits
