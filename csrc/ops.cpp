@@ -45,11 +45,27 @@ void require(bool ok, const std::string& msg) {
 
 using SegmentMeansFn = void (*)(const SegmentMeansArgs&, int64_t, int64_t);
 using AttentionFn = void (*)(const AttentionHead&, int64_t, int64_t);
-using SoftmaxFn = void (*)(const SoftmaxRow&);
+using SoftmaxFn = void (*)(const SoftmaxRows&);
 
 SegmentMeansFn select_segment_means(Isa isa) { PRISM_SELECT(segment_means_f32, isa); }
 AttentionFn select_attention(Isa isa) { PRISM_SELECT(compressed_attention_f32, isa); }
-SoftmaxFn select_softmax(Isa isa) { PRISM_SELECT(masked_softmax_row_f32, isa); }
+SoftmaxFn select_softmax(Isa isa) { PRISM_SELECT(masked_softmax_f32, isa); }
+
+// Work-based thread split: a task carries at least kMinTaskNs of work (as
+// estimated for the fastest ISA), so waking a worker -- a few µs, far more on
+// a busy machine -- never costs more than the work it takes over; smaller
+// problems run on the caller alone.
+constexpr double kMinTaskNs = 20000.0;
+constexpr double kSegmentMeansNsPerElement = 0.08;  // x elements, streamed from L2
+constexpr double kAttentionNsPerFlop = 0.012;       // ~80 GFLOP/s on one core
+constexpr double kSoftmaxNsPerElement = 0.3;
+
+// Items per task for items of `elements_per_item` elements at `ns_per_element`.
+int64_t rows_per_task(int64_t items, int64_t elements_per_item, double ns_per_element) {
+  const double item_ns = static_cast<double>(elements_per_item) * ns_per_element;
+  const double per_task = std::ceil(kMinTaskNs / std::max(item_ns, 1e-3));
+  return per_task >= static_cast<double>(items) ? items : std::max<int64_t>(1, static_cast<int64_t>(per_task));
+}
 
 // log(counts) as additive key bias; counts must be finite and >= 0.
 std::vector<float> key_bias_from_counts(const float* counts, int64_t n) {
@@ -73,8 +89,7 @@ void segment_means_f32(const SegmentMeansProblem& p, Isa isa) {
   // n + seg from overflowing (seg may be up to INT64_MAX).
   const int64_t seg = std::min(p.seg, p.n);
   const int64_t m = p.n / seg + (p.n % seg != 0);
-  // Enough rows per task to amortise the hand-off (~16K floats).
-  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, seg * std::min<int64_t>(p.d, 1 << 14)));
+  const int64_t grain = rows_per_task(p.L * m, seg * p.d, kSegmentMeansNsPerElement);
   parallel_for(p.L * m, grain, [&](int64_t begin, int64_t end) {
     while (begin < end) {
       const int64_t b = begin / m, s0 = begin % m, s1 = std::min(m, s0 + (end - begin));
@@ -98,8 +113,7 @@ void compressed_attention_f32(const AttentionProblem& p, Isa isa) {
   // enough to reuse each key block across several queries.
   const int64_t qblock = 32;
   const int64_t qblocks = (p.nq + qblock - 1) / qblock;
-  // Tiny problems stay on one thread: the hand-off costs more than the work.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (qblock * p.nk * p.dh));
+  const int64_t grain = rows_per_task(p.B * p.H * qblocks, 4 * qblock * p.nk * p.dh, kAttentionNsPerFlop);
   parallel_for(p.B * p.H * qblocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / qblocks, qb = t % qblocks;
@@ -140,31 +154,35 @@ void masked_softmax_f32(const SoftmaxProblem& p, Isa isa) {
   for (int64_t i = 0; i < p.lead_ndim; ++i) lead_total *= p.lead[i];
   if (p.lead_ndim > 0) inner = lead_total / p.lead[0];
   const int64_t rows = lead_total * p.nq;
-  const int64_t grain = std::max<int64_t>(1, (1 << 13) / p.nk);
-  parallel_for(rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t li = r / p.nq, qi = r % p.nq;
+  // Rows are split where a leading index ends: within one, every side input
+  // advances by a fixed stride, so the kernel has no per-row set-up.
+  parallel_for(rows, rows_per_task(rows, p.nk, kSoftmaxNsPerElement), [&](int64_t begin, int64_t end) {
+    while (begin < end) {
+      const int64_t li = begin / p.nq, qi = begin % p.nq, n = std::min(end - begin, p.nq - qi);
       const int64_t b0 = p.lead_ndim > 0 ? li / inner : 0;
-      SoftmaxRow row;
-      row.scores = p.scores + r * p.nk;
-      row.out = p.out + r * p.nk;
-      row.key_bias = p.counts ? bias.data() + (p.counts_batches == 1 ? 0 : b0) * p.nk : nullptr;
-      row.add_mask = nullptr;
-      row.add_mask_stride = 0;
+      SoftmaxRows r;
+      r.scores = p.scores + begin * p.nk;
+      r.out = p.out + begin * p.nk;
+      r.key_bias = p.counts ? bias.data() + (p.counts_batches == 1 ? 0 : b0) * p.nk : nullptr;
+      r.add_mask = nullptr;
+      r.mask_row_stride = r.mask_key_stride = 0;
       if (p.add_mask) {
-        int64_t off = qi * p.mask_strides[p.lead_ndim], rem = li;
+        int64_t off = 0, rem = li;
         for (int64_t dim = p.lead_ndim - 1; dim >= 0; --dim) {
           off += (rem % p.lead[dim]) * p.mask_strides[dim];
           rem /= p.lead[dim];
         }
-        row.add_mask = p.add_mask + off;
-        row.add_mask_stride = p.mask_strides[p.lead_ndim + 1];
+        r.mask_row_stride = p.mask_strides[p.lead_ndim];
+        r.mask_key_stride = p.mask_strides[p.lead_ndim + 1];
+        r.add_mask = p.add_mask + off + qi * r.mask_row_stride;
       }
       const int64_t pb = p.pos_batches == 1 ? 0 : b0;
-      row.k_pos = p.k_pos ? p.k_pos + pb * p.nk : nullptr;
-      row.q_pos = p.q_pos ? p.q_pos[pb * p.nq + qi] : 0;
-      row.nk = p.nk;
-      fn(row);
+      r.k_pos = p.k_pos ? p.k_pos + pb * p.nk : nullptr;
+      r.q_pos = p.q_pos ? p.q_pos + pb * p.nq + qi : nullptr;
+      r.rows = n;
+      r.nk = p.nk;
+      fn(r);
+      begin += n;
     }
   });
 }

@@ -11,18 +11,20 @@
 
 namespace prism {
 
-struct SoftmaxRow {
-  const float* scores;    // [nk]
-  float* out;             // [nk]; may equal scores (in place)
+// Consecutive rows [0, rows) of one leading index: the side inputs advance
+// with the row by plain strides, so the kernels have no per-row set-up.
+struct SoftmaxRows {
+  const float* scores;    // [rows, nk], contiguous
+  float* out;             // [rows, nk], contiguous; may equal scores (in place)
   const float* key_bias;  // [nk] log(counts), -inf for count 0; or nullptr
-  const float* add_mask;  // [nk] additive mask, element stride add_mask_stride; or nullptr
-  int64_t add_mask_stride;  // 1, or 0 for a mask broadcast along keys
-  const int32_t* k_pos;   // [nk] or nullptr (then q_pos is ignored)
-  int32_t q_pos;
-  int64_t nk;
+  const float* add_mask;  // row r, key j at add_mask[r * mask_row_stride + j * mask_key_stride]; or nullptr
+  int64_t mask_row_stride, mask_key_stride;  // any (0 broadcasts)
+  const int32_t* k_pos;   // [nk] or nullptr (then q_pos is nullptr too)
+  const int32_t* q_pos;   // [rows] or nullptr
+  int64_t rows, nk;
 };
 
-#define PRISM_MASKED_SOFTMAX_DECL(isa) void masked_softmax_row_f32_##isa(const SoftmaxRow& r);
+#define PRISM_MASKED_SOFTMAX_DECL(isa) void masked_softmax_f32_##isa(const SoftmaxRows& r);
 PRISM_MASKED_SOFTMAX_DECL(serial)
 PRISM_MASKED_SOFTMAX_DECL(avx2)
 PRISM_MASKED_SOFTMAX_DECL(avx512)
