@@ -15,9 +15,12 @@
 namespace prism {
 namespace {
 
-void require(bool ok, const std::string& msg) {
+// Checks run on every call: the message is a literal, or built only once the
+// check has failed (formatting it eagerly cost more than small kernels).
+void require(bool ok, const char* msg) {
   if (!ok) throw std::invalid_argument(msg);
 }
+[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
 
 // Picks the kernel of one family for an ISA; every family has the same four.
 #if PRISM_HAVE_AVX2
@@ -37,7 +40,7 @@ void require(bool ok, const std::string& msg) {
 #endif
 #define PRISM_SELECT(fn, isa)                                                          \
   do {                                                                                 \
-    require(isa_available(isa), std::string("isa: '") + isa_name(isa) + "' is not available"); \
+    if (!isa_available(isa)) fail(std::string("isa: '") + isa_name(isa) + "' is not available"); \
     switch (isa) {                                                                     \
       PRISM_CASE_AVX2(fn) PRISM_CASE_AVX512(fn) PRISM_CASE_NEON(fn) default: return fn##_serial; \
     }                                                                                  \
@@ -72,8 +75,9 @@ std::vector<float> key_bias_from_counts(const float* counts, int64_t n) {
   std::vector<float> bias(n);
   for (int64_t j = 0; j < n; ++j) {
     const float c = counts[j];
-    require(std::isfinite(c) && c >= 0.0f, "counts: every count must be finite and >= 0, got " +
-                                               std::to_string(c) + " at index " + std::to_string(j));
+    if (!(std::isfinite(c) && c >= 0.0f))
+      fail("counts: every count must be finite and >= 0, got " + std::to_string(c) + " at index " +
+                         std::to_string(j));
     bias[j] = c > 0.0f ? std::log(c) : -std::numeric_limits<float>::infinity();
   }
   return bias;
@@ -82,7 +86,7 @@ std::vector<float> key_bias_from_counts(const float* counts, int64_t n) {
 }  // namespace
 
 void segment_means_f32(const SegmentMeansProblem& p, Isa isa) {
-  require(p.seg >= 1, "seg: must be >= 1, got " + std::to_string(p.seg));
+  if (p.seg < 1) fail("seg: must be >= 1, got " + std::to_string(p.seg));
   require(p.L >= 0 && p.n >= 1 && p.d >= 1, "x: needs at least one row and one column");
   const SegmentMeansFn fn = select_segment_means(isa);
   // seg > n is one segment of n rows; clamping first keeps seg * d and

@@ -12,6 +12,7 @@ using namespace simd_avx2;
 constexpr int kQVecs = 2;
 constexpr int kScoreKeys = 6;
 constexpr int kPvRows = 6;
+constexpr int kPvAccumulators = 12;
 constexpr int kPvVecs = 2;
 
 #include "simd_impl.inc"

@@ -19,6 +19,7 @@ using namespace simd_avx512;
 constexpr int kQVecs = 2;
 constexpr int kScoreKeys = 8;
 constexpr int kPvRows = 8;
+constexpr int kPvAccumulators = 24;
 constexpr int kPvVecs = 2;
 
 #include "simd_impl.inc"

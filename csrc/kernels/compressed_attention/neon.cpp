@@ -12,6 +12,7 @@ using namespace simd_neon;
 constexpr int kQVecs = 4;
 constexpr int kScoreKeys = 6;
 constexpr int kPvRows = 6;
+constexpr int kPvAccumulators = 24;
 constexpr int kPvVecs = 4;
 
 #include "simd_impl.inc"
