@@ -14,10 +14,17 @@
 namespace prism {
 namespace simd_avx512 {
 
-// exp(x), same algorithm, accuracy and NaN/range behaviour as simd_avx2::exp_ps.
+// exp(x): the reduction and polynomial of simd_avx2::exp_ps, evaluated in
+// one Horner chain, with 2^n applied by VSCALEFPS: 15 instructions instead
+// of 19. x below ln(FLT_MIN) = -87.34 gives 0 (exp(-inf) == 0) through the
+// zeroing mask, never through a subnormal result: an underflowing VSCALEFPS
+// takes a microcode assist that costs more than the rest of a softmax row.
+// Above 88.37 it saturates at 2.4e38; NaN in gives NaN (the mask keeps it).
 static inline __m512 exp_ps(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3365447505531f);
+  const __mmask16 normal = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);  // x >= lo, or NaN
   // max/min return their second operand when either is NaN: keep x second.
-  x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), _mm512_max_ps(_mm512_set1_ps(-88.3762626647949f), x));
+  x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), _mm512_max_ps(lo, x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -28,10 +35,9 @@ static inline __m512 exp_ps(__m512 x) {
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  const __m512 scale = _mm512_castsi512_ps(_mm512_max_epi32(e, _mm512_setzero_si512()));
-  return _mm512_mul_ps(y, scale);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(normal, y, n);
 }
 
 // Horizontal sum / max (as simd_avx2::hsum / hmax).
