@@ -11,8 +11,9 @@ namespace {
 using namespace simd_neon;
 
 constexpr int kBlockVecs = 4;  // vectors per online-softmax step (their logits stay in registers)
+constexpr int kRowVecs = 16;   // rows up to this many vectors are held in registers whole
 
-#define PRISM_UNROLL _Pragma("GCC unroll 8")
+#define PRISM_UNROLL _Pragma("GCC unroll 16")
 #include "simd_impl.inc"
 #undef PRISM_UNROLL
 
