@@ -33,7 +33,7 @@ constexpr int kMaxDims = 10;
 // imported by then: the caller holds a tensor). No libtorch link: a tensor is
 // read through its Python attributes, which costs less than a numpy view.
 struct Torch {
-  py::object tensor_type, empty, empty_like, f32, i32, u8, bool_, strided;
+  py::object tensor_type, from_numpy, f32, i32, u8, bool_, strided;
   // Attribute names, interned once: a fresh name string per lookup misses
   // CPython's type attribute cache and walks Tensor's MRO every time.
   py::object dtype, is_cpu, layout, is_neg, shape, stride, data_ptr;
@@ -46,7 +46,7 @@ const Torch* torch_if_loaded() {
   py::object modules = py::module_::import("sys").attr("modules");
   if (!modules.contains("torch")) return nullptr;
   py::object torch = modules["torch"];
-  t = new Torch{torch.attr("Tensor"), torch.attr("empty"), torch.attr("empty_like"), torch.attr("float32"), torch.attr("int32"),
+  t = new Torch{torch.attr("Tensor"), torch.attr("from_numpy"), torch.attr("float32"), torch.attr("int32"),
                 torch.attr("uint8"), torch.attr("bool"), torch.attr("strided"), interned("dtype"),
                 interned("is_cpu"), interned("layout"), interned("is_neg"), interned("shape"), interned("stride"),
                 interned("data_ptr")};
@@ -165,29 +165,17 @@ Arr checked(const py::handle& obj, const char* name, Dt dt, int ndim) {
   return r;
 }
 
-// A new C-contiguous float32 array of `shape`, a torch tensor if `torch`.
+// A new C-contiguous float32 array of `shape`, as a torch tensor if `torch`:
+// numpy's allocation plus torch.from_numpy costs half of torch.empty's
+// argument parsing.
 Arr new_output(bool torch, const std::vector<int64_t>& shape) {
-  py::object obj;
+  py::object obj = py::array_t<float>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+  Arr out = from_numpy(obj, "out", Dt::f32);
   if (torch) {
-    py::tuple t(shape.size());
-    for (size_t i = 0; i < shape.size(); ++i) t[i] = py::int_(shape[i]);
-    obj = torch_if_loaded()->empty(t, py::arg("dtype") = torch_if_loaded()->f32);
-  } else {
-    obj = py::array_t<float>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+    out.owner = torch_if_loaded()->from_numpy(obj);
+    out.torch = true;
   }
-  return checked(obj, "out", Dt::f32, static_cast<int>(shape.size()));
-}
-
-// A new float32 array shaped like `like` (an Arr of float32), C-contiguous
-// when `like` is: torch.empty_like is the cheapest torch allocation (it keeps
-// a dense input's strides, and falls back to contiguous ones otherwise).
-Arr new_output_like(const Arr& like) {
-  if (like.torch) {
-    const Torch& t = *torch_if_loaded();
-    Arr out = from_tensor(t.empty_like(like.owner), "out", Dt::f32, t);
-    if (out.c_contiguous() || (!like.c_contiguous() && out.strides[out.ndim - 1] == 1)) return out;
-  }
-  return new_output(like.torch, std::vector<int64_t>(like.shape, like.shape + like.ndim));
+  return out;
 }
 
 // Byte range [first, last) an array's elements span (not empty arrays).
@@ -225,7 +213,16 @@ std::optional<Arr> side_input(const py::handle& obj, const char* name, Dt dt, in
 }
 
 py::tuple segment_means(const py::handle& x_obj, const py::handle& seg_obj, const py::handle& valid_obj) {
-  const Arr x = checked(x_obj, "x", Dt::f32, 3);
+  // x [n, d] or [L, n, d]; the outputs have x's rank.
+  Arr x = checked(x_obj, "x", Dt::f32, -1);
+  const bool flat = x.ndim == 2;
+  if (flat) {
+    x.ndim = 3;
+    x.shape[2] = x.shape[1], x.strides[2] = x.strides[1];
+    x.shape[1] = x.shape[0], x.strides[1] = x.strides[0];
+    x.shape[0] = 1, x.strides[0] = 0;
+  }
+  if (x.ndim != 3) fail("x: expected 2 or 3 dimensions, got shape " + x.shape_str());
   if (PyBool_Check(seg_obj.ptr()) || !PyLong_Check(seg_obj.ptr())) fail_type("seg: expected an int");
   int overflow = 0;
   int64_t seg = PyLong_AsLongLongAndOverflow(seg_obj.ptr(), &overflow);
@@ -237,14 +234,17 @@ py::tuple segment_means(const py::handle& x_obj, const py::handle& seg_obj, cons
   seg = std::min(seg, n);  // a longer segment is the whole row range; keeps the arithmetic in range
   std::optional<Arr> valid;
   if (!valid_obj.is_none()) {
-    valid = checked(valid_obj, "valid", Dt::u8, 2);
-    if (!valid->c_contiguous() || valid->shape[0] != L || valid->shape[1] != n)
-      fail("valid: expected a C-contiguous array of shape (" + std::to_string(L) + ", " + std::to_string(n) +
-           "), got " + valid->shape_str());
+    valid = checked(valid_obj, "valid", Dt::u8, flat ? 1 : 2);
+    const bool ok = flat ? valid->shape[0] == n && (n == 1 || valid->strides[0] == 1)
+                         : valid->c_contiguous() && valid->shape[0] == L && valid->shape[1] == n;
+    if (!ok)
+      fail("valid: expected a C-contiguous array of shape " +
+           (flat ? "(" + std::to_string(n) + ",)" : "(" + std::to_string(L) + ", " + std::to_string(n) + ")") +
+           ", got " + valid->shape_str());
   }
   const int64_t m = (n + seg - 1) / seg;
-  const Arr means = new_output(x.torch, {L, m, d});
-  const Arr counts = new_output(x.torch, {L, m});
+  const Arr means = flat ? new_output(x.torch, {m, d}) : new_output(x.torch, {L, m, d});
+  const Arr counts = flat ? new_output(x.torch, {m}) : new_output(x.torch, {L, m});
   prism::SegmentMeansProblem p{x.ptr<float>(), valid ? valid->ptr<uint8_t>() : nullptr, means.ptr<float>(),
                                counts.ptr<float>(), L, n, d, seg, x.strides[0], x.strides[1]};
   {
@@ -280,7 +280,7 @@ py::object compressed_attention(const py::handle& q_obj, const py::handle& k_obj
   auto k_pos = side_input(k_pos_obj, "k_pos", Dt::i32, B, nk, &kpos_batches);
   if (q_pos.has_value() != k_pos.has_value()) fail("q_pos: q_pos and k_pos must be given together");
   if (q_pos && qpos_batches != kpos_batches) fail("k_pos: must have the same batch size as q_pos");
-  const Arr out = new_output_like(q);
+  const Arr out = new_output(q.torch, {B, H, nq, dh});
   prism::AttentionProblem p{};
   p.q = q.ptr<float>();
   p.k = k.ptr<float>();
@@ -341,7 +341,7 @@ py::object masked_softmax(const py::handle& scores_obj, const py::handle& counts
   }
   Arr out;
   if (out_obj.is_none()) {
-    out = new_output_like(scores);
+    out = new_output(scores.torch, std::vector<int64_t>(scores.shape, scores.shape + nd));
   } else {
     out = checked(out_obj, "out", Dt::f32, nd);
     if (out.torch != scores.torch) fail_type("out: expected the type of scores (numpy array or torch tensor)");
