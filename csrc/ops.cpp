@@ -60,6 +60,7 @@ SoftmaxFn select_softmax(Isa isa) { PRISM_SELECT(masked_softmax_f32, isa); }
 // problems run on the caller alone.
 constexpr double kMinTaskNs = 20000.0;
 constexpr double kSegmentMeansNsPerElement = 0.08;  // x elements, streamed from L2
+constexpr int64_t kSegmentMeansColumns = 256;       // columns per segment-means work item
 constexpr double kAttentionNsPerFlop = 0.012;       // ~80 GFLOP/s on one core
 constexpr double kSoftmaxNsPerElement = 0.3;
 
@@ -67,7 +68,10 @@ constexpr double kSoftmaxNsPerElement = 0.3;
 int64_t rows_per_task(int64_t items, int64_t elements_per_item, double ns_per_element) {
   const double item_ns = static_cast<double>(elements_per_item) * ns_per_element;
   const double per_task = std::ceil(kMinTaskNs / std::max(item_ns, 1e-3));
-  return per_task >= static_cast<double>(items) ? items : std::max<int64_t>(1, static_cast<int64_t>(per_task));
+  // Less than two tasks' worth stays whole: a small second task is all
+  // hand-off, and its thread may not even be on a core yet.
+  if (2.0 * per_task > static_cast<double>(items)) return items;
+  return std::max<int64_t>(1, static_cast<int64_t>(per_task));
 }
 
 // log(counts) as additive key bias; counts must be finite and >= 0.
@@ -93,14 +97,18 @@ void segment_means_f32(const SegmentMeansProblem& p, Isa isa) {
   // n + seg from overflowing (seg may be up to INT64_MAX).
   const int64_t seg = std::min(p.seg, p.n);
   const int64_t m = p.n / seg + (p.n % seg != 0);
-  const int64_t grain = rows_per_task(p.L * m, seg * p.d, kSegmentMeansNsPerElement);
-  parallel_for(p.L * m, grain, [&](int64_t begin, int64_t end) {
-    while (begin < end) {
-      const int64_t b = begin / m, s0 = begin % m, s1 = std::min(m, s0 + (end - begin));
-      SegmentMeansArgs a{p.x + b * p.x_batch_stride, p.valid ? p.valid + b * p.n : nullptr,
-                         p.means + b * m * p.d, p.counts + b * m, p.n, p.d, seg, p.x_row_stride};
-      fn(a, s0, s1);
-      begin += s1 - s0;
+  // Work items are (batch, segment, column chunk): a few long segments still
+  // split over threads. The chunk that starts at column 0 writes the count.
+  const int64_t cols = std::min<int64_t>(p.d, kSegmentMeansColumns);
+  const int64_t chunks = (p.d + cols - 1) / cols;
+  const int64_t grain = rows_per_task(p.L * m * chunks, seg * cols, kSegmentMeansNsPerElement);
+  parallel_for(p.L * m * chunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (m * chunks), s = item / chunks % m, c0 = item % chunks * cols;
+      SegmentMeansArgs a{p.x + b * p.x_batch_stride + c0, p.valid ? p.valid + b * p.n : nullptr,
+                         p.means + b * m * p.d + c0, c0 == 0 ? p.counts + b * m : nullptr,
+                         p.n, std::min(cols, p.d - c0), seg, p.x_row_stride, p.d};
+      fn(a, s, s + 1);
     }
   });
 }

@@ -9,7 +9,7 @@ namespace {
 
 using namespace simd_neon;
 
-constexpr int kColVecs = 4;  // column vectors accumulated at once
+constexpr int kColVecs = 8;  // column vectors accumulated at once (registers to spare)
 
 #include "simd_impl.inc"
 
