@@ -13,6 +13,7 @@
 #include <utility>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "isa.h"
 #include "ops.h"
@@ -212,6 +213,24 @@ std::optional<Arr> side_input(const py::handle& obj, const char* name, Dt dt, in
   return a;
 }
 
+// counts [nk], q_pos [nq], k_pos [nk], each also [1 or B, len]; the
+// positions both or neither, with one batch size.
+struct SideInputs {
+  std::tuple<std::optional<Arr>, std::optional<Arr>, std::optional<Arr>> arrays;
+  int64_t counts_batches = 1, pos_batches = 1;
+
+  SideInputs(const py::handle& counts, const py::handle& q_pos, const py::handle& k_pos, int64_t B, int64_t nq,
+             int64_t nk) {
+    int64_t kpos_batches = 1;
+    arrays = {side_input(counts, "counts", Dt::f32, B, nk, &counts_batches),
+              side_input(q_pos, "q_pos", Dt::i32, B, nq, &pos_batches),
+              side_input(k_pos, "k_pos", Dt::i32, B, nk, &kpos_batches)};
+    if (std::get<1>(arrays).has_value() != std::get<2>(arrays).has_value())
+      fail("q_pos: q_pos and k_pos must be given together");
+    if (std::get<1>(arrays) && pos_batches != kpos_batches) fail("k_pos: must have the same batch size as q_pos");
+  }
+};
+
 py::tuple segment_means(const py::handle& x_obj, const py::handle& seg_obj, const py::handle& valid_obj) {
   // x [n, d] or [L, n, d]; the outputs have x's rank.
   Arr x = checked(x_obj, "x", Dt::f32, -1);
@@ -274,12 +293,8 @@ py::object compressed_attention(const py::handle& q_obj, const py::handle& k_obj
     scale = scale_obj.cast<double>();
   }
   if (!std::isfinite(scale)) fail("scale: must be finite");
-  int64_t counts_batches = 1, qpos_batches = 1, kpos_batches = 1;
-  auto counts = side_input(counts_obj, "counts", Dt::f32, B, nk, &counts_batches);
-  auto q_pos = side_input(q_pos_obj, "q_pos", Dt::i32, B, nq, &qpos_batches);
-  auto k_pos = side_input(k_pos_obj, "k_pos", Dt::i32, B, nk, &kpos_batches);
-  if (q_pos.has_value() != k_pos.has_value()) fail("q_pos: q_pos and k_pos must be given together");
-  if (q_pos && qpos_batches != kpos_batches) fail("k_pos: must have the same batch size as q_pos");
+  const SideInputs side(counts_obj, q_pos_obj, k_pos_obj, B, nq, nk);
+  const auto& [counts, q_pos, k_pos] = side.arrays;
   const Arr out = new_output(q.torch, {B, H, nq, dh});
   prism::AttentionProblem p{};
   p.q = q.ptr<float>();
@@ -290,8 +305,8 @@ py::object compressed_attention(const py::handle& q_obj, const py::handle& k_obj
   p.q_pos = q_pos ? q_pos->ptr<int32_t>() : nullptr;
   p.k_pos = k_pos ? k_pos->ptr<int32_t>() : nullptr;
   p.B = B; p.H = H; p.nq = nq; p.nk = nk; p.dh = dh;
-  p.counts_batches = counts_batches;
-  p.pos_batches = qpos_batches;
+  p.counts_batches = side.counts_batches;
+  p.pos_batches = side.pos_batches;
   for (int i = 0; i < 3; ++i) {
     p.q_strides[i] = q.strides[i];
     p.k_strides[i] = k.strides[i];
@@ -315,12 +330,8 @@ py::object masked_softmax(const py::handle& scores_obj, const py::handle& counts
   const int64_t nq = scores.shape[nd - 2], nk = scores.shape[nd - 1];
   if (scores.size() == 0) fail("scores: must not be empty, got shape " + scores.shape_str());
   const int64_t B = nd > 2 ? scores.shape[0] : 1;
-  int64_t counts_batches = 1, qpos_batches = 1, kpos_batches = 1;
-  auto counts = side_input(counts_obj, "counts", Dt::f32, B, nk, &counts_batches);
-  auto q_pos = side_input(q_pos_obj, "q_pos", Dt::i32, B, nq, &qpos_batches);
-  auto k_pos = side_input(k_pos_obj, "k_pos", Dt::i32, B, nk, &kpos_batches);
-  if (q_pos.has_value() != k_pos.has_value()) fail("q_pos: q_pos and k_pos must be given together");
-  if (q_pos && qpos_batches != kpos_batches) fail("k_pos: must have the same batch size as q_pos");
+  const SideInputs side(counts_obj, q_pos_obj, k_pos_obj, B, nq, nk);
+  const auto& [counts, q_pos, k_pos] = side.arrays;
   // The additive mask broadcasts to scores (numpy rules): stride 0 along
   // missing or size-1 dimensions, so no broadcast copy is ever made.
   std::optional<Arr> mask;
@@ -372,8 +383,8 @@ py::object masked_softmax(const py::handle& scores_obj, const py::handle& counts
   for (int i = 0; i < nd; ++i) p.mask_strides[i] = mask_strides[i];
   p.nq = nq;
   p.nk = nk;
-  p.counts_batches = counts_batches;
-  p.pos_batches = qpos_batches;
+  p.counts_batches = side.counts_batches;
+  p.pos_batches = side.pos_batches;
   {
     py::gil_scoped_release release;
     prism::masked_softmax_f32(p, prism::active_isa());
