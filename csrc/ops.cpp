@@ -166,6 +166,7 @@ void masked_softmax_f32(const SoftmaxProblem& p, Isa isa) {
   for (int64_t i = 0; i < p.lead_ndim; ++i) lead_total *= p.lead[i];
   if (p.lead_ndim > 0) inner = lead_total / p.lead[0];
   const int64_t rows = lead_total * p.nq;
+  const bool bias_hides = std::find(bias.begin(), bias.end(), -std::numeric_limits<float>::infinity()) != bias.end();
   // Rows are split where a leading index ends: within one, every side input
   // advances by a fixed stride, so the kernel has no per-row set-up.
   parallel_for(rows, rows_per_task(rows, p.nk, kSoftmaxNsPerElement), [&](int64_t begin, int64_t end) {
@@ -176,6 +177,7 @@ void masked_softmax_f32(const SoftmaxProblem& p, Isa isa) {
       r.scores = p.scores + begin * p.nk;
       r.out = p.out + begin * p.nk;
       r.key_bias = p.counts ? bias.data() + (p.counts_batches == 1 ? 0 : b0) * p.nk : nullptr;
+      r.key_bias_hides = bias_hides;
       r.add_mask = nullptr;
       r.mask_row_stride = r.mask_key_stride = 0;
       if (p.add_mask) {

@@ -17,6 +17,7 @@ struct SoftmaxRows {
   const float* scores;    // [rows, nk], contiguous
   float* out;             // [rows, nk], contiguous; may equal scores (in place)
   const float* key_bias;  // [nk] log(counts), -inf for count 0; or nullptr
+  bool key_bias_hides;    // some key_bias is -inf (a count 0)
   const float* add_mask;  // row r, key j at add_mask[r * mask_row_stride + j * mask_key_stride]; or nullptr
   int64_t mask_row_stride, mask_key_stride;  // any (0 broadcasts)
   const int32_t* k_pos;   // [nk] or nullptr (then q_pos is nullptr too)
