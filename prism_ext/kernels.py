@@ -8,7 +8,7 @@ shapes, devices and values raise TypeError/ValueError naming the argument.
 
 The thin path: ``_C`` reads tensors and arrays of exactly the dtypes and
 ranks the kernels use (float32 data, int32 positions, bool/uint8 ``valid``,
-``(n,)`` or ``(B, n)`` side inputs, 4-d attention, 3-d segment means) and
+``(n,)`` or ``(B, n)`` side inputs, 4-d attention, 2-d or 3-d segment means) and
 checks all of it itself, so each function first hands its arguments straight
 to ``_C``; only when that refuses them (TypeError/ValueError) are they
 normalised here and passed again, and then ``_C``'s error is the one raised.
