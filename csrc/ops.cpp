@@ -123,7 +123,7 @@ void compressed_attention_f32(const AttentionProblem& p, Isa isa) {
   if (p.counts) bias = key_bias_from_counts(p.counts, p.counts_batches * p.nk);
   // Query blocks small enough to spread (B, H) = (1, 1) over the pool, large
   // enough to reuse each key block across several queries.
-  const int64_t qblock = 32;
+  const int64_t qblock = 64;  // avx512's whole chunk (2 sub-blocks of 32): one pass over K/V per 64 queries
   const int64_t qblocks = (p.nq + qblock - 1) / qblock;
   const int64_t grain = rows_per_task(p.B * p.H * qblocks, 4 * qblock * p.nk * p.dh, kAttentionNsPerFlop);
   parallel_for(p.B * p.H * qblocks, grain, [&](int64_t begin, int64_t end) {
