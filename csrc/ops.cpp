@@ -56,9 +56,10 @@ SoftmaxFn select_softmax(Isa isa) { PRISM_SELECT(masked_softmax_f32, isa); }
 
 // Work-based thread split: a task carries at least kMinTaskNs of work (as
 // estimated for the fastest ISA), so waking a worker -- a few µs, far more on
-// a busy machine -- never costs more than the work it takes over; smaller
-// problems run on the caller alone.
-constexpr double kMinTaskNs = 20000.0;
+// a busy machine, where a worker preempted in the middle of its task holds the
+// caller for a time slice -- costs little against the work it takes over;
+// smaller problems run on the caller alone.
+constexpr double kMinTaskNs = 50000.0;
 constexpr double kSegmentMeansNsPerElement = 0.08;  // x elements, streamed from L2
 constexpr int64_t kSegmentMeansColumns = 256;       // columns per segment-means work item
 constexpr double kAttentionNsPerFlop = 0.012;       // ~80 GFLOP/s on one core

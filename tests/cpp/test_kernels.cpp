@@ -861,8 +861,8 @@ void test_thread_split() {
     }
   };
   const Isa best = prism::available_isas().back();
-  for (int64_t L : {1, 3, 40}) {  // ~25 KB, ~75 KB, ~1 MB of x
-    const int64_t n = 33, d = 200, seg = 4, m = (n + seg - 1) / seg;
+  for (int64_t L : {1, 3, 64}) {  // ~0.1 MB, ~0.3 MB, ~6.5 MB of x
+    const int64_t n = 33, d = 770, seg = 4, m = (n + seg - 1) / seg;
     std::vector<float> x(L * n * d);
     fill(x);
     run_all([&](std::vector<float>& out) {
