@@ -84,7 +84,7 @@ def test_thread_split_gives_the_same_bits(isa, restore_threads):
     x = torch.randn(8, 511, 384, generator=gen)
     q, k, v = (torch.randn(1, 12, n, 64, generator=gen) for n in (64, 176, 176))
     counts = torch.full((176,), 4.0)
-    scores = torch.randn(12, 64, 176, generator=gen)
+    scores = torch.randn(12, 256, 176, generator=gen)  # all three large enough to split
     results = []
     for threads in (1, 2):
         kernels.set_num_threads(threads)
