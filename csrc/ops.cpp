@@ -171,6 +171,7 @@ void masked_softmax_f32(const SoftmaxProblem& p, Isa isa) {
   // Rows are split where a leading index ends: within one, every side input
   // advances by a fixed stride, so the kernel has no per-row set-up.
   parallel_for(rows, rows_per_task(rows, p.nk, kSoftmaxNsPerElement), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(static_cast<size_t>(softmax_scratch_floats(p.nk)));
     while (begin < end) {
       const int64_t li = begin / p.nq, qi = begin % p.nq, n = std::min(end - begin, p.nq - qi);
       const int64_t b0 = p.lead_ndim > 0 ? li / inner : 0;
@@ -196,6 +197,7 @@ void masked_softmax_f32(const SoftmaxProblem& p, Isa isa) {
       r.q_pos = p.q_pos ? p.q_pos + pb * p.nq + qi : nullptr;
       r.rows = n;
       r.nk = p.nk;
+      r.scratch = scratch.data();
       fn(r);
       begin += n;
     }

@@ -23,7 +23,13 @@ struct SoftmaxRows {
   const int32_t* k_pos;   // [nk] or nullptr (then q_pos is nullptr too)
   const int32_t* q_pos;   // [rows] or nullptr
   int64_t rows, nk;
+  float* scratch;         // softmax_scratch_floats(nk) floats for the kernel
 };
+
+// Scratch the kernels need for rows of nk keys (one float per online block
+// of at least 16 keys, rounded up to a vector of at most 16 lanes). The
+// driver allocates it: the ISA files hold no code outside their own.
+inline int64_t softmax_scratch_floats(int64_t nk) { return (nk + 15) / 16 + 16; }
 
 #define PRISM_MASKED_SOFTMAX_DECL(isa) void masked_softmax_f32_##isa(const SoftmaxRows& r);
 PRISM_MASKED_SOFTMAX_DECL(serial)

@@ -1,7 +1,5 @@
 // NEON masked softmax: simd_impl.inc on the ISA's vector layer.
-#include <cstddef>
 #include <cstdint>
-#include <vector>
 
 #include "masked_softmax.h"
 #include "simd/neon.h"
