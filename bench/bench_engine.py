@@ -4,19 +4,26 @@
    attention), same threads, BERT-base and GPT-2-small configs, N = 512.
 2. P = 4, N = 512: per-device time of PRISM at CR in {4, 16, 128} vs Voltage
    (own compute + (de)serialisation, no waiting), next to the counted FLOPs.
+3. P = 4, N = 512, CR in {4, 16, 128}: each phase's share (compress,
+   exchange, project, attention, mlp) of a device's time, with the C++
+   kernels and with their torch peers swapped in (segment means as
+   reshape + mean, attention as SDPA with a float mask of log counts and the
+   causal rule), so the kernels' gain on the whole forward is measured.
 
 Random weights from the standard configs (no download). Runs alternate
 between the compared sides and report medians, so load from other processes
 hits both alike. Writes bench/results/engine-<date>.json.
 
-    python bench/bench_engine.py [--threads 1] [--reps 5] [--seq 512]
+    python bench/bench_engine.py [--threads 1] [--reps 5] [--seq 512] [--only phases]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -26,9 +33,15 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import prism_ext
+from prism_ext import kernels
+from prism_ext.engine import PHASES
 from prism_ext.progress import progress, write
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import reference  # noqa: E402  the torch reference of every kernel (tests/reference.py)
 
 
 def _configs(seq: int):
@@ -109,6 +122,70 @@ def bench_p4(name, make_inputs, model, reps, devices, crs, bar):
     return rows
 
 
+def _torch_attention(q, k, v, counts=None, q_pos=None, k_pos=None, scale=None):
+    """The torch peer of kernels.compressed_attention, as the engine calls it
+    (q/k/v [B, H, n, dh], counts [B, nk], positions [n] and [nk]): SDPA with a
+    float mask, built per call (the engine has no other use for it)."""
+    mask = counts.log()[:, None, None, :]
+    if q_pos is not None:
+        mask = mask.masked_fill((k_pos[None, :] > q_pos[:, None])[None, None], -math.inf)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@contextlib.contextmanager
+def torch_path():
+    """The engine's kernel calls go to their torch peers inside the block (the
+    engine and prism_attention look them up on the kernels module per call)."""
+    saved = kernels.segment_means, kernels.compressed_attention
+    kernels.segment_means, kernels.compressed_attention = reference.segment_means, _torch_attention
+    try:
+        yield
+    finally:
+        kernels.segment_means, kernels.compressed_attention = saved
+
+
+def bench_phases(name, make_inputs, model, reps, devices, crs):
+    """Per phase: mean over devices of its time, kernels vs torch peers,
+    alternating; medians over reps. Shares are of the sum of the phases."""
+    inputs = make_inputs()
+    rows = []
+    with torch.inference_mode():
+        for cr in crs:
+            with torch_path():
+                ref = model(inputs, devices=devices, cr=cr).last_hidden_state  # warm-up, and the check below
+            got = model(inputs, devices=devices, cr=cr).last_hidden_state
+            samples = {"kernels": [], "torch": []}
+            for _ in range(reps):
+                samples["kernels"].append(model(inputs, devices=devices, cr=cr).stats)
+                with torch_path():
+                    samples["torch"].append(model(inputs, devices=devices, cr=cr).stats)
+            row = {"model": name, "devices": devices, "positions": inputs["input_ids"].shape[1], "cr": cr,
+                   "max_abs_diff": (got - ref).abs().max().item()}
+            for path, runs in samples.items():
+                per_run = [{ph: sum(l.time[ph] for d in s.devices for l in d.layers) / len(s.devices)
+                            for ph in PHASES} for s in runs]
+                med = {ph: statistics.median(r[ph] for r in per_run) for ph in PHASES}
+                total = sum(med.values())
+                row[path] = {"phase_s": med, "total_s": total, "share": {ph: t / total for ph, t in med.items()}}
+            k, t = row["kernels"], row["torch"]
+            row["gain_total"] = t["total_s"] / k["total_s"]
+            # The phases the kernels serve, swapped one for the other with the
+            # rest held at the kernel run's times: the other phases run the
+            # same code on both paths, so their difference is noise.
+            kern = ("compress", "attention")
+            swapped = k["total_s"] - sum(k["phase_s"][ph] for ph in kern) + sum(t["phase_s"][ph] for ph in kern)
+            row["gain_kernel_phases"] = swapped / k["total_s"]
+            rows.append(row)
+            shares = "  ".join(f"{ph} {100 * k['share'][ph]:4.1f}/{100 * t['share'][ph]:4.1f}%"
+                               for ph in PHASES)
+            print(f"phases P={devices} {name:11s} CR={cr:3d}: device {k['total_s'] * 1e3:7.1f} ms (kernels) vs "
+                  f"{t['total_s'] * 1e3:7.1f} ms (torch) = {row['gain_total']:.3f}x (kernel phases alone: "
+                  f"{row['gain_kernel_phases']:.3f}x); compress "
+                  f"{t['phase_s']['compress'] / k['phase_s']['compress']:.2f}x, attention "
+                  f"{t['phase_s']['attention'] / k['phase_s']['attention']:.2f}x; shares kernels/torch: {shares}")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="torch and kernel threads (both sides)")
@@ -118,6 +195,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cr", type=int, nargs="+", default=[4, 16, 128])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress bar on stderr")
+    ap.add_argument("--only", choices=["p1", "p4", "phases"], nargs="+", default=["p1", "p4", "phases"],
+                    help="parts to run (default: all)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     prism_ext.set_num_threads(args.threads)
@@ -127,7 +206,7 @@ def main(argv=None) -> int:
         "machine": {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "load_avg": os.getloadavg(), "torch": torch.__version__,
                     "isa": prism_ext.kernels.active_isa(), "threads": args.threads},
-        "p1": [], "p4": [],
+        "p1": [], "p4": [], "phases": [],
     }
     configs = _configs(args.seq)
     bar = progress(total=len(configs) * (1 + len(args.cr)), desc="bench_engine", quiet=args.quiet, unit="config")
@@ -136,9 +215,13 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             hf.save_pretrained(tmp)
             model = prism_ext.load(tmp)
-        result["p1"].append(bench_p1(name, hf, make_inputs, model, args.reps))
+        if "p1" in args.only:
+            result["p1"].append(bench_p1(name, hf, make_inputs, model, args.reps))
         bar.update(1)
-        result["p4"].extend(bench_p4(name, make_inputs, model, args.reps, args.devices, args.cr, bar))
+        if "p4" in args.only:
+            result["p4"].extend(bench_p4(name, make_inputs, model, args.reps, args.devices, args.cr, bar))
+        if "phases" in args.only:
+            result["phases"].extend(bench_phases(name, make_inputs, model, args.reps, args.devices, args.cr))
         del hf, model
     bar.close()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
-// pybind11 module prism_ext._C. Takes numpy arrays (prism_ext.kernels turns
-// torch tensors into zero-copy numpy views), validates every argument so bad
-// input raises instead of crashing, and releases the GIL while computing.
+// pybind11 module prism_ext._C. Takes numpy arrays or torch CPU tensors of the
+// exact dtypes the kernels read (prism_ext.kernels converts anything else),
+// returns the kind it was given, validates every argument so bad input raises
+// instead of crashing, and releases the GIL while computing.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -12,6 +13,7 @@
 #include <utility>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
 #include "isa.h"
 #include "ops.h"
@@ -23,226 +25,371 @@ using prism::Isa;
 namespace {
 
 [[noreturn]] void fail(const std::string& msg) { throw py::value_error(msg); }
+[[noreturn]] void fail_type(const std::string& msg) { throw py::type_error(msg); }
 
-std::string shape_str(const py::array& a) {
-  std::string s = "(";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-  return s + (a.ndim() == 1 ? ",)" : ")");
+enum class Dt { f32, i32, u8 };
+constexpr int kMaxDims = 10;
+
+// torch objects the bindings compare against, looked up once (torch is
+// imported by then: the caller holds a tensor). No libtorch link: a tensor is
+// read through its Python attributes, which costs less than a numpy view.
+struct Torch {
+  py::object tensor_type, from_numpy, f32, i32, u8, bool_, strided;
+  // Attribute names, interned once: a fresh name string per lookup misses
+  // CPython's type attribute cache and walks Tensor's MRO every time.
+  py::object dtype, is_cpu, layout, is_neg, shape, stride, data_ptr;
+};
+
+py::object interned(const char* s) { return py::reinterpret_steal<py::object>(PyUnicode_InternFromString(s)); }
+const Torch* torch_if_loaded() {
+  static const Torch* t = nullptr;
+  if (t) return t;
+  py::object modules = py::module_::import("sys").attr("modules");
+  if (!modules.contains("torch")) return nullptr;
+  py::object torch = modules["torch"];
+  t = new Torch{torch.attr("Tensor"), torch.attr("from_numpy"), torch.attr("float32"), torch.attr("int32"),
+                torch.attr("uint8"), torch.attr("bool"), torch.attr("strided"), interned("dtype"),
+                interned("is_cpu"), interned("layout"), interned("is_neg"), interned("shape"), interned("stride"),
+                interned("data_ptr")};
+  return t;
 }
 
-// An array of exactly dtype T (no conversion), `ndim` dimensions, non-negative
-// strides that are whole elements, the last one 1.
-template <typename T>
-py::array_t<T> checked(const py::handle& obj, const char* name, py::ssize_t ndim) {
-  if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(name) + ": expected a numpy array");
-  auto arr = py::reinterpret_borrow<py::array>(obj);
-  if (!arr.dtype().is(py::dtype::of<T>()))
-    throw py::type_error(std::string(name) + ": expected dtype " + std::string(py::str(py::dtype::of<T>())) +
-                         ", got " + std::string(py::str(arr.dtype())));
-  if (ndim >= 0 && arr.ndim() != ndim)
-    fail(std::string(name) + ": expected " + std::to_string(ndim) + " dimensions, got shape " + shape_str(arr));
-  for (py::ssize_t i = 0; i < arr.ndim(); ++i) {
-    const py::ssize_t st = arr.strides(i);
-    if (st < 0 || st % static_cast<py::ssize_t>(sizeof(T)) != 0)
-      fail(std::string(name) + ": strides must be non-negative whole elements");
+bool is_tensor(const py::handle& obj) {
+  const Torch* t = torch_if_loaded();
+  return t && PyObject_IsInstance(obj.ptr(), t->tensor_type.ptr()) == 1;
+}
+
+// A strided array as the kernels read it, from a numpy array or a torch CPU
+// tensor: exactly the dtype asked for (no conversion), strides in elements,
+// non-negative, the last dimension contiguous.
+struct Arr {
+  py::object owner;  // keeps the memory alive during the call
+  char* data = nullptr;
+  int ndim = 0;
+  int64_t shape[kMaxDims] = {};
+  int64_t strides[kMaxDims] = {};  // elements
+  int64_t itemsize = 4;
+  bool torch = false;
+  bool writeable = true;
+
+  int64_t size() const {
+    int64_t n = 1;
+    for (int i = 0; i < ndim; ++i) n *= shape[i];
+    return n;
   }
-  if (arr.ndim() > 0) {
-    const py::ssize_t last = arr.strides(arr.ndim() - 1) / sizeof(T);
-    if (!(last == 1 || arr.shape(arr.ndim() - 1) == 1))
-      fail(std::string(name) + ": the last dimension must be contiguous");
+  template <typename T>
+  T* ptr() const { return reinterpret_cast<T*>(data); }
+  bool c_contiguous() const {
+    int64_t expect = 1;
+    for (int i = ndim - 1; i >= 0; --i) {
+      if (shape[i] != 1 && strides[i] != expect) return false;
+      expect *= shape[i];
+    }
+    return true;
   }
-  return py::reinterpret_borrow<py::array_t<T>>(arr);
+  std::string shape_str() const {
+    std::string s = "(";
+    for (int i = 0; i < ndim; ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+    return s + (ndim == 1 ? ",)" : ")");
+  }
+};
+
+const char* dt_name(Dt dt) { return dt == Dt::f32 ? "float32" : dt == Dt::i32 ? "int32" : "uint8 or bool"; }
+
+Arr from_numpy(const py::handle& obj, const char* name, Dt dt) {
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  const bool ok = dt == Dt::f32   ? a.dtype().is(py::dtype::of<float>())
+                  : dt == Dt::i32 ? a.dtype().is(py::dtype::of<int32_t>())
+                                  : a.dtype().is(py::dtype::of<uint8_t>()) || a.dtype().is(py::dtype::of<bool>());
+  if (!ok)
+    fail_type(std::string(name) + ": expected dtype " + dt_name(dt) + ", got " + std::string(py::str(a.dtype())));
+  if (a.ndim() > kMaxDims) fail(std::string(name) + ": at most " + std::to_string(kMaxDims) + " dimensions");
+  Arr r;
+  r.owner = a;
+  r.data = static_cast<char*>(const_cast<void*>(a.data()));
+  r.ndim = static_cast<int>(a.ndim());
+  r.itemsize = a.itemsize();
+  r.writeable = a.writeable();
+  for (int i = 0; i < r.ndim; ++i) {
+    r.shape[i] = a.shape(i);
+    const py::ssize_t st = a.strides(i);
+    if (st < 0 || st % r.itemsize != 0) fail(std::string(name) + ": strides must be non-negative whole elements");
+    r.strides[i] = st / r.itemsize;
+  }
+  return r;
+}
+
+Arr from_tensor(const py::handle& obj, const char* name, Dt dt, const Torch& t) {
+  py::object dtype = obj.attr(t.dtype);
+  const bool ok = dt == Dt::f32   ? dtype.is(t.f32)
+                  : dt == Dt::i32 ? dtype.is(t.i32)
+                                  : dtype.is(t.u8) || dtype.is(t.bool_);
+  if (!ok) fail_type(std::string(name) + ": expected dtype " + dt_name(dt) + ", got " + std::string(py::str(dtype)));
+  if (!obj.attr(t.is_cpu).cast<bool>())
+    fail_type(std::string(name) + ": expected a CPU tensor, got a tensor on " + std::string(py::str(obj.attr("device"))));
+  py::object layout = obj.attr(t.layout);
+  if (!layout.is(t.strided))
+    fail_type(std::string(name) + ": expected a dense (strided) tensor, got layout " + std::string(py::str(layout)));
+  if (obj.attr(t.is_neg)().cast<bool>()) fail(std::string(name) + ": must not be a lazily negated view");
+  const py::tuple shape = obj.attr(t.shape);
+  const py::tuple strides = obj.attr(t.stride)();
+  Arr r;
+  r.owner = py::reinterpret_borrow<py::object>(obj);
+  r.torch = true;
+  r.itemsize = dt == Dt::u8 ? 1 : 4;
+  r.ndim = static_cast<int>(PyTuple_GET_SIZE(shape.ptr()));
+  if (r.ndim > kMaxDims) fail(std::string(name) + ": at most " + std::to_string(kMaxDims) + " dimensions");
+  for (int i = 0; i < r.ndim; ++i) {
+    r.shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), i));
+    r.strides[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), i));
+    if (r.strides[i] < 0) fail(std::string(name) + ": strides must be non-negative whole elements");
+  }
+  r.data = reinterpret_cast<char*>(PyLong_AsVoidPtr(obj.attr(t.data_ptr)().ptr()));
+  return r;
+}
+
+// `obj` as an Arr of dtype dt and `ndim` dimensions (-1: any), the last one
+// contiguous (or of size 1).
+Arr checked(const py::handle& obj, const char* name, Dt dt, int ndim) {
+  Arr r;
+  if (py::isinstance<py::array>(obj)) {
+    r = from_numpy(obj, name, dt);
+  } else if (is_tensor(obj)) {
+    r = from_tensor(obj, name, dt, *torch_if_loaded());
+  } else {
+    fail_type(std::string(name) + ": expected a numpy array or torch tensor");
+  }
+  if (ndim >= 0 && r.ndim != ndim)
+    fail(std::string(name) + ": expected " + std::to_string(ndim) + " dimensions, got shape " + r.shape_str());
+  if (r.ndim > 0 && !(r.strides[r.ndim - 1] == 1 || r.shape[r.ndim - 1] == 1))
+    fail(std::string(name) + ": the last dimension must be contiguous");
+  return r;
+}
+
+// A new C-contiguous float32 array of `shape`, as a torch tensor if `torch`:
+// numpy's allocation plus torch.from_numpy costs half of torch.empty's
+// argument parsing.
+Arr new_output(bool torch, const std::vector<int64_t>& shape) {
+  py::object obj = py::array_t<float>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+  Arr out = from_numpy(obj, "out", Dt::f32);
+  if (torch) {
+    out.owner = torch_if_loaded()->from_numpy(obj);
+    out.torch = true;
+  }
+  return out;
 }
 
 // Byte range [first, last) an array's elements span (not empty arrays).
-std::pair<uintptr_t, uintptr_t> byte_extent(const py::array& a) {
-  uintptr_t lo = reinterpret_cast<uintptr_t>(a.data()), hi = lo;
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
-    const py::ssize_t span = (a.shape(i) - 1) * a.strides(i);
-    if (span < 0) lo += span; else hi += span;
-  }
-  return {lo, hi + a.itemsize()};
+std::pair<uintptr_t, uintptr_t> byte_extent(const Arr& a) {
+  uintptr_t lo = reinterpret_cast<uintptr_t>(a.data), hi = lo;
+  for (int i = 0; i < a.ndim; ++i) hi += static_cast<uintptr_t>((a.shape[i] - 1) * a.strides[i] * a.itemsize);
+  return {lo, hi + a.itemsize};
 }
 
-bool overlaps(const py::array& a, const py::array& b) {
+bool overlaps(const Arr& a, const Arr& b) {
   if (a.size() == 0 || b.size() == 0) return false;
   const auto ea = byte_extent(a), eb = byte_extent(b);
   return ea.first < eb.second && eb.first < ea.second;
 }
 
-template <typename T>
-bool is_c_contiguous(const py::array_t<T>& a) {
-  py::ssize_t expect = 1;
-  for (py::ssize_t i = a.ndim() - 1; i >= 0; --i) {
-    if (a.shape(i) != 1 && a.strides(i) / static_cast<py::ssize_t>(sizeof(T)) != expect) return false;
-    expect *= a.shape(i);
-  }
-  return true;
-}
-
-template <typename T>
-int64_t elem_stride(const py::array_t<T>& a, py::ssize_t dim) {
-  return a.strides(dim) / static_cast<py::ssize_t>(sizeof(T));
-}
-
-// [batches, len] contiguous side input (counts, positions): batches in {1, B}.
-template <typename T>
-std::optional<py::array_t<T>> side_input(const py::object& obj, const char* name, int64_t B, int64_t len,
-                                         int64_t* batches) {
+// (len,) or (batches, len) contiguous side input (counts, positions) with
+// batches in {1, B}; *batches gets 1 or B.
+std::optional<Arr> side_input(const py::handle& obj, const char* name, Dt dt, int64_t B, int64_t len,
+                              int64_t* batches) {
   *batches = 1;
   if (obj.is_none()) return std::nullopt;
-  auto a = checked<T>(obj, name, 2);
-  if (!is_c_contiguous(a)) fail(std::string(name) + ": must be C-contiguous");
-  if (!((a.shape(0) == 1 || a.shape(0) == B) && a.shape(1) == len))
-    fail(std::string(name) + ": expected shape (1, " + std::to_string(len) + ") or (" + std::to_string(B) + ", " +
-         std::to_string(len) + "), got " + shape_str(a));
-  *batches = a.shape(0);
+  Arr a = checked(obj, name, dt, -1);
+  if (a.ndim == 1) {
+    a.ndim = 2;
+    a.shape[1] = a.shape[0];
+    a.strides[1] = a.strides[0];
+    a.shape[0] = 1;
+    a.strides[0] = a.shape[1];
+  }
+  if (a.ndim != 2 || !a.c_contiguous() || !((a.shape[0] == 1 || a.shape[0] == B) && a.shape[1] == len))
+    fail(std::string(name) + ": expected a C-contiguous array of shape (" + std::to_string(len) + ",), (1, " +
+         std::to_string(len) + ") or (" + std::to_string(B) + ", " + std::to_string(len) + "), got " + a.shape_str());
+  *batches = a.shape[0];
   return a;
 }
 
-py::tuple segment_means(const py::object& x_obj, int64_t seg, const py::object& valid_obj) {
-  auto x = checked<float>(x_obj, "x", 3);
+// counts [nk], q_pos [nq], k_pos [nk], each also [1 or B, len]; the
+// positions both or neither, with one batch size.
+struct SideInputs {
+  std::tuple<std::optional<Arr>, std::optional<Arr>, std::optional<Arr>> arrays;
+  int64_t counts_batches = 1, pos_batches = 1;
+
+  SideInputs(const py::handle& counts, const py::handle& q_pos, const py::handle& k_pos, int64_t B, int64_t nq,
+             int64_t nk) {
+    int64_t kpos_batches = 1;
+    arrays = {side_input(counts, "counts", Dt::f32, B, nk, &counts_batches),
+              side_input(q_pos, "q_pos", Dt::i32, B, nq, &pos_batches),
+              side_input(k_pos, "k_pos", Dt::i32, B, nk, &kpos_batches)};
+    if (std::get<1>(arrays).has_value() != std::get<2>(arrays).has_value())
+      fail("q_pos: q_pos and k_pos must be given together");
+    if (std::get<1>(arrays) && pos_batches != kpos_batches) fail("k_pos: must have the same batch size as q_pos");
+  }
+};
+
+py::tuple segment_means(const py::handle& x_obj, const py::handle& seg_obj, const py::handle& valid_obj) {
+  // x [n, d] or [L, n, d]; the outputs have x's rank.
+  Arr x = checked(x_obj, "x", Dt::f32, -1);
+  const bool flat = x.ndim == 2;
+  if (flat) {
+    x.ndim = 3;
+    x.shape[2] = x.shape[1], x.strides[2] = x.strides[1];
+    x.shape[1] = x.shape[0], x.strides[1] = x.strides[0];
+    x.shape[0] = 1, x.strides[0] = 0;
+  }
+  if (x.ndim != 3) fail("x: expected 2 or 3 dimensions, got shape " + x.shape_str());
+  if (PyBool_Check(seg_obj.ptr()) || !PyLong_Check(seg_obj.ptr())) fail_type("seg: expected an int");
+  int overflow = 0;
+  int64_t seg = PyLong_AsLongLongAndOverflow(seg_obj.ptr(), &overflow);
+  if (overflow > 0) seg = INT64_MAX;  // longer than any x: one segment
+  if (overflow < 0) seg = 0;
   if (seg < 1) fail("seg: must be >= 1, got " + std::to_string(seg));
-  const int64_t L = x.shape(0), n = x.shape(1), d = x.shape(2);
-  if (n < 1 || d < 1) fail("x: needs at least one row and one column, got shape " + shape_str(x));
+  const int64_t L = x.shape[0], n = x.shape[1], d = x.shape[2];
+  if (n < 1 || d < 1) fail("x: needs at least one row and one column, got shape " + x.shape_str());
   seg = std::min(seg, n);  // a longer segment is the whole row range; keeps the arithmetic in range
-  std::optional<py::array_t<uint8_t>> valid;
+  std::optional<Arr> valid;
   if (!valid_obj.is_none()) {
-    valid = checked<uint8_t>(valid_obj, "valid", 2);
-    if (!is_c_contiguous(*valid) || valid->shape(0) != L || valid->shape(1) != n)
-      fail("valid: expected a C-contiguous array of shape (" + std::to_string(L) + ", " + std::to_string(n) +
-           "), got " + shape_str(*valid));
+    valid = checked(valid_obj, "valid", Dt::u8, flat ? 1 : 2);
+    const bool ok = flat ? valid->shape[0] == n && (n == 1 || valid->strides[0] == 1)
+                         : valid->c_contiguous() && valid->shape[0] == L && valid->shape[1] == n;
+    if (!ok)
+      fail("valid: expected a C-contiguous array of shape " +
+           (flat ? "(" + std::to_string(n) + ",)" : "(" + std::to_string(L) + ", " + std::to_string(n) + ")") +
+           ", got " + valid->shape_str());
   }
   const int64_t m = (n + seg - 1) / seg;
-  py::array_t<float> means({L, m, d});
-  py::array_t<float> counts({L, m});
-  prism::SegmentMeansProblem p{x.data(), valid ? valid->data() : nullptr, means.mutable_data(),
-                               counts.mutable_data(), L, n, d, seg, elem_stride(x, 0), elem_stride(x, 1)};
+  const Arr means = flat ? new_output(x.torch, {m, d}) : new_output(x.torch, {L, m, d});
+  const Arr counts = flat ? new_output(x.torch, {m}) : new_output(x.torch, {L, m});
+  prism::SegmentMeansProblem p{x.ptr<float>(), valid ? valid->ptr<uint8_t>() : nullptr, means.ptr<float>(),
+                               counts.ptr<float>(), L, n, d, seg, x.strides[0], x.strides[1]};
   {
     py::gil_scoped_release release;
     prism::segment_means_f32(p, prism::active_isa());
   }
-  return py::make_tuple(means, counts);
+  return py::make_tuple(means.owner, counts.owner);
 }
 
-py::array_t<float> compressed_attention(const py::object& q_obj, const py::object& k_obj, const py::object& v_obj,
-                                        const py::object& counts_obj, const py::object& q_pos_obj,
-                                        const py::object& k_pos_obj, double scale) {
-  auto q = checked<float>(q_obj, "q", 4);
-  auto k = checked<float>(k_obj, "k", 4);
-  auto v = checked<float>(v_obj, "v", 4);
-  const int64_t B = q.shape(0), H = q.shape(1), nq = q.shape(2), dh = q.shape(3), nk = k.shape(2);
-  if (B < 1 || H < 1 || nq < 1 || dh < 1) fail("q: every dimension must be >= 1, got shape " + shape_str(q));
-  if (k.shape(0) != B || k.shape(1) != H || k.shape(3) != dh || nk < 1)
+py::object compressed_attention(const py::handle& q_obj, const py::handle& k_obj, const py::handle& v_obj,
+                                const py::handle& counts_obj, const py::handle& q_pos_obj,
+                                const py::handle& k_pos_obj, const py::handle& scale_obj) {
+  const Arr q = checked(q_obj, "q", Dt::f32, 4);
+  const Arr k = checked(k_obj, "k", Dt::f32, 4);
+  const Arr v = checked(v_obj, "v", Dt::f32, 4);
+  const int64_t B = q.shape[0], H = q.shape[1], nq = q.shape[2], dh = q.shape[3], nk = k.shape[2];
+  if (B < 1 || H < 1 || nq < 1 || dh < 1) fail("q: every dimension must be >= 1, got shape " + q.shape_str());
+  if (k.shape[0] != B || k.shape[1] != H || k.shape[3] != dh || nk < 1)
     fail("k: expected shape (" + std::to_string(B) + ", " + std::to_string(H) + ", nk >= 1, " + std::to_string(dh) +
-         "), got " + shape_str(k));
-  if (v.shape(0) != B || v.shape(1) != H || v.shape(2) != nk || v.shape(3) != dh)
-    fail("v: expected the shape of k " + shape_str(k) + ", got " + shape_str(v));
+         "), got " + k.shape_str());
+  if (v.shape[0] != B || v.shape[1] != H || v.shape[2] != nk || v.shape[3] != dh)
+    fail("v: expected the shape of k " + k.shape_str() + ", got " + v.shape_str());
+  double scale = 1.0 / std::sqrt(static_cast<double>(dh));
+  if (!scale_obj.is_none()) {
+    if (PyBool_Check(scale_obj.ptr()) || !(PyFloat_Check(scale_obj.ptr()) || PyLong_Check(scale_obj.ptr())))
+      fail_type("scale: expected a real number");
+    scale = scale_obj.cast<double>();
+  }
   if (!std::isfinite(scale)) fail("scale: must be finite");
-  int64_t counts_batches = 1, qpos_batches = 1, kpos_batches = 1;
-  auto counts = side_input<float>(counts_obj, "counts", B, nk, &counts_batches);
-  auto q_pos = side_input<int32_t>(q_pos_obj, "q_pos", B, nq, &qpos_batches);
-  auto k_pos = side_input<int32_t>(k_pos_obj, "k_pos", B, nk, &kpos_batches);
-  if (q_pos.has_value() != k_pos.has_value()) fail("q_pos: q_pos and k_pos must be given together");
-  if (q_pos && qpos_batches != kpos_batches) fail("k_pos: must have the same batch size as q_pos");
-  py::array_t<float> out({B, H, nq, dh});
+  const SideInputs side(counts_obj, q_pos_obj, k_pos_obj, B, nq, nk);
+  const auto& [counts, q_pos, k_pos] = side.arrays;
+  const Arr out = new_output(q.torch, {B, H, nq, dh});
   prism::AttentionProblem p{};
-  p.q = q.data();
-  p.k = k.data();
-  p.v = v.data();
-  p.out = out.mutable_data();
-  p.counts = counts ? counts->data() : nullptr;
-  p.q_pos = q_pos ? q_pos->data() : nullptr;
-  p.k_pos = k_pos ? k_pos->data() : nullptr;
+  p.q = q.ptr<float>();
+  p.k = k.ptr<float>();
+  p.v = v.ptr<float>();
+  p.out = out.ptr<float>();
+  p.counts = counts ? counts->ptr<float>() : nullptr;
+  p.q_pos = q_pos ? q_pos->ptr<int32_t>() : nullptr;
+  p.k_pos = k_pos ? k_pos->ptr<int32_t>() : nullptr;
   p.B = B; p.H = H; p.nq = nq; p.nk = nk; p.dh = dh;
-  p.counts_batches = counts_batches;
-  p.pos_batches = qpos_batches;
+  p.counts_batches = side.counts_batches;
+  p.pos_batches = side.pos_batches;
   for (int i = 0; i < 3; ++i) {
-    p.q_strides[i] = elem_stride(q, i);
-    p.k_strides[i] = elem_stride(k, i);
-    p.v_strides[i] = elem_stride(v, i);
-    p.out_strides[i] = elem_stride(out, i);
+    p.q_strides[i] = q.strides[i];
+    p.k_strides[i] = k.strides[i];
+    p.v_strides[i] = v.strides[i];
+    p.out_strides[i] = out.strides[i];
   }
   p.scale = static_cast<float>(scale);
   {
     py::gil_scoped_release release;
     prism::compressed_attention_f32(p, prism::active_isa());
   }
-  return out;
+  return out.owner;
 }
 
-py::array_t<float> masked_softmax(const py::object& scores_obj, const py::object& counts_obj,
-                                  const py::object& q_pos_obj, const py::object& k_pos_obj,
-                                  const py::object& mask_obj, const py::object& out_obj) {
-  auto scores = checked<float>(scores_obj, "scores", -1);
-  const py::ssize_t nd = scores.ndim();
-  if (nd < 2 || nd > 10) fail("scores: expected 2 to 10 dimensions, got shape " + shape_str(scores));
-  if (!is_c_contiguous(scores)) fail("scores: must be C-contiguous");
-  const int64_t nq = scores.shape(nd - 2), nk = scores.shape(nd - 1);
-  if (scores.size() == 0) fail("scores: must not be empty, got shape " + shape_str(scores));
-  const int64_t B = nd > 2 ? scores.shape(0) : 1;
-  int64_t counts_batches = 1, qpos_batches = 1, kpos_batches = 1;
-  auto counts = side_input<float>(counts_obj, "counts", B, nk, &counts_batches);
-  auto q_pos = side_input<int32_t>(q_pos_obj, "q_pos", B, nq, &qpos_batches);
-  auto k_pos = side_input<int32_t>(k_pos_obj, "k_pos", B, nk, &kpos_batches);
-  if (q_pos.has_value() != k_pos.has_value()) fail("q_pos: q_pos and k_pos must be given together");
-  if (q_pos && qpos_batches != kpos_batches) fail("k_pos: must have the same batch size as q_pos");
+py::object masked_softmax(const py::handle& scores_obj, const py::handle& counts_obj, const py::handle& q_pos_obj,
+                          const py::handle& k_pos_obj, const py::handle& mask_obj, const py::handle& out_obj) {
+  const Arr scores = checked(scores_obj, "scores", Dt::f32, -1);
+  const int nd = scores.ndim;
+  if (nd < 2 || nd > 10) fail("scores: expected 2 to 10 dimensions, got shape " + scores.shape_str());
+  if (!scores.c_contiguous()) fail("scores: must be C-contiguous");
+  const int64_t nq = scores.shape[nd - 2], nk = scores.shape[nd - 1];
+  if (scores.size() == 0) fail("scores: must not be empty, got shape " + scores.shape_str());
+  const int64_t B = nd > 2 ? scores.shape[0] : 1;
+  const SideInputs side(counts_obj, q_pos_obj, k_pos_obj, B, nq, nk);
+  const auto& [counts, q_pos, k_pos] = side.arrays;
   // The additive mask broadcasts to scores (numpy rules): stride 0 along
   // missing or size-1 dimensions, so no broadcast copy is ever made.
-  std::optional<py::array_t<float>> mask;
+  std::optional<Arr> mask;
   int64_t mask_strides[10] = {0};
   if (!mask_obj.is_none()) {
-    mask = checked<float>(mask_obj, "additive_mask", -1);
-    const py::ssize_t md = mask->ndim();
+    mask = checked(mask_obj, "additive_mask", Dt::f32, -1);
+    const int md = mask->ndim;
     bool ok = md <= nd;
-    for (py::ssize_t i = 0; ok && i < md; ++i) {
-      const py::ssize_t si = nd - md + i;
-      if (mask->shape(i) == scores.shape(si)) {
-        mask_strides[si] = mask->shape(i) == 1 ? 0 : elem_stride(*mask, i);
+    for (int i = 0; ok && i < md; ++i) {
+      const int si = nd - md + i;
+      if (mask->shape[i] == scores.shape[si]) {
+        mask_strides[si] = mask->shape[i] == 1 ? 0 : mask->strides[i];
       } else {
-        ok = mask->shape(i) == 1;  // broadcast: stride stays 0
+        ok = mask->shape[i] == 1;  // broadcast: stride stays 0
       }
     }
-    if (!ok) fail("additive_mask: shape " + shape_str(*mask) + " does not broadcast to scores " + shape_str(scores));
+    if (!ok) fail("additive_mask: shape " + mask->shape_str() + " does not broadcast to scores " + scores.shape_str());
   }
-  py::array_t<float> out;
+  Arr out;
   if (out_obj.is_none()) {
-    out = py::array_t<float>(std::vector<py::ssize_t>(scores.shape(), scores.shape() + nd));
+    out = new_output(scores.torch, std::vector<int64_t>(scores.shape, scores.shape + nd));
   } else {
-    out = checked<float>(out_obj, "out", nd);
-    if (!is_c_contiguous(out)) fail("out: must be C-contiguous");
-    for (py::ssize_t i = 0; i < nd; ++i)
-      if (out.shape(i) != scores.shape(i)) fail("out: expected shape " + shape_str(scores) + ", got " + shape_str(out));
-    if (!py::reinterpret_borrow<py::array>(out_obj).writeable()) fail("out: must be writeable");
+    out = checked(out_obj, "out", Dt::f32, nd);
+    if (out.torch != scores.torch) fail_type("out: expected the type of scores (numpy array or torch tensor)");
+    if (!out.c_contiguous()) fail("out: must be C-contiguous");
+    for (int i = 0; i < nd; ++i)
+      if (out.shape[i] != scores.shape[i]) fail("out: expected shape " + scores.shape_str() + ", got " + out.shape_str());
+    if (!out.writeable) fail("out: must be writeable");
     // Rows are read and written in one pass: out may be scores exactly (the
     // same row is read before it is written) but must not otherwise share
     // memory with an input, or later rows would read earlier results.
-    const bool same = out.data() == scores.data();  // both C-contiguous, same shape
+    const bool same = out.data == scores.data;  // both C-contiguous, same shape
     if (!same && overlaps(out, scores))
       fail("out: overlaps scores partially; pass out=scores for an in-place softmax, or a separate array");
     if (mask && overlaps(out, *mask)) fail("out: overlaps additive_mask; pass a separate array");
     if ((q_pos && overlaps(out, *q_pos)) || (k_pos && overlaps(out, *k_pos)))
       fail("out: overlaps q_pos or k_pos; pass a separate array");
+    if (counts && overlaps(out, *counts)) fail("out: overlaps counts; pass a separate array");
   }
   prism::SoftmaxProblem p{};
-  p.scores = scores.data();
-  p.out = out.mutable_data();
-  p.counts = counts ? counts->data() : nullptr;
-  p.q_pos = q_pos ? q_pos->data() : nullptr;
-  p.k_pos = k_pos ? k_pos->data() : nullptr;
-  p.add_mask = mask ? mask->data() : nullptr;
+  p.scores = scores.ptr<float>();
+  p.out = out.ptr<float>();
+  p.counts = counts ? counts->ptr<float>() : nullptr;
+  p.q_pos = q_pos ? q_pos->ptr<int32_t>() : nullptr;
+  p.k_pos = k_pos ? k_pos->ptr<int32_t>() : nullptr;
+  p.add_mask = mask ? mask->ptr<float>() : nullptr;
   p.lead_ndim = nd - 2;
-  for (py::ssize_t i = 0; i < nd - 2; ++i) p.lead[i] = scores.shape(i);
-  for (py::ssize_t i = 0; i < nd; ++i) p.mask_strides[i] = mask_strides[i];
+  for (int i = 0; i < nd - 2; ++i) p.lead[i] = scores.shape[i];
+  for (int i = 0; i < nd; ++i) p.mask_strides[i] = mask_strides[i];
   p.nq = nq;
   p.nk = nk;
-  p.counts_batches = counts_batches;
-  p.pos_batches = qpos_batches;
+  p.counts_batches = side.counts_batches;
+  p.pos_batches = side.pos_batches;
   {
     py::gil_scoped_release release;
     prism::masked_softmax_f32(p, prism::active_isa());
   }
-  return out;
+  return out.owner;
 }
 
 Isa isa_arg(const std::string& name) {
@@ -268,7 +415,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("segment_means", &segment_means, py::arg("x"), py::arg("seg"), py::arg("valid") = py::none());
   m.def("compressed_attention", &compressed_attention, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("counts") = py::none(), py::arg("q_pos") = py::none(), py::arg("k_pos") = py::none(),
-        py::arg("scale") = 1.0);
+        py::arg("scale") = py::none());
   m.def("masked_softmax", &masked_softmax, py::arg("scores"), py::arg("counts") = py::none(),
         py::arg("q_pos") = py::none(), py::arg("k_pos") = py::none(), py::arg("additive_mask") = py::none(),
         py::arg("out") = py::none());

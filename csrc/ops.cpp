@@ -16,9 +16,12 @@
 namespace prism {
 namespace {
 
-void require(bool ok, const std::string& msg) {
+// Checks run on every call: the message is a literal, or built only once the
+// check has failed (formatting it eagerly cost more than small kernels).
+void require(bool ok, const char* msg) {
   if (!ok) throw std::invalid_argument(msg);
 }
+[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
 
 // What each driver last ran (an Isa value; -1 before its first call), as the
 // switch below picked it: `prism info` reports this, not what the CPU offers.
@@ -46,7 +49,7 @@ void record(Kernel kernel, Isa isa) {
 #endif
 #define PRISM_SELECT(fn, isa, k)                                                       \
   do {                                                                                 \
-    require(isa_available(isa), std::string("isa: '") + isa_name(isa) + "' is not available"); \
+    if (!isa_available(isa)) fail(std::string("isa: '") + isa_name(isa) + "' is not available"); \
     switch (isa) {                                                                     \
       PRISM_CASE_AVX2(fn, k) PRISM_CASE_AVX512(fn, k) PRISM_CASE_NEON(fn, k)           \
       default: record(k, Isa::serial); return fn##_serial;                             \
@@ -55,19 +58,41 @@ void record(Kernel kernel, Isa isa) {
 
 using SegmentMeansFn = void (*)(const SegmentMeansArgs&, int64_t, int64_t);
 using AttentionFn = void (*)(const AttentionHead&, int64_t, int64_t);
-using SoftmaxFn = void (*)(const SoftmaxRow&);
+using SoftmaxFn = void (*)(const SoftmaxRows&);
 
 SegmentMeansFn select_segment_means(Isa isa) { PRISM_SELECT(segment_means_f32, isa, Kernel::segment_means); }
 AttentionFn select_attention(Isa isa) { PRISM_SELECT(compressed_attention_f32, isa, Kernel::compressed_attention); }
-SoftmaxFn select_softmax(Isa isa) { PRISM_SELECT(masked_softmax_row_f32, isa, Kernel::masked_softmax); }
+SoftmaxFn select_softmax(Isa isa) { PRISM_SELECT(masked_softmax_f32, isa, Kernel::masked_softmax); }
+
+// Work-based thread split: a task carries at least kMinTaskNs of work (as
+// estimated for the fastest ISA), so waking a worker -- a few µs, far more on
+// a busy machine, where a worker preempted in the middle of its task holds the
+// caller for a time slice -- costs little against the work it takes over;
+// smaller problems run on the caller alone.
+constexpr double kMinTaskNs = 50000.0;
+constexpr double kSegmentMeansNsPerElement = 0.08;  // x elements, streamed from L2
+constexpr int64_t kSegmentMeansColumns = 256;       // columns per segment-means work item
+constexpr double kAttentionNsPerFlop = 0.012;       // ~80 GFLOP/s on one core
+constexpr double kSoftmaxNsPerElement = 0.3;
+
+// Items per task for items of `elements_per_item` elements at `ns_per_element`.
+int64_t rows_per_task(int64_t items, int64_t elements_per_item, double ns_per_element) {
+  const double item_ns = static_cast<double>(elements_per_item) * ns_per_element;
+  const double per_task = std::ceil(kMinTaskNs / std::max(item_ns, 1e-3));
+  // Less than two tasks' worth stays whole: a small second task is all
+  // hand-off, and its thread may not even be on a core yet.
+  if (2.0 * per_task > static_cast<double>(items)) return items;
+  return std::max<int64_t>(1, static_cast<int64_t>(per_task));
+}
 
 // log(counts) as additive key bias; counts must be finite and >= 0.
 std::vector<float> key_bias_from_counts(const float* counts, int64_t n) {
   std::vector<float> bias(n);
   for (int64_t j = 0; j < n; ++j) {
     const float c = counts[j];
-    require(std::isfinite(c) && c >= 0.0f, "counts: every count must be finite and >= 0, got " +
-                                               std::to_string(c) + " at index " + std::to_string(j));
+    if (!(std::isfinite(c) && c >= 0.0f))
+      fail("counts: every count must be finite and >= 0, got " + std::to_string(c) + " at index " +
+                         std::to_string(j));
     bias[j] = c > 0.0f ? std::log(c) : -std::numeric_limits<float>::infinity();
   }
   return bias;
@@ -78,22 +103,25 @@ std::vector<float> key_bias_from_counts(const float* counts, int64_t n) {
 int last_dispatched_isa(Kernel kernel) { return dispatched[static_cast<int>(kernel)].load(std::memory_order_relaxed); }
 
 void segment_means_f32(const SegmentMeansProblem& p, Isa isa) {
-  require(p.seg >= 1, "seg: must be >= 1, got " + std::to_string(p.seg));
+  if (p.seg < 1) fail("seg: must be >= 1, got " + std::to_string(p.seg));
   require(p.L >= 0 && p.n >= 1 && p.d >= 1, "x: needs at least one row and one column");
   const SegmentMeansFn fn = select_segment_means(isa);
   // seg > n is one segment of n rows; clamping first keeps seg * d and
   // n + seg from overflowing (seg may be up to INT64_MAX).
   const int64_t seg = std::min(p.seg, p.n);
   const int64_t m = p.n / seg + (p.n % seg != 0);
-  // Enough rows per task to amortise the hand-off (~16K floats).
-  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, seg * std::min<int64_t>(p.d, 1 << 14)));
-  parallel_for(p.L * m, grain, [&](int64_t begin, int64_t end) {
-    while (begin < end) {
-      const int64_t b = begin / m, s0 = begin % m, s1 = std::min(m, s0 + (end - begin));
-      SegmentMeansArgs a{p.x + b * p.x_batch_stride, p.valid ? p.valid + b * p.n : nullptr,
-                         p.means + b * m * p.d, p.counts + b * m, p.n, p.d, seg, p.x_row_stride};
-      fn(a, s0, s1);
-      begin += s1 - s0;
+  // Work items are (batch, segment, column chunk): a few long segments still
+  // split over threads. The chunk that starts at column 0 writes the count.
+  const int64_t cols = std::min<int64_t>(p.d, kSegmentMeansColumns);
+  const int64_t chunks = (p.d + cols - 1) / cols;
+  const int64_t grain = rows_per_task(p.L * m * chunks, seg * cols, kSegmentMeansNsPerElement);
+  parallel_for(p.L * m * chunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (m * chunks), s = item / chunks % m, c0 = item % chunks * cols;
+      SegmentMeansArgs a{p.x + b * p.x_batch_stride + c0, p.valid ? p.valid + b * p.n : nullptr,
+                         p.means + b * m * p.d + c0, c0 == 0 ? p.counts + b * m : nullptr,
+                         p.n, std::min(cols, p.d - c0), seg, p.x_row_stride, p.d};
+      fn(a, s, s + 1);
     }
   });
 }
@@ -108,10 +136,9 @@ void compressed_attention_f32(const AttentionProblem& p, Isa isa) {
   if (p.counts) bias = key_bias_from_counts(p.counts, p.counts_batches * p.nk);
   // Query blocks small enough to spread (B, H) = (1, 1) over the pool, large
   // enough to reuse each key block across several queries.
-  const int64_t qblock = 32;
+  const int64_t qblock = 64;  // avx512's whole chunk (2 sub-blocks of 32): one pass over K/V per 64 queries
   const int64_t qblocks = (p.nq + qblock - 1) / qblock;
-  // Tiny problems stay on one thread: the hand-off costs more than the work.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (qblock * p.nk * p.dh));
+  const int64_t grain = rows_per_task(p.B * p.H * qblocks, 4 * qblock * p.nk * p.dh, kAttentionNsPerFlop);
   parallel_for(p.B * p.H * qblocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / qblocks, qb = t % qblocks;
@@ -152,31 +179,39 @@ void masked_softmax_f32(const SoftmaxProblem& p, Isa isa) {
   for (int64_t i = 0; i < p.lead_ndim; ++i) lead_total *= p.lead[i];
   if (p.lead_ndim > 0) inner = lead_total / p.lead[0];
   const int64_t rows = lead_total * p.nq;
-  const int64_t grain = std::max<int64_t>(1, (1 << 13) / p.nk);
-  parallel_for(rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t li = r / p.nq, qi = r % p.nq;
+  const bool bias_hides = std::find(bias.begin(), bias.end(), -std::numeric_limits<float>::infinity()) != bias.end();
+  // Rows are split where a leading index ends: within one, every side input
+  // advances by a fixed stride, so the kernel has no per-row set-up.
+  parallel_for(rows, rows_per_task(rows, p.nk, kSoftmaxNsPerElement), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(static_cast<size_t>(softmax_scratch_floats(p.nk)));
+    while (begin < end) {
+      const int64_t li = begin / p.nq, qi = begin % p.nq, n = std::min(end - begin, p.nq - qi);
       const int64_t b0 = p.lead_ndim > 0 ? li / inner : 0;
-      SoftmaxRow row;
-      row.scores = p.scores + r * p.nk;
-      row.out = p.out + r * p.nk;
-      row.key_bias = p.counts ? bias.data() + (p.counts_batches == 1 ? 0 : b0) * p.nk : nullptr;
-      row.add_mask = nullptr;
-      row.add_mask_stride = 0;
+      SoftmaxRows r;
+      r.scores = p.scores + begin * p.nk;
+      r.out = p.out + begin * p.nk;
+      r.key_bias = p.counts ? bias.data() + (p.counts_batches == 1 ? 0 : b0) * p.nk : nullptr;
+      r.key_bias_hides = bias_hides;
+      r.add_mask = nullptr;
+      r.mask_row_stride = r.mask_key_stride = 0;
       if (p.add_mask) {
-        int64_t off = qi * p.mask_strides[p.lead_ndim], rem = li;
+        int64_t off = 0, rem = li;
         for (int64_t dim = p.lead_ndim - 1; dim >= 0; --dim) {
           off += (rem % p.lead[dim]) * p.mask_strides[dim];
           rem /= p.lead[dim];
         }
-        row.add_mask = p.add_mask + off;
-        row.add_mask_stride = p.mask_strides[p.lead_ndim + 1];
+        r.mask_row_stride = p.mask_strides[p.lead_ndim];
+        r.mask_key_stride = p.mask_strides[p.lead_ndim + 1];
+        r.add_mask = p.add_mask + off + qi * r.mask_row_stride;
       }
       const int64_t pb = p.pos_batches == 1 ? 0 : b0;
-      row.k_pos = p.k_pos ? p.k_pos + pb * p.nk : nullptr;
-      row.q_pos = p.q_pos ? p.q_pos[pb * p.nq + qi] : 0;
-      row.nk = p.nk;
-      fn(row);
+      r.k_pos = p.k_pos ? p.k_pos + pb * p.nk : nullptr;
+      r.q_pos = p.q_pos ? p.q_pos + pb * p.nq + qi : nullptr;
+      r.rows = n;
+      r.nk = p.nk;
+      r.scratch = scratch.data();
+      fn(r);
+      begin += n;
     }
   });
 }

@@ -59,36 +59,64 @@ class Pool {
     const int64_t threads = static_cast<int64_t>(workers_.size()) + 1;
     // A few chunks per thread balance uneven work without much overhead.
     const int64_t chunk = std::max(grain, (n + threads * 4 - 1) / (threads * 4));
+    Job job;
     {
       std::lock_guard<std::mutex> g(m_);
-      job_ = &fn;
-      n_ = n;
-      chunk_ = chunk;
-      next_.store(0);
-      pending_ = static_cast<int>(workers_.size());
+      job = Job{&fn, n, chunk, static_cast<uint32_t>(++generation_)};
+      job_ = job;
+      done_.store(0);
       error_ = nullptr;
-      ++generation_;
+      next_.store(static_cast<uint64_t>(job.tag) << 32);
     }
     cv_.notify_all();
-    work();
+    work(job);
+    // Wait only for chunks a worker has claimed and not finished: a worker
+    // that has not woken up yet finds no chunk left and does nothing, so a
+    // busy machine's late wake-ups never hold the caller.
     std::unique_lock<std::mutex> lk(m_);
-    done_cv_.wait(lk, [this] { return pending_ == 0; });
-    job_ = nullptr;
+    done_cv_.wait(lk, [&] { return done_.load() == n; });
     if (error_) std::rethrow_exception(error_);
   }
 
  private:
-  void work() {
+  // One parallel_for call; tag is its generation (mod 2^32), which also tags
+  // the chunk counter so a worker that wakes late cannot claim a chunk of a
+  // later call with this one's function.
+  struct Job {
+    const std::function<void(int64_t, int64_t)>* fn = nullptr;
+    int64_t n = 0, chunk = 1;
+    uint32_t tag = 0;
+  };
+
+  // next_ = tag << 32 | index of the next chunk (chunks per call <= 4 * threads).
+  bool claim(const Job& job, int64_t* begin) {
+    uint64_t cur = next_.load();
+    for (;;) {
+      if (static_cast<uint32_t>(cur >> 32) != job.tag) return false;
+      const int64_t b = static_cast<int64_t>(cur & 0xffffffffu) * job.chunk;
+      if (b >= job.n) return false;
+      if (next_.compare_exchange_weak(cur, cur + 1)) {
+        *begin = b;
+        return true;
+      }
+    }
+  }
+
+  void work(const Job& job) {
     const bool was_in_task = in_pool_task;
     in_pool_task = true;
-    for (;;) {
-      const int64_t begin = next_.fetch_add(chunk_);
-      if (begin >= n_) break;
+    int64_t begin = 0;
+    while (claim(job, &begin)) {
+      const int64_t end = std::min(job.n, begin + job.chunk);
       try {
-        (*job_)(begin, std::min(n_, begin + chunk_));
+        (*job.fn)(begin, end);
       } catch (...) {
         std::lock_guard<std::mutex> g(m_);
         if (!error_) error_ = std::current_exception();
+      }
+      if (done_.fetch_add(end - begin) + (end - begin) == job.n) {
+        std::lock_guard<std::mutex> g(m_);
+        done_cv_.notify_all();
       }
     }
     in_pool_task = was_in_task;
@@ -96,15 +124,15 @@ class Pool {
 
   void worker_loop(uint64_t seen) {
     for (;;) {
+      Job job;
       {
         std::unique_lock<std::mutex> lk(m_);
         cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
         if (stop_) return;
         seen = generation_;
+        job = job_;
       }
-      work();
-      std::lock_guard<std::mutex> g(m_);
-      if (--pending_ == 0) done_cv_.notify_one();
+      work(job);
     }
   }
 
@@ -136,10 +164,9 @@ class Pool {
   std::mutex m_;
   std::condition_variable cv_, done_cv_;
   std::vector<std::thread> workers_;
-  const std::function<void(int64_t, int64_t)>* job_ = nullptr;
-  int64_t n_ = 0, chunk_ = 1;
-  std::atomic<int64_t> next_{0};
-  int pending_ = 0;
+  Job job_;                       // the latest call (guarded by m_)
+  std::atomic<uint64_t> next_{0};  // see claim()
+  std::atomic<int64_t> done_{0};   // items of the current call finished
   uint64_t generation_ = 0;
   bool stop_ = false;
   std::exception_ptr error_;

@@ -6,6 +6,13 @@ passed without a copy (other strides included); anything else with the right
 dtype (a last dimension with stride != 1) is copied once. Wrong dtypes, ranks,
 shapes, devices and values raise TypeError/ValueError naming the argument.
 
+The thin path: ``_C`` reads tensors and arrays of exactly the dtypes and
+ranks the kernels use (float32 data, int32 positions, bool/uint8 ``valid``,
+``(n,)`` or ``(B, n)`` side inputs, 4-d attention, 2-d or 3-d segment means) and
+checks all of it itself, so each function first hands its arguments straight
+to ``_C``; only when that refuses them (TypeError/ValueError) are they
+normalised here and passed again, and then ``_C``'s error is the one raised.
+
 Side inputs are indexed by the first (batch) dimension: ``counts`` and
 ``k_pos`` are ``(nk,)`` or ``(B, nk)``, ``q_pos`` is ``(nq,)`` or ``(B, nq)``.
 """
@@ -135,6 +142,10 @@ def segment_means(x, seg: int, valid=None):
     (the last segment may be shorter). Rows where ``valid[..., n]`` is False
     are left out; a segment with no valid row has count 0 and a zero mean.
     """
+    try:
+        return _C.segment_means(x, seg, valid)
+    except (TypeError, ValueError):
+        pass
     arr = _as_array(x, "x", min_ndim=2)
     if isinstance(seg, bool) or not isinstance(seg, (int, np.integer)):
         raise TypeError(f"seg: expected an int, got {type(seg).__name__}")
@@ -185,6 +196,10 @@ def compressed_attention(q, k, v, counts=None, q_pos=None, k_pos=None, scale=Non
     (any number of head dimensions after B, or none); ``scale`` defaults to
     ``1/sqrt(dh)``. A query with no visible key gets a zero row.
     """
+    try:
+        return _C.compressed_attention(q, k, v, counts, q_pos, k_pos, scale)
+    except (TypeError, ValueError):
+        pass
     qa = _as_array(q, "q", min_ndim=2)
     ka = _as_array(k, "k", min_ndim=2)
     va = _as_array(v, "v", min_ndim=2)
@@ -231,6 +246,10 @@ def masked_softmax(scores, counts=None, q_pos=None, k_pos=None, additive_mask=No
     ``scores`` itself for an in-place softmax. ``scores`` is copied if not
     C-contiguous.
     """
+    try:
+        return _C.masked_softmax(scores, counts, q_pos, k_pos, additive_mask, out)
+    except (TypeError, ValueError):
+        pass
     arr = _as_array(scores, "scores", min_ndim=2)
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)

@@ -3,6 +3,8 @@
 #pragma once
 #include <arm_neon.h>
 
+#include <cstdint>
+
 namespace prism {
 namespace simd_neon {
 
@@ -23,6 +25,61 @@ static inline float32x4_t exp_ps(float32x4_t x) {
   const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
   const float32x4_t scale = vreinterpretq_f32_s32(vmaxq_s32(e, vdupq_n_s32(0)));
   return vmulq_f32(y, scale);
+}
+
+
+// The vector layer of csrc/simd/README.md.
+constexpr int W = 4;
+using vf = float32x4_t;
+using vi = int32x4_t;
+
+static inline vf vzero() { return vdupq_n_f32(0.0f); }
+static inline vf vset1(float x) { return vdupq_n_f32(x); }
+static inline vf vload(const float* p) { return vld1q_f32(p); }
+static inline void vstore(float* p, vf x) { vst1q_f32(p, x); }
+static inline vf vbcast(const float* p) { return vld1q_dup_f32(p); }
+// NEON has no masked loads/stores; tails go through a small buffer.
+static inline vf vload_part(const float* p, int n) {
+  float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int i = 0; i < n; ++i) t[i] = p[i];
+  return vld1q_f32(t);
+}
+static inline void vstore_part(float* p, vf x, int n) {
+  float t[4];
+  vst1q_f32(t, x);
+  for (int i = 0; i < n; ++i) p[i] = t[i];
+}
+static inline vf vfma(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
+static inline vf vadd(vf a, vf b) { return vaddq_f32(a, b); }
+static inline vf vsub(vf a, vf b) { return vsubq_f32(a, b); }
+static inline vf vmul(vf a, vf b) { return vmulq_f32(a, b); }
+// NaN in gives NaN (x86 max_ps gives its second operand): the kernels never
+// depend on which (their NaN checks come after the max).
+static inline vf vmax(vf a, vf b) { return vmaxq_f32(a, b); }
+static inline vf vexp(vf x) { return exp_ps(x); }
+static inline float vhsum(vf x) { return vaddvq_f32(x); }
+static inline float vhmax(vf x) { return vmaxnmvq_f32(x); }
+static inline vf vselect_eq(vf a, vf b, vf x, vf y) { return vbslq_f32(vceqq_f32(a, b), x, y); }
+static inline vf vselect_lt(vf a, vf b, vf x, vf y) { return vbslq_f32(vcltq_f32(a, b), x, y); }
+static inline vf vkeep_first(vf x, int n, vf y) {
+  const int32_t lane[4] = {0, 1, 2, 3};
+  return vbslq_f32(vcltq_s32(vld1q_s32(lane), vdupq_n_s32(n)), x, y);
+}
+static inline bool vany_gt(vf a, vf b) { return vmaxvq_u32(vcgtq_f32(a, b)) != 0; }
+static inline vi vset1_i32(int32_t x) { return vdupq_n_s32(x); }
+static inline vi vload_i32(const int32_t* p) { return vld1q_s32(p); }
+static inline vi vload_i32_part(const int32_t* p, int n) {
+  int32_t t[4] = {0, 0, 0, 0};
+  for (int i = 0; i < n; ++i) t[i] = p[i];
+  return vld1q_s32(t);
+}
+static inline vf vhide_gt(vf s, vi a, vi b) { return vbslq_f32(vcgtq_s32(a, b), vdupq_n_f32(-__builtin_inff()), s); }
+static inline void vtranspose(vf r[4]) {
+  const float32x4x2_t t01 = vtrnq_f32(r[0], r[1]), t23 = vtrnq_f32(r[2], r[3]);
+  r[0] = vcombine_f32(vget_low_f32(t01.val[0]), vget_low_f32(t23.val[0]));
+  r[1] = vcombine_f32(vget_low_f32(t01.val[1]), vget_low_f32(t23.val[1]));
+  r[2] = vcombine_f32(vget_high_f32(t01.val[0]), vget_high_f32(t23.val[0]));
+  r[3] = vcombine_f32(vget_high_f32(t01.val[1]), vget_high_f32(t23.val[1]));
 }
 
 }  // namespace simd_neon

@@ -5,7 +5,8 @@
 // serial ISA and with a float64 reference computed here. Shapes are chosen to
 // hit each vector block and tail of every ISA (8/32 columns for AVX2, 16/64 for
 // AVX-512, 4/16 for NEON): n not divisible by seg, n < seg, nk = 1, dh in
-// {1, 7, 32, 64, 80, 128}, odd sizes, batch > 1, counts 0, fully masked rows,
+// {1, 7, 8, 16, 32, 64, 80, 128} (the whole-row P.V tiles at 2W and 4W), rows
+// held in registers and rows in online blocks, logits near 90, odd sizes, batch > 1, counts 0, fully masked rows,
 // positions, extreme logits and broadcast masks. Output buffers carry guard
 // elements that must come back untouched.
 //
@@ -27,9 +28,10 @@
 //   since out is a convex combination of v rows (which may cancel).
 //
 // Usage: test_kernels [group ...]; groups: isa segment_means
-// compressed_attention masked_softmax threadpool bad_args (default: all).
+// compressed_attention masked_softmax threadpool thread_split bad_args (default: all).
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -399,7 +401,9 @@ void run_attention_case(const AttnCase& c, uint64_t seed) {
 void test_compressed_attention() {
   uint64_t seed = 1000;
   int idx = 0;
-  const int64_t dhs[] = {1, 7, 32, 64, 80, 128};
+  // dh = 2W and 4W take the whole-row P.V tiles: 8, 16 (neon), 16, 32 (avx2),
+  // 32, 64 (avx512); the others the generic column tiles.
+  const int64_t dhs[] = {1, 7, 8, 16, 32, 64, 80, 128};
   const int64_t nq_nk[][2] = {{1, 1}, {3, 1}, {1, 5}, {7, 13}, {33, 64}, {17, 65}, {40, 130}, {64, 200}};
   for (int64_t dh : dhs)
     for (const auto& qk : nq_nk)
@@ -423,7 +427,8 @@ struct SoftmaxCase {
   int pos_mode;     // 0: none, 1: random positions
   bool batched_side;
   int mask_mode;    // 0: none, 1: full, 2: broadcast along keys, 3: one [nk] row for all, 4: last stride 2
-  int logit_mode;   // 0: N(0, 3), 1: +-80, 2: +-1e30, 3: all equal, 4: some -inf, 5: a NaN in some rows
+  int logit_mode;   // 0: N(0, 3), 1: +-80, 2: +-1e30, 3: all equal, 4: some -inf, 5: a NaN in some rows,
+                    // 6: in [86, 95] (exp would overflow without the max shift), some -inf
   bool in_place;
 };
 
@@ -446,6 +451,7 @@ void run_softmax_case(const SoftmaxCase& c, uint64_t seed) {
         case 2: z = rng.chance(0.5) ? 1e30f : -1e30f; break;
         case 3: z = equal_value; break;
         case 4: z = rng.chance(0.3) || r % 5 == 1 ? -kInf : rng.uniform(-5.0f, 5.0f); break;
+        case 6: z = rng.chance(0.2) || r % 7 == 3 ? -kInf : rng.uniform(86.0f, 95.0f); break;
         default: z = r % 3 == 0 && j == (r / 3) % c.nk ? kNaN : rng.uniform(-5.0f, 5.0f); break;
       }
     }
@@ -582,12 +588,14 @@ void run_softmax_case(const SoftmaxCase& c, uint64_t seed) {
 void test_masked_softmax() {
   uint64_t seed = 5000;
   int idx = 0;
-  const int64_t nks[] = {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 64, 100, 257};
+  // Up to 64 (avx2) or 256 (avx512, neon) keys a row is held in registers; longer
+  // rows go by in online blocks of 4 vectors (ragged and whole last blocks).
+  const int64_t nks[] = {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 64, 65, 100, 256, 257, 272, 320};
   const std::vector<std::vector<int64_t>> leads = {{}, {3}, {2, 3}, {2, 1, 2}};
   const int64_t nqs[] = {1, 3, 8};
   for (int64_t nk : nks)
     for (const auto& lead : leads)
-      for (int logit_mode = 0; logit_mode < 6; ++logit_mode, ++idx) {
+      for (int logit_mode = 0; logit_mode < 7; ++logit_mode, ++idx) {
         SoftmaxCase c{lead, nqs[idx % 3], nk, idx % 3, (idx / 3) % 2, (idx / 2) % 2 == 1, (idx / 7) % 5,
                       logit_mode, idx % 4 == 3};
         if (logit_mode == 2) c.counts_mode = 0, c.mask_mode = 0;  // +-1e30 + log(count) is not exact in float32
@@ -660,6 +668,34 @@ void test_threadpool() {
     });
   for (auto& th : callers) th.join();
   EXPECT(concurrent_failures.load() == 0, "concurrent parallel_for calls cover every index once");
+
+  // Back-to-back calls, each with its own function and output: a worker that
+  // wakes late must not run a chunk of an earlier (finished) call, or of a
+  // later one with the earlier call's function (ASan/TSan see either).
+  int back_to_back_failures = 0;
+  for (int rep = 0; rep < 2000; ++rep) {
+    const int64_t n = 2 + rep % 9;
+    std::vector<int> hits(static_cast<size_t>(n), 0);
+    prism::parallel_for(n, 1, [&hits](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) ++hits[i];
+    });
+    for (int h : hits) back_to_back_failures += h != 1;
+  }
+  EXPECT(back_to_back_failures == 0, "2000 back-to-back parallel_for calls cover every index once");
+
+  // The caller does not wait for a worker that never took a chunk: a slow
+  // chunk held by the caller still lets every index be covered once.
+  {
+    std::vector<std::atomic<int>> hits(64);
+    for (auto& h : hits) h.store(0);
+    prism::parallel_for(64, 1, [&](int64_t b, int64_t e) {
+      if (b == 0) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      for (int64_t i = b; i < e; ++i) hits[i].fetch_add(1);
+    });
+    bool once = true;
+    for (auto& h : hits) once &= h.load() == 1;
+    EXPECT(once, "a slow chunk: every index covered once");
+  }
 
   // An exception in a task reaches the caller, from the pool and inline.
   for (int64_t grain : {1, 100000}) {
@@ -808,11 +844,76 @@ struct Group {
   void (*run)();
 };
 
+// ---------------------------------------------------------------- thread split
+
+// Every kernel gives bit-identical results on 1, 2 and 3 threads (the split
+// never changes what one task computes), for problems below the work
+// threshold (run on the caller), just above it and far above it.
+void test_thread_split() {
+  const int saved = prism::num_threads();
+  Rng rng(77);
+  auto fill = [&](std::vector<float>& v) {
+    for (float& x : v) x = rng.uniform(-2.0f, 2.0f);
+  };
+  auto run_all = [&](const std::function<void(std::vector<float>&)>& run, const std::string& what) {
+    std::vector<float> one, many;
+    prism::set_num_threads(1);
+    run(one);
+    for (int threads : {2, 3}) {
+      prism::set_num_threads(threads);
+      run(many);
+      EXPECT(one.size() == many.size() && std::memcmp(one.data(), many.data(), sizeof(float) * one.size()) == 0,
+             what + ": " + std::to_string(threads) + " threads give the 1-thread result bit for bit");
+    }
+  };
+  const Isa best = prism::available_isas().back();
+  for (int64_t L : {1, 3, 64}) {  // ~0.1 MB, ~0.3 MB, ~6.5 MB of x
+    const int64_t n = 33, d = 770, seg = 4, m = (n + seg - 1) / seg;
+    std::vector<float> x(L * n * d);
+    fill(x);
+    run_all([&](std::vector<float>& out) {
+      out.assign(L * m * (d + 1), 0.0f);
+      prism::SegmentMeansProblem p{x.data(), nullptr, out.data(), out.data() + L * m * d, L, n, d, seg, n * d, d};
+      prism::segment_means_f32(p, best);
+    }, "segment_means L=" + std::to_string(L));
+  }
+  for (int64_t H : {1, 4, 12}) {
+    const int64_t nq = 70, nk = 90, dh = 64;
+    std::vector<float> q(H * nq * dh), k(H * nk * dh), v(H * nk * dh), counts(nk, 2.0f);
+    fill(q), fill(k), fill(v);
+    run_all([&](std::vector<float>& out) {
+      out.assign(H * nq * dh, 0.0f);
+      prism::AttentionProblem p{};
+      p.q = q.data(), p.k = k.data(), p.v = v.data(), p.out = out.data(), p.counts = counts.data();
+      p.B = 1, p.H = H, p.nq = nq, p.nk = nk, p.dh = dh, p.counts_batches = 1, p.pos_batches = 1;
+      const int64_t qs[3] = {H * nq * dh, nq * dh, dh}, ks[3] = {H * nk * dh, nk * dh, dh};
+      std::copy(qs, qs + 3, p.q_strides), std::copy(qs, qs + 3, p.out_strides);
+      std::copy(ks, ks + 3, p.k_strides), std::copy(ks, ks + 3, p.v_strides);
+      p.scale = 0.125f;
+      prism::compressed_attention_f32(p, best);
+    }, "compressed_attention H=" + std::to_string(H));
+  }
+  for (int64_t rows : {5, 200, 3000}) {
+    const int64_t nk = 176;
+    std::vector<float> scores(rows * nk);
+    fill(scores);
+    run_all([&](std::vector<float>& out) {
+      out.assign(rows * nk, 0.0f);
+      prism::SoftmaxProblem p{};
+      p.scores = scores.data(), p.out = out.data(), p.lead_ndim = 1, p.lead[0] = rows;
+      p.nq = 1, p.nk = nk, p.counts_batches = 1, p.pos_batches = 1;
+      prism::masked_softmax_f32(p, best);
+    }, "masked_softmax rows=" + std::to_string(rows));
+  }
+  prism::set_num_threads(saved);
+}
+
 const Group kGroups[] = {{"isa", test_isa},
                          {"segment_means", test_segment_means},
                          {"compressed_attention", test_compressed_attention},
                          {"masked_softmax", test_masked_softmax},
                          {"threadpool", test_threadpool},
+                         {"thread_split", test_thread_split},
                          {"bad_args", test_bad_args}};
 
 }  // namespace

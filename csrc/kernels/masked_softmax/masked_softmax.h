@@ -11,18 +11,27 @@
 
 namespace prism {
 
-struct SoftmaxRow {
-  const float* scores;    // [nk]
-  float* out;             // [nk]; may equal scores (in place)
+// Consecutive rows [0, rows) of one leading index: the side inputs advance
+// with the row by plain strides, so the kernels have no per-row set-up.
+struct SoftmaxRows {
+  const float* scores;    // [rows, nk], contiguous
+  float* out;             // [rows, nk], contiguous; may equal scores (in place)
   const float* key_bias;  // [nk] log(counts), -inf for count 0; or nullptr
-  const float* add_mask;  // [nk] additive mask, element stride add_mask_stride; or nullptr
-  int64_t add_mask_stride;  // 1, or 0 for a mask broadcast along keys
-  const int32_t* k_pos;   // [nk] or nullptr (then q_pos is ignored)
-  int32_t q_pos;
-  int64_t nk;
+  bool key_bias_hides;    // some key_bias is -inf (a count 0)
+  const float* add_mask;  // row r, key j at add_mask[r * mask_row_stride + j * mask_key_stride]; or nullptr
+  int64_t mask_row_stride, mask_key_stride;  // any (0 broadcasts)
+  const int32_t* k_pos;   // [nk] or nullptr (then q_pos is nullptr too)
+  const int32_t* q_pos;   // [rows] or nullptr
+  int64_t rows, nk;
+  float* scratch;         // softmax_scratch_floats(nk) floats for the kernel
 };
 
-#define PRISM_MASKED_SOFTMAX_DECL(isa) void masked_softmax_row_f32_##isa(const SoftmaxRow& r);
+// Scratch the kernels need for rows of nk keys (one float per online block
+// of at least 16 keys, rounded up to a vector of at most 16 lanes). The
+// driver allocates it: the ISA files hold no code outside their own.
+inline int64_t softmax_scratch_floats(int64_t nk) { return (nk + 15) / 16 + 16; }
+
+#define PRISM_MASKED_SOFTMAX_DECL(isa) void masked_softmax_f32_##isa(const SoftmaxRows& r);
 PRISM_MASKED_SOFTMAX_DECL(serial)
 PRISM_MASKED_SOFTMAX_DECL(avx2)
 PRISM_MASKED_SOFTMAX_DECL(avx512)

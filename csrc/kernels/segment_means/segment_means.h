@@ -10,9 +10,9 @@ namespace prism {
 struct SegmentMeansArgs {
   const float* x;        // [n, d], row stride x_stride
   const uint8_t* valid;  // [n] or nullptr (all rows valid)
-  float* means;          // [ceil(n / seg), d], contiguous
-  float* counts;         // [ceil(n / seg)]
-  int64_t n, d, seg, x_stride;
+  float* means;          // [ceil(n / seg), d], row stride means_stride
+  float* counts;         // [ceil(n / seg)], or nullptr (another call writes them)
+  int64_t n, d, seg, x_stride, means_stride;
 };
 
 // Computes segments [seg_begin, seg_end).
