@@ -12,20 +12,11 @@ import warnings
 import pytest
 import torch
 
+from cli_helpers import prism
 from engine_helpers import hf_gpt2, save
 
 import prism_ext
-from prism_ext.cli import main
 from prism_ext.partition import AccuracyWarning, coarse_warning, partition
-
-
-def prism(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -11,19 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_helpers import prism
+
 from prism_ext import jobs, zoo
-from prism_ext.cli import main
 
 TEXTS = ["def f(x):", "for i in range(10):", "import os", "class A:", "x = 1"]
-
-
-def prism(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _lines(out: str) -> list[dict]:

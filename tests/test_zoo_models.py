@@ -9,22 +9,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from cli_helpers import prism
 
 import prism_ext
 from prism_ext import zoo
-from prism_ext.cli import main
-from PIL import Image
 from prism_ext.tokenizer import load_tokenizer
-
-
-def prism(capsys, *argv):
-    """Run `prism ARGV` in process: (exit status, stdout, stderr)."""
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse usage errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
