@@ -124,11 +124,13 @@ def bench_p4(name, make_inputs, model, reps, devices, crs, bar):
 
 def _torch_attention(q, k, v, counts=None, q_pos=None, k_pos=None, scale=None):
     """The torch peer of kernels.compressed_attention, as the engine calls it
-    (q/k/v [B, H, n, dh], counts [B, nk], positions [n] and [nk]): SDPA with a
-    float mask, built per call (the engine has no other use for it)."""
+    (q/k/v [B, H, n, dh], counts [B, nk], positions [n] and [nk], or [B, n]
+    and [B, nk] as the engine batches them): SDPA with a float mask, built per
+    call (the engine has no other use for it)."""
     mask = counts.log()[:, None, None, :]
     if q_pos is not None:
-        mask = mask.masked_fill((k_pos[None, :] > q_pos[:, None])[None, None], -math.inf)
+        hidden = k_pos.reshape(-1, 1, k_pos.shape[-1]) > q_pos.reshape(-1, q_pos.shape[-1], 1)  # [B or 1, n, nk]
+        mask = mask.masked_fill(hidden[:, None], -math.inf)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 

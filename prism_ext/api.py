@@ -68,20 +68,14 @@ class PrismModel:
     @functools.cached_property
     def special_ids(self) -> tuple[int, ...]:
         """Token ids of the special tokens: ``*_token_id`` of config.json and
-        the ``special`` added tokens of tokenizer.json (read as JSON, no
-        tokenizer package). Empty for image models."""
+        the tokenizer's special tokens (when the checkpoint has a
+        tokenizer.json). Empty for image models."""
         if "input_ids" not in self.net.input_names:
             return ()
         ids = {v for k, v in self.config.items() if k.endswith("_token_id") and isinstance(v, int)
                and not isinstance(v, bool) and v >= 0}
-        path = None if self.directory is None else self.directory / "tokenizer.json"
-        if path is not None and path.is_file():
-            try:
-                added = json.loads(path.read_text()).get("added_tokens") or []
-            except ValueError as exc:
-                raise ValueError(f"tokenizer: {path} is not valid JSON ({exc})") from None
-            ids |= {t["id"] for t in added if isinstance(t, dict) and t.get("special") is True
-                    and isinstance(t.get("id"), int) and t["id"] >= 0}
+        if self.directory is not None and (self.directory / "tokenizer.json").is_file():
+            ids |= set(self.tokenizer.all_special_ids)
         return tuple(sorted(ids))
 
     def exact_rows(self, spec) -> ExactRows:

@@ -266,12 +266,13 @@ def _text_outputs(model: PrismModel, out, mask: torch.Tensor) -> list[dict]:
         emb = out.last_hidden_state[row][valid].mean(0)
         res = {"embedding_dim": int(emb.numel()), "embedding": emb.tolist()}
         if "logits" in out:
-            res.update(_class_output(model, out.logits[row]))
+            res.update(class_output(model, out.logits[row]))
         results.append(res)
     return results
 
 
-def _class_output(model: PrismModel, logits: torch.Tensor) -> dict:
+def class_output(model: PrismModel, logits: torch.Tensor) -> dict:
+    """One row of classifier logits as a result: the top class, its label and probability."""
     labels = model.config.get("id2label") or {}
     probs = torch.softmax(logits, -1)
     k = int(probs.argmax())
@@ -316,7 +317,7 @@ def _run_pixels(model: PrismModel, px: torch.Tensor, devices, cr, mode, compare,
 def _image_outputs(model: PrismModel, out) -> list[dict]:
     """Per image: the class (classifier checkpoints) or the final [CLS] row."""
     if "logits" in out:
-        return [_class_output(model, logits) for logits in out.logits]
+        return [class_output(model, logits) for logits in out.logits]
     return [{"embedding_dim": model.net.d, "embedding": row.tolist()} for row in out.last_hidden_state[:, 0]]
 
 

@@ -51,7 +51,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from . import __version__
 from .api import PrismModel
 from .engine import GenerateOptions
-from .jobs import stats_dict
+from .jobs import class_output, stats_dict
 from .program import MODES, plan
 from .runtime import DEFAULT_TIMEOUT, Cluster, ClusterError, cluster
 
@@ -623,10 +623,6 @@ class _Api:
         return await asyncio.wrap_future(self.b.submit(job))
 
 
-def _labels(model: PrismModel) -> dict:
-    return model.config.get("id2label") or {}
-
-
 async def _read_json(request: Request, limit: int):
     body = await _read_body(request, limit)
     try:
@@ -904,13 +900,7 @@ def create_app(backend: Backend) -> FastAPI:
             for s in inputs:
                 api.check_plan({"input_ids": torch.tensor([s])}, settings, "classify", outputs=("cls",))
         logits, prism = await api.run(Job("classify", inputs, settings))
-        labels = _labels(backend.model)
-        data = []
-        for i, row in enumerate(logits):
-            probs = torch.softmax(row.to(torch.float32), -1)
-            k = int(probs.argmax())
-            data.append({"index": i, "label": labels.get(str(k), str(k)), "class_id": k,
-                         "probability": float(probs[k]), "logits": row.tolist()})
+        data = [{"index": i, **class_output(backend.model, row.to(torch.float32))} for i, row in enumerate(logits)]
         return {"object": "list", "data": data, "model": backend.name, "prism": prism}
 
     return app
