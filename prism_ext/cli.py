@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_eval import register as register_eval
 
     register_eval(sub)
+    from .cli_finetune import register as register_finetune
+
+    register_finetune(sub)
     return parser
 
 

@@ -387,5 +387,6 @@ def register(sub) -> None:
     train.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
     train.add_argument("--quiet", "-q", action="store_true", help="no progress lines or bar on stderr")
     train.add_argument("--exact-only", action="store_true",
-                       help="vit-tiny-digits without PRISM-aware batches (the exact-only peer; use with --out)")
+                       help="stop after exact training, before the PRISM-aware phase (the exact-only peer; "
+                            "use with --out)")
     zoo.set_defaults(func=_zoo)

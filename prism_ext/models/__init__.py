@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
 from . import bert, gpt2, vit
-from .common import Block, Network
+from .common import Block, Network, Weights
 
-__all__ = ["Block", "Network", "FAMILIES", "load_network", "resolve", "read_tensors"]
+__all__ = ["Block", "Network", "FAMILIES", "load_network", "resolve", "read_tensors", "write_checkpoint"]
 
 FAMILIES = {m.MODEL_TYPE: m for m in (gpt2, bert, vit)}
 
@@ -140,3 +141,48 @@ def load_network(path_or_name) -> tuple[Network, Path]:
         build_network(config, {})
     tensors, source = read_tensors(directory)
     return build_network(config, tensors, source), directory
+
+
+# Weights of this or another framework, stale once a checkpoint is rewritten.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack", ".ot")
+_WEIGHT_DIRS = ("onnx", "openvino")
+
+
+def write_checkpoint(net: Network, like, out) -> Path:
+    """Write ``net`` (e.g. fine-tuned) as a Hugging Face checkpoint in ``out``:
+    the checkpoint directory ``like`` it was loaded from, every tensor of
+    ``net`` in place of its own (same keys and dtypes, tensors ``net`` does not
+    run kept as they were), as one model.safetensors; its other files
+    (config.json, tokenizer, processor, sentence-transformers modules) copied.
+    Returns ``out``."""
+    from safetensors.torch import save_file
+
+    like, out = resolve(like), Path(out)
+    if out.resolve() == like.resolve():
+        raise ValueError(f"out: {out} is the checkpoint being rewritten; choose another directory")
+    tensors, source = read_tensors(like)
+    found = Weights(tensors, source, (FAMILIES[net.model_type].BASE_PREFIX,))
+    state = dict(tensors)
+    written = set()
+    for names, tensor in net.checkpoint_tensors():
+        key = found.find(*names)
+        if key is None:
+            if id(tensor) in written:  # a tied tensor the checkpoint stores once
+                continue
+            raise ValueError(f"weights: {source} has no tensor {names[0]!r} to write back")
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise ValueError(f"weights: {key!r} is {tuple(tensor.shape)} in the network, "
+                             f"{tuple(state[key].shape)} in {source}")
+        state[key] = tensor.detach().to(state[key].dtype).contiguous().clone()
+        written.add(id(tensor))
+    out.mkdir(parents=True, exist_ok=True)
+    for item in like.iterdir():
+        if item.name.startswith(".") or item.suffix in _WEIGHT_SUFFIXES or item.name.endswith(".index.json"):
+            continue
+        if item.is_dir():
+            if item.name not in _WEIGHT_DIRS:
+                shutil.copytree(item, out / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, out / item.name)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / _SAFE), metadata={"format": "pt"})
+    return out

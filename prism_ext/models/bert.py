@@ -6,9 +6,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Block, LayerNorm, Network, Weights, activation, cfg, cfg_eps, cfg_int, check_ids, check_heads
+from .common import (Block, LayerNorm, Network, Weights, activation, block_tensors, cfg, cfg_eps, cfg_int, check_heads,
+                     check_ids, layer_norm_tensors, linear_tensors)
 
 MODEL_TYPE = "bert"
+BASE_PREFIX = "bert"  # what a checkpoint with a head puts before the base model's keys
+
+# Each Block tensor's module in a layer ``encoder.layer.{i}``: read by the
+# loader, written by checkpoint_tensors.
+_LAYER = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+          "o": "attention.output.dense", "ln1": "attention.output.LayerNorm", "fc1": "intermediate.dense",
+          "fc2": "output.dense", "ln2": "output.LayerNorm"}
 
 
 class BERT(Network):
@@ -41,15 +49,15 @@ class BERT(Network):
 
         self.blocks = []
         for i in range(layers):
-            p = f"encoder.layer.{i}"
-            q, bq = lin(p + ".attention.self.query", d, d)
-            k, bk = lin(p + ".attention.self.key", d, d)
-            v, bv = lin(p + ".attention.self.value", d, d)
-            wo, bo = lin(p + ".attention.output.dense", d, d)
-            w1, b1 = lin(p + ".intermediate.dense", d, d_ff)
-            w2, b2 = lin(p + ".output.dense", d_ff, d)
+            m = {key: f"encoder.layer.{i}.{name}" for key, name in _LAYER.items()}
+            q, bq = lin(m["q"], d, d)
+            k, bk = lin(m["k"], d, d)
+            v, bv = lin(m["v"], d, d)
+            wo, bo = lin(m["o"], d, d)
+            w1, b1 = lin(m["fc1"], d, d_ff)
+            w2, b2 = lin(m["fc2"], d_ff, d)
             self.blocks.append(
-                Block(False, heads, ln(p + ".attention.output.LayerNorm"), ln(p + ".output.LayerNorm"),
+                Block(False, heads, ln(m["ln1"]), ln(m["ln2"]),
                       torch.cat([q, k, v]), torch.cat([bq, bk, bv]), wo, bo, w1, b1, w2, b2, act)
             )
         self.word = w.get("embeddings.word_embeddings.weight", shape=(self.vocab, d))
@@ -92,5 +100,18 @@ class BERT(Network):
         return out
 
 
+    def checkpoint_tensors(self) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+        out = []
+        for i, blk in enumerate(self.blocks):
+            m = {key: f"encoder.layer.{i}.{name}" for key, name in _LAYER.items()}
+            out += block_tensors(blk, m)
+        out += [(("embeddings.word_embeddings.weight",), self.word),
+                (("embeddings.position_embeddings.weight",), self.position),
+                (("embeddings.token_type_embeddings.weight",), self.token_type)]
+        out += layer_norm_tensors(self.ln_emb, "embeddings.LayerNorm")
+        out += linear_tensors(self.pooler, "pooler.dense") + linear_tensors(self.classifier, "classifier")
+        return out
+
+
 def build(config: dict, tensors: dict, source: str) -> Network:
-    return BERT(config, Weights(tensors, source, ("bert",)))
+    return BERT(config, Weights(tensors, source, (BASE_PREFIX,)))

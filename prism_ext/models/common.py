@@ -17,6 +17,9 @@ __all__ = [
     "Network",
     "Weights",
     "activation",
+    "block_tensors",
+    "layer_norm_tensors",
+    "linear_tensors",
     "cfg",
     "cfg_eps",
     "cfg_int",
@@ -113,10 +116,13 @@ class Block:
     b2: torch.Tensor | None
     act: Callable[[torch.Tensor], torch.Tensor]
 
-    def __post_init__(self):
-        d = self.wo.shape[0]
-        self.wkv = self.wqkv[d:]
-        self.bkv = None if self.bqkv is None else self.bqkv[d:]
+    @property
+    def wkv(self) -> torch.Tensor:  # a view, so training wqkv trains it too
+        return self.wqkv[self.d:]
+
+    @property
+    def bkv(self) -> torch.Tensor | None:
+        return None if self.bqkv is None else self.bqkv[self.d:]
 
     @property
     def d(self) -> int:
@@ -136,13 +142,16 @@ class Block:
     def kv(self, a: torch.Tensor) -> torch.Tensor:
         return F.linear(a, self.wkv, self.bkv)
 
-    def finish_attention(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        h = x + F.linear(attn, self.wo, self.bo)
+    def finish_attention(self, x: torch.Tensor, attn: torch.Tensor, drop=None) -> torch.Tensor:
+        """``drop``: dropout on the branch before the residual add (training only)."""
+        branch = F.linear(attn, self.wo, self.bo)
+        h = x + (branch if drop is None else drop(branch))
         return h if self.pre_ln else self.ln1(h)
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, x: torch.Tensor, drop=None) -> torch.Tensor:
         inner = self.ln2(x) if self.pre_ln else x
-        h = x + F.linear(self.act(F.linear(inner, self.w1, self.b1)), self.w2, self.b2)
+        branch = F.linear(self.act(F.linear(inner, self.w1, self.b1)), self.w2, self.b2)
+        h = x + (branch if drop is None else drop(branch))
         return h if self.pre_ln else self.ln2(h)
 
 
@@ -224,28 +233,47 @@ class Network:
         travel to it. Token models: each [B, N] tensor sliced to own positions."""
         return {name: t[:, start:stop] for name, t in inputs.items() if t is not None}
 
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the engine runs, once each (a tied LM head is the
+        embedding), by attribute path (``blocks.0.wqkv``): what the
+        differentiable twin trains and :meth:`weights_digest` hashes."""
+        found: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+
+        def walk(name: str, value) -> None:
+            if isinstance(value, torch.Tensor):
+                if id(value) not in seen:
+                    seen.add(id(value))
+                    found[name] = value
+            elif isinstance(value, (list, tuple)):
+                for i, v in enumerate(value):
+                    walk(f"{name}.{i}", v)
+            elif isinstance(value, (Block, LayerNorm)):
+                for k in sorted(vars(value)):
+                    walk(f"{name}.{k}", getattr(value, k))
+
+        for key in sorted(vars(self)):
+            if not key.startswith("_"):
+                walk(key, getattr(self, key))
+        return found
+
     def weights_digest(self) -> str:
         """SHA-256 over every tensor the engine runs (names, shapes, float32
         bytes), independent of the checkpoint's file format; cached."""
         if getattr(self, "_digest", None) is None:
             h = hashlib.sha256()
-
-            def walk(name: str, value) -> None:
-                if isinstance(value, torch.Tensor):
-                    h.update(f"{name}:{tuple(value.shape)};".encode())
-                    h.update(value.detach().to(torch.float32).contiguous().numpy().tobytes())
-                elif isinstance(value, (list, tuple)):
-                    for i, v in enumerate(value):
-                        walk(f"{name}.{i}", v)
-                elif isinstance(value, (Block, LayerNorm)):
-                    for k in sorted(vars(value)):
-                        walk(f"{name}.{k}", getattr(value, k))
-
-            for key in sorted(vars(self)):
-                if not key.startswith("_"):
-                    walk(key, getattr(self, key))
+            for name, value in self.named_tensors().items():
+                h.update(f"{name}:{tuple(value.shape)};".encode())
+                h.update(value.detach().to(torch.float32).contiguous().numpy().tobytes())
             self._digest = h.hexdigest()
         return self._digest
+
+    def checkpoint_tensors(self) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+        """The inverse of the family's loader: every tensor in the Hugging Face
+        layout, each with the key names it may have in a checkpoint (without
+        the base-model prefix), so a trained network can be written back
+        (:func:`prism_ext.models.write_checkpoint`)."""
+        raise NotImplementedError
 
     def check_local(self, local: dict, batch: int, start: int, stop: int) -> None:
         """Check a device's own inputs as they arrived from rank 0 (untrusted
@@ -268,6 +296,40 @@ class Network:
 
     def cls_outputs(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {}
+
+
+def linear_tensors(layer: tuple | None, name: str) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+    """A (weight, bias) pair under ``name.weight`` / ``name.bias`` (nothing for None)."""
+    if layer is None:
+        return []
+    weight, bias = layer
+    return [((name + ".weight",), weight)] + ([] if bias is None else [((name + ".bias",), bias)])
+
+
+def layer_norm_tensors(ln: LayerNorm, *names: str) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+    return [(tuple(n + ".weight" for n in names), ln.weight), (tuple(n + ".bias" for n in names), ln.bias)]
+
+
+def block_tensors(blk: Block, modules: dict[str, str | tuple[str, ...]]) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+    """A Linear-layout (``[out, in]``) block in the Hugging Face layout: Q, K, V
+    split out of ``wqkv``; ``modules`` names the module of each part (q, k, v,
+    o, ln1, fc1, fc2, ln2), a tuple when a checkpoint may use either name."""
+    def names(key: str) -> tuple[str, ...]:
+        m = modules[key]
+        return (m,) if isinstance(m, str) else m
+
+    d = blk.d
+    out = []
+    for j, key in enumerate("qkv"):
+        out.append((tuple(n + ".weight" for n in names(key)), blk.wqkv[j * d:(j + 1) * d]))
+        if blk.bqkv is not None:
+            out.append((tuple(n + ".bias" for n in names(key)), blk.bqkv[j * d:(j + 1) * d]))
+    for key, weight, bias in (("o", blk.wo, blk.bo), ("fc1", blk.w1, blk.b1), ("fc2", blk.w2, blk.b2)):
+        out.append((tuple(n + ".weight" for n in names(key)), weight))
+        if bias is not None:
+            out.append((tuple(n + ".bias" for n in names(key)), bias))
+    out += layer_norm_tensors(blk.ln1, *names("ln1")) + layer_norm_tensors(blk.ln2, *names("ln2"))
+    return out
 
 
 def check_ids(inputs: dict, name: str, batch_n: tuple[int, int] | None = None, upper: int | None = None) -> torch.Tensor:

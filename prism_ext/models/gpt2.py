@@ -7,9 +7,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Block, LayerNorm, Network, Weights, activation, cfg, cfg_eps, cfg_int, check_ids, check_heads
+from .common import (Block, LayerNorm, Network, Weights, activation, cfg, cfg_eps, cfg_int, check_heads, check_ids,
+                     layer_norm_tensors, linear_tensors)
 
 MODEL_TYPE = "gpt2"
+BASE_PREFIX = "transformer"  # what a checkpoint with a head puts before the base model's keys
 
 
 class GPT2(Network):
@@ -68,5 +70,19 @@ class GPT2(Network):
         return {"last_hidden_state": h, "logits": F.linear(h, self.lm_head)}
 
 
+    def checkpoint_tensors(self) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+        out = []
+        for i, blk in enumerate(self.blocks):
+            p = f"h.{i}"
+            for name, weight, bias in (("attn.c_attn", blk.wqkv, blk.bqkv), ("attn.c_proj", blk.wo, blk.bo),
+                                       ("mlp.c_fc", blk.w1, blk.b1), ("mlp.c_proj", blk.w2, blk.b2)):
+                out += linear_tensors((weight.t(), bias), f"{p}.{name}")  # back to Conv1D [in, out]
+            out += layer_norm_tensors(blk.ln1, p + ".ln_1") + layer_norm_tensors(blk.ln2, p + ".ln_2")
+        out += [(("wte.weight",), self.wte), (("wpe.weight",), self.wpe)] + layer_norm_tensors(self.ln_f, "ln_f")
+        if self.lm_head is not self.wte:
+            out.append((("lm_head.weight",), self.lm_head))
+        return out
+
+
 def build(config: dict, tensors: dict, source: str) -> Network:
-    return GPT2(config, Weights(tensors, source, ("transformer",)))
+    return GPT2(config, Weights(tensors, source, (BASE_PREFIX,)))

@@ -8,9 +8,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import Block, LayerNorm, Network, Weights, activation, cfg, cfg_eps, cfg_int, check_device, check_heads
+from .common import (Block, LayerNorm, Network, Weights, activation, block_tensors, cfg, cfg_eps, cfg_int, check_device,
+                     check_heads, layer_norm_tensors, linear_tensors)
 
 MODEL_TYPE = "vit"
+BASE_PREFIX = "vit"  # what a checkpoint with a head puts before the base model's keys
+
+
+def _layer_modules(i: int) -> dict[str, tuple[str, str]]:
+    """Each Block tensor's module in layer ``i``: (classic name, transformers-5 name)."""
+    old, new = f"encoder.layer.{i}", f"layers.{i}"
+    names = {"q": ("attention.attention.query", "attention.q_proj"), "k": ("attention.attention.key", "attention.k_proj"),
+             "v": ("attention.attention.value", "attention.v_proj"), "o": ("attention.output.dense", "attention.o_proj"),
+             "fc1": ("intermediate.dense", "mlp.fc1"), "fc2": ("output.dense", "mlp.fc2"),
+             "ln1": ("layernorm_before", "layernorm_before"), "ln2": ("layernorm_after", "layernorm_after")}
+    return {key: (f"{old}.{a}", f"{new}.{b}") for key, (a, b) in names.items()}
 
 
 class ViT(Network):
@@ -47,21 +59,18 @@ class ViT(Network):
 
         self.blocks = []
         for i in range(layers):
-            old, new = f"encoder.layer.{i}", f"layers.{i}"
-            q, bq = lin([old + ".attention.attention.query", new + ".attention.q_proj"], d, d)
-            k, bk = lin([old + ".attention.attention.key", new + ".attention.k_proj"], d, d)
-            v, bv = lin([old + ".attention.attention.value", new + ".attention.v_proj"], d, d)
-            wo, bo = lin([old + ".attention.output.dense", new + ".attention.o_proj"], d, d)
-            w1, b1 = lin([old + ".intermediate.dense", new + ".mlp.fc1"], d, d_ff)
-            w2, b2 = lin([old + ".output.dense", new + ".mlp.fc2"], d_ff, d)
+            m = _layer_modules(i)
+            q, bq = lin(m["q"], d, d)
+            k, bk = lin(m["k"], d, d)
+            v, bv = lin(m["v"], d, d)
+            wo, bo = lin(m["o"], d, d)
+            w1, b1 = lin(m["fc1"], d, d_ff)
+            w2, b2 = lin(m["fc2"], d_ff, d)
             if (bq is None) != (bk is None) or (bk is None) != (bv is None):
                 raise ValueError(f"weights: layer {i} of {w.source} has biases for only some of query/key/value")
             bqkv = None if bq is None else torch.cat([bq, bk, bv])
-            self.blocks.append(
-                Block(True, heads, ln(old + ".layernorm_before", new + ".layernorm_before"),
-                      ln(old + ".layernorm_after", new + ".layernorm_after"),
-                      torch.cat([q, k, v]), bqkv, wo, bo, w1, b1, w2, b2, act)
-            )
+            self.blocks.append(Block(True, heads, ln(*m["ln1"]), ln(*m["ln2"]), torch.cat([q, k, v]), bqkv,
+                                     wo, bo, w1, b1, w2, b2, act))
         n_pos = self.grid * self.grid + 1
         self.cls = w.get("embeddings.cls_token", shape=(1, 1, d)).reshape(d)
         self.position = w.get("embeddings.position_embeddings", shape=(1, n_pos, d)).reshape(n_pos, d)
@@ -135,5 +144,20 @@ class ViT(Network):
         return out
 
 
+    def checkpoint_tensors(self) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+        out = []
+        for i, blk in enumerate(self.blocks):
+            out += block_tensors(blk, _layer_modules(i))
+        d, n_pos = self.d, self.grid * self.grid + 1
+        out += [(("embeddings.cls_token",), self.cls.reshape(1, 1, d)),
+                (("embeddings.position_embeddings",), self.position.reshape(1, n_pos, d)),
+                (("embeddings.patch_embeddings.projection.weight",),
+                 self.patch_w.reshape(d, self.channels, self.patch, self.patch)),
+                (("embeddings.patch_embeddings.projection.bias",), self.patch_b)]
+        out += layer_norm_tensors(self.ln_f, "layernorm")
+        out += linear_tensors(self.pooler, "pooler.dense") + linear_tensors(self.classifier, "classifier")
+        return out
+
+
 def build(config: dict, tensors: dict, source: str) -> Network:
-    return ViT(config, Weights(tensors, source, ("vit",)))
+    return ViT(config, Weights(tensors, source, (BASE_PREFIX,)))

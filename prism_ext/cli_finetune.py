@@ -1,0 +1,87 @@
+"""``prism finetune``: PRISM-aware distillation (:mod:`prism_ext.finetune`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .cli_eval import _ints, _words
+from .cli_jobs import _one_line_errors, _positive, _user_errors
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+@_user_errors("finetune")
+def _finetune(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import finetune as ft
+    from . import jobs
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model = jobs.load_model(args.model)
+    task = args.task or ft.default_task(model.net)
+    ft.check_task(model.net, task)
+    recipe = ft.Recipe(task=task, devices=tuple(args.devices), crs=tuple(args.cr), exact_rows=tuple(args.exact_rows),
+                       exact_fraction=args.exact_fraction, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                       hidden_weight=args.hidden_weight, max_length=args.max_length, held_out=args.held_out,
+                       seed=args.seed, report_exact_rows=tuple(args.report_exact_rows))
+    for spec in set(recipe.exact_rows) | set(recipe.report_exact_rows):  # every knob checked before any work
+        model.exact_rows(spec)
+    data = ft.read_examples(model, task, args.data, glue_task=args.glue_task, max_length=args.max_length)
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            from .progress import write
+
+            write(msg, file=sys.stderr)
+
+    command = "prism finetune " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["finetune"] else None
+    report = ft.finetune(model, data, recipe, args.out, resume=args.resume, quiet=args.quiet, log=log,
+                         save_every=args.save_every, command=command)
+    print(ft.format_report(report))
+    print(f"wrote {args.out} (a Hugging Face checkpoint with prism_finetune.json)")
+    return 0
+
+
+def register(sub) -> None:
+    from .finetune import TASKS
+
+    p = _one_line_errors(sub.add_parser(
+        "finetune", help="PRISM-aware distillation: a checkpoint that holds its quality under compression",
+        description="Distil a checkpoint into a student trained through PRISM's differentiable twin at random "
+                    "(devices, CR); report held-out fidelity before and after, measured by the engine; write a "
+                    "Hugging Face checkpoint with prism_finetune.json (needs no extra)."), "finetune")
+    p.add_argument("--model", required=True, help="a checkpoint directory or a bundled name (the teacher)")
+    p.add_argument("--data", required=True,
+                   help="a text file (one example per line), a folder of images (class sub-folders give labels), "
+                        "a CIFAR python-batches folder, or a GLUE TSV with --glue-task")
+    p.add_argument("--task", choices=TASKS, help="default: lm for GPT-2, classify with a classifier head, else embed")
+    p.add_argument("--glue-task", help="read --data as a GLUE TSV of this task (single sentences, e.g. sst2)")
+    p.add_argument("--devices", "-P", type=_ints("--devices"), default=[2, 3, 4], help="device counts (default 2,3,4)")
+    p.add_argument("--cr", type=_ints("--cr"), default=[4, 8, 16], help="compression rates (default 4,8,16)")
+    p.add_argument("--exact-rows", type=_words, default=["none"],
+                   help="exact-rows specs drawn per batch (default none)")
+    p.add_argument("--report-exact-rows", type=_words, default=["none"],
+                   help="exact-rows specs of the before/after report (default none)")
+    p.add_argument("--exact-fraction", type=_fraction, default=0.25,
+                   help="share of batches run exactly on one device, to keep the exact mode (default 0.25)")
+    p.add_argument("--steps", type=_positive, default=300)
+    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--lr", type=_fraction, default=5e-5)
+    p.add_argument("--hidden-weight", type=_fraction, default=1.0, help="embed: weight of the hidden-state MSE")
+    p.add_argument("--max-length", type=_positive, default=256, help="tokens per text (longer ones are cut)")
+    p.add_argument("--held-out", type=_fraction, default=0.1, help="share of distinct examples held out (default 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="the output checkpoint directory")
+    p.add_argument("--resume", action="store_true", help="continue from the state saved in --out")
+    p.add_argument("--save-every", type=_positive, default=50, help="steps between resumable states")
+    p.add_argument("--threads", type=_positive, help="torch threads (default: torch's)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or log lines")
+    p.set_defaults(func=_finetune)

@@ -1,0 +1,528 @@
+"""``prism finetune``: PRISM-aware distillation (docs/finetune.md).
+
+The exact model is the teacher (frozen). The student starts from the same
+weights and runs the differentiable twin (:mod:`prism_ext.twin`) at a
+(devices, CR, exact rows) drawn per batch, or exactly (one device) for a
+share of the batches so that the exact mode keeps its quality. The loss
+matches the teacher's outputs:
+
+  embed     1 - cosine of the mean-pooled embeddings, plus the MSE of every
+            valid row's hidden state (relative to the teacher's variance)
+  classify  KL(teacher || student) of the class distributions, plus the
+            cross-entropy to the labels when the data has them
+  lm        KL(teacher || student) of every position's next-token distribution
+
+Before and after, the held-out part is run through the engine (not the
+twin) at every point of the grid, at CR = 1 and with each of the report's
+exact-rows settings; the output directory is a Hugging Face checkpoint
+(:func:`prism_ext.models.write_checkpoint`) with ``prism_finetune.json``
+(the recipe, the data, the split and those metrics).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import platform
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import twin
+from .api import PrismModel
+from .engine import RunConfig
+from .models import write_checkpoint
+from .models.common import Network
+from .partition import AccuracyWarning, partition
+from .program import plan, simulate
+from .progress import progress
+
+__all__ = ["TASKS", "Recipe", "check_task", "default_task", "Examples", "read_examples", "text_windows", "finetune", "evaluate", "format_report"]
+
+TASKS = ("embed", "classify", "lm")
+_STATE = "resume"  # the sub-folder of --out holding the resumable state
+
+
+@dataclass
+class Recipe:
+    """What ``prism finetune`` does; recorded in prism_finetune.json."""
+
+    task: str
+    devices: tuple[int, ...] = (2, 3, 4)
+    crs: tuple[int, ...] = (4, 8, 16)
+    exact_rows: tuple[str, ...] = ("none",)  # drawn per batch, like devices and CR
+    exact_fraction: float = 0.25  # share of batches run exactly (one device)
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 5e-5
+    warmup: float = 0.05  # share of the steps with a linear warm-up; then cosine to 10%
+    weight_decay: float = 0.01
+    hidden_weight: float = 1.0  # embed: weight of the hidden-state MSE beside the cosine
+    label_weight: float = 1.0  # classify: weight of the cross-entropy to labels, when there are labels
+    dropout: float = 0.0
+    max_length: int = 256
+    held_out: float = 0.1  # share of the examples held out (at least 1)
+    seed: int = 0
+    report_exact_rows: tuple[str, ...] = ("none",)
+    eval_batch_size: int = 16
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
+        for name in ("devices", "crs"):
+            values = getattr(self, name)
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"{name}: expected ints >= 1, got {values!r}")
+        for name in ("steps", "batch_size", "max_length", "eval_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name.replace('_', '-')}: expected an int >= 1, got {v!r}")
+        for name, low, high in (("exact_fraction", 0, 1), ("warmup", 0, 1), ("held_out", 0, 0.9), ("dropout", 0, 0.9)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
+                raise ValueError(f"{name.replace('_', '-')}: expected a number in [{low}, {high}], got {v!r}")
+        for name in ("lr", "weight_decay", "hidden_weight", "label_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name.replace('_', '-')}: expected a finite number >= 0, got {v!r}")
+        if not self.exact_rows or not self.report_exact_rows:
+            raise ValueError("exact-rows: expected at least one setting (e.g. none)")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Examples:
+    """Training data: ``items`` are texts, images (paths or arrays), pixel
+    tensors [C, H, W] or token windows (1-D LongTensors); ``labels`` the
+    class of each, when known."""
+
+    kind: str  # text, image, pixels, tokens
+    items: list
+    labels: np.ndarray | None = None
+    source: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, idx) -> "Examples":
+        idx = [int(i) for i in idx]
+        return Examples(self.kind, [self.items[i] for i in idx], None if self.labels is None else self.labels[idx],
+                        self.source)
+
+
+def text_windows(ids: list[int], width: int) -> list[torch.Tensor]:
+    """A token stream cut into non-overlapping windows of ``width`` (the last, shorter one dropped)."""
+    return [torch.tensor(ids[i:i + width]) for i in range(0, len(ids) - width + 1, width)]
+
+
+def read_examples(model: PrismModel, task: str, data, *, glue_task: str | None = None,
+                  max_length: int = 256) -> Examples:
+    """``data``: a text file (one example per line; for ``lm`` the lines are
+    joined and cut into windows of ``max_length`` tokens), a folder of images
+    (class sub-folders give labels), a CIFAR python-batches folder (its train
+    split), or with ``glue_task`` a GLUE TSV of single sentences."""
+    from . import datasets
+    from .images import image_files
+
+    path = Path(data)
+    if not path.exists():
+        raise FileNotFoundError(f"data: {path} does not exist")
+    digest = hashlib.sha256()
+    if glue_task is not None:
+        pairs = datasets.read_glue(path, glue_task)
+        if any(s is not None for s in pairs.second):
+            raise ValueError(f"data: GLUE {glue_task} holds sentence pairs; the tokenizer takes single texts")
+        return Examples("text", list(pairs.first), np.asarray(pairs.labels), {"path": str(path), "glue": glue_task})
+    if path.is_file():
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"data: {path} is not UTF-8 text ({exc})") from None
+        source = {"path": str(path), "sha256": hashlib.sha256(raw).hexdigest()}
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"data: {path} holds no non-empty lines")
+        if task == "lm":
+            ids = model.tokenizer("\n".join(lines), add_special_tokens=False)["input_ids"]
+            windows = text_windows(list(ids), min(max_length, model.net.n_positions))
+            if len(windows) < 2:
+                raise ValueError(f"data: {path} gives {len(windows)} window(s) of {max_length} tokens; need 2 or more")
+            return Examples("tokens", windows, None, source)
+        return Examples("text", lines, None, source)
+    if not path.is_dir():
+        raise ValueError(f"data: {path} is neither a file nor a folder")
+    if (path / "data_batch_1").is_file() or (path / "train").is_file():
+        cifar = datasets.read_cifar(path, "train")
+        return Examples("image", list(cifar.images), np.asarray(cifar.labels), {"path": str(path), "format": "cifar"})
+    if any(p.is_dir() for p in path.iterdir()):
+        folder = datasets.read_image_folder(path)
+        return Examples("image", list(folder.images), np.asarray(folder.labels), {"path": str(path)})
+    files = image_files(path)
+    if not files:
+        raise ValueError(f"data: {path} holds no images")
+    for f in files:
+        digest.update(f.name.encode())
+    return Examples("image", files, None, {"path": str(path), "names_sha256": digest.hexdigest()})
+
+
+def _inputs(model: PrismModel, ex: Examples, max_length: int) -> dict:
+    """The model inputs of a batch of examples (texts padded to the longest)."""
+    if ex.kind == "text":
+        return dict(model.tokenizer(ex.items, padding=True, truncation=True, max_length=max_length,
+                                    return_tensors="pt"))
+    if ex.kind == "image":
+        return dict(model.image_processor(ex.items))
+    if ex.kind == "pixels":
+        return {"pixel_values": torch.stack(ex.items)}
+    return {"input_ids": torch.stack(ex.items)}
+
+
+def _batches(model: PrismModel, ex: Examples, size: int, max_length: int) -> list[list[int]]:
+    """Indices in batches of similar length (less padding): texts sorted by token count."""
+    order = list(range(len(ex)))
+    if ex.kind == "text":
+        lengths = [len(model.tokenizer(t, truncation=True, max_length=max_length)["input_ids"]) for t in ex.items]
+        order.sort(key=lambda i: lengths[i])
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return hidden.mean(1)
+    m = mask.to(hidden.dtype)[..., None]
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def _task_output(task: str, fields: dict, inputs: dict) -> torch.Tensor:
+    """What the task compares: pooled embeddings, class logits or next-token logits."""
+    if task == "embed":
+        return _mean_pool(fields["last_hidden_state"], inputs.get("attention_mask"))
+    return fields["logits"]
+
+
+def _loss(recipe: Recipe, student: dict, teacher: dict, inputs: dict, labels: torch.Tensor | None) -> torch.Tensor:
+    mask = inputs.get("attention_mask")
+    if recipe.task == "embed":
+        s, t = _task_output("embed", student, inputs), _task_output("embed", teacher, inputs)
+        loss = (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+        if recipe.hidden_weight:
+            hs, ht = student["last_hidden_state"], teacher["last_hidden_state"]
+            rows = torch.ones(ht.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+            err = ((hs - ht) ** 2).mean(-1)[rows].mean() / ht[rows].var().clamp(min=1e-12)
+            loss = loss + recipe.hidden_weight * err
+        return loss
+    s, t = student["logits"], teacher["logits"]
+    if recipe.task == "lm":  # every valid position's next-token distribution
+        rows = torch.ones(t.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+        s, t = s[rows], t[rows]
+    loss = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+    if recipe.task == "classify" and labels is not None and recipe.label_weight:
+        loss = loss + recipe.label_weight * F.cross_entropy(s, labels)
+    return loss
+
+
+def check_task(net: Network, task: str) -> None:
+    if task == "lm" and net.head != "lm":
+        raise ValueError(f"task: lm needs a language model (GPT-2), got a {net.model_type} with head {net.head!r}")
+    if task == "classify" and net.head != "classification":
+        raise ValueError(f"task: classify needs a checkpoint with a classifier head, got head {net.head!r}")
+    if task == "embed" and net.model_type == "gpt2":
+        raise ValueError("task: embed is for encoders (BERT, ViT); GPT-2 fine-tunes with --task lm")
+
+
+def default_task(net: Network) -> str:
+    return {"lm": "lm", "classification": "classify"}.get(net.head, "embed")
+
+
+# ------------------------------------------------------------------ evaluation
+
+def _run_engine(net: Network, inputs: dict, devices: int, cr: int, exact_rows) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AccuracyWarning)
+        request = plan(net, inputs, devices=devices, cr=cr, exact_rows=exact_rows)
+    return simulate(net, inputs, request).fields
+
+
+def _points(recipe: Recipe) -> list[tuple[int, int, str]]:
+    """(devices, CR, exact rows) of the report: one device first (the exact mode), then the grid."""
+    grid = [(p, c, e) for e in recipe.report_exact_rows for p in recipe.devices for c in recipe.crs if p > 1]
+    return [(1, 1, "none")] + grid
+
+
+@torch.no_grad()
+def evaluate(model: PrismModel, net: Network, held: Examples, recipe: Recipe, teacher_out: list,
+             quiet: bool = True, desc: str = "evaluate") -> list[dict]:
+    """Fidelity of ``net`` run by the engine to the teacher's exact outputs
+    ``teacher_out`` (one per held-out batch) at every report point."""
+    batches = [list(range(i, min(i + recipe.eval_batch_size, len(held))))
+               for i in range(0, len(held), recipe.eval_batch_size)]
+    rows = []
+    points = _points(recipe)
+    bar = progress(total=len(points) * len(batches), desc=desc, quiet=quiet, unit="batch", leave=False)
+    for devices, cr, spec in points:
+        exact_rows = model.exact_rows(spec)
+        cos, agree, kl, nll, count, correct, n_labels = [], 0, 0.0, 0.0, 0, 0, 0
+        skipped = 0
+        for idx, t_out in zip(batches, teacher_out):
+            sub = held.subset(idx)
+            inputs = _inputs(model, sub, recipe.max_length)
+            n = net.check_inputs(inputs)[1]
+            if devices > n:
+                skipped += len(idx)
+                bar.update(1)
+                continue
+            fields = _run_engine(net, inputs, devices, cr, exact_rows)
+            got = _task_output(recipe.task, fields, inputs)
+            if recipe.task == "embed":
+                cos += F.cosine_similarity(got, t_out, dim=-1).tolist()
+            elif recipe.task == "classify":
+                agree += int((got.argmax(-1) == t_out.argmax(-1)).sum())
+                kl += float(F.kl_div(F.log_softmax(got, -1), F.log_softmax(t_out, -1), log_target=True,
+                                     reduction="sum"))
+                count += len(idx)
+                if sub.labels is not None:
+                    correct += int((got.argmax(-1) == torch.as_tensor(sub.labels)).sum())
+                    n_labels += len(idx)
+            else:  # lm: next-token NLL of the held-out windows
+                ids = inputs["input_ids"]
+                nll += float(F.cross_entropy(got[:, :-1].reshape(-1, got.shape[-1]), ids[:, 1:].reshape(-1),
+                                             reduction="sum"))
+                count += ids[:, 1:].numel()
+            bar.update(1)
+        row = {"devices": devices, "cr": cr, "exact_rows": spec}
+        if skipped:
+            row["skipped_examples"] = skipped  # shorter than the number of devices
+        if recipe.task == "embed":
+            row.update(cosine_mean=float(np.mean(cos)), cosine_worst=float(np.min(cos)), examples=len(cos))
+        elif recipe.task == "classify":
+            row.update(agreement=agree / max(count, 1), kl=kl / max(count, 1), examples=count)
+            if n_labels:
+                row["accuracy"] = correct / n_labels
+        else:
+            row.update(perplexity=math.exp(nll / max(count, 1)), tokens=count)
+        rows.append(row)
+    bar.close()
+    return rows
+
+
+@torch.no_grad()
+def _teacher_outputs(model: PrismModel, held: Examples, recipe: Recipe) -> list:
+    """The teacher's exact outputs per held-out batch."""
+    outs = []
+    for i in range(0, len(held), recipe.eval_batch_size):
+        sub = held.subset(range(i, min(i + recipe.eval_batch_size, len(held))))
+        inputs = _inputs(model, sub, recipe.max_length)
+        outs.append(_task_output(recipe.task, _run_engine(model.net, inputs, 1, 1, model.exact_rows("none")),
+                                 inputs))
+    return outs
+
+
+# -------------------------------------------------------------------- training
+
+def _lr(step: int, recipe: Recipe) -> float:
+    warm = max(1, round(recipe.warmup * recipe.steps))
+    if step < warm:
+        return recipe.lr * (step + 1) / warm
+    frac = (step - warm) / max(1, recipe.steps - warm)
+    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _draw(recipe: Recipe, gen: torch.Generator) -> tuple[int, int, str]:
+    """(devices, CR, exact rows) for one batch."""
+    if float(torch.rand(1, generator=gen)) < recipe.exact_fraction:
+        return 1, 1, "none"
+
+    def pick(values):
+        return values[int(torch.randint(len(values), (1,), generator=gen))]
+
+    return pick(recipe.devices), pick(recipe.crs), pick(recipe.exact_rows)
+
+
+def _save_state(path: Path, step: int, params: dict, opt: torch.optim.Optimizer, recipe: Recipe, losses) -> None:
+    """Resumable state: the student's tensors and AdamW's moments (safetensors), the rest in JSON."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {f"param.{k}": v.detach().contiguous() for k, v in params.items()}
+    names = list(params)
+    for i, state in opt.state_dict()["state"].items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            tensors[f"opt.{key}.{names[i]}"] = state[key].detach().reshape(-1).contiguous() if key == "step" \
+                else state[key].contiguous()
+    tmp = path / "state.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(path / "state.safetensors")
+    (path / "state.json").write_text(json.dumps({"step": step, "recipe": recipe.to_json(), "losses": losses}) + "\n")
+
+
+def _load_state(path: Path, params: dict, opt: torch.optim.Optimizer, recipe: Recipe) -> tuple[int, list]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / "state.json").read_text())
+    if meta.get("recipe") != json.loads(json.dumps(recipe.to_json())):
+        raise ValueError(f"resume: {path} was written by another recipe; use a new --out or drop --resume")
+    tensors = load_file(str(path / "state.safetensors"))
+    names = list(params)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(tensors[f"param.{k}"])
+    state = opt.state_dict()
+    for i, name in enumerate(names):
+        if f"opt.step.{name}" in tensors:
+            state["state"][i] = {"step": tensors[f"opt.step.{name}"].reshape(()),
+                                 "exp_avg": tensors[f"opt.exp_avg.{name}"],
+                                 "exp_avg_sq": tensors[f"opt.exp_avg_sq.{name}"]}
+    opt.load_state_dict(state)
+    return int(meta["step"]), list(meta.get("losses", []))
+
+
+def split(ex: Examples, recipe: Recipe) -> tuple[Examples, Examples]:
+    """(train, held out): distinct examples (duplicates dropped), a fixed shuffle by ``recipe.seed``."""
+    keep, seen = [], set()
+    for i, item in enumerate(ex.items):
+        key = item if isinstance(item, str) else None
+        if key is not None:
+            if key in seen:
+                continue
+            seen.add(key)
+        keep.append(i)
+    order = np.random.default_rng(recipe.seed).permutation(len(keep))
+    n_held = max(1, int(round(recipe.held_out * len(keep)))) if recipe.held_out > 0 else 0
+    if len(keep) - n_held < 1:
+        raise ValueError(f"data: {len(keep)} distinct example(s) leave none to train on after holding out {n_held}")
+    held = [keep[i] for i in sorted(order[:n_held])]
+    train = [keep[i] for i in sorted(order[n_held:])]
+    return ex.subset(train), ex.subset(held)
+
+
+def finetune(model: PrismModel, data: Examples, recipe: Recipe, out, *, resume: bool = False, quiet: bool = False,
+             log=None, held: Examples | None = None, save_every: int = 50, command: str | None = None) -> dict:
+    """Distil ``model`` into a PRISM-aware student on ``data``; write the
+    checkpoint and prism_finetune.json to ``out``; return the report.
+    ``held``: the held-out examples (default: split off ``data``)."""
+    net = model.net
+    check_task(net, recipe.task)
+    if model.directory is None:
+        raise ValueError("model: needs a checkpoint directory to copy its config and tokenizer from")
+    out = Path(out)
+    log = log or (lambda msg: None)
+    if held is None:
+        train, held = split(data, recipe)
+    else:
+        train = data
+    if len(held) == 0:
+        raise ValueError("held-out: no held-out examples to report on")
+    torch.manual_seed(recipe.seed)
+    labels_known = train.labels is not None
+    batches = _batches(model, train, recipe.batch_size, recipe.max_length)
+
+    log(f"finetune: {len(train)} train / {len(held)} held-out examples, {recipe.steps} steps of {recipe.batch_size}, "
+        f"task {recipe.task}")
+    t0 = time.perf_counter()
+    teacher_out = _teacher_outputs(model, held, recipe)
+    before = evaluate(model, net, held, recipe, teacher_out, quiet, "before")
+    eval_seconds = time.perf_counter() - t0
+
+    student = copy.deepcopy(net)
+    params = student.named_tensors()
+    for p in params.values():
+        p.requires_grad_(True)
+    decay = [p for p in params.values() if p.dim() >= 2]
+    rest = [p for p in params.values() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=recipe.lr)
+    state_dir = out / _STATE
+    start, losses = 0, []
+    if resume and (state_dir / "state.json").is_file():
+        start, losses = _load_state(state_dir, params, opt, recipe)
+        log(f"finetune: resumed at step {start} from {state_dir}")
+    t1 = time.perf_counter()
+    avg = None
+    for step in progress(range(start, recipe.steps), desc="finetune", quiet=quiet, unit="step",
+                         initial=start, total=recipe.steps):
+        gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)  # resumable without RNG state
+        idx = batches[int(torch.randint(len(batches), (1,), generator=gen))]
+        sub = train.subset(idx)
+        inputs = _inputs(model, sub, recipe.max_length)
+        n = net.check_inputs(inputs)[1]
+        devices, cr, spec = _draw(recipe, gen)
+        devices = min(devices, n)
+        cfg = RunConfig.make(len(net.blocks), cr=cr, exact_rows=model.exact_rows(spec))
+        part = partition(n, devices)
+        with torch.no_grad():
+            teacher = twin.forward(net, inputs, partition(n, 1), RunConfig.make(len(net.blocks)))
+        labels = torch.as_tensor(sub.labels, dtype=torch.long) if labels_known else None
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, recipe)
+        loss = _loss(recipe, twin.forward(student, inputs, part, cfg, dropout=recipe.dropout), teacher, inputs,
+                     labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        opt.step()
+        avg = loss.item() if avg is None else 0.95 * avg + 0.05 * loss.item()
+        losses.append(round(loss.item(), 6))
+        if (step + 1) % save_every == 0 and step + 1 < recipe.steps:
+            _save_state(state_dir, step + 1, params, opt, recipe, losses)
+        if step % 25 == 0 or step == recipe.steps - 1:
+            log(f"  step {step:5d}  loss {avg:.4f}  ({time.perf_counter() - t1:.0f} s)")
+    train_seconds = time.perf_counter() - t1
+    for p in params.values():
+        p.requires_grad_(False)
+    t2 = time.perf_counter()
+    after = evaluate(model, student, held, recipe, teacher_out, quiet, "after")
+    eval_seconds += time.perf_counter() - t2
+
+    write_checkpoint(student, model.directory, out)
+    report = {
+        "model": str(model.directory), "model_type": net.model_type, "recipe": recipe.to_json(),
+        "data": {**train.source, "kind": train.kind, "train_examples": len(train), "held_out_examples": len(held),
+                 "labels": labels_known,
+                 "split": f"distinct examples, shuffled with seed {recipe.seed}, {recipe.held_out:.0%} held out"},
+        "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+        "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"), "command": command,
+        "losses": {"first": losses[:1], "last_25_mean": float(np.mean(losses[-25:])) if losses else None},
+        "metrics": {"before": before, "after": after},
+    }
+    (out / "prism_finetune.json").write_text(json.dumps(report, indent=2) + "\n")
+    if (state_dir / "state.json").is_file():  # finished: the resumable state is no longer needed
+        for f in state_dir.iterdir():
+            f.unlink()
+        state_dir.rmdir()
+    return report
+
+
+def _metric_columns(task: str) -> list[tuple[str, str]]:
+    if task == "embed":
+        return [("cosine_mean", "cosine mean"), ("cosine_worst", "cosine worst")]
+    if task == "classify":
+        return [("agreement", "agreement"), ("accuracy", "accuracy")]
+    return [("perplexity", "perplexity")]
+
+
+def format_report(report: dict) -> str:
+    """A markdown table: every report point, before and after."""
+    task = report["recipe"]["task"]
+    cols = _metric_columns(task)
+    head = "| devices | CR | exact rows | " + " | ".join(f"{name} before | {name} after" for _, name in cols) + " |"
+    lines = [head, "|" + "---|" * (3 + 2 * len(cols))]
+    for b, a in zip(report["metrics"]["before"], report["metrics"]["after"]):
+        cells = []
+        for key, _ in cols:
+            cells += [f"{b[key]:.4f}" if key in b else "-", f"{a[key]:.4f}" if key in a else "-"]
+        lines.append(f"| {b['devices']} | {b['cr']} | {b['exact_rows']} | " + " | ".join(cells) + " |")
+    if task == "lm":
+        base = report["metrics"]["before"][0]["perplexity"]
+        lines.append(f"\nperplexity ratios are to the teacher's exact {base:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""The differentiable twin of the engine: PRISM's forward for every device at
+once, in plain torch ops that autograd follows, over the same
+:class:`~prism_ext.models.Network` (the same blocks, the same tensors) the
+engine runs. It is what ``prism finetune`` and ``prism zoo train`` train
+through; the engine stays the one implementation that runs on devices, and
+tests/test_twin.py holds the two equal.
+
+One layer, for all P devices in one batched computation (docs/design.md,
+steps 2-7):
+
+* what each device sends (its rows' segment means, or its exact rows alone
+  and the means of the groups :func:`~prism_ext.partition.exact_slots`
+  gives) is ``A @ src``, with ``A`` [B, M, N] averaging each sent row's own
+  positions; M is every device's sent rows together;
+* the keys/values are the K/V projection of those M rows followed by every
+  position's own K/V; a query sees its own device's positions at full
+  resolution and the other devices' sent rows with the bias log(count) on
+  the logit, which is attention over the sequence rebuilt by repeating each
+  mean count times; everything else is masked with -inf: other devices' own
+  rows, padding, and under the partition-aware causal rule every key whose
+  last covered position lies after the query's;
+* scaled-dot-product attention with that bias, then the block's own output
+  projection and MLP.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .engine import RunConfig
+from .models.common import Network
+from .partition import Partition, exact_slots
+
+__all__ = ["forward", "layer_layout"]
+
+
+def layer_layout(part: Partition, cr: int, valid: torch.Tensor, exact: torch.Tensor | None = None,
+                 src: torch.Tensor | None = None):
+    """Which sent row carries each position at one layer, for every device.
+
+    ``valid`` [B, N]; ``exact`` [B, N] the rows that travel alone (None: plain
+    CR-row segments); ``src`` [B, N, d] the rows, for adaptive groups. Returns
+    (slot [B, N] int64 into the M sent rows, -1 at padding; counts [B, M]
+    float32; ends [B, M] int64, the last position each covers; owner [M], the
+    rank that sends it), as :func:`prism_ext.engine.run_device` forms them."""
+    B, N = valid.shape
+    slots, counts, ends, owner = [], [], [], []
+    base = 0
+    for rank, (start, stop) in enumerate(part.ranges):
+        n = stop - start
+        own_valid = valid[:, start:stop]
+        pos = torch.arange(start, stop)
+        if exact is None or cr == 1:  # at CR 1 every row travels alone anyway
+            m = -(-n // cr)
+            slot = ((pos - start) // cr).expand(B, n)
+            end = torch.tensor([min(start + (s + 1) * cr, stop) - 1 for s in range(m)]).expand(B, m)
+        else:
+            rows = None if src is None else src[:, start:stop].detach()
+            slot, m = exact_slots(exact[:, start:stop], own_valid, cr, rows)
+            target = torch.where(slot < 0, m, slot)
+            end = torch.full((B, m + 1), stop - 1).scatter_reduce_(
+                1, target, pos.expand(B, n), reduce="amax", include_self=False)[:, :m]
+        slot = torch.where(own_valid, slot, -1)
+        count = torch.zeros(B, m + 1).scatter_add_(1, torch.where(slot < 0, m, slot), own_valid.float())[:, :m]
+        slots.append(torch.where(slot < 0, -1, slot + base))
+        counts.append(count)
+        ends.append(end)
+        owner += [rank] * m
+        base += m
+    return torch.cat(slots, 1), torch.cat(counts, 1), torch.cat(ends, 1), torch.tensor(owner)
+
+
+def _attention_bias(part: Partition, valid: torch.Tensor, counts: torch.Tensor, ends: torch.Tensor,
+                    owner: torch.Tensor, causal: bool, weighting: str) -> torch.Tensor:
+    """[B, N, M + N] logit bias of every query over [sent rows ; own rows]."""
+    B, N = valid.shape
+    pos = torch.arange(N)
+    rank = torch.cat([torch.full((stop - start,), r) for r, (start, stop) in enumerate(part.ranges)])
+    seen = (owner[None, None, :] != rank[None, :, None]) & (counts[:, None, :] > 0)
+    if causal:
+        seen &= ends[:, None, :] <= pos[None, :, None]
+    weight = counts.clamp(min=1).log() if weighting == "count" else torch.zeros_like(counts)
+    sent = torch.where(seen, weight[:, None, :], -math.inf)
+    own = (rank[:, None] == rank[None, :])[None] & valid[:, None, :]
+    if causal:
+        own &= pos[None, :] <= pos[:, None]
+    own |= torch.eye(N, dtype=torch.bool)  # a padding query sees itself: finite, and read by nobody
+    return torch.cat([sent, torch.where(own, 0.0, -math.inf)], dim=2)
+
+
+def forward(net: Network, inputs: dict, part: Partition, cfg: RunConfig, *, dropout: float = 0.0) -> dict:
+    """PRISM over ``part`` (devices) with ``cfg`` (per-layer CR, compression
+    point, mean weighting, exact rows), differentiable in every tensor of
+    ``net``. ``inputs`` as the model takes them (checked). Returns the fields
+    the engine returns for ``outputs=("rows", "cls")``: the per-row outputs
+    (``last_hidden_state``, ``logits`` of an LM) and the [CLS] heads
+    (``pooler_output``, ``logits`` of a classifier). ``dropout`` (training):
+    on the embeddings, the attention weights and both residual branches."""
+    if cfg.mode != "prism":
+        raise ValueError(f"mode: the twin runs PRISM (mode 'prism'; Voltage equals it at CR 1), got {cfg.mode!r}")
+    if cfg.wire_dtype != "fp32":
+        raise ValueError(f"wire_dtype: the twin sends fp32 rows, got {cfg.wire_dtype!r}")
+    if len(cfg.crs) != len(net.blocks):
+        raise ValueError(f"cr: {len(cfg.crs)} per-layer values for {len(net.blocks)} layers")
+    batch, N = net.check_inputs(inputs)
+    if part.length != N:
+        raise ValueError(f"part: covers {part.length} positions, the input has {N}")
+    drop = (lambda t: F.dropout(t, dropout, training=True)) if dropout else None
+
+    x = net.embed(net.local_inputs(inputs, 0, N), 0, N)
+    x = x if drop is None else drop(x)
+    valid = net.valid(inputs)
+    valid = torch.ones(batch, N, dtype=torch.bool) if valid is None else valid
+    static = cfg.exact_rows.static_mask(inputs, 0, batch, N) if cfg.exact_rows else None
+    d, heads = net.d, net.heads
+    for blk, cr in zip(net.blocks, cfg.crs):
+        a = blk.attn_input(x)
+        qkv = blk.qkv(a)
+        k, v = qkv[..., d:2 * d], qkv[..., 2 * d:]
+        bias = None
+        if part.devices > 1:
+            src = a if cfg.compression_point == "attn_input" else x
+            exact = None
+            if static is not None:  # top-k rows are chosen per device, as each device does
+                exact = torch.cat([cfg.exact_rows.mask(static[:, s:e], x[:, s:e].detach(), valid[:, s:e])
+                                   for s, e in part.ranges], dim=1)
+            slot, counts, ends, owner = layer_layout(part, cr, valid, exact,
+                                                     src if cfg.exact_rows.adaptive else None)
+            M = counts.shape[1]
+            average = torch.zeros(batch, M + 1, N).scatter_(1, torch.where(slot < 0, M, slot)[:, None, :], 1.0)
+            average = average[:, :M] / counts.clamp(min=1)[..., None]
+            rows = average @ src
+            if blk.pre_ln and cfg.compression_point == "hidden":
+                rows = blk.ln1(rows)  # raw hidden rows: the receiver applies LN1
+            kv = blk.kv(rows)
+            k, v = torch.cat([kv[..., :d], k], dim=1), torch.cat([kv[..., d:], v], dim=1)
+            bias = _attention_bias(part, valid, counts, ends, owner, net.causal, cfg.mean_weighting)
+        elif net.causal or not bool(valid.all()):
+            bias = _attention_bias(part, valid, torch.zeros(batch, 0), torch.zeros(batch, 0, dtype=torch.long),
+                                   torch.zeros(0, dtype=torch.long), net.causal, cfg.mean_weighting)
+
+        def split(t):
+            return t.reshape(batch, t.shape[1], heads, d // heads).transpose(1, 2)
+
+        attn = F.scaled_dot_product_attention(split(qkv[..., :d]), split(k), split(v),
+                                              attn_mask=None if bias is None else bias[:, None],
+                                              dropout_p=dropout if drop is not None else 0.0)
+        x = blk.finish_attention(x, attn.transpose(1, 2).reshape(batch, N, d), drop)
+        x = blk.mlp(x, drop)
+    rows = net.row_outputs(x)
+    return {**rows, **net.cls_outputs(rows)}

