@@ -1,6 +1,6 @@
 # The out-of-the-box job (include from the top-level Makefile).
 #   make demo       fresh clone -> virtualenv with prism-ext (and its `plot` extra: matplotlib) -> `prism demo`
-#   make zoo-train  rebuild the bundled models with the recorded recipe (needs scikit-learn)
+#   make zoo-train  rebuild the bundled models with the recorded recipe (the `train` extra: scikit-learn, transformers)
 PYTHON ?= python3
 VENV ?= .venv
 # Pin torch: an unpinned `pip install torch` on Linux pulls a multi-GB CUDA build.
@@ -20,6 +20,6 @@ demo: $(VENV)/.prism-installed
 	$(VENV)/bin/prism demo
 
 zoo-train: $(VENV)/.prism-installed
-	$(VENV)/bin/pip install -q "scikit-learn>=1.2"
+	$(VENV)/bin/pip install -q "scikit-learn>=1.2" "transformers>=4.40"  # the `train` extra
 	$(VENV)/bin/prism zoo train vit-tiny-digits --threads 1 --out prism_ext/zoo/vit-tiny-digits
 	$(VENV)/bin/prism zoo train gpt2-tiny --threads 1 --out prism_ext/zoo/gpt2-tiny

@@ -30,6 +30,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ __all__ = ["TASKS", "Recipe", "check_task", "default_task", "Examples", "read_ex
 
 TASKS = ("embed", "classify", "lm")
 _STATE = "resume"  # the sub-folder of --out holding the resumable state
+_TEACHER_CACHE_BYTES = 1 << 30  # the teacher's outputs are kept per batch while they fit in this
 
 
 @dataclass
@@ -109,6 +111,7 @@ class Examples:
     items: list
     labels: np.ndarray | None = None
     source: dict = field(default_factory=dict)
+    augment: Callable | None = None  # (inputs, generator) -> inputs, on training batches only
 
     def __len__(self) -> int:
         return len(self.items)
@@ -116,7 +119,7 @@ class Examples:
     def subset(self, idx) -> "Examples":
         idx = [int(i) for i in idx]
         return Examples(self.kind, [self.items[i] for i in idx], None if self.labels is None else self.labels[idx],
-                        self.source)
+                        self.source, self.augment)
 
 
 def text_windows(ids: list[int], width: int) -> list[torch.Tensor]:
@@ -187,13 +190,19 @@ def _inputs(model: PrismModel, ex: Examples, max_length: int) -> dict:
     return {"input_ids": torch.stack(ex.items)}
 
 
-def _batches(model: PrismModel, ex: Examples, size: int, max_length: int) -> list[list[int]]:
-    """Indices in batches of similar length (less padding): texts sorted by token count."""
+def _batches(model: PrismModel, ex: Examples, size: int, max_length: int) -> tuple[list[list[int]], torch.Tensor]:
+    """Indices in batches of similar length (less padding: texts sorted by
+    token count) and each batch's chance to be drawn: its share of the
+    tokens, so that every token is seen equally often and long texts, where
+    PRISM compresses most, are not drawn as rarely as short ones."""
     order = list(range(len(ex)))
+    lengths = [1] * len(ex)
     if ex.kind == "text":
         lengths = [len(model.tokenizer(t, truncation=True, max_length=max_length)["input_ids"]) for t in ex.items]
         order.sort(key=lambda i: lengths[i])
-    return [order[i:i + size] for i in range(0, len(order), size)]
+    batches = [order[i:i + size] for i in range(0, len(order), size)]
+    weights = torch.tensor([float(sum(lengths[i] for i in b)) for b in batches])
+    return batches, weights / weights.sum()
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -424,7 +433,7 @@ def finetune(model: PrismModel, data: Examples, recipe: Recipe, out, *, resume: 
         raise ValueError("held-out: no held-out examples to report on")
     torch.manual_seed(recipe.seed)
     labels_known = train.labels is not None
-    batches = _batches(model, train, recipe.batch_size, recipe.max_length)
+    batches, chances = _batches(model, train, recipe.batch_size, recipe.max_length)
 
     log(f"finetune: {len(train)} train / {len(held)} held-out examples, {recipe.steps} steps of {recipe.batch_size}, "
         f"task {recipe.task}")
@@ -448,19 +457,29 @@ def finetune(model: PrismModel, data: Examples, recipe: Recipe, out, *, resume: 
         log(f"finetune: resumed at step {start} from {state_dir}")
     t1 = time.perf_counter()
     avg = None
+    cache, cached = {}, 0
     for step in progress(range(start, recipe.steps), desc="finetune", quiet=quiet, unit="step",
                          initial=start, total=recipe.steps):
         gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)  # resumable without RNG state
-        idx = batches[int(torch.randint(len(batches), (1,), generator=gen))]
+        which = int(torch.multinomial(chances, 1, generator=gen))
+        idx = batches[which]
         sub = train.subset(idx)
         inputs = _inputs(model, sub, recipe.max_length)
+        if train.augment is not None:  # the teacher sees the same augmented batch
+            inputs = train.augment(inputs, gen)
         n = net.check_inputs(inputs)[1]
         devices, cr, spec = _draw(recipe, gen)
         devices = min(devices, n)
         cfg = RunConfig.make(len(net.blocks), cr=cr, exact_rows=model.exact_rows(spec))
         part = partition(n, devices)
-        with torch.no_grad():
-            teacher = twin.forward(net, inputs, partition(n, 1), RunConfig.make(len(net.blocks)))
+        teacher = cache.get(which)
+        if teacher is None:
+            with torch.no_grad():
+                teacher = twin.forward(net, inputs, partition(n, 1), RunConfig.make(len(net.blocks)))
+            size = sum(t.numel() * t.element_size() for t in teacher.values())
+            if train.augment is None and cached + size <= _TEACHER_CACHE_BYTES:  # the same batch, the same outputs
+                cache[which] = teacher
+                cached += size
         labels = torch.as_tensor(sub.labels, dtype=torch.long) if labels_known else None
         for group in opt.param_groups:
             group["lr"] = _lr(step, recipe)

@@ -87,26 +87,24 @@ def test_the_checkpoint_loads_in_transformers_and_prism_ext(models, family, tmp_
 
 
 def test_training_resumes_exactly(models, tmp_path, monkeypatch):
-    """Stop after 4 of 6 steps (state saved every 2), resume: the same weights as one straight run."""
+    """Stop in the 5th of 6 steps (state saved every 2), resume: the same weights as one straight run."""
     _, m = models["bert"]
     recipe = ft.Recipe(task="embed", devices=(2, 3), crs=(2, 4), steps=6, batch_size=4, lr=1e-3, exact_fraction=0.3)
     data = _examples("bert", 16, seed=3)
     ft.finetune(m, data, recipe, tmp_path / "straight", quiet=True, save_every=2)
 
-    calls = {"n": 0}
-    real = twin.forward
+    real = ft._lr
 
-    def stop_in_step_5(*args, **kwargs):  # two twin calls per step: teacher, student
-        calls["n"] += 1
-        if calls["n"] > 9:
+    def stop_at_step_4(step, recipe):  # called once at the start of every step
+        if step == 4:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real(step, recipe)
 
-    monkeypatch.setattr(twin, "forward", stop_in_step_5)
+    monkeypatch.setattr(ft, "_lr", stop_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         ft.finetune(m, data, recipe, tmp_path / "resumed", quiet=True, save_every=2)
     assert json.loads((tmp_path / "resumed" / "resume" / "state.json").read_text())["step"] == 4
-    monkeypatch.setattr(twin, "forward", real)
+    monkeypatch.setattr(ft, "_lr", real)
     ft.finetune(m, data, recipe, tmp_path / "resumed", quiet=True, save_every=2, resume=True)
     a, b = (prism_ext.load(tmp_path / d).net.named_tensors() for d in ("straight", "resumed"))
     for name in a:

@@ -405,8 +405,10 @@ def train_vit(out: Path, log, quiet: bool = False, exact_only: bool = False) -> 
             f = c["prism_finetune"]
             recipe = Recipe(task="classify", devices=tuple(f["devices"]), crs=tuple(f["crs"]), steps=f["steps"],
                             batch_size=f["batch"], lr=f["lr"], exact_fraction=f["exact_fraction"],
-                            label_weight=f["label_weight"], seed=SEED, eval_batch_size=128)
-            pixels = Examples("pixels", list(tr_px), tr_y)
+                            label_weight=f["label_weight"], weight_decay=c["weight_decay"], seed=SEED,
+                            eval_batch_size=128)
+            pixels = Examples("pixels", list(tr_px), tr_y, {"source": "sklearn digits"},
+                              lambda inputs, gen: {"pixel_values": _augment(inputs["pixel_values"], background, gen)})
             t0 = time.perf_counter()
             _prism_phase(exact_dir, out, pixels, Examples("pixels", list(te_px), te_y), recipe, log, quiet)
             seconds["prism_finetune"] = time.perf_counter() - t0
