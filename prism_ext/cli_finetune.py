@@ -35,6 +35,9 @@ def _finetune(args: argparse.Namespace) -> int:
     for spec in set(recipe.exact_rows) | set(recipe.report_exact_rows):  # every knob checked before any work
         model.exact_rows(spec)
     data = ft.read_examples(model, task, args.data, glue_task=args.glue_task, max_length=args.max_length)
+    held = None
+    if args.held_out_data:
+        held = ft.read_examples(model, task, args.held_out_data, glue_task=args.glue_task, max_length=args.max_length)
 
     def log(msg: str) -> None:
         if not args.quiet:
@@ -43,7 +46,7 @@ def _finetune(args: argparse.Namespace) -> int:
             write(msg, file=sys.stderr)
 
     command = "prism finetune " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["finetune"] else None
-    report = ft.finetune(model, data, recipe, args.out, resume=args.resume, quiet=args.quiet, log=log,
+    report = ft.finetune(model, data, recipe, args.out, resume=args.resume, quiet=args.quiet, log=log, held=held,
                          save_every=args.save_every, command=command)
     print(ft.format_report(report))
     print(f"wrote {args.out} (a Hugging Face checkpoint with prism_finetune.json)")
@@ -78,6 +81,8 @@ def register(sub) -> None:
     p.add_argument("--hidden-weight", type=_fraction, default=1.0, help="embed: weight of the hidden-state MSE")
     p.add_argument("--max-length", type=_positive, default=256, help="tokens per text (longer ones are cut)")
     p.add_argument("--held-out", type=_fraction, default=0.1, help="share of distinct examples held out (default 0.1)")
+    p.add_argument("--held-out-data", help="a held-out set of its own (same formats as --data); then --data "
+                                           "is all training data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="the output checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue from the state saved in --out")

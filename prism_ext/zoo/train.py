@@ -190,10 +190,10 @@ def _gpt2_files(out: Path, c: dict) -> None:
          "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"]}, indent=2) + "\n")
 
 
-def _windows(data: bytes, ctx: int):
+def _windows(data: bytes, ctx: int, stride: int | None = None):
     from ..finetune import Examples, text_windows
 
-    return Examples("tokens", text_windows(list(data), ctx), None, {"source": "pydoc_data.topics"})
+    return Examples("tokens", text_windows(list(data), ctx, stride), None, {"source": "pydoc_data.topics"})
 
 
 def train_gpt2(out: Path, log, quiet: bool = False, exact_only: bool = False) -> dict:
@@ -223,7 +223,8 @@ def train_gpt2(out: Path, log, quiet: bool = False, exact_only: bool = False) ->
                             batch_size=f["batch"], lr=f["lr"], exact_fraction=f["exact_fraction"], max_length=ctx,
                             seed=SEED)
             t0 = time.perf_counter()
-            report = _prism_phase(exact_dir, out, _windows(train, ctx), _windows(test, ctx), recipe, log, quiet)
+            report = _prism_phase(exact_dir, out, _windows(train, ctx, ctx // 4), _windows(test, ctx), recipe, log,
+                                  quiet)
             seconds["prism_finetune"] = time.perf_counter() - t0
             losses["prism_finetune"] = report["losses"]["last_25_mean"]
     return finish_gpt2(out, log, seconds, losses)
@@ -288,7 +289,7 @@ VIT_CFG = dict(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=4,
                label_smoothing=0.1, test_fraction=0.2,
                # then `prism finetune`'s distillation (with the labels) at a random (devices, CR)
                # per batch, so that the model keeps its accuracy when its attention is compressed
-               prism_finetune={"steps": 600, "lr": 5e-4, "batch": 64, "exact_fraction": 0.25, "label_weight": 0.5,
+               prism_finetune={"steps": 3000, "lr": 5e-4, "batch": 64, "exact_fraction": 0.25, "label_weight": 1.0,
                                "devices": [2, 3, 4], "crs": [2, 4, 8, 16]})
 
 DIGITS_PROCESSOR = {
