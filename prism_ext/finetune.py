@@ -167,16 +167,30 @@ def read_examples(model: PrismModel, task: str, data, *, glue_task: str | None =
         raise ValueError(f"data: {path} is neither a file nor a folder")
     if (path / "data_batch_1").is_file() or (path / "train").is_file():
         cifar = datasets.read_cifar(path, "train")
-        return Examples("image", list(cifar.images), np.asarray(cifar.labels), {"path": str(path), "format": "cifar"})
+        return Examples("image", list(cifar.images), _model_labels(model, cifar.label_names, cifar.labels, path),
+                        {"path": str(path), "format": "cifar"})
     if any(p.is_dir() for p in path.iterdir()):
         folder = datasets.read_image_folder(path)
-        return Examples("image", list(folder.images), np.asarray(folder.labels), {"path": str(path)})
+        return Examples("image", list(folder.images), _model_labels(model, folder.label_names, folder.labels, path),
+                        {"path": str(path)})
     files = image_files(path)
     if not files:
         raise ValueError(f"data: {path} holds no images")
     for f in files:
         digest.update(f.name.encode())
     return Examples("image", files, None, {"path": str(path), "names_sha256": digest.hexdigest()})
+
+
+def _model_labels(model: PrismModel, names: list[str], labels, path: Path) -> np.ndarray:
+    """The data's class names as the model's class ids (config.json's
+    label2id): a folder's position in sorted order would silently be another
+    class."""
+    label2id = model.config.get("label2id") or {}
+    missing = sorted({names[i] for i in set(np.asarray(labels).tolist())} - set(label2id))
+    if missing:
+        raise ValueError(f"data: classes {missing[:5]} of {path} are not among the model's labels "
+                         f"(config.json label2id: {sorted(label2id)[:10]})")
+    return np.asarray([int(label2id[names[i]]) for i in np.asarray(labels).tolist()])
 
 
 def _inputs(model: PrismModel, ex: Examples, max_length: int) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -194,3 +195,27 @@ def test_text_windows():
     ids = list(range(10))
     assert [w.tolist() for w in ft.text_windows(ids, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert [w[0].item() for w in ft.text_windows(ids, 4, 2)] == [0, 2, 4, 6]
+
+
+def test_prism_finetune_reads_an_image_folder(tmp_path, capsys):
+    """Class sub-folders of image files give labelled examples (vit-tiny-digits' processor reads them)."""
+    from PIL import Image
+
+    held = np.load(zoo.model_dir("vit-tiny-digits") / "heldout_digits.npz")
+    for i, (image, label) in enumerate(zip(held["images"][:24], held["labels"][:24])):
+        folder = tmp_path / "digits" / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((255 - image * 15).astype(np.uint8)).resize((32, 32)).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    code, _, stderr = prism(capsys, "finetune", "--model", "vit-tiny-digits", "--data", str(tmp_path / "digits"),
+                            "--steps", "2", "--batch-size", "8", "--devices", "4", "--cr", "8",
+                            "--held-out", "0.25", "--out", str(out), "-q")
+    assert code == 0, stderr
+    report = json.loads((out / "prism_finetune.json").read_text())
+    assert report["recipe"]["task"] == "classify" and report["data"]["labels"] and report["data"]["kind"] == "image"
+    assert report["data"]["held_out_examples"] == 6 and "accuracy" in report["metrics"]["after"][0]
+    (tmp_path / "digits" / "cat").mkdir()  # a class the model does not have: refused, never renumbered
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "digits" / "cat" / "x.png")
+    code, _, stderr = prism(capsys, "finetune", "--model", "vit-tiny-digits", "--data", str(tmp_path / "digits"),
+                            "--out", str(out), "-q")
+    assert code == 2 and "['cat']" in stderr and "label2id" in stderr

@@ -89,7 +89,11 @@ def _prism_phase(teacher_dir: Path, out: Path, data, held, recipe, log, quiet: b
 
     log(f"{out.name}: PRISM-aware distillation, {recipe.steps} steps at devices {list(recipe.devices)}, "
         f"CR {list(recipe.crs)}")
-    return finetune(prism_ext.load(teacher_dir), data, recipe, out, held=held, quiet=quiet, log=log)
+    report = finetune(prism_ext.load(teacher_dir), data, recipe, out, held=held, quiet=quiet, log=log,
+                      command="prism zoo train")
+    report["model"] = "the exactly trained model (phase 1 of prism zoo train; a temporary folder)"
+    (out / "prism_finetune.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 # ----------------------------------------------------------------- gpt2-tiny
