@@ -471,6 +471,7 @@ def finetune(model: PrismModel, data: Examples, recipe: Recipe, out, *, resume: 
     eval_seconds = time.perf_counter() - t0
 
     student = copy.deepcopy(net)
+    student.__dict__.pop("_digest", None)  # the teacher's, if it was computed
     params = student.named_tensors()
     for p in params.values():
         p.requires_grad_(True)

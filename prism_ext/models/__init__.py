@@ -163,18 +163,14 @@ def write_checkpoint(net: Network, like, out) -> Path:
     tensors, source = read_tensors(like)
     found = Weights(tensors, source, (FAMILIES[net.model_type].BASE_PREFIX,))
     state = dict(tensors)
-    written = set()
     for names, tensor in net.checkpoint_tensors():
         key = found.find(*names)
         if key is None:
-            if id(tensor) in written:  # a tied tensor the checkpoint stores once
-                continue
             raise ValueError(f"weights: {source} has no tensor {names[0]!r} to write back")
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise ValueError(f"weights: {key!r} is {tuple(tensor.shape)} in the network, "
                              f"{tuple(state[key].shape)} in {source}")
         state[key] = tensor.detach().to(state[key].dtype).contiguous().clone()
-        written.add(id(tensor))
     out.mkdir(parents=True, exist_ok=True)
     for item in like.iterdir():
         if item.name.startswith(".") or item.suffix in _WEIGHT_SUFFIXES or item.name.endswith(".index.json"):

@@ -99,7 +99,6 @@ class BERT(Network):
             out["logits"] = F.linear(pooled, *self.classifier)
         return out
 
-
     def checkpoint_tensors(self) -> list[tuple[tuple[str, ...], torch.Tensor]]:
         out = []
         for i, blk in enumerate(self.blocks):

@@ -69,7 +69,6 @@ class GPT2(Network):
         h = self.ln_f(x)
         return {"last_hidden_state": h, "logits": F.linear(h, self.lm_head)}
 
-
     def checkpoint_tensors(self) -> list[tuple[tuple[str, ...], torch.Tensor]]:
         out = []
         for i, blk in enumerate(self.blocks):

@@ -143,7 +143,6 @@ class ViT(Network):
             out["logits"] = F.linear(cls, *self.classifier)
         return out
 
-
     def checkpoint_tensors(self) -> list[tuple[tuple[str, ...], torch.Tensor]]:
         out = []
         for i, blk in enumerate(self.blocks):
