@@ -451,6 +451,8 @@ def finetune(model: PrismModel, data: Examples, recipe: Recipe, out, *, resume: 
     if model.directory is None:
         raise ValueError("model: needs a checkpoint directory to copy its config and tokenizer from")
     out = Path(out)
+    if out.resolve() == Path(model.directory).resolve():  # refused before any training, not after it
+        raise ValueError(f"out: {out} is the teacher's own checkpoint; choose another directory")
     log = log or (lambda msg: None)
     if held is None:
         train, held = split(data, recipe)

@@ -169,10 +169,11 @@ def test_prism_finetune_embeds_text_with_minilm(tmp_path, capsys):
     (["--exact-fraction", "2"], "exact-fraction"),
     (["--exact-rows", "bogus"], "exact_rows"),
     (["--data", "/nonexistent/file.txt"], "data"),
+    (["--out", str(zoo.model_dir("gpt2-tiny"))], "out: "),
 ])
 def test_bad_arguments_are_named(tmp_path, capsys, argv, names):
     text = tmp_path / "t.txt"
-    text.write_text("one line\nanother line\n")
+    text.write_text("one line\nanother line\n" * 40)  # enough for a few 128-byte windows
     base = {"--model": "gpt2-tiny", "--data": str(text), "--out": str(tmp_path / "o")}
     for i in range(0, len(argv), 2):
         base[argv[i]] = argv[i + 1]
