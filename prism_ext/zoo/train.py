@@ -46,6 +46,7 @@ def _init_checkpoint(config: dict, out: Path) -> None:
     hf_config = transformers.AutoConfig.for_model(**config)
     arch = getattr(transformers, config["architectures"][0])
     arch(hf_config).save_pretrained(str(out))
+    (out / "generation_config.json").unlink(missing_ok=True)  # transformers' defaults; the bundle ships its own files
 
 
 def _trainable(directory: Path):
@@ -102,7 +103,7 @@ GPT2_CFG = dict(n_positions=128, n_embd=128, n_layer=4, n_head=4, dropout=0.1,
                 steps=3000, batch=16, lr=2e-3, warmup=100, weight_decay=0.1,
                 # then `prism finetune`'s distillation at a random (devices, CR) per batch
                 # (a quarter of the batches exact), so that the model tolerates compressed attention
-                prism_finetune={"steps": 600, "lr": 3e-4, "batch": 16, "exact_fraction": 0.25,
+                prism_finetune={"steps": 2000, "lr": 6e-4, "batch": 16, "exact_fraction": 0.25,
                                 "devices": [2, 3, 4], "crs": [2, 4, 8, 16]})
 HELD_OUT_EVERY = 8
 
