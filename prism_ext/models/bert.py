@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import (Block, LayerNorm, Network, Weights, activation, block_tensors, cfg, cfg_eps, cfg_int, check_heads,
+from .common import (Block, LayerNorm, Network, Weights, activation, block_linears, block_tensors, cfg, cfg_eps, cfg_int, check_heads,
                      check_ids, layer_norm_tensors, linear_tensors)
 
 MODEL_TYPE = "bert"
@@ -50,12 +50,7 @@ class BERT(Network):
         self.blocks = []
         for i in range(layers):
             m = {key: f"encoder.layer.{i}.{name}" for key, name in _LAYER.items()}
-            q, bq = lin(m["q"], d, d)
-            k, bk = lin(m["k"], d, d)
-            v, bv = lin(m["v"], d, d)
-            wo, bo = lin(m["o"], d, d)
-            w1, b1 = lin(m["fc1"], d, d_ff)
-            w2, b2 = lin(m["fc2"], d_ff, d)
+            (q, bq), (k, bk), (v, bv), (wo, bo), (w1, b1), (w2, b2) = block_linears(lin, m, d, d_ff)
             self.blocks.append(
                 Block(False, heads, ln(m["ln1"]), ln(m["ln2"]),
                       torch.cat([q, k, v]), torch.cat([bq, bk, bv]), wo, bo, w1, b1, w2, b2, act)

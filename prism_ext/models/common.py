@@ -17,6 +17,7 @@ __all__ = [
     "Network",
     "Weights",
     "activation",
+    "block_linears",
     "block_tensors",
     "layer_norm_tensors",
     "linear_tensors",
@@ -308,6 +309,17 @@ def linear_tensors(layer: tuple | None, name: str) -> list[tuple[tuple[str, ...]
 
 def layer_norm_tensors(ln: LayerNorm, *names: str) -> list[tuple[tuple[str, ...], torch.Tensor]]:
     return [(tuple(n + ".weight" for n in names), ln.weight), (tuple(n + ".bias" for n in names), ln.bias)]
+
+
+_BLOCK_LINEARS = ("q", "k", "v", "o", "fc1", "fc2")
+
+
+def block_linears(lin, modules: dict, d: int, d_ff: int) -> list:
+    """The six projections of a Linear-layout block, each ``lin(module, n_in,
+    n_out)`` = (weight, bias), in the order q, k, v, o, fc1, fc2 (the loader's
+    side of :func:`block_tensors`)."""
+    shapes = {"fc1": (d, d_ff), "fc2": (d_ff, d)}
+    return [lin(modules[key], *shapes.get(key, (d, d))) for key in _BLOCK_LINEARS]
 
 
 def block_tensors(blk: Block, modules: dict[str, str | tuple[str, ...]]) -> list[tuple[tuple[str, ...], torch.Tensor]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import (Block, LayerNorm, Network, Weights, activation, block_tensors, cfg, cfg_eps, cfg_int, check_device,
+from .common import (Block, LayerNorm, Network, Weights, activation, block_linears, block_tensors, cfg, cfg_eps, cfg_int, check_device,
                      check_heads, layer_norm_tensors, linear_tensors)
 
 MODEL_TYPE = "vit"
@@ -60,12 +60,7 @@ class ViT(Network):
         self.blocks = []
         for i in range(layers):
             m = _layer_modules(i)
-            q, bq = lin(m["q"], d, d)
-            k, bk = lin(m["k"], d, d)
-            v, bv = lin(m["v"], d, d)
-            wo, bo = lin(m["o"], d, d)
-            w1, b1 = lin(m["fc1"], d, d_ff)
-            w2, b2 = lin(m["fc2"], d_ff, d)
+            (q, bq), (k, bk), (v, bv), (wo, bo), (w1, b1), (w2, b2) = block_linears(lin, m, d, d_ff)
             if (bq is None) != (bk is None) or (bk is None) != (bv is None):
                 raise ValueError(f"weights: layer {i} of {w.source} has biases for only some of query/key/value")
             bqkv = None if bq is None else torch.cat([bq, bk, bv])

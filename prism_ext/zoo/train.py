@@ -37,9 +37,12 @@ from ..progress import progress, write
 SEED = 0
 
 
-def _init_checkpoint(config: dict, out: Path) -> None:
-    """A freshly initialised checkpoint of ``config`` in ``out`` (transformers' own init)."""
+def _fresh_network(config: dict, out: Path):
+    """A freshly initialised checkpoint of ``config`` in ``out`` (transformers'
+    own init), loaded with every tensor a trainable leaf."""
     import transformers
+
+    from ..models import load_network
 
     transformers.utils.logging.disable_progress_bar()  # one write, no bar
     torch.manual_seed(SEED)
@@ -47,13 +50,7 @@ def _init_checkpoint(config: dict, out: Path) -> None:
     arch = getattr(transformers, config["architectures"][0])
     arch(hf_config).save_pretrained(str(out))
     (out / "generation_config.json").unlink(missing_ok=True)  # transformers' defaults; the bundle ships its own files
-
-
-def _trainable(directory: Path):
-    """The network of a checkpoint, every tensor a trainable leaf."""
-    from ..models import load_network
-
-    net, _ = load_network(directory)
+    net, _ = load_network(out)
     for p in net.named_tensors().values():
         p.requires_grad_(True)
     return net
@@ -212,8 +209,7 @@ def train_gpt2(out: Path, log, quiet: bool = False, exact_only: bool = False) ->
     with tempfile.TemporaryDirectory() as tmp:
         init = Path(tmp) / "init"
         exact_dir = out if exact_only else Path(tmp) / "exact"
-        _init_checkpoint(_gpt2_config(c), init)
-        net = _trainable(init)
+        net = _fresh_network(_gpt2_config(c), init)
         log(f"gpt2-tiny: {sum(p.numel() for p in net.named_tensors().values())} parameters, {len(tr)} train bytes, "
             f"{c['steps']} steps of {c['batch']}x{ctx}")
         t0 = time.perf_counter()
@@ -396,8 +392,7 @@ def train_vit(out: Path, log, quiet: bool = False, exact_only: bool = False) -> 
     with tempfile.TemporaryDirectory() as tmp:
         init = Path(tmp) / "init"
         exact_dir = out if exact_only else Path(tmp) / "exact"
-        _init_checkpoint(_vit_config(c), init)
-        net = _trainable(init)
+        net = _fresh_network(_vit_config(c), init)
         log(f"vit-tiny-digits: {sum(p.numel() for p in net.named_tensors().values())} parameters, {len(tr_y)} "
             f"train / {len(te_y)} test images, {c['epochs']} epochs")
         seconds["pretrain"] = _vit_pretrain(net, tr_px, tr_t, background, c, log, quiet)
