@@ -42,10 +42,9 @@ from .engine import RunConfig
 from .models import write_checkpoint
 from .models.common import Network
 from .partition import AccuracyWarning, partition
-from .program import plan, simulate
 from .progress import progress
 
-__all__ = ["TASKS", "Recipe", "Examples", "check_task", "default_task", "read_examples", "text_windows", "split",
+__all__ = ["TASKS", "Recipe", "Examples", "check_task", "default_task", "read_examples", "text_windows", "split", "warmup_cosine",
            "finetune", "evaluate", "format_report"]
 
 TASKS = ("embed", "classify", "lm")
@@ -271,11 +270,10 @@ def default_task(net: Network) -> str:
 
 # ------------------------------------------------------------------ evaluation
 
-def _run_engine(net: Network, inputs: dict, devices: int, cr: int, exact_rows) -> dict:
+def _run_engine(model: PrismModel, inputs: dict, devices: int, cr: int, exact_rows: str) -> dict:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AccuracyWarning)
-        request = plan(net, inputs, devices=devices, cr=cr, exact_rows=exact_rows)
-    return simulate(net, inputs, request).fields
+        warnings.simplefilter("ignore", AccuracyWarning)  # the grid visits coarse points on purpose
+        return dict(model(inputs, devices=devices, cr=cr, exact_rows=exact_rows))
 
 
 def _points(recipe: Recipe) -> list[tuple[int, int, str]]:
@@ -284,10 +282,17 @@ def _points(recipe: Recipe) -> list[tuple[int, int, str]]:
     return [(1, 1, "none")] + grid
 
 
+def _held_batches(model: PrismModel, held: Examples, recipe: Recipe) -> list[tuple[Examples, dict]]:
+    """The held-out examples in batches of one length only, with their model
+    inputs, built once for every report point: a padded batch would partition
+    its padding too (a short text's devices holding only padding), which is
+    not how a request of that text runs."""
+    return [(sub, _inputs(model, sub, recipe.max_length)) for sub in
+            (held.subset(idx) for idx in _eval_batches(model, held, recipe.eval_batch_size, recipe.max_length))]
+
+
 def _eval_batches(model: PrismModel, held: Examples, size: int, max_length: int) -> list[list[int]]:
-    """Held-out batches of examples of one length only: a padded batch would
-    partition its padding too (a short text's devices holding only padding),
-    which is not how a request of that text runs."""
+    """Indices of ``held`` in batches of at most ``size`` texts of one token count."""
     if held.kind != "text":
         return [list(range(i, min(i + size, len(held)))) for i in range(0, len(held), size)]
     by_length: dict[int, list[int]] = {}
@@ -297,28 +302,25 @@ def _eval_batches(model: PrismModel, held: Examples, size: int, max_length: int)
 
 
 @torch.no_grad()
-def evaluate(model: PrismModel, net: Network, held: Examples, recipe: Recipe, teacher_out: list,
-             quiet: bool = True, desc: str = "evaluate") -> list[dict]:
+def evaluate(model: PrismModel, net: Network, batches: list[tuple[Examples, dict]], recipe: Recipe,
+             teacher_out: list, quiet: bool = True, desc: str = "evaluate") -> list[dict]:
     """Fidelity of ``net`` run by the engine to the teacher's exact outputs
-    ``teacher_out`` (one per held-out batch of :func:`_eval_batches`) at
+    ``teacher_out`` (one per held-out batch of :func:`_held_batches`) at
     every report point."""
-    batches = _eval_batches(model, held, recipe.eval_batch_size, recipe.max_length)
+    runner = model if net is model.net else PrismModel(net, model.directory)  # a student: the teacher's files
     rows = []
     points = _points(recipe)
     bar = progress(total=len(points) * len(batches), desc=desc, quiet=quiet, unit="batch", leave=False)
     for devices, cr, spec in points:
-        exact_rows = model.exact_rows(spec)
         cos, agree, kl, nll, count, correct, n_labels = [], 0, 0.0, 0.0, 0, 0, 0
         skipped = 0
-        for idx, t_out in zip(batches, teacher_out):
-            sub = held.subset(idx)
-            inputs = _inputs(model, sub, recipe.max_length)
+        for (sub, inputs), t_out in zip(batches, teacher_out):
             n = net.check_inputs(inputs)[1]
             if devices > n:
-                skipped += len(idx)
+                skipped += len(sub)
                 bar.update(1)
                 continue
-            fields = _run_engine(net, inputs, devices, cr, exact_rows)
+            fields = _run_engine(runner, inputs, devices, cr, spec)
             got = _task_output(recipe.task, fields, inputs)
             if recipe.task == "embed":
                 cos += F.cosine_similarity(got, t_out, dim=-1).tolist()
@@ -326,10 +328,10 @@ def evaluate(model: PrismModel, net: Network, held: Examples, recipe: Recipe, te
                 agree += int((got.argmax(-1) == t_out.argmax(-1)).sum())
                 kl += float(F.kl_div(F.log_softmax(got, -1), F.log_softmax(t_out, -1), log_target=True,
                                      reduction="sum"))
-                count += len(idx)
+                count += len(sub)
                 if sub.labels is not None:
                     correct += int((got.argmax(-1) == torch.as_tensor(sub.labels)).sum())
-                    n_labels += len(idx)
+                    n_labels += len(sub)
             else:  # lm: next-token NLL of the held-out windows
                 ids = inputs["input_ids"]
                 nll += float(F.cross_entropy(got[:, :-1].reshape(-1, got.shape[-1]), ids[:, 1:].reshape(-1),
@@ -353,25 +355,24 @@ def evaluate(model: PrismModel, net: Network, held: Examples, recipe: Recipe, te
 
 
 @torch.no_grad()
-def _teacher_outputs(model: PrismModel, held: Examples, recipe: Recipe) -> list:
+def _teacher_outputs(model: PrismModel, batches: list[tuple[Examples, dict]], recipe: Recipe) -> list:
     """The teacher's exact outputs per held-out batch."""
-    outs = []
-    for idx in _eval_batches(model, held, recipe.eval_batch_size, recipe.max_length):
-        sub = held.subset(idx)
-        inputs = _inputs(model, sub, recipe.max_length)
-        outs.append(_task_output(recipe.task, _run_engine(model.net, inputs, 1, 1, model.exact_rows("none")),
-                                 inputs))
-    return outs
+    return [_task_output(recipe.task, _run_engine(model, inputs, 1, 1, "none"), inputs)
+            for _, inputs in batches]
 
 
 # -------------------------------------------------------------------- training
 
+def warmup_cosine(step: int, steps: int, warmup: int, lr: float) -> float:
+    """The learning rate at ``step``: linear warm-up over ``warmup`` steps, then a cosine decay to 10% of ``lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
 def _lr(step: int, recipe: Recipe) -> float:
-    warm = max(1, round(recipe.warmup * recipe.steps))
-    if step < warm:
-        return recipe.lr * (step + 1) / warm
-    frac = (step - warm) / max(1, recipe.steps - warm)
-    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    return warmup_cosine(step, recipe.steps, max(1, round(recipe.warmup * recipe.steps)), recipe.lr)
 
 
 def _draw(recipe: Recipe, gen: torch.Generator) -> tuple[int, int, str]:
@@ -469,8 +470,9 @@ def finetune(model: PrismModel, data: Examples, recipe: Recipe, out, *, resume: 
     log(f"finetune: {len(train)} train / {len(held)} held-out examples, {recipe.steps} steps of {recipe.batch_size}, "
         f"task {recipe.task}")
     t0 = time.perf_counter()
-    teacher_out = _teacher_outputs(model, held, recipe)
-    before = evaluate(model, net, held, recipe, teacher_out, quiet, "before")
+    held_batches = _held_batches(model, held, recipe)
+    teacher_out = _teacher_outputs(model, held_batches, recipe)
+    before = evaluate(model, net, held_batches, recipe, teacher_out, quiet, "before")
     eval_seconds = time.perf_counter() - t0
 
     student = copy.deepcopy(net)
@@ -531,7 +533,7 @@ def finetune(model: PrismModel, data: Examples, recipe: Recipe, out, *, resume: 
     for p in params.values():
         p.requires_grad_(False)
     t2 = time.perf_counter()
-    after = evaluate(model, student, held, recipe, teacher_out, quiet, "after")
+    after = evaluate(model, student, held_batches, recipe, teacher_out, quiet, "after")
     eval_seconds += time.perf_counter() - t2
 
     write_checkpoint(student, model.directory, out)

@@ -56,19 +56,18 @@ def _fresh_network(config: dict, out: Path):
     return net
 
 
-def _exact(net):
-    """(partition, config) of one device: the exact forward of the twin."""
+def _exact(net, n: int):
+    """(partition, config) of one device over ``n`` positions: the exact forward of the twin."""
     from ..engine import RunConfig
     from ..partition import partition
 
-    return lambda n: (partition(n, 1), RunConfig.make(len(net.blocks)))
+    return partition(n, 1), RunConfig.make(len(net.blocks))
 
 
 def _lr(step: int, c: dict) -> float:
-    if step < c["warmup"]:
-        return c["lr"] * (step + 1) / c["warmup"]
-    frac = (step - c["warmup"]) / max(1, c["steps"] - c["warmup"])
-    return c["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    from ..finetune import warmup_cosine
+
+    return warmup_cosine(step, c["steps"], c["warmup"], c["lr"])
 
 
 def _optimizer(net, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -159,7 +158,7 @@ def _gpt2_pretrain(net, tr: torch.Tensor, c: dict, log, quiet: bool) -> float:
     from .. import twin
 
     ctx = c["n_positions"]
-    exact = _exact(net)(ctx)
+    exact = _exact(net, ctx)
     opt = _optimizer(net, c["lr"], c["weight_decay"])
     params = list(net.named_tensors().values())
     gen = torch.Generator().manual_seed(SEED)
@@ -343,7 +342,7 @@ def _vit_pretrain(net, px: torch.Tensor, labels: torch.Tensor, background: float
     """Phase 1, exact attention through the twin, on augmented digits; returns the seconds."""
     from .. import twin
 
-    exact = _exact(net)(net.n_positions)
+    exact = _exact(net, net.n_positions)
     opt = _optimizer(net, c["lr"], c["weight_decay"])
     gen = torch.Generator().manual_seed(SEED)
     per_epoch = math.ceil(len(labels) / c["batch"])
