@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,11 +16,6 @@ from .models import Network, load_network
 from .program import plan, run_stats, simulate
 
 __all__ = ["load", "PrismModel", "PrismOutput"]
-
-# Nothing here may reach the network; these keep transformers/huggingface_hub
-# offline too if a caller mixes them in.
-for _flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-    os.environ.setdefault(_flag, "1")
 
 
 class PrismOutput(Mapping):

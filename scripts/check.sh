@@ -19,8 +19,8 @@ VENV=$ROOT/.venv
 export PATH=$VENV/bin:$PATH
 AARCH64_SYSROOT=/usr/aarch64-linux-gnu
 # g++/make/binutils: native builds and nm; the cross compiler and qemu: the
-# NEON path. libbenchmark-dev is not here: `make check` builds no benches.
-DEB_PACKAGES=(g++ make binutils g++-aarch64-linux-gnu qemu-user-static)
+# NEON path; curl: the README's server example (tests/test_readme.py). libbenchmark-dev is not here: `make check` builds no benches.
+DEB_PACKAGES=(g++ make binutils g++-aarch64-linux-gnu qemu-user-static curl)
 
 # Runs one step function in a new bash (a function called as `if fn` or
 # `fn || ...` runs with errexit off, even in a subshell), records its outcome

@@ -22,11 +22,11 @@ if [ "${1:-}" = --measure ]; then
   shift
 fi
 PYTEST_ARGS=("$@")
-# By default every test but those of the source tree's bench/ scripts (they
-# import bench/, which no wheel holds; the pytest step of `make check` runs
-# them), with any skip but an ISA this machine cannot run failing the run.
+# By default every test but those of the source tree's bench/ scripts and of
+# its README (they read bench/ and README.md, which no wheel holds; the pytest
+# step of `make check` runs them), with any skip but an ISA this machine cannot run failing the run.
 [ ${#PYTEST_ARGS[@]} -gt 0 ] ||
-  PYTEST_ARGS=(--strict-skips --ignore=tests/test_netlab.py --ignore=tests/test_bench_network.py --ignore=tests/test_bench_serve.py tests)
+  PYTEST_ARGS=(--strict-skips --ignore=tests/test_netlab.py --ignore=tests/test_bench_network.py --ignore=tests/test_bench_serve.py --ignore=tests/test_readme.py tests)
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/prism-wheel-test.XXXXXX")
 case $WORK in "$REPO"/*) echo "wheel-test: the temp folder must lie outside the source tree" >&2; exit 1;; esac

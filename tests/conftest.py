@@ -9,8 +9,14 @@ import re
 import pytest
 from hypothesis import HealthCheck, settings
 
-import prism_ext
-from prism_ext import kernels
+# Nothing downloads at test time: transformers and huggingface_hub, which the
+# tests use as references, read only local files. (The library itself never
+# touches these process-wide settings.)
+for _flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_flag, "1")
+
+import prism_ext  # noqa: E402
+from prism_ext import kernels  # noqa: E402
 
 # "ci" (the default): the same examples on every run, so a failure reproduces;
 # no deadline, since the machine is shared and timings vary. Example counts

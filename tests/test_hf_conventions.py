@@ -166,3 +166,17 @@ def test_load_accepts_bert_and_vit_model_objects(family):
         ref = hf(**inputs)
     out = prism_ext.load(hf)(inputs, devices=2, cr=1)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)  # the classifier, HF's field name
+
+
+def test_importing_prism_ext_leaves_the_environment_alone():
+    # transformers' own behaviour in the user's process must not change because prism_ext was imported.
+    import os
+    import subprocess
+    import sys
+    code = ("import os; before = dict(os.environ); import prism_ext; "
+            "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)); "
+            "print(','.join(changed))")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "", f"importing prism_ext changed {r.stdout.strip()}"

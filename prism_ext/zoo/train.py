@@ -249,7 +249,7 @@ def finish_gpt2(out: Path, log, seconds: dict, losses: dict) -> dict:
     tok = load_tokenizer(out)
     probe = te[:ctx][None]
     with torch.no_grad():
-        hf = transformers.GPT2LMHeadModel.from_pretrained(str(out)).eval()
+        hf = transformers.GPT2LMHeadModel.from_pretrained(str(out), local_files_only=True).eval()
         diff = (loaded(probe).logits - hf(probe).logits).abs().max().item()
     samples, prism_samples = {}, {}
     for prompt in GPT2_PROMPTS:
