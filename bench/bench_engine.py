@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import datetime as dt
 import json
-import math
 import os
 import platform
 import statistics
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 
 import prism_ext
 from prism_ext import kernels
+from prism_ext.attention import count_bias
 from prism_ext.engine import PHASES
 from prism_ext.progress import progress, write
 
@@ -127,10 +127,7 @@ def _torch_attention(q, k, v, counts=None, q_pos=None, k_pos=None, scale=None):
     (q/k/v [B, H, n, dh], counts [B, nk], positions [n] and [nk], or [B, n]
     and [B, nk] as the engine batches them): SDPA with a float mask, built per
     call (the engine has no other use for it)."""
-    mask = counts.log()[:, None, None, :]
-    if q_pos is not None:
-        hidden = k_pos.reshape(-1, 1, k_pos.shape[-1]) > q_pos.reshape(-1, q_pos.shape[-1], 1)  # [B or 1, n, nk]
-        mask = mask.masked_fill(hidden[:, None], -math.inf)
+    mask = count_bias(counts, q_pos, k_pos)[:, None]  # [B, 1 (heads), n or 1, nk]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 

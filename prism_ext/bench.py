@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import platform
 import sys
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .attention import count_bias
 
 # Shapes from issue 2: a device owning nq of N = 512 positions attends to its
 # own nq keys plus the segment means of the other N - nq positions.
@@ -89,11 +89,7 @@ def float_mask(counts: torch.Tensor, q_pos: torch.Tensor | None, k_pos: torch.Te
     """The torch peers' additive mask: log counts, -inf where hidden;
     [nq, nk] with positions, else [1, nk] broadcast over queries (what a torch
     user would pass for per-key weights)."""
-    nq = q_pos.shape[0] if q_pos is not None else 1
-    mask = counts.log().expand(nq, -1).clone()
-    if q_pos is not None:
-        mask.masked_fill_(k_pos[None, :] > q_pos[:, None], -math.inf)
-    return mask.contiguous()
+    return count_bias(counts, q_pos, k_pos).contiguous()
 
 
 @dataclasses.dataclass(frozen=True)

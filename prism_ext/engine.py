@@ -20,9 +20,9 @@ import torch
 
 from . import kernels
 from .accounting import block_flops
-from .attention import prism_attention
+from .attention import mean_weights, prism_attention
 from .models.common import Network
-from .partition import Partition, cr_schedule, exact_slots, segment_ends
+from .partition import Partition, cr_schedule, exact_slots, segment_ends, slot_ends
 
 __all__ = ["ExactRows", "RunConfig", "LayerStats", "DeviceStats", "RunStats", "DeviceResult", "DecodeState", "DecodeStats",
            "Collected", "GenerateOptions", "OUTPUTS", "run_device", "run_request", "generate_request", "finish_request", "decode_step"]
@@ -149,6 +149,13 @@ class RunConfig:
         if not isinstance(exact_rows, ExactRows):
             raise TypeError(f"exact_rows: expected an ExactRows, got {type(exact_rows).__name__}")
         return cls(mode, tuple(cr_schedule(cr, layers)), wire_dtype, compression_point, mean_weighting, exact_rows)
+
+    @property
+    def sends_hidden(self) -> bool:
+        """Whether the rows on the wire are hidden states (Voltage's full
+        rows, or means taken at compression point ``hidden``) rather than
+        attention inputs: a pre-LN receiver then applies LN1 itself."""
+        return self.mode == "voltage" or self.compression_point == "hidden"
 
 
 @dataclass
@@ -392,10 +399,8 @@ def _exact_means(src: torch.Tensor, exact: torch.Tensor, valid: torch.Tensor, cr
     target = torch.where(slot < 0, m, slot)  # padding rows land in a spare slot, dropped below
     sums = src.new_zeros(B, m + 1, d).scatter_add_(1, target[..., None].expand(B, n, d), src)
     counts = torch.zeros(B, m + 1).scatter_add_(1, target, torch.ones(B, n))
-    ends = torch.full((B, m + 1), int(pos[-1]), dtype=torch.int32).scatter_reduce_(
-        1, target, pos.expand(B, n), reduce="amax", include_self=False)
     means = sums[:, :m] / counts[:, :m].clamp(min=1)[..., None]
-    return means, counts[:, :m].to(torch.int32), ends[:, :m]
+    return means, counts[:, :m].to(torch.int32), slot_ends(slot, m, pos).to(torch.int32)
 
 
 def _send(cfg: RunConfig, st: LayerStats, transport, x, a, cr: int, own_valid, own_counts, pos, exact):
@@ -451,11 +456,9 @@ def _receive(blk, cfg: RunConfig, st: LayerStats, pending, rank: int, batch: int
     r_counts = torch.cat([o["counts"] for o in others], dim=1).to(torch.float32)
     # Shared segment ends travel once [m]; exact rows' ends differ per sequence [B, m].
     r_ends = torch.cat([o["ends"].expand(B, -1) for o in others], dim=1)
-    if cfg.mean_weighting == "none" and cfg.mode == "prism":
-        r_counts = (r_counts > 0).to(torch.float32)
-    if blk.pre_ln and (cfg.mode == "voltage" or cfg.compression_point == "hidden"):
-        rows = blk.ln1(rows)  # received raw hidden rows: the receiver applies LN1
-    return rows, r_counts, r_ends
+    if cfg.mode == "prism":
+        r_counts = mean_weights(r_counts, cfg.mean_weighting)
+    return blk.received_attn_input(rows, cfg.sends_hidden), r_counts, r_ends
 
 
 def run_device(net: Network, local: dict, part: Partition, rank: int, transport, cfg: RunConfig,
@@ -554,10 +557,22 @@ def run_request(net: Network, local: dict, part: Partition, rank: int, transport
     Returns a :class:`Collected` on rank 0, None elsewhere."""
     res = run_device(net, local, part, rank, transport, cfg)
     t = time.perf_counter()
-    x, last = res.hidden, rank == part.devices - 1
+    send, cls = result_parts(net, local, res.hidden, outputs, first=rank == 0, last=rank == part.devices - 1)
+    res.stats.time_head = time.perf_counter() - t
+    items = finish_request(transport, rank, res.stats, send, {})
+    if items is None:
+        return None
+    return Collected(assemble_results([tensors for _, tensors in items], outputs, cls), _device_stats(items))
+
+
+def result_parts(net: Network, local: dict, x: torch.Tensor, outputs: tuple[str, ...], *, first: bool,
+                 last: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """What one device's final hidden rows ``x`` contribute to ``outputs``
+    (see :func:`run_request`): the tensors it sends rank 0, and on the first
+    device (``first``: it holds [CLS]) the per-sequence heads."""
     send: dict[str, torch.Tensor] = {}
     rows = None
-    if "rows" in outputs or "pooled" in outputs or (rank == 0 and "cls" in outputs):
+    if "rows" in outputs or "pooled" in outputs or (first and "cls" in outputs):
         rows = net.row_outputs(x)
     if "rows" in outputs:
         send.update({f"rows.{k}": v for k, v in rows.items()})
@@ -570,24 +585,25 @@ def run_request(net: Network, local: dict, part: Partition, rank: int, transport
     if "last" in outputs and last:
         tail = net.row_outputs(x[:, -1:]) if rows is None else {k: v[:, -1:] for k, v in rows.items()}
         send.update({f"last.{k}": v for k, v in tail.items()})
-    cls = net.cls_outputs(rows) if rank == 0 and "cls" in outputs else {}
-    res.stats.time_head = time.perf_counter() - t
-    items = finish_request(transport, rank, res.stats, send, {})
-    if items is None:
-        return None
-    tensors = [tensors for _, tensors in items]
+    cls = net.cls_outputs(rows) if first and "cls" in outputs else {}
+    return send, cls
+
+
+def assemble_results(parts: list[dict[str, torch.Tensor]], outputs: tuple[str, ...],
+                     cls: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rank 0 joins every device's :func:`result_parts` (in rank order) into the output fields."""
     fields: dict[str, torch.Tensor] = {}
     if "rows" in outputs:
-        for name in (k for k in tensors[0] if k.startswith("rows.")):
-            fields[name[5:]] = torch.cat([t[name] for t in tensors], dim=1)
+        for name in (k for k in parts[0] if k.startswith("rows.")):
+            fields[name[5:]] = torch.cat([t[name] for t in parts], dim=1)
     if "last" in outputs:
-        fields.update({k[5:]: v for k, v in tensors[-1].items() if k.startswith("last.")})
+        fields.update({k[5:]: v for k, v in parts[-1].items() if k.startswith("last.")})
     if "pooled" in outputs:
-        total = sum(t["pooled.sum"] for t in tensors)
-        count = sum(t["pooled.count"] for t in tensors).to(torch.float32)
+        total = sum(t["pooled.sum"] for t in parts)
+        count = sum(t["pooled.count"] for t in parts).to(torch.float32)
         fields["mean_pooled"] = total / count.clamp(min=1)[:, None]
     fields.update(cls)
-    return Collected(fields, _device_stats(items))
+    return fields
 
 
 def generate_request(net: Network, local: dict, part: Partition, rank: int, transport, cfg: RunConfig,

@@ -188,6 +188,18 @@ def exact_slots(exact: torch.Tensor, valid: torch.Tensor, cr: int,
     return slot, max(1, int((k + s).max()))
 
 
+def slot_ends(slot: torch.Tensor, m: int, pos: torch.Tensor) -> torch.Tensor:
+    """The last position each of the ``m`` sent rows covers, per sequence
+    ([B, m] int64), from ``slot`` [B, n] (:func:`exact_slots`; -1 at padding)
+    and the device's positions ``pos`` [n]. A row that covers nothing ends at
+    the device's last position."""
+    B, n = slot.shape
+    target = torch.where(slot < 0, m, slot)  # padding lands in a spare slot, dropped below
+    ends = torch.full((B, m + 1), int(pos[-1]), dtype=torch.int64)
+    return ends.scatter_reduce_(1, target, pos.to(torch.int64).expand(B, n), reduce="amax",
+                                include_self=False)[:, :m]
+
+
 def cr_schedule(cr, layers: int) -> list[int]:
     """One compression rate per layer from an int or a per-layer sequence."""
     if isinstance(cr, (list, tuple)):

@@ -18,15 +18,14 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .accounting import tp_block_flops
 from .attention import prism_attention
-from .engine import Collected, DeviceStats, LayerStats, finish_request
-from .models.common import Block, LayerNorm, Network
+from .engine import Collected, DeviceStats, LayerStats, assemble_results, finish_request, result_parts
+from .models.common import Block, Network
 
 __all__ = ["TPShard", "split_range", "check_tp_devices", "tp_shards", "run_layers_tp", "tp_request"]
 
@@ -54,13 +53,12 @@ def check_tp_devices(devices, heads: int) -> int:
 
 @dataclass
 class TPShard:
-    """One rank's slice of one :class:`Block` (weights [out, in], contiguous)."""
+    """One rank's slice of one :class:`Block` (weights [out, in], contiguous);
+    the norms, residual adds and activation are the block's own."""
 
-    pre_ln: bool
+    block: Block
     heads: int  # heads this rank owns
     head_dim: int
-    ln1: LayerNorm
-    ln2: LayerNorm
     wqkv: torch.Tensor  # [3 * heads * head_dim, d]: Q rows of own heads, then K, then V
     bqkv: torch.Tensor | None
     wo: torch.Tensor  # [d, heads * head_dim]: the output projection's columns of own heads
@@ -69,7 +67,6 @@ class TPShard:
     b1: torch.Tensor | None  # [cols]
     w2: torch.Tensor  # [d, cols]
     b2: torch.Tensor | None  # the full bias, added once after the reduce
-    act: Callable[[torch.Tensor], torch.Tensor]
 
     @property
     def width(self) -> int:
@@ -87,12 +84,12 @@ class TPShard:
         c0, c1 = split_range(blk.d_ff, size, rank)
         rows = torch.cat([torch.arange(part * d + h0 * dh, part * d + h1 * dh) for part in range(3)])
         return cls(
-            pre_ln=blk.pre_ln, heads=h1 - h0, head_dim=dh, ln1=blk.ln1, ln2=blk.ln2,
+            block=blk, heads=h1 - h0, head_dim=dh,
             wqkv=blk.wqkv[rows].contiguous(),
             bqkv=None if blk.bqkv is None else blk.bqkv[rows].contiguous(),
             wo=blk.wo[:, h0 * dh : h1 * dh].contiguous(), bo=blk.bo,
             w1=blk.w1[c0:c1].contiguous(), b1=None if blk.b1 is None else blk.b1[c0:c1].contiguous(),
-            w2=blk.w2[:, c0:c1].contiguous(), b2=blk.b2, act=blk.act,
+            w2=blk.w2[:, c0:c1].contiguous(), b2=blk.b2,
         )
 
 
@@ -151,8 +148,8 @@ def run_layers_tp(net: Network, local: dict, n: int, rank: int, transport) -> tu
     for sh, st in zip(shards, stats.layers):
         w = sh.width
         t = time.perf_counter()
-        a = sh.ln1(x) if sh.pre_ln else x  # as Block.attn_input
-        qkv = F.linear(a, sh.wqkv, sh.bqkv)
+        blk = sh.block
+        qkv = F.linear(blk.attn_input(x), sh.wqkv, sh.bqkv)
         t = _tick(st, "project", t)
         attn = prism_attention(qkv[..., :w], qkv[..., w : 2 * w], qkv[..., 2 * w :], sh.heads, counts, pos, pos)
         t = _tick(st, "attention", t)
@@ -160,19 +157,14 @@ def run_layers_tp(net: Network, local: dict, n: int, rank: int, transport) -> tu
         _tick(st, "project", t)
         reduced = _reduce(transport, partial, st)
         t = time.perf_counter()
-        x = x + _add_bias(reduced, sh.bo)  # as Block.finish_attention
-        if not sh.pre_ln:
-            x = sh.ln1(x)
+        x = blk.add_attention(x, _add_bias(reduced, sh.bo))
         t = _tick(st, "project", t)
 
-        inner = sh.ln2(x) if sh.pre_ln else x  # as Block.mlp
-        partial = F.linear(sh.act(F.linear(inner, sh.w1, sh.b1)), sh.w2)
+        partial = F.linear(blk.act(F.linear(blk.mlp_input(x), sh.w1, sh.b1)), sh.w2)
         _tick(st, "mlp", t)
         reduced = _reduce(transport, partial, st)
         t = time.perf_counter()
-        x = x + _add_bias(reduced, sh.b2)
-        if not sh.pre_ln:
-            x = sh.ln2(x)
+        x = blk.add_mlp(x, _add_bias(reduced, sh.b2))
         _tick(st, "mlp", t)
 
         f = tp_block_flops(batch, n, net.d, sh.heads, sh.head_dim, sh.cols)
@@ -188,21 +180,10 @@ def tp_request(net: Network, inputs: dict, n: int, rank: int, transport,
     :func:`prism_ext.engine.run_request`) itself; the others send only their stats."""
     x, stats = run_layers_tp(net, inputs, n, rank, transport)
     fields: dict[str, torch.Tensor] = {}
-    if rank == 0:
+    if rank == 0:  # rank 0 holds every row: the whole sequence's parts, assembled as the engine's
         t = time.perf_counter()
-        full = bool({"rows", "pooled", "cls"} & set(outputs))
-        rows = net.row_outputs(x if full else x[:, -1:])
-        if "rows" in outputs:
-            fields.update(rows)
-        if "last" in outputs:
-            fields.update({k: v[:, -1:] for k, v in rows.items()})
-        if "pooled" in outputs:
-            valid = net.valid(inputs)
-            h = rows["last_hidden_state"]
-            w = torch.ones(h.shape[:2]) if valid is None else valid.to(torch.float32)
-            fields["mean_pooled"] = torch.einsum("bn,bnd->bd", w, h) / w.sum(1).clamp(min=1)[:, None]
-        if "cls" in outputs:
-            fields.update(net.cls_outputs(rows))
+        parts, cls = result_parts(net, inputs, x, outputs, first=True, last=True)
+        fields = assemble_results([parts], outputs, cls)
         stats.time_head = time.perf_counter() - t
     items = finish_request(transport, rank, stats, {}, {})
     return None if items is None else Collected(fields, [meta["stats"] for meta, _ in items])

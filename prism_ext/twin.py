@@ -30,9 +30,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .attention import count_bias, mean_weights
 from .engine import RunConfig
 from .models.common import Network
-from .partition import Partition, exact_slots
+from .partition import Partition, exact_slots, segment_ends, slot_ends
 
 __all__ = ["forward", "layer_layout"]
 
@@ -54,15 +55,14 @@ def layer_layout(part: Partition, cr: int, valid: torch.Tensor, exact: torch.Ten
         own_valid = valid[:, start:stop]
         pos = torch.arange(start, stop)
         if exact is None or cr == 1:  # at CR 1 every row travels alone anyway
-            m = -(-n // cr)
+            end = torch.tensor(segment_ends(start, stop, cr))
+            m = len(end)
             slot = ((pos - start) // cr).expand(B, n)
-            end = torch.tensor([min(start + (s + 1) * cr, stop) - 1 for s in range(m)]).expand(B, m)
+            end = end.expand(B, m)
         else:
             rows = None if src is None else src[:, start:stop].detach()
             slot, m = exact_slots(exact[:, start:stop], own_valid, cr, rows)
-            target = torch.where(slot < 0, m, slot)
-            end = torch.full((B, m + 1), stop - 1).scatter_reduce_(
-                1, target, pos.expand(B, n), reduce="amax", include_self=False)[:, :m]
+            end = slot_ends(slot, m, pos)
         slot = torch.where(own_valid, slot, -1)
         count = torch.zeros(B, m + 1).scatter_add_(1, torch.where(slot < 0, m, slot), own_valid.float())[:, :m]
         slots.append(torch.where(slot < 0, -1, slot + base))
@@ -79,11 +79,8 @@ def _attention_bias(part: Partition, valid: torch.Tensor, counts: torch.Tensor, 
     B, N = valid.shape
     pos = torch.arange(N)
     rank = torch.cat([torch.full((stop - start,), r) for r, (start, stop) in enumerate(part.ranges)])
-    seen = (owner[None, None, :] != rank[None, :, None]) & (counts[:, None, :] > 0)
-    if causal:
-        seen &= ends[:, None, :] <= pos[None, :, None]
-    weight = counts.clamp(min=1).log() if weighting == "count" else torch.zeros_like(counts)
-    sent = torch.where(seen, weight[:, None, :], -math.inf)
+    sent = count_bias(mean_weights(counts, weighting), pos if causal else None, ends if causal else None)
+    sent = torch.where(owner[None, None, :] != rank[None, :, None], sent, -math.inf).expand(B, N, -1)
     own = (rank[:, None] == rank[None, :])[None] & valid[:, None, :]
     if causal:
         own &= pos[None, :] <= pos[:, None]
@@ -133,9 +130,7 @@ def forward(net: Network, inputs: dict, part: Partition, cfg: RunConfig, *, drop
             average = torch.zeros(batch, M + 1, N).scatter_(1, torch.where(slot < 0, M, slot)[:, None, :], 1.0)
             average = average[:, :M] / counts.clamp(min=1)[..., None]
             rows = average @ src
-            if blk.pre_ln and cfg.compression_point == "hidden":
-                rows = blk.ln1(rows)  # raw hidden rows: the receiver applies LN1
-            kv = blk.kv(rows)
+            kv = blk.kv(blk.received_attn_input(rows, cfg.sends_hidden))
             k, v = torch.cat([kv[..., :d], k], dim=1), torch.cat([kv[..., d:], v], dim=1)
             bias = _attention_bias(part, valid, counts, ends, owner, net.causal, cfg.mean_weighting)
         elif net.causal or not bool(valid.all()):

@@ -143,15 +143,32 @@ class Block:
     def kv(self, a: torch.Tensor) -> torch.Tensor:
         return F.linear(a, self.wkv, self.bkv)
 
+    def received_attn_input(self, rows: torch.Tensor, hidden: bool) -> torch.Tensor:
+        """The attention input of rows received from another device: LN1 of
+        them when they are hidden states and the block is pre-LN (the
+        receiver normalises what the sender did not), else the rows."""
+        return self.ln1(rows) if hidden and self.pre_ln else rows
+
     def finish_attention(self, x: torch.Tensor, attn: torch.Tensor, drop=None) -> torch.Tensor:
         """``drop``: dropout on the branch before the residual add (training only)."""
-        branch = F.linear(attn, self.wo, self.bo)
+        return self.add_attention(x, F.linear(attn, self.wo, self.bo), drop)
+
+    def add_attention(self, x: torch.Tensor, branch: torch.Tensor, drop=None) -> torch.Tensor:
+        """The residual add of the attention branch (its output projection
+        done, bias included), then LN1 for a post-LN block."""
         h = x + (branch if drop is None else drop(branch))
         return h if self.pre_ln else self.ln1(h)
 
+    def mlp_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the MLP reads: LN2(x) before the MLP (pre-LN), x itself (post-LN)."""
+        return self.ln2(x) if self.pre_ln else x
+
     def mlp(self, x: torch.Tensor, drop=None) -> torch.Tensor:
-        inner = self.ln2(x) if self.pre_ln else x
-        branch = F.linear(self.act(F.linear(inner, self.w1, self.b1)), self.w2, self.b2)
+        branch = F.linear(self.act(F.linear(self.mlp_input(x), self.w1, self.b1)), self.w2, self.b2)
+        return self.add_mlp(x, branch, drop)
+
+    def add_mlp(self, x: torch.Tensor, branch: torch.Tensor, drop=None) -> torch.Tensor:
+        """The residual add of the MLP branch (bias included), then LN2 for a post-LN block."""
         h = x + (branch if drop is None else drop(branch))
         return h if self.pre_ln else self.ln2(h)
 
