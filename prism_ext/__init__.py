@@ -9,11 +9,12 @@ import torch as _torch
 from . import kernels
 from .api import PrismModel, PrismOutput, load
 from .kernels import get_num_threads, set_num_threads
+from .options import RunOptions
 from .runtime import Cluster, ClusterError, cluster
 
 
 # Kernel threads follow torch's setting unless the user sets them.
 set_num_threads(max(1, _torch.get_num_threads()))
 
-__all__ = ["kernels", "load", "cluster", "Cluster", "ClusterError", "PrismModel", "PrismOutput", "get_num_threads",
-           "set_num_threads", "__version__"]
+__all__ = ["kernels", "load", "cluster", "Cluster", "ClusterError", "PrismModel", "PrismOutput", "RunOptions",
+           "get_num_threads", "set_num_threads", "__version__"]

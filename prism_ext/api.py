@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .checks import check_sampling
 from .engine import ExactRows, GenerateOptions, RunStats
 from .models import Network, load_network
+from .options import RunOptions, run_options
 from .program import plan, run_stats, simulate
 
 __all__ = ["load", "PrismModel", "PrismOutput"]
@@ -131,41 +131,31 @@ class PrismModel:
         return given
 
     @torch.no_grad()
-    def __call__(self, inputs=None, *, devices: int = 1, cr=1, mode: str = "prism", device_weights=None,
-                 wire_dtype: str = "fp32", compression_point: str = "attn_input", mean_weighting: str = "count",
-                 exact_rows="none", outputs=("rows", "cls"), **model_inputs) -> PrismOutput:
+    def __call__(self, inputs=None, *, devices: int = 1, options: RunOptions | None = None,
+                 **kwargs) -> PrismOutput:
         """Run the model over ``devices`` simulated devices (threads of this
         process; :func:`prism_ext.cluster` runs them as processes).
 
         ``inputs``: what the HF model takes (``input_ids`` [+ ``attention_mask``,
         ``token_type_ids``] or ``pixel_values``), as a mapping, a tensor (the
-        first of those) or keywords. ``cr``: compression rate, an int or one per
-        layer. ``mode``: ``prism``, ``voltage`` (ignores cr), ``tp`` (tensor
-        parallel) or ``single``. Knobs: ``wire_dtype`` (fp32/fp16/bf16/int8),
-        ``compression_point`` (attn_input/hidden), ``mean_weighting``
-        (count/none), ``device_weights``, ``exact_rows`` (rows sent as their
-        own rows instead of averaged: ``none``, ``special`` = position 0 and
-        special tokens, ``top<K>``, ``adaptive``, joined by ``+``; see
-        :class:`prism_ext.engine.ExactRows`). ``outputs``: what comes back to rank 0
-        (see :func:`prism_ext.engine.run_request`): every row (``rows``, the
-        default with ``cls``), the [CLS] heads (``cls``), the mean over valid
-        positions (``pooled`` -> ``mean_pooled``), or the last position (``last``).
+        first of those) or keywords. How it runs: ``options``
+        (:class:`prism_ext.RunOptions`) and/or its fields as keywords, e.g.
+        ``m(ids, devices=4, cr=4, mode="voltage", wire_dtype="int8",
+        exact_rows="special", outputs=("pooled",))``; see RunOptions for each.
         """
-        inputs = self._inputs(inputs, model_inputs)
-        request = plan(self.net, inputs, devices=devices, mode=mode, cr=cr, device_weights=device_weights,
-                       wire_dtype=wire_dtype, compression_point=compression_point, mean_weighting=mean_weighting,
-                       exact_rows=self.exact_rows(exact_rows), outputs=outputs)
+        inputs, options = self.split_arguments(inputs, options, kwargs)
+        request = plan(self.net, inputs, options, devices=devices, special_ids=self.special_ids)
         collected = simulate(self.net, inputs, request)
         return PrismOutput(collected.fields, run_stats(request, collected))
 
     @torch.no_grad()
-    def generate(self, input_ids, *, devices: int = 1, cr=1, max_new_tokens: int = 20, temperature: float = 0.0,
-                 top_k: int | None = None, seed: int | None = None, eos_token_id: int | None = None,
-                 device_weights=None, wire_dtype: str = "fp32", compression_point: str = "attn_input",
-                 mean_weighting: str = "count", exact_rows="none", mode: str = "prism", return_stats: bool = False):
+    def generate(self, input_ids, *, devices: int = 1, options: RunOptions | None = None,
+                 max_new_tokens: int = 20, temperature: float = 0.0, top_k: int | None = None,
+                 seed: int | None = None, eos_token_id: int | None = None, return_stats: bool = False, **kwargs):
         """GPT-2 generation: distributed prefill over ``devices``, then decoding
         on the last device from its kept K/V (own rows and earlier partitions'
-        means), with no communication per generated token.
+        means), with no communication per generated token. ``options`` and
+        keywords as for a call (mode prism or single).
 
         ``temperature`` 0 is greedy; > 0 samples from softmax(logits / T),
         restricted to the ``top_k`` most likely tokens if given, with a
@@ -174,29 +164,32 @@ class PrismModel:
         the ids [B, N + new tokens], and with ``return_stats`` also
         ``(prefill RunStats, DecodeStats)`` (per generated token after the first).
         """
-        inputs, request = self._generate_request(input_ids, devices, cr, max_new_tokens, temperature, top_k, seed,
-                                                 eos_token_id, device_weights, wire_dtype, compression_point,
-                                                 mean_weighting, mode, exact_rows)
+        sampling = GenerateOptions(max_new_tokens, temperature, top_k, seed, eos_token_id)
+        inputs, request = self.generate_request(input_ids, devices, run_options(options, **kwargs), sampling)
         collected = simulate(self.net, inputs, request)
         ids = torch.cat([inputs["input_ids"].long(), collected.tokens], dim=1)
         return (ids, run_stats(request, collected), collected.decode) if return_stats else ids
 
-    def _generate_request(self, input_ids, devices, cr, max_new_tokens, temperature, top_k, seed, eos_token_id,
-                          device_weights, wire_dtype, compression_point, mean_weighting, mode, exact_rows="none", stream=False):
-        """Checks of a generation request (shared with the live cluster)."""
+    def split_arguments(self, inputs, options: RunOptions | None, kwargs: dict) -> tuple[dict, RunOptions]:
+        """A call's keywords: the model's input names go to the inputs, the
+        rest must be run options; returns the checked (inputs, options)."""
+        names = set(RunOptions.fields())
+        changes = {k: v for k, v in kwargs.items() if k in names}
+        return self._inputs(inputs, {k: v for k, v in kwargs.items() if k not in names}), \
+            run_options(options, **changes)
+
+    def generate_request(self, input_ids, devices: int, options: RunOptions, sampling: GenerateOptions):
+        """The checked (inputs, Request) of a generation (shared with the live cluster)."""
         if self.net.head != "lm":
             raise ValueError(f"generate: needs a language model head; this is {self.model_type} ({self.net.head})")
-        check_sampling(temperature, seed)
-        options = GenerateOptions(max_new_tokens, temperature, top_k, seed, eos_token_id, stream)
         inputs = self._inputs(input_ids, {})
         if "attention_mask" in inputs:
             raise ValueError("input_ids: generate takes unpadded input_ids only")
         batch, n = self.net.check_inputs(inputs)
-        if n + max_new_tokens > self.net.n_positions:
-            raise ValueError(f"max_new_tokens: {n} + {max_new_tokens} positions exceed n_positions={self.net.n_positions}")
-        request = plan(self.net, inputs, devices=devices, mode=mode, cr=cr, device_weights=device_weights,
-                       wire_dtype=wire_dtype, compression_point=compression_point, mean_weighting=mean_weighting,
-                       exact_rows=self.exact_rows(exact_rows), generate=options)
+        if n + sampling.max_new_tokens > self.net.n_positions:
+            raise ValueError(f"max_new_tokens: {n} + {sampling.max_new_tokens} positions exceed "
+                             f"n_positions={self.net.n_positions}")
+        request = plan(self.net, inputs, options, devices=devices, special_ids=self.special_ids, generate=sampling)
         return inputs, request
 
 

@@ -10,6 +10,10 @@ import functools
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .options import RunOptions
 
 __all__ = ["register"]
 
@@ -116,12 +120,13 @@ def _launch(args: argparse.Namespace) -> tuple[str, dict]:
     return "local", dict(common, devices=args.devices)
 
 
-def _pinned(args: argparse.Namespace) -> dict:
+def _run_options(args: argparse.Namespace) -> RunOptions:
     """The run settings this command line fixes; under torchrun every rank
     has its own, and the handshake checks they agree with rank 0's."""
-    return {"mode": args.mode, "cr": args.cr, "wire_dtype": args.wire_dtype,
-            "compression_point": args.compression_point, "mean_weighting": args.mean_weighting,
-            "exact_rows": args.exact_rows, "device_weights": args.weights}
+    from .options import RunOptions  # imported here: `prism --help` loads no torch
+
+    return RunOptions(**{name: getattr(args, "weights" if name == "device_weights" else name)
+                         for name in RunOptions.fields() if name != "outputs"})
 
 
 def _read_texts(path: str) -> list[str]:
@@ -187,13 +192,14 @@ def _run(args: argparse.Namespace) -> int:
 
     images = _image_paths(args.image) if args.image else None
     texts = _read_texts(args.text_file) if args.text_file else None
-    where, options = _launch(args)
-    if where == "master" and options["rank"] != 0:  # torchrun: this process is a worker
-        code = worker_main(options["master"], options["rank"], options["world"], token=args.token,
+    where, launch = _launch(args)
+    options = _run_options(args)
+    if where == "master" and launch["rank"] != 0:  # torchrun: this process is a worker
+        code = worker_main(launch["master"], launch["rank"], launch["world"], token=args.token,
                            timeout=args.timeout, threads=args.threads, ifname=args.ifname, model=args.model,
-                           settings=_pinned(args))
-        worker_exit(options["rank"], code, None)  # as `prism worker`: no teardown behind blocked gloo threads
-    devices = options.get("world") or options.get("devices") or args.devices
+                           pinned=options)
+        worker_exit(launch["rank"], code, None)  # as `prism worker`: no teardown behind blocked gloo threads
+    devices = launch.get("world") or launch.get("devices") or args.devices
     if args.weights is not None and len(args.weights) != devices:
         raise ValueError(f"--weights: {len(args.weights)} weights for {devices} devices")
     if args.auto_weights and args.weights is not None:
@@ -208,12 +214,8 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens: only GPT-2 text generation takes it; this is {model.model_type}")
     if args.max_new_tokens is None:
         args.max_new_tokens = 40
-    knobs = dict(wire_dtype=args.wire_dtype, compression_point=args.compression_point,
-                 mean_weighting=args.mean_weighting, device_weights=args.weights, exact_rows=args.exact_rows)
-    common = dict(devices=devices, cr=args.cr, mode=args.mode, compare=not args.no_compare, quiet=args.quiet,
-                  batch_size=args.batch_size)
-    jobs.check_job(model, texts=texts, devices=devices, cr=args.cr, mode=args.mode,
-                   max_new_tokens=args.max_new_tokens, **knobs)
+    common = dict(devices=devices, compare=not args.no_compare, quiet=args.quiet, batch_size=args.batch_size)
+    jobs.check_job(model, texts=texts, devices=devices, options=options, max_new_tokens=args.max_new_tokens)
     if images is not None:
         from .images import check_image
 
@@ -224,19 +226,20 @@ def _run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--image: {str(exc).removeprefix('image: ')}") from None
     runtime = {"simulate": f"{devices} simulated device(s), threads of one process",
                "local": f"{devices} processes on this machine over loopback (gloo)",
-               "master": f"{devices} processes, rank 0 at {options.get('master')} (gloo)"}[where]
+               "master": f"{devices} processes, rank 0 at {launch.get('master')} (gloo)"}[where]
     c = None
     try:
         if where != "simulate":
-            options.pop("rank", None)
-            options.pop("devices", None)
+            launch.pop("rank", None)
+            launch.pop("devices", None)
             c = cluster(model, devices if where == "local" else None, device_weights=args.weights,
-                        auto_weights=args.auto_weights, settings=_pinned(args), quiet=args.quiet, **options)
-            knobs["device_weights"] = c.device_weights
+                        auto_weights=args.auto_weights, pinned=options, quiet=args.quiet, **launch)
+            options = options.replace(device_weights=c.device_weights)
         if texts is not None:
-            records = jobs.run_texts(model, texts, max_new_tokens=args.max_new_tokens, cluster=c, **common, **knobs)
+            records = jobs.run_texts(model, texts, max_new_tokens=args.max_new_tokens, cluster=c, options=options,
+                                     **common)
         else:
-            records = jobs.run_images(model, images, cluster=c, **common, **knobs)
+            records = jobs.run_images(model, images, cluster=c, options=options, **common)
         _print_records(({"model": str(args.model), "runtime": runtime, **r} for r in records), args.json)
     except BrokenPipeError:  # the reader (`| head`, `| jq ... | head`) has what it wanted
         import os

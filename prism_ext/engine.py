@@ -27,7 +27,7 @@ from .partition import Partition, cr_schedule, exact_slots, segment_ends, slot_e
 __all__ = ["ExactRows", "RunConfig", "LayerStats", "DeviceStats", "RunStats", "DeviceResult", "DecodeState", "DecodeStats",
            "Collected", "GenerateOptions", "OUTPUTS", "run_device", "run_request", "generate_request", "finish_request", "decode_step"]
 
-MODES = ("prism", "voltage")
+ENGINE_MODES = ("prism", "voltage")  # what a device runs (tp and single are prism at CR 1 per device)
 POINTS = ("attn_input", "hidden")
 WEIGHTINGS = ("count", "none")
 PHASES = ("compress", "exchange", "project", "attention", "mlp")
@@ -140,8 +140,8 @@ class RunConfig:
     @classmethod
     def make(cls, layers: int, *, mode="prism", cr=1, wire_dtype="fp32", compression_point="attn_input",
              mean_weighting="count", exact_rows: ExactRows = ExactRows()) -> "RunConfig":
-        if mode not in MODES:
-            raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+        if mode not in ENGINE_MODES:
+            raise ValueError(f"mode: expected one of {', '.join(ENGINE_MODES)}, got {mode!r}")
         if compression_point not in POINTS:
             raise ValueError(f"compression_point: expected one of {', '.join(POINTS)}, got {compression_point!r}")
         if mean_weighting not in WEIGHTINGS:
@@ -149,6 +149,24 @@ class RunConfig:
         if not isinstance(exact_rows, ExactRows):
             raise TypeError(f"exact_rows: expected an ExactRows, got {type(exact_rows).__name__}")
         return cls(mode, tuple(cr_schedule(cr, layers)), wire_dtype, compression_point, mean_weighting, exact_rows)
+
+    def to_meta(self) -> dict:
+        """JSON-ready form (the request header)."""
+        return {"mode": self.mode, "crs": list(self.crs), "wire_dtype": self.wire_dtype,
+                "compression_point": self.compression_point, "mean_weighting": self.mean_weighting,
+                "exact_rows": self.exact_rows.to_meta()}
+
+    @classmethod
+    def from_meta(cls, meta, layers: int) -> "RunConfig":
+        """Rebuild and check a config that arrived in a request header (untrusted)."""
+        keys = {"mode", "crs", "wire_dtype", "compression_point", "mean_weighting", "exact_rows"}
+        if not isinstance(meta, dict) or set(meta) != keys:
+            raise ValueError(f"request: config must be an object with {', '.join(sorted(keys))}")
+        if not isinstance(meta["crs"], list):
+            raise ValueError("request: crs must be a list")
+        return cls.make(layers, mode=meta["mode"], cr=meta["crs"], wire_dtype=meta["wire_dtype"],
+                        compression_point=meta["compression_point"], mean_weighting=meta["mean_weighting"],
+                        exact_rows=ExactRows.from_meta(meta["exact_rows"]))
 
     @property
     def sends_hidden(self) -> bool:

@@ -20,11 +20,20 @@ import torch
 from . import zoo
 from .api import PrismModel
 from .engine import RunStats
+from .options import RunOptions, run_options
+from .program import layout
 
 __all__ = ["load_model", "stats_dict", "check_job", "run_text", "run_text_batch", "run_texts", "run_images",
            "run_digits", "demo", "format_run", "format_demo", "DEMO_PROMPT"]
 
 DEMO_PROMPT = "The \"for\" statement is used to iterate over the elements of a sequence"
+
+
+def _job_options(options: RunOptions | None, kwargs: dict) -> RunOptions:
+    """A job's options: CR 4 unless ``options`` or the keywords say otherwise."""
+    if options is None and "cr" not in kwargs:
+        kwargs = {"cr": 4, **kwargs}
+    return run_options(options, **kwargs)
 
 
 def _progress(quiet: bool):
@@ -61,33 +70,21 @@ def stats_dict(stats: RunStats) -> dict:
     }
 
 
-def _knobs(wire_dtype="fp32", compression_point="attn_input", mean_weighting="count", device_weights=None,
-           exact_rows="none") -> dict:
-    return dict(wire_dtype=wire_dtype, compression_point=compression_point, mean_weighting=mean_weighting,
-                device_weights=device_weights, exact_rows=exact_rows)
-
-
-def _validate(model: PrismModel, n: int, devices: int, cr, mode: str, knobs: dict) -> None:
+def _validate(model: PrismModel, n: int, devices: int, options: RunOptions, generating: bool = False) -> None:
     """Check the run's settings before any progress line: a bad one ends the job with its error alone."""
-    from .engine import RunConfig
-    from .partition import partition
-
-    from .program import MODES
-
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
-    if mode in ("prism", "voltage"):
-        partition(n, devices, knobs["device_weights"])
-    RunConfig.make(len(model.net.blocks), mode="voltage" if mode == "voltage" else "prism", cr=cr,
-                   wire_dtype=knobs["wire_dtype"], compression_point=knobs["compression_point"],
-                   mean_weighting=knobs["mean_weighting"], exact_rows=model.exact_rows(knobs["exact_rows"]))
+    layout(model.net, n, devices, options, model.special_ids, generating=generating)
 
 
-def _peers(run, inputs, devices: int, knobs: dict) -> tuple:
+def _knobs(options: RunOptions) -> dict:
+    """The settings of a result besides its mode and CR (the ``knobs`` of its JSON)."""
+    return {k: v for k, v in options.to_meta().items() if k not in ("mode", "cr", "outputs")}
+
+
+def _peers(run, inputs, devices: int, options: RunOptions) -> tuple:
     """The single-device output (exact) and the Voltage run over the same devices."""
     exact = run(inputs, devices=1)
-    voltage = run(inputs, devices=devices, mode="voltage", device_weights=knobs["device_weights"],
-                  wire_dtype=knobs["wire_dtype"])
+    voltage = run(inputs, devices=devices, options=RunOptions(mode="voltage", device_weights=options.device_weights,
+                                                              wire_dtype=options.wire_dtype))
     return exact, voltage
 
 
@@ -121,31 +118,32 @@ def _encode(model: PrismModel, text: str, room: int, what: str = "text") -> list
 
 
 def check_job(model: PrismModel, *, text: str | None = None, texts: list[str] | None = None, devices: int = 4,
-              cr=4, mode: str = "prism", max_new_tokens: int = 40, **knobs) -> None:
+              options: RunOptions | None = None, max_new_tokens: int = 40, **kwargs) -> None:
     """Every check a job makes before it runs, so a bad one is refused before
-    any device (process) is started. ``texts``: a batch job's texts (each checked)."""
-    knobs = _knobs(**knobs)
+    any device (process) is started. ``texts``: a batch job's texts (each
+    checked). ``options`` and keywords: how it runs (:class:`RunOptions`)."""
+    options = run_options(options, **kwargs)
     if text is None and texts is None:
         model.image_processor  # raises, naming what is missing, for a model that takes no images
-        _validate(model, model.net.grid ** 2 + 1, devices, cr, mode, knobs)
+        _validate(model, model.net.grid ** 2 + 1, devices, options)
         return
-    _text_job(model, [text] if texts is None else texts, devices, cr, mode, max_new_tokens, knobs)
+    _text_job(model, [text] if texts is None else texts, devices, options, max_new_tokens)
 
 
-def _text_job(model: PrismModel, texts: list[str], devices, cr, mode: str, max_new_tokens: int, knobs: dict):
+def _text_job(model: PrismModel, texts: list[str], devices, options: RunOptions, max_new_tokens: int):
     """A text job's checks; returns (token ids of each text, whether it generates)."""
     if model.model_type == "vit":
         raise ValueError("text: vit models take --image, not --text")
     generating = model.model_type == "gpt2" and max_new_tokens > 0
-    if generating and mode not in ("prism", "single"):
-        raise ValueError(f"mode: generation runs in prism or single mode; use --max-new-tokens 0 for a {mode} "
-                         f"forward pass")
+    if generating and options.mode not in ("prism", "single"):
+        raise ValueError(f"mode: generation runs in prism or single mode; use --max-new-tokens 0 for a "
+                         f"{options.mode} forward pass")
     if not texts:
         raise ValueError("text: no texts given")
     room = max_new_tokens if generating else 0
     ids = [_encode(model, t, room, "text" if len(texts) == 1 else f"text {i + 1}") for i, t in enumerate(texts)]
     for n in sorted({len(i) for i in ids})[:1]:  # the shortest text bounds the devices
-        _validate(model, n, devices, cr, mode, knobs)
+        _validate(model, n, devices, options)
     return ids, generating
 
 
@@ -161,14 +159,16 @@ def _text_groups(ids: list[list[int]], generating: bool) -> list[list[int]]:
     return list(by_length.values())
 
 
-def run_text(model: PrismModel, text: str, *, devices: int = 4, cr=4, mode: str = "prism",
-             max_new_tokens: int = 40, compare: bool = True, quiet: bool = True, cluster=None, **knobs) -> dict:
+def run_text(model: PrismModel, text: str, *, devices: int = 4, options: RunOptions | None = None,
+             max_new_tokens: int = 40, compare: bool = True, quiet: bool = True, cluster=None, **kwargs) -> dict:
     """GPT-2: generate ``max_new_tokens`` greedily after ``text`` (0: one forward
     pass, next-token prediction). BERT: sentence embedding (mean over tokens),
-    and the class when the checkpoint has a classifier. ``cluster``: a live
-    :class:`prism_ext.runtime.Cluster` of ``model`` to run on (default: simulated devices)."""
-    return run_text_batch(model, [text], devices=devices, cr=cr, mode=mode, max_new_tokens=max_new_tokens,
-                          compare=compare, quiet=quiet, cluster=cluster, **knobs)[0]
+    and the class when the checkpoint has a classifier. ``options`` and
+    keywords: how it runs (:class:`RunOptions`; CR 4 unless given).
+    ``cluster``: a live :class:`prism_ext.runtime.Cluster` of ``model`` to run
+    on (default: simulated devices)."""
+    return run_text_batch(model, [text], devices=devices, options=options, max_new_tokens=max_new_tokens,
+                          compare=compare, quiet=quiet, cluster=cluster, **kwargs)[0]
 
 
 def run_texts(model: PrismModel, texts: list[str], *, batch_size: int = 8, quiet: bool = True, **options):
@@ -185,39 +185,40 @@ def run_texts(model: PrismModel, texts: list[str], *, batch_size: int = 8, quiet
                 yield {"index": start + k, **result}
 
 
-def run_text_batch(model: PrismModel, texts: list[str], *, devices: int = 4, cr=4, mode: str = "prism",
+def run_text_batch(model: PrismModel, texts: list[str], *, devices: int = 4, options: RunOptions | None = None,
                    max_new_tokens: int = 40, compare: bool = True, quiet: bool = True, cluster=None,
-                   **knobs) -> list[dict]:
+                   **kwargs) -> list[dict]:
     """:func:`run_text` on several texts at once: one result per text. The
     texts run as one padded batch (generation: one batch per token length);
     each result's ``stats``, ``voltage`` and ``seconds`` are its batch's."""
     say = _progress(quiet)
     run = model if cluster is None else cluster
-    knobs = _knobs(**knobs)
-    ids, generating = _text_job(model, list(texts), devices, cr, mode, max_new_tokens, knobs)
+    options = _job_options(options, kwargs)
+    cr, mode = options.cr, options.mode
+    ids, generating = _text_job(model, list(texts), devices, options, max_new_tokens)
     results = [None] * len(texts)
     for group in _text_groups(ids, generating):
         batch = [texts[i] for i in group]
         inputs = dict(model.tokenizer(batch, padding=True, return_tensors="pt"))
-        base = {"model_type": model.model_type, "devices": devices, "cr": cr, "mode": mode, "knobs": knobs,
+        base = {"model_type": model.model_type, "devices": devices, "cr": cr, "mode": mode, "knobs": _knobs(options),
                 "batch": {"size": len(group), "positions": int(inputs["input_ids"].shape[1])}}
         peers = None
         if compare:  # first, so the measured run below finds everything warmed up
             say("single-device and Voltage peers")
-            peers = _peers(run, inputs, devices, knobs)
+            peers = _peers(run, inputs, devices, options)
         t0 = time.perf_counter()
         n = inputs["input_ids"].shape[1]
         if generating:
             say(f"prefill of {len(group)} x {n} tokens over {devices} devices (cr={cr}), then {max_new_tokens} "
                 f"new tokens")
             x = inputs["input_ids"]
-            out, stats, decode = run.generate(x, devices=devices, cr=cr, max_new_tokens=max_new_tokens,
-                                              return_stats=True, **knobs)
+            out, stats, decode = run.generate(x, devices=devices, options=options, max_new_tokens=max_new_tokens,
+                                              return_stats=True)
             outputs = [{"text": model.tokenizer.decode(row[n:]), "token_ids": row[n:].tolist()} for row in out]
             decoded = {"tokens": len(decode.flops), "bytes_sent": sum(decode.bytes_sent), "flops": sum(decode.flops)}
         else:
             say(f"forward pass of {len(group)} x {n} tokens over {devices} devices ({mode}, cr={cr})")
-            out = run(inputs, devices=devices, cr=cr, mode=mode, **knobs)
+            out = run(inputs, devices=devices, options=options)
             stats = out.stats
             outputs = _text_outputs(model, out, inputs["attention_mask"])
         seconds = time.perf_counter() - t0
@@ -227,7 +228,7 @@ def run_text_batch(model: PrismModel, texts: list[str], *, devices: int = 4, cr=
             voltage = _vs_voltage(stats, voltage_out.stats)
             if generating:
                 refs = run.generate(x, devices=1, max_new_tokens=max_new_tokens)[:, n:].tolist()
-                prism_top1 = run(x, devices=devices, cr=cr, **knobs).logits.argmax(-1)
+                prism_top1 = run(x, devices=devices, options=options).logits.argmax(-1)
                 exact_top1 = exact.logits.argmax(-1)
                 references = []
                 for row, (o, ref) in enumerate(zip(outputs, refs)):
@@ -297,14 +298,16 @@ def _agreement(ref: dict, got: dict) -> dict:
 
 # --------------------------------------------------------------------- image
 
-def _run_pixels(model: PrismModel, px: torch.Tensor, devices, cr, mode, compare, knobs, say, cluster=None) -> dict:
-    _validate(model, model.net.grid ** 2 + 1, devices, cr, mode, knobs)
+def _run_pixels(model: PrismModel, px: torch.Tensor, devices, options: RunOptions, compare, say, cluster=None) -> dict:
+    _validate(model, model.net.grid ** 2 + 1, devices, options)
     run = model if cluster is None else cluster
-    peers = _peers(run, px, devices, knobs) if compare else None  # first: warms up the measured run
-    say(f"{px.shape[0]} image(s), {model.net.grid ** 2 + 1} positions over {devices} devices ({mode}, cr={cr})")
+    peers = _peers(run, px, devices, options) if compare else None  # first: warms up the measured run
+    say(f"{px.shape[0]} image(s), {model.net.grid ** 2 + 1} positions over {devices} devices ({options.mode}, "
+        f"cr={options.cr})")
     t0 = time.perf_counter()
-    out = run(px, devices=devices, cr=cr, mode=mode, **knobs)
-    result = {"model_type": model.model_type, "devices": devices, "cr": cr, "mode": mode, "knobs": knobs,
+    out = run(px, devices=devices, options=options)
+    result = {"model_type": model.model_type, "devices": devices, "cr": options.cr, "mode": options.mode,
+              "knobs": _knobs(options),
               "stats": stats_dict(out.stats), "seconds": time.perf_counter() - t0}
     result["outputs"] = _image_outputs(model, out)
     if peers is not None:
@@ -321,8 +324,8 @@ def _image_outputs(model: PrismModel, out) -> list[dict]:
     return [{"embedding_dim": model.net.d, "embedding": row.tolist()} for row in out.last_hidden_state[:, 0]]
 
 
-def run_images(model: PrismModel, images, *, batch_size: int = 8, devices: int = 4, cr=4, mode: str = "prism",
-               compare: bool = True, quiet: bool = True, cluster=None, **knobs):
+def run_images(model: PrismModel, images, *, batch_size: int = 8, devices: int = 4, options: RunOptions | None = None,
+               compare: bool = True, quiet: bool = True, cluster=None, **kwargs):
     """ViT on images (paths, bytes or PIL images; see
     :func:`prism_ext.images.open_image`) in batches of ``batch_size``: yields
     one result per image, in order, with its batch's ``stats``, ``voltage``
@@ -338,12 +341,12 @@ def run_images(model: PrismModel, images, *, batch_size: int = 8, devices: int =
         raise ValueError("image: no images given")
     for im in images:
         check_image(im, max_pixels=proc.max_pixels)
-    knobs = _knobs(**knobs)
-    _validate(model, model.net.grid ** 2 + 1, devices, cr, mode, knobs)
+    options = _job_options(options, kwargs)
+    _validate(model, model.net.grid ** 2 + 1, devices, options)
     with progress(total=len(images), desc="images", quiet=quiet, unit="image") as bar:
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
-            r = _run_pixels(model, proc.to_pixels(batch), devices, cr, mode, compare, knobs, _progress(True), cluster)
+            r = _run_pixels(model, proc.to_pixels(batch), devices, options, compare, _progress(True), cluster)
             outputs, references = r.pop("outputs"), r.pop("reference", None)
             r["batch"] = {"size": len(batch), "positions": model.net.grid ** 2 + 1}
             for k, im in enumerate(batch):
@@ -356,11 +359,11 @@ def run_images(model: PrismModel, images, *, batch_size: int = 8, devices: int =
                 yield one
 
 
-def run_digits(model: PrismModel, digits: np.ndarray, *, devices: int = 4, cr=4, mode: str = "prism",
-               compare: bool = True, quiet: bool = True, cluster=None, **knobs) -> dict:
+def run_digits(model: PrismModel, digits: np.ndarray, *, devices: int = 4, options: RunOptions | None = None,
+               compare: bool = True, quiet: bool = True, cluster=None, **kwargs) -> dict:
     """ViT on raw 8x8 digits ([B, 8, 8], values 0..16), through the same processor as files."""
     px = model.image_processor.digits_to_pixels(digits)
-    result = _run_pixels(model, px, devices, cr, mode, compare, _knobs(**knobs), _progress(quiet), cluster)
+    result = _run_pixels(model, px, devices, _job_options(options, kwargs), compare, _progress(quiet), cluster)
     result["input"] = {"digits": int(px.shape[0]), "positions": model.net.grid ** 2 + 1}
     return result
 

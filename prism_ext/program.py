@@ -21,15 +21,13 @@ from .comm.local import LocalGroup
 from .comm.wire import check_wire_dtype, decode_message, encode
 from .engine import OUTPUTS, Collected, ExactRows, GenerateOptions, RunConfig, RunStats, generate_request, run_request
 from .models import Network
+from .options import MODES, RunOptions
 from .partition import Partition, partition
 
-__all__ = ["MODES", "Request", "plan", "local_inputs", "encode_request", "decode_request", "run", "run_stats",
+__all__ = ["Request", "plan", "layout", "local_inputs", "encode_request", "decode_request", "run", "run_stats",
            "simulate", "count_inputs"]
 
-# single: rank 0 alone; prism / voltage: position-wise over every device; tp: tensor parallel.
-MODES = ("single", "prism", "voltage", "tp")
 OPS = ("forward", "generate")
-_KNOBS = ("wire_dtype", "compression_point", "mean_weighting")
 
 
 @dataclass(frozen=True)
@@ -47,10 +45,7 @@ class Request:
         return Partition(self.ranges)
 
     def to_meta(self) -> dict:
-        c = self.cfg
-        return {"op": self.op, "mode": self.mode, "crs": list(c.crs), "wire_dtype": c.wire_dtype,
-                "compression_point": c.compression_point, "mean_weighting": c.mean_weighting,
-                "exact_rows": c.exact_rows.to_meta(),
+        return {"op": self.op, "mode": self.mode, "config": self.cfg.to_meta(),
                 "ranges": [list(r) for r in self.ranges], "batch": self.batch, "outputs": list(self.outputs),
                 "generate": None if self.generate is None else vars(self.generate)}
 
@@ -84,13 +79,10 @@ class Request:
         outputs = meta.get("outputs")
         if not isinstance(outputs, list) or not set(outputs) <= set(OUTPUTS):
             raise ValueError(f"request: outputs must be a list of {', '.join(OUTPUTS)}")
-        knobs = {k: meta.get(k) for k in _KNOBS}
-        check_wire_dtype(knobs["wire_dtype"])
-        crs = meta.get("crs")
-        if not isinstance(crs, list):
-            raise ValueError("request: crs must be a list")
-        cfg = RunConfig.make(len(net.blocks), mode="voltage" if mode == "voltage" else "prism", cr=crs,
-                             exact_rows=ExactRows.from_meta(meta.get("exact_rows")), **knobs)
+        cfg = RunConfig.from_meta(meta.get("config"), len(net.blocks))
+        check_wire_dtype(cfg.wire_dtype)
+        if cfg.mode != ("voltage" if mode == "voltage" else "prism"):
+            raise ValueError(f"request: engine mode {cfg.mode!r} does not match mode {mode!r}")
         gen = meta.get("generate")
         if op == "generate":
             if not isinstance(gen, dict) or set(gen) != set(GenerateOptions.__dataclass_fields__):
@@ -101,48 +93,51 @@ class Request:
         return cls(op, cfg, mode, tuple(tuple(r) for r in ranges), batch, tuple(outputs), gen)
 
 
-def plan(net: Network, inputs: dict, *, devices: int, mode: str = "prism", cr=1, device_weights=None,
-         wire_dtype: str = "fp32", compression_point: str = "attn_input", mean_weighting: str = "count",
-         exact_rows: ExactRows = ExactRows(), outputs=("rows", "cls"),
+def plan(net: Network, inputs: dict, options: RunOptions, *, devices: int, special_ids=(),
          generate: GenerateOptions | None = None) -> Request:
     """Check a request on rank 0, before anything is sent: every error here
-    names the argument and leaves the devices untouched. ``exact_rows`` is
-    resolved (:meth:`prism_ext.api.PrismModel.exact_rows`); it applies in prism mode."""
+    names the argument and leaves the devices untouched. ``special_ids``: the
+    model's special token ids, for ``exact_rows`` ``special``
+    (:attr:`prism_ext.api.PrismModel.special_ids`)."""
     batch, n = net.check_inputs(inputs)
+    cfg, ranges = layout(net, n, devices, options, special_ids, generating=generate is not None)
+    if options.mode != "tp":
+        warn_if_coarse(Partition(ranges), options.mode, cfg.crs)
+    return Request("generate" if generate is not None else "forward", cfg, options.mode, ranges, batch,
+                   options.outputs, generate)
+
+
+def layout(net: Network, n: int, devices: int, options: RunOptions, special_ids=(), *,
+           generating: bool = False) -> tuple[RunConfig, tuple[tuple[int, int], ...]]:
+    """The checks of :func:`plan` that need only the input's length ``n``:
+    the engine's per-layer settings and each device's positions. Jobs call it
+    before they start anything."""
     if isinstance(devices, bool) or not isinstance(devices, int):
         raise TypeError(f"devices: expected an int, got {type(devices).__name__}")
     if devices < 1:
         raise ValueError(f"devices: must be >= 1, got {devices}")
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
-    outputs = tuple(outputs)
-    if not outputs or not set(outputs) <= set(OUTPUTS):
-        raise ValueError(f"outputs: expected a non-empty subset of {', '.join(OUTPUTS)}, got {outputs!r}")
-    check_wire_dtype(wire_dtype)
-    engine_mode = "voltage" if mode == "voltage" else "prism"
-    cfg = RunConfig.make(len(net.blocks), mode=engine_mode, cr=cr if mode in ("prism", "voltage") else 1,
-                         wire_dtype=wire_dtype, compression_point=compression_point, mean_weighting=mean_weighting,
-                         exact_rows=exact_rows if mode == "prism" else ExactRows())
+    mode = options.mode
+    if generating and mode not in ("prism", "single"):
+        raise ValueError(f"mode: generation runs in prism or single mode, not {mode!r}")
+    exact_rows = ExactRows.parse(options.exact_rows, special_ids) if mode == "prism" else ExactRows()
+    cfg = RunConfig.make(len(net.blocks), mode="voltage" if mode == "voltage" else "prism",
+                         cr=options.cr if mode in ("prism", "voltage") else 1, wire_dtype=options.wire_dtype,
+                         compression_point=options.compression_point, mean_weighting=options.mean_weighting,
+                         exact_rows=exact_rows)
     if mode == "single":
         devices = 1
     if mode == "tp":
         from .tensor_parallel import check_tp_devices
 
         devices = check_tp_devices(devices, net.heads)
-        if device_weights is not None and devices > 1:
+        if options.device_weights is not None and devices > 1:
             raise ValueError("device_weights: mode 'tp' splits heads and MLP columns evenly; pass None")
-        if wire_dtype != "fp32":
-            raise ValueError(f"wire_dtype: mode 'tp' all-reduces in fp32 only, got {wire_dtype!r}")
-        ranges = ((0, n),) * devices  # every device sees every position
-    else:
-        if devices > n:
-            raise ValueError(f"devices: {devices} devices need at least {devices} positions, the input has {n}")
-        part = partition(n, devices, device_weights if devices > 1 else None)
-        warn_if_coarse(part, mode, cfg.crs)
-        ranges = part.ranges
-    if generate is not None and mode not in ("prism", "single"):
-        raise ValueError(f"mode: generation runs in prism or single mode, not {mode!r}")
-    return Request("generate" if generate is not None else "forward", cfg, mode, ranges, batch, outputs, generate)
+        if options.wire_dtype != "fp32":
+            raise ValueError(f"wire_dtype: mode 'tp' all-reduces in fp32 only, got {options.wire_dtype!r}")
+        return cfg, ((0, n),) * devices  # every device sees every position
+    if devices > n:
+        raise ValueError(f"devices: {devices} devices need at least {devices} positions, the input has {n}")
+    return cfg, partition(n, devices, options.device_weights if devices > 1 else None).ranges
 
 
 def local_inputs(net: Network, inputs: dict, request: Request, rank: int) -> dict:

@@ -43,7 +43,8 @@ import torch.distributed as dist
 from . import __version__, kernels
 from .api import PrismModel, PrismOutput, load
 from .comm.dist import DistTransport, TaskThread
-from .engine import Collected
+from .engine import Collected, GenerateOptions
+from .options import RunOptions, run_options
 from .program import Request, count_inputs, decode_request, encode_request, local_inputs, plan, run, run_stats, simulate
 
 __all__ = ["Cluster", "ClusterError", "HandshakeError", "cluster", "worker_main", "worker_exit", "DEFAULT_TIMEOUT"]
@@ -53,7 +54,8 @@ _TAG = 32  # bytes of an HMAC-SHA256 tag
 _HEARTBEAT = 0.5  # seconds between worker heartbeats
 _STALE = 5.0  # seconds without a heartbeat after which lost_ranks() calls a worker lost (a loaded board can lag)
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
-_SETTINGS = ("mode", "cr", "wire_dtype", "compression_point", "mean_weighting", "exact_rows", "device_weights")
+# The run options a rank may pin (torchrun: every rank has its own command line); what comes back is rank 0's affair.
+_PINNED = tuple(name for name in RunOptions.fields() if name != "outputs")
 
 
 class ClusterError(RuntimeError):
@@ -118,6 +120,10 @@ def _config_digest(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _pinned_meta(pinned: RunOptions | None) -> dict:
+    return {} if pinned is None else {k: v for k, v in pinned.to_meta().items() if k in _PINNED}
+
+
 def _claims(model: PrismModel, settings: dict | None) -> dict:
     return {"version": __version__, "model_type": model.model_type,
             "config": _config_digest(model.config), "weights": model.net.weights_digest(),
@@ -146,7 +152,7 @@ def _mismatches(claims: list) -> list[str]:
             if not isinstance(theirs, dict):
                 out.append(f"rank {q}: malformed settings")
                 continue
-            for key in _SETTINGS:
+            for key in _PINNED:
                 if key in theirs and key in mine and theirs[key] != mine[key]:
                     out.append(f"rank {q}: {key} {theirs[key]} differs from rank 0's {mine[key]}")
                     break
@@ -233,7 +239,7 @@ class Cluster:
     def __init__(self, model, devices: int | None = None, *, master: str | None = None, world: int | None = None,
                  token: str | None = None, timeout: float = DEFAULT_TIMEOUT, threads: int | None = None,
                  worker_threads: int | None = None, device_weights=None, auto_weights: bool = False,
-                 ifname: str | None = None, settings: dict | None = None, quiet: bool = True):
+                 ifname: str | None = None, pinned: RunOptions | None = None, quiet: bool = True):
         self.model = model if isinstance(model, PrismModel) else load(model)
         if self.model.directory is None:
             raise ValueError("model: a cluster needs a model loaded from a directory or a bundled name "
@@ -263,9 +269,9 @@ class Cluster:
         self.world = world
         token_b = _token_bytes(token)
         self.device_weights = device_weights
-        self.settings = dict(settings or {})
+        self.settings = _pinned_meta(pinned)
         if device_weights is not None:
-            self.settings["device_weights"] = list(device_weights)
+            self.settings["device_weights"] = RunOptions(device_weights=device_weights).to_meta()["device_weights"]
         self._runner = TaskThread("prism-rank0")  # rank 0's part of each request
         try:
             _set_threads(threads)
@@ -348,35 +354,32 @@ class Cluster:
 
     # ------------------------------------------------------------ requests
 
-    def __call__(self, inputs=None, *, devices: int | None = None, cr=1, mode: str = "prism", device_weights=None,
-                 wire_dtype: str = "fp32", compression_point: str = "attn_input", mean_weighting: str = "count",
-                 exact_rows="none", outputs=("rows", "cls"), **model_inputs) -> PrismOutput:
+    def __call__(self, inputs=None, *, devices: int | None = None, options: RunOptions | None = None,
+                 **kwargs) -> PrismOutput:
         """Run one forward pass on the cluster (see :meth:`PrismModel.__call__`)."""
         self._check_open()
         m = self.model
-        inputs = m._inputs(inputs, model_inputs)
-        request = plan(m.net, inputs, devices=self._devices(devices, mode), mode=self._mode(devices, mode), cr=cr,
-                       device_weights=self._weights(device_weights), wire_dtype=wire_dtype,
-                       compression_point=compression_point, mean_weighting=mean_weighting,
-                       exact_rows=m.exact_rows(exact_rows), outputs=outputs)
+        inputs, options = m.split_arguments(inputs, options, kwargs)
+        options = self._defaults(devices, options)
+        request = plan(m.net, inputs, options, devices=self._devices(devices, options.mode),
+                       special_ids=m.special_ids)
         collected = self._submit(inputs, request)
         return PrismOutput(collected.fields, run_stats(request, collected))
 
-    def generate(self, input_ids, *, devices: int | None = None, cr=1, max_new_tokens: int = 20,
-                 temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
-                 eos_token_id: int | None = None, device_weights=None, wire_dtype: str = "fp32",
-                 compression_point: str = "attn_input", mean_weighting: str = "count", mode: str = "prism",
-                 exact_rows="none", return_stats: bool = False, on_token=None):
+    def generate(self, input_ids, *, devices: int | None = None, options: RunOptions | None = None,
+                 max_new_tokens: int = 20, temperature: float = 0.0, top_k: int | None = None,
+                 seed: int | None = None, eos_token_id: int | None = None, return_stats: bool = False,
+                 on_token=None, **kwargs):
         """GPT-2 generation on the cluster (see :meth:`PrismModel.generate`):
         the prefill on every process, decoding on the last one, tokens back to rank 0.
         ``on_token``: called on rank 0 with each step's new tokens [B] as
         soon as the last device picks them (the last device streams them);
         it runs on the cluster's request thread and must not block for long."""
         self._check_open()
-        inputs, request = self.model._generate_request(
-            input_ids, self._devices(devices, mode), cr, max_new_tokens, temperature, top_k, seed, eos_token_id,
-            self._weights(device_weights), wire_dtype, compression_point, mean_weighting, self._mode(devices, mode),
-            exact_rows, stream=on_token is not None)
+        options = self._defaults(devices, run_options(options, **kwargs))
+        sampling = GenerateOptions(max_new_tokens, temperature, top_k, seed, eos_token_id, on_token is not None)
+        inputs, request = self.model.generate_request(input_ids, self._devices(devices, options.mode), options,
+                                                      sampling)
         collected = self._submit(inputs, request, on_token)
         ids = torch.cat([inputs["input_ids"].long(), collected.tokens], dim=1)
         return (ids, run_stats(request, collected), collected.decode) if return_stats else ids
@@ -387,12 +390,14 @@ class Cluster:
         raise ValueError(f"devices: this cluster has {self.world} devices (or 1 for the single-device run), "
                          f"got {devices!r}")
 
-    @staticmethod
-    def _mode(devices, mode):
-        return "single" if devices == 1 else mode
-
-    def _weights(self, device_weights):
-        return self.device_weights if device_weights is None else device_weights
+    def _defaults(self, devices, options: RunOptions) -> RunOptions:
+        """``devices=1`` is the single-device run on rank 0; device weights
+        not given are the cluster's (set, or measured by :meth:`calibrate`)."""
+        if devices == 1 and options.mode == "prism":
+            options = options.replace(mode="single")
+        if options.device_weights is None and self.device_weights is not None:
+            options = options.replace(device_weights=self.device_weights)
+        return options
 
     def _check_open(self) -> None:
         if self.closed is not None:
@@ -663,11 +668,11 @@ def worker_exit(rank: int, code: int, message: str | None) -> None:
 
 def worker_main(master: str, rank: int, world: int, *, token: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                 threads: int | None = None, ifname: str | None = None, model: str | None = None,
-                settings: dict | None = None) -> int:
+                pinned: RunOptions | None = None) -> int:
     """Run rank ``rank`` until rank 0 closes the cluster (exit status 0),
     fails (1), or the handshake refuses this rank (2). ``model`` overrides
     the path rank 0 announces (the checkpoint lives elsewhere on this board);
-    ``settings`` are this rank's pinned run settings, checked against rank
+    ``pinned``: this rank's own run options, checked against rank
     0's (torchrun, where every rank has its own command line)."""
     host, port = parse_master(master)
     _check_world(world, rank)
@@ -694,7 +699,7 @@ def worker_main(master: str, rank: int, world: int, *, token: str | None = None,
         except (OSError, ValueError) as exc:
             m = None
             load_error = _first_line(exc)
-        claims = _claims(m, settings) if m is not None else {"version": __version__, "model_type": None,
+        claims = _claims(m, _pinned_meta(pinned)) if m is not None else {"version": __version__, "model_type": None,
                                                              "config": f"unloadable: {load_error}", "weights": None}
         wrong = _mismatches(g.transport.exchange_meta(claims))
         if m is None:

@@ -31,7 +31,6 @@ import base64
 import collections
 import concurrent.futures
 import hmac
-import inspect
 import json
 import os
 import re
@@ -52,16 +51,18 @@ from . import __version__
 from .api import PrismModel
 from .engine import GenerateOptions
 from .jobs import class_output, stats_dict
-from .program import MODES, plan
+from .options import MODES, RunOptions
+from .program import plan
 from .runtime import DEFAULT_TIMEOUT, Cluster, ClusterError, cluster
 
 __all__ = ["ServeOptions", "Backend", "create_app", "run_server", "encode_text", "decode_tokens", "image_pixels",
            "KNOBS"]
 
-# The per-request knobs: every keyword of program.plan that is not set by the
-# server itself (a knob added to the engine's plan() is accepted here as is).
-_SET_BY_SERVER = {"net", "inputs", "devices", "mode", "cr", "device_weights", "outputs", "generate"}
-KNOBS = tuple(name for name in inspect.signature(plan).parameters if name not in _SET_BY_SERVER)
+# The per-request knobs: every run option the server does not set itself (a
+# field added to RunOptions is a knob here as it is). cr and mode are fields
+# of every request, within the operator's limits.
+_SET_BY_SERVER = {"mode", "cr", "device_weights", "outputs"}
+KNOBS = tuple(name for name in RunOptions.fields() if name not in _SET_BY_SERVER)
 
 
 @dataclass
@@ -228,7 +229,7 @@ class Job:
 
     endpoint: str  # "completions", "embeddings", "classify"
     inputs: list  # token id lists (text) or pixel tensors [1, C, H, W] (images)
-    settings: dict  # cr, mode and knobs, as Cluster calls take them
+    settings: RunOptions  # cr, mode and knobs
     options: dict = field(default_factory=dict)  # generation options
     on_token: object = None  # streaming callback (rank 0's request thread)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
@@ -239,7 +240,7 @@ class Job:
         """Requests with the same key can share one cluster call."""
         if self.endpoint == "completions":
             return None
-        return (self.endpoint, json.dumps(self.settings, sort_keys=True, default=str))
+        return (self.endpoint, json.dumps(self.settings.to_meta(), sort_keys=True))
 
     @property
     def lengths(self) -> list[int]:
@@ -476,7 +477,7 @@ class Backend:
             if not bool(mask.all()):
                 inputs["attention_mask"] = mask
         t0 = time.monotonic()
-        out = c(inputs, outputs=outputs, **batch[0].settings)
+        out = c(inputs, options=batch[0].settings.replace(outputs=outputs))
         seconds = time.monotonic() - t0
         rows = out["mean_pooled"] if endpoint == "embeddings" else out["logits"]
         stats = prism_stats(out.stats)
@@ -495,8 +496,8 @@ class Backend:
         c = self.cluster
         ids = torch.tensor([job.inputs[0]])
         t0 = time.monotonic()
-        out, stats, decode = c.generate(ids, return_stats=True, on_token=job.on_token, **job.options,
-                                        **job.settings)
+        out, stats, decode = c.generate(ids, options=job.settings, return_stats=True, on_token=job.on_token,
+                                        **job.options)
         seconds = time.monotonic() - t0
         new = out[0, ids.shape[1]:].tolist()
         self.metrics.bytes_sent.labels("/v1/completions").observe(stats.bytes_sent)
@@ -541,7 +542,7 @@ class _Api:
         self.model = backend.model
         self.net = backend.model.net
 
-    def settings(self, req: _Settings, endpoint: str) -> dict:
+    def settings(self, req: _Settings, endpoint: str) -> RunOptions:
         """cr, mode and knobs of a request, within the operator's limits."""
         o = self.o
         if req.model is not None and req.model != self.b.name:
@@ -565,15 +566,19 @@ class _Api:
             knobs[name] = value
         if endpoint == "completions" and mode not in ("prism", "single"):
             raise ApiError(400, f"mode: generation runs in prism or single mode, not {mode!r}", "mode")
-        return {"cr": cr, "mode": mode, **knobs}
+        try:
+            return RunOptions(cr=cr, mode=mode, **knobs)
+        except (ValueError, TypeError) as exc:
+            raise _user_error(exc, _RENAME[endpoint]) from None
 
-    def check_plan(self, inputs: dict, settings: dict, endpoint: str, **extra) -> None:
+    def check_plan(self, inputs: dict, settings: RunOptions, endpoint: str, outputs=None) -> None:
         """Every check the cluster call would make, before the request queues."""
-        devices = 1 if settings["mode"] == "single" else self.b.devices
+        devices = 1 if settings.mode == "single" else self.b.devices
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # coarse-partition warnings: the stats show the partition
-                plan(self.net, inputs, devices=devices, **settings, **extra)
+                plan(self.net, inputs, settings if outputs is None else settings.replace(outputs=outputs),
+                     devices=devices, special_ids=self.model.special_ids)
         except (ValueError, TypeError) as exc:
             raise _user_error(exc, _RENAME[endpoint]) from None
 

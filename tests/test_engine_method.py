@@ -12,6 +12,7 @@ from engine_helpers import attention_flops, counted_flops, family_inputs, max_er
 import prism_ext
 from prism_ext.comm import LocalGroup
 from prism_ext.engine import ExactRows, RunConfig, decode_step, run_device, run_request
+from prism_ext.options import RunOptions
 from prism_ext.partition import Partition, exact_slots, partition, rows_sent
 
 TOL = 1e-4
@@ -430,15 +431,15 @@ def test_exact_rows_travel_in_the_request_and_are_checked(models):
 
     _, m = models["bert"]
     inputs = inputs_for("bert")
-    req = plan(m.net, inputs, devices=2, cr=3, exact_rows=ExactRows(True, (0, 7), 2, True))
+    req = plan(m.net, inputs, RunOptions(cr=3, exact_rows=ExactRows(True, (0, 7), 2, True)), devices=2)
     meta = req.to_meta()
     assert Request.from_meta(meta, m.net, 2) == req
     for bad in ({"first": 1, "ids": [], "topk": 0}, {"first": True, "ids": [-1], "topk": 0},
                 {"first": True, "ids": [], "topk": "2"}, {"first": True, "ids": []}, None):
         with pytest.raises(ValueError, match="exact_rows"):
-            Request.from_meta({**meta, "exact_rows": bad}, m.net, 2)
+            Request.from_meta({**meta, "config": {**meta["config"], "exact_rows": bad}}, m.net, 2)
     # Voltage sends every row: exact rows do not apply
-    assert not plan(m.net, inputs, devices=2, mode="voltage", exact_rows=ExactRows(True)).cfg.exact_rows
+    assert not plan(m.net, inputs, RunOptions(mode="voltage", exact_rows=ExactRows(True)), devices=2).cfg.exact_rows
 
 
 def test_a_peer_sending_misshapen_exact_row_ends_is_named(models, monkeypatch):

@@ -14,6 +14,7 @@ from engine_helpers import family_inputs, tiny_models
 from prism_ext import twin
 from prism_ext.engine import RunConfig
 from prism_ext.models import load_network, write_checkpoint
+from prism_ext.options import RunOptions
 from prism_ext.partition import AccuracyWarning, partition
 from prism_ext.program import plan, simulate
 
@@ -38,7 +39,8 @@ def _valid_rows(inputs: dict, t: torch.Tensor) -> torch.Tensor:
 def _engine_and_twin(m, inputs, devices, cr, exact_rows="none", **knobs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AccuracyWarning)
-        request = plan(m.net, inputs, devices=devices, cr=cr, exact_rows=m.exact_rows(exact_rows), **knobs)
+        request = plan(m.net, inputs, RunOptions(cr=cr, exact_rows=exact_rows, **knobs), devices=devices,
+                       special_ids=m.special_ids)
     engine = simulate(m.net, inputs, request).fields
     return engine, twin.forward(m.net, inputs, request.partition, request.cfg)
 
