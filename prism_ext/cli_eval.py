@@ -29,13 +29,16 @@ def _words(text: str) -> list[str]:
 @_user_errors("eval")
 def _eval(args: argparse.Namespace) -> int:
     from . import evaluation, jobs
+    from .options import RunOptions
 
     model = jobs.load_model(args.model)
     out = Path(args.out)
-    variants = [evaluation.Variant(*combo) for combo in itertools.product(
-        args.exact_rows, args.wire_dtype, args.compression_point, args.mean_weighting, args.schedule)]
-    for v in variants:  # every knob checked before the first point runs
-        model.exact_rows(v.exact_rows)
+    # Every knob is checked (RunOptions, exact rows against the model, the schedule) before the first point runs.
+    variants = [evaluation.Variant(RunOptions(**dict(zip(evaluation.KNOBS, knobs))), schedule)
+                for *knobs, schedule in itertools.product(args.exact_rows, args.wire_dtype, args.compression_point,
+                                                          args.mean_weighting, args.schedule)]
+    for v in variants:
+        model.exact_rows(v.options.exact_rows)
         evaluation.cr_for_schedule(v.schedule, 2, len(model.net.blocks))
     task = evaluation.build_task(model, args.task, args.data, args.label_map, args.limit, out)
     result = evaluation.evaluate(model, task, args.devices, args.cr, variants, mode=args.mode, batch=args.batch,

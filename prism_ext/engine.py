@@ -130,25 +130,32 @@ class ExactRows:
 
 @dataclass(frozen=True)
 class RunConfig:
-    mode: str
-    crs: tuple[int, ...]  # one per layer
+    """What every device runs, layer by layer: the engine's view of a
+    request's :class:`prism_ext.RunOptions` (whose fields document these),
+    with one CR per layer and the exact rows resolved for the model."""
+
+    mode: str = "prism"  # one of ENGINE_MODES
+    crs: tuple[int, ...] = (1,)  # one per layer
     wire_dtype: str = "fp32"  # checked by the transport's wire format
     compression_point: str = "attn_input"
     mean_weighting: str = "count"
     exact_rows: ExactRows = ExactRows()  # prism mode only (Voltage sends every row anyway)
 
+    def __post_init__(self):
+        if self.mode not in ENGINE_MODES:
+            raise ValueError(f"mode: expected one of {', '.join(ENGINE_MODES)}, got {self.mode!r}")
+        if self.compression_point not in POINTS:
+            raise ValueError(f"compression_point: expected one of {', '.join(POINTS)}, "
+                             f"got {self.compression_point!r}")
+        if self.mean_weighting not in WEIGHTINGS:
+            raise ValueError(f"mean_weighting: expected one of {', '.join(WEIGHTINGS)}, got {self.mean_weighting!r}")
+        if not isinstance(self.exact_rows, ExactRows):
+            raise TypeError(f"exact_rows: expected an ExactRows, got {type(self.exact_rows).__name__}")
+
     @classmethod
-    def make(cls, layers: int, *, mode="prism", cr=1, wire_dtype="fp32", compression_point="attn_input",
-             mean_weighting="count", exact_rows: ExactRows = ExactRows()) -> "RunConfig":
-        if mode not in ENGINE_MODES:
-            raise ValueError(f"mode: expected one of {', '.join(ENGINE_MODES)}, got {mode!r}")
-        if compression_point not in POINTS:
-            raise ValueError(f"compression_point: expected one of {', '.join(POINTS)}, got {compression_point!r}")
-        if mean_weighting not in WEIGHTINGS:
-            raise ValueError(f"mean_weighting: expected one of {', '.join(WEIGHTINGS)}, got {mean_weighting!r}")
-        if not isinstance(exact_rows, ExactRows):
-            raise TypeError(f"exact_rows: expected an ExactRows, got {type(exact_rows).__name__}")
-        return cls(mode, tuple(cr_schedule(cr, layers)), wire_dtype, compression_point, mean_weighting, exact_rows)
+    def make(cls, layers: int, *, cr=1, **settings) -> "RunConfig":
+        """``cr`` (an int, or one per layer) for ``layers`` layers; ``settings``: the other fields."""
+        return cls(crs=tuple(cr_schedule(cr, layers)), **settings)
 
     def to_meta(self) -> dict:
         """JSON-ready form (the request header)."""

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .api import PrismModel
+from .options import RunOptions
 from .datasets import GLUE_TASKS, ClozeItem, read_cbt, read_cifar, read_glue, read_image_folder, write_cbt
 from .partition import AccuracyWarning, partition
 from .plotting import new_figure
@@ -63,20 +64,25 @@ def cr_for_schedule(schedule: str, cr: int, layers: int):
     raise ValueError(f"schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
 
 
+# The run options a line of the grid varies (mode, CR and devices are the grid's axes).
+KNOBS = ("exact_rows", "wire_dtype", "compression_point", "mean_weighting")
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """The knobs of one line of the grid."""
+    """The knobs of one line of the grid: run options (those of ``KNOBS``)
+    and a per-layer CR ``schedule`` (:func:`cr_for_schedule`)."""
 
-    exact_rows: str = "none"
-    wire_dtype: str = "fp32"
-    compression_point: str = "attn_input"
-    mean_weighting: str = "count"
+    options: RunOptions = RunOptions()
     schedule: str = "flat"
 
+    def knobs(self) -> dict:
+        meta = self.options.to_meta()
+        return {**{k: meta[k] for k in KNOBS}, "schedule": self.schedule}
+
     def label(self) -> str:
-        default = Variant()
-        parts = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
-                 if getattr(self, f.name) != getattr(default, f.name)]
+        default = Variant().knobs()
+        parts = [f"{k}={v}" for k, v in self.knobs().items() if v != default[k]]
         return ", ".join(parts) or "plain PRISM"
 
 
@@ -488,16 +494,15 @@ def evaluate(model: PrismModel, task: Task, devices, crs, variants, *, mode: str
         exact, exact_cost = _run(model, task, batches, bar, devices=1, mode="single")
         exact_metrics = task.score(exact, exact)
         for variant, p, cr, why in applicable:
-            point = {"devices": p, "cr": cr, "variant": variant.label(), "knobs": dataclasses.asdict(variant),
+            point = {"devices": p, "cr": cr, "variant": variant.label(), "knobs": variant.knobs(),
                      "mode": mode}
             if why is not None:
                 points.append({**point, "status": "n/a", "reason": why})
                 continue
-            run = dict(devices=p, mode=mode, cr=cr_for_schedule(variant.schedule, cr, layers),
-                       wire_dtype=variant.wire_dtype, compression_point=variant.compression_point,
-                       mean_weighting=variant.mean_weighting, exact_rows=variant.exact_rows)
-            got, cost = _run(model, task, batches, bar, **run)
-            points.append({**point, "status": "ok", "crs": _as_list(run["cr"], layers),
+            crs_of_layers = cr_for_schedule(variant.schedule, cr, layers)
+            got, cost = _run(model, task, batches, bar, devices=p,
+                             options=variant.options.replace(mode=mode, cr=crs_of_layers))
+            points.append({**point, "status": "ok", "crs": _as_list(crs_of_layers, layers),
                            "metrics": task.score(exact, got), **cost})
     return {"model": str(model.directory) if model.directory else model.model_type,
             "model_type": model.model_type, "task": task.name, "data": task.note, "items": len(task.items),
