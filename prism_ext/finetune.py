@@ -565,17 +565,23 @@ def _metric_columns(task: str) -> list[tuple[str, str]]:
 
 
 def format_report(report: dict) -> str:
-    """A markdown table: every report point, before and after."""
+    """A markdown table: every report point, before and after (language
+    models: perplexity also as a ratio to the teacher's, the first point)."""
     task = report["recipe"]["task"]
     cols = _metric_columns(task)
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    if task == "lm":
+        base = before[0]["perplexity"]
+        before = [{**b, "ratio": b["perplexity"] / base} for b in before]
+        after = [{**a, "ratio": a["perplexity"] / base} for a in after]
+        cols = cols + [("ratio", "perplexity / teacher's")]
     head = "| devices | CR | exact rows | " + " | ".join(f"{name} before | {name} after" for _, name in cols) + " |"
     lines = [head, "|" + "---|" * (3 + 2 * len(cols))]
-    for b, a in zip(report["metrics"]["before"], report["metrics"]["after"]):
+    for b, a in zip(before, after):
         cells = []
         for key, _ in cols:
             cells += [f"{b[key]:.4f}" if key in b else "-", f"{a[key]:.4f}" if key in a else "-"]
         lines.append(f"| {b['devices']} | {b['cr']} | {b['exact_rows']} | " + " | ".join(cells) + " |")
     if task == "lm":
-        base = report["metrics"]["before"][0]["perplexity"]
         lines.append(f"\nperplexity ratios are to the teacher's exact {base:.4f}")
     return "\n".join(lines)

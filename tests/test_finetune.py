@@ -5,6 +5,7 @@ resumes exactly, and bad arguments are refused by name."""
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import numpy as np
@@ -135,9 +136,18 @@ def test_prism_finetune_command_on_text(tmp_path, capsys):
     assert report["recipe"]["task"] == "lm" and report["data"]["kind"] == "tokens"
     assert [(r["devices"], r["cr"]) for r in report["metrics"]["before"]] == [(1, 1), (2, 4), (2, 8)]
     assert all(r["perplexity"] > 1 for r in report["metrics"]["after"])
-    assert "| 2 | 8 | none |" in stdout
+    row = next(line for line in stdout.splitlines() if line.startswith("| 2 | 8 | none |"))
+    ratio_after = float(row.strip("| ").split("|")[-1])  # the last column: perplexity after / the teacher's
+    teacher = report["metrics"]["before"][0]["perplexity"]
+    assert ratio_after == pytest.approx(report["metrics"]["after"][2]["perplexity"] / teacher, abs=1e-4)
     assert transformers.GPT2LMHeadModel.from_pretrained(str(out)) is not None
     assert (out / "tokenizer.json").is_file()
+    # What describes the source (its training metrics) is not copied; files get this user's umask.
+    assert (zoo.model_dir("gpt2-tiny") / "metrics.json").is_file() and not (out / "metrics.json").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (out / f).stat().st_mode & 0o777 == 0o666 & ~umask, f
 
 
 def test_prism_finetune_embeds_text_with_minilm(tmp_path, capsys):
@@ -161,6 +171,7 @@ def test_prism_finetune_embeds_text_with_minilm(tmp_path, capsys):
                                                                          (2, 4, "special")]
     assert rows[0]["cosine_mean"] == pytest.approx(1.0, abs=1e-5)  # the teacher against itself
     assert (out / "1_Pooling").is_dir() and (out / "vocab.txt").is_file()  # sentence-transformers files kept
+    assert not (out / "README.md").exists() and not (out / "data_config.json").exists()  # the source's card, data
 
 
 @pytest.mark.parametrize("argv,names", [

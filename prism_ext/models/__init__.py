@@ -144,16 +144,43 @@ def load_network(path_or_name) -> tuple[Network, Path]:
 
 
 # Weights of this or another framework, stale once a checkpoint is rewritten.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack", ".ot")
-_WEIGHT_DIRS = ("onnx", "openvino")
+# What a written checkpoint carries besides its weights: the files that describe
+# the model and its inputs. Anything else of the source (training metrics, a
+# fine-tuning report, a model card, other formats' weights) describes the
+# source, not what is written.
+_CHECKPOINT_FILES = frozenset((
+    "config.json", "generation_config.json", "preprocessor_config.json", "chat_template.jinja",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+    "modules.json", "config_sentence_transformers.json", "sentence_bert_config.json"))
+
+
+def _pipeline_dirs(like: Path) -> set[str]:
+    """The sentence-transformers module folders (``1_Pooling``, ``2_Normalize``...) ``modules.json`` names."""
+    try:
+        modules = json.loads((like / "modules.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    return {m["path"] for m in modules if isinstance(m, dict) and isinstance(m.get("path"), str)
+            and m["path"] and Path(m["path"]).name == m["path"] and (like / m["path"]).is_dir()}
+
+
+def _as_created(path: Path) -> None:
+    """Give a written file the mode a new file gets here (the user's umask),
+    not the source's (a read-only package) nor a temporary file's (0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def write_checkpoint(net: Network, like, out) -> Path:
     """Write ``net`` (e.g. fine-tuned) as a Hugging Face checkpoint in ``out``:
     the checkpoint directory ``like`` it was loaded from, every tensor of
     ``net`` in place of its own (same keys and dtypes, tensors ``net`` does not
-    run kept as they were), as one model.safetensors; its other files
-    (config.json, tokenizer, processor, sentence-transformers modules) copied.
+    run kept as they were), as one model.safetensors; the files that describe
+    the model and its inputs copied (config, tokenizer, processor,
+    sentence-transformers modules; not the source's metrics or model card),
+    every file with the mode this user's umask gives.
     Returns ``out``."""
     from safetensors.torch import save_file
 
@@ -172,13 +199,14 @@ def write_checkpoint(net: Network, like, out) -> Path:
                              f"{tuple(state[key].shape)} in {source}")
         state[key] = tensor.detach().to(state[key].dtype).contiguous().clone()
     out.mkdir(parents=True, exist_ok=True)
-    for item in like.iterdir():
-        if item.name.startswith(".") or item.suffix in _WEIGHT_SUFFIXES or item.name.endswith(".index.json"):
-            continue
-        if item.is_dir():
-            if item.name not in _WEIGHT_DIRS:
-                shutil.copytree(item, out / item.name, dirs_exist_ok=True)
-        else:
-            shutil.copy2(item, out / item.name)
+    written = []
+    for name in sorted(_CHECKPOINT_FILES):
+        if (like / name).is_file():
+            written.append(Path(shutil.copyfile(like / name, out / name)))
+    for name in sorted(_pipeline_dirs(like)):
+        shutil.copytree(like / name, out / name, dirs_exist_ok=True, copy_function=shutil.copyfile)
+        written += [f for f in (out / name).rglob("*") if f.is_file()]
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / _SAFE), metadata={"format": "pt"})
+    for f in written + [out / _SAFE]:
+        _as_created(f)
     return out
