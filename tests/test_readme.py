@@ -67,6 +67,8 @@ def test_readme_block_runs(lang, code, note, tmp_path):
         r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True,
                            timeout=600)
         assert r.returncode == 0, f"the block failed:\n{code}\n--- stderr:\n{r.stderr[-3000:]}"
+        # An example shows the library used well: a warning there is a bad example (or a warning for nothing).
+        assert "Warning" not in r.stderr, f"the block warns:\n{r.stderr[-3000:]}"
     elif note.startswith("background server on port "):
         _run_server_block(code, int(note.rsplit(" ", 1)[1]), tmp_path)
     else:
