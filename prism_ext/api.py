@@ -151,11 +151,14 @@ class PrismModel:
     @torch.no_grad()
     def generate(self, input_ids, *, devices: int = 1, options: RunOptions | None = None,
                  max_new_tokens: int = 20, temperature: float = 0.0, top_k: int | None = None,
-                 seed: int | None = None, eos_token_id: int | None = None, return_stats: bool = False, **kwargs):
+                 seed: int | None = None, eos_token_id: int | None = None, return_stats: bool = False,
+                 on_token=None, **kwargs):
         """GPT-2 generation: distributed prefill over ``devices``, then decoding
         on the last device from its kept K/V (own rows and earlier partitions'
         means), with no communication per generated token. ``options`` and
-        keywords as for a call (mode prism or single).
+        keywords as for a call (mode prism or single). ``on_token``: called
+        with each step's new tokens [B] as the last device picks them (it
+        streams them to rank 0).
 
         ``temperature`` 0 is greedy; > 0 samples from softmax(logits / T),
         restricted to the ``top_k`` most likely tokens if given, with a
@@ -164,9 +167,9 @@ class PrismModel:
         the ids [B, N + new tokens], and with ``return_stats`` also
         ``(prefill RunStats, DecodeStats)`` (per generated token after the first).
         """
-        sampling = GenerateOptions(max_new_tokens, temperature, top_k, seed, eos_token_id)
+        sampling = GenerateOptions(max_new_tokens, temperature, top_k, seed, eos_token_id, on_token is not None)
         inputs, request = self.generate_request(input_ids, devices, run_options(options, **kwargs), sampling)
-        collected = simulate(self.net, inputs, request)
+        collected = simulate(self.net, inputs, request, on_token)
         ids = torch.cat([inputs["input_ids"].long(), collected.tokens], dim=1)
         return (ids, run_stats(request, collected), collected.decode) if return_stats else ids
 

@@ -180,12 +180,8 @@ def run_stats(request: Request, collected: Collected) -> RunStats:
 def simulate(net: Network, inputs: dict, request: Request, on_token=None) -> Collected:
     """Run ``request`` on in-process devices (threads taking turns, see
     :mod:`prism_ext.comm.local`), each from the bytes it would have received.
-    A streamed generation needs one device here (the in-process transport
-    has no point-to-point send) or a live cluster."""
+    ``on_token``: a streamed generation's callback, as on a live cluster."""
     devices = len(request.ranges)
-    if request.generate is not None and request.generate.stream and devices > 1:
-        raise ValueError("stream: a streamed generation over several devices needs a live cluster "
-                         "(prism_ext.runtime.cluster)")
     blobs = [encode_request(request, local_inputs(net, inputs, request, r)) for r in range(devices)]
 
     def device(rank: int):

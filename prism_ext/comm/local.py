@@ -3,7 +3,9 @@
 Each device runs its own straight-line program on its own thread, but only
 one device runs at a time: a device holds the baton until it calls
 ``all_gather`` or ``all_reduce`` (or returns), then passes it to the next
-rank. The devices' work is therefore serial, so the wall time each one
+rank. Point-to-point frames hand the baton directly: a device waiting in
+``recv`` gives it to the sender, and a ``send`` to a device waiting for it
+lets that device run (a token stream is consumed as it is produced). The devices' work is therefore serial, so the wall time each one
 measures is its own, and the program a device runs is the one it would run
 over a real network. Everything exchanged goes through :mod:`.wire`, so the
 bytes are real (an all-reduce counts those of a ring, see its docstring).
@@ -11,6 +13,7 @@ bytes are real (an all-reduce counts those of a ring, see its docstring).
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -40,6 +43,8 @@ class LocalGroup:
         self._round = [0] * size  # next all-gather round of each rank
         self._slots: dict[int, list[bytes | None]] = {}
         self._readers: dict[int, int] = {}
+        self._mail: dict[tuple[int, int], collections.deque] = collections.defaultdict(collections.deque)
+        self._awaiting: dict[int, int] = {}  # rank -> the rank whose frame it waits for in recv
         self._error: BaseException | None = None
 
     def run(self, fns: Sequence[Callable[["LocalTransport"], Any]]) -> list[Any]:
@@ -110,6 +115,39 @@ class LocalGroup:
             return list(slots)  # type: ignore[arg-type]
 
 
+    def _post(self, src: int, dst: int, blob: bytes) -> None:
+        """Queue a frame from ``src`` to ``dst``; if ``dst`` is waiting for
+        it, let ``dst`` run now and go on once it hands the baton back."""
+        with self._cond:
+            self._mail[(src, dst)].append(blob)
+            if self._awaiting.get(dst) != src:
+                return
+            self._turn = dst
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._turn == src or self._error is not None)
+            if self._error is not None:
+                raise GroupAborted("another device failed") from None
+
+    def _take(self, rank: int, src: int) -> bytes:
+        """The next frame ``src`` sent to ``rank``; while there is none,
+        ``src`` runs (it holds the baton until it sends)."""
+        with self._cond:
+            box = self._mail[(src, rank)]
+            if not box:
+                self._awaiting[rank] = src
+                if not self._done[src]:
+                    self._turn = src
+                self._cond.notify_all()
+                self._cond.wait_for(lambda: (box and self._turn == rank) or self._error is not None
+                                    or (self._done[src] and not box))
+                del self._awaiting[rank]
+                if self._error is not None:
+                    raise GroupAborted("another device failed") from None
+                if not box:
+                    raise RuntimeError(f"recv: rank {src} returned without sending what rank {rank} waits for")
+            return box.popleft()
+
+
 class LocalTransport:
     """Device ``rank``'s end of a :class:`LocalGroup`."""
 
@@ -149,6 +187,19 @@ class LocalTransport:
             return GatheredTo(None, len(blob), t1 - t0)
         items = [(meta, tensors) if q == dst else decode_message(b, sender=q) for q, b in enumerate(blobs)]
         return GatheredTo(items, 0, (t1 - t0) + (time.perf_counter() - t2), [len(b) for b in blobs])
+
+    def send(self, tensors: dict, meta: dict, dst: int) -> int:
+        """Send one frame (``tensors`` at fp32 and ``meta``) to rank ``dst``
+        alone; returns its size in bytes."""
+        blob = encode(tensors, "fp32", meta=meta)[0]
+        self.group._post(self.rank, dst, blob)
+        return len(blob)
+
+    def recv(self, src: int) -> tuple[dict, dict, int]:
+        """The next frame rank ``src`` sent with :meth:`send`: (meta, tensors, bytes)."""
+        blob = self.group._take(self.rank, src)
+        meta, tensors = decode_message(blob, sender=src)
+        return meta, tensors, len(blob)
 
     def all_reduce(self, tensor: torch.Tensor) -> Reduced:
         """Sum an fp32 ``tensor`` over all devices; every device gets the sum.
