@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 from .comm.wire import WIRE_DTYPES
-from .engine import OUTPUTS, POINTS, WEIGHTINGS, ExactRows
+from .engine import OUTPUTS, ExactRows, RunConfig
 from .partition import cr_schedule
 
 __all__ = ["RunOptions", "MODES", "run_options"]
@@ -69,11 +69,8 @@ class RunOptions:
             object.__setattr__(self, "cr", cr_schedule(cr, 1)[0])  # an int in [1, MAX_COUNT]
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype: expected one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
-        if self.compression_point not in POINTS:
-            raise ValueError(f"compression_point: expected one of {', '.join(POINTS)}, "
-                             f"got {self.compression_point!r}")
-        if self.mean_weighting not in WEIGHTINGS:
-            raise ValueError(f"mean_weighting: expected one of {', '.join(WEIGHTINGS)}, got {self.mean_weighting!r}")
+        # the engine's own checks of the settings it shares with these
+        RunConfig(compression_point=self.compression_point, mean_weighting=self.mean_weighting)
         ExactRows.parse(self.exact_rows)  # the spec's syntax; special ids are the model's (plan)
         weights = self.device_weights
         if weights is not None:
