@@ -36,9 +36,9 @@ import torch.nn.functional as F
 
 import prism_ext
 from prism_ext import kernels
-from prism_ext.attention import count_bias
-from prism_ext.engine import PHASES
-from prism_ext.progress import progress, write
+from prism_ext.method.attention import count_bias
+from prism_ext.method.engine import PHASES
+from prism_ext.util.progress import progress, write
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import reference  # noqa: E402  the torch reference of every kernel (tests/reference.py)

@@ -523,7 +523,7 @@ def update_markdown(md_path: Path, records: list[dict], meta: dict) -> None:
 def plot(records: list[dict], path: Path) -> str | None:
     """Latency against link rate: one panel per (model, P), one colour per mode
     in every panel (PRISM's CRs in one hue, darker as CR grows), one legend."""
-    from prism_ext.plotting import PLOT_HINT, new_figure
+    from prism_ext.util.plotting import PLOT_HINT, new_figure
 
     try:
         fig = new_figure(layout="constrained")
@@ -683,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     cells = []
     log_dir = Path(tempfile.mkdtemp(prefix="prism-netbench-logs-"))
-    from prism_ext.progress import progress
+    from prism_ext.util.progress import progress
 
     bar = progress(total=len(a.models) * len(a.devices) * len(a.rates), desc="bench_network", quiet=a.quiet,
                    unit="cell")

@@ -55,7 +55,7 @@ def tiny_bert(directory: Path) -> Path:
     import torch
     import transformers
 
-    from prism_ext.tokenizer import byte_level_tokenizer_json
+    from prism_ext.inputs.tokenizer import byte_level_tokenizer_json
 
     cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                                   vocab_size=256, max_position_embeddings=256)

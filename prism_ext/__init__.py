@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 import torch as _torch
+
+from ._version import __version__
 
 from . import kernels
 from .api import PrismModel, PrismOutput, load

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .engine import ExactRows, GenerateOptions, RunStats
+from .method.engine import ExactRows, GenerateOptions, RunStats
 from .models import Network, load_network
 from .options import RunOptions, run_options
-from .program import plan, run_stats, simulate
+from .executor.request import plan, run_stats, simulate
 
 __all__ = ["load", "PrismModel", "PrismOutput"]
 
@@ -21,7 +21,7 @@ __all__ = ["load", "PrismModel", "PrismOutput"]
 class PrismOutput(Mapping):
     """HF-like output: attribute and key access to the fields the head
     provides (``logits``, ``last_hidden_state``, ``pooler_output``), plus
-    ``stats`` (:class:`prism_ext.engine.RunStats`)."""
+    ``stats`` (:class:`prism_ext.method.engine.RunStats`)."""
 
     def __init__(self, fields: dict[str, torch.Tensor], stats: RunStats):
         self._fields = fields
@@ -78,10 +78,10 @@ class PrismModel:
 
     @functools.cached_property
     def tokenizer(self):
-        """The checkpoint's tokenizer (:class:`prism_ext.tokenizer.Tokenizer`),
+        """The checkpoint's tokenizer (:class:`prism_ext.inputs.tokenizer.Tokenizer`),
         called like a transformers one: ``m.tokenizer(texts, return_tensors="pt",
         padding=True)`` gives the inputs this model takes; read on first use."""
-        from .tokenizer import load_tokenizer
+        from .inputs.tokenizer import load_tokenizer
 
         if self.directory is None:
             raise ValueError("tokenizer: this model has no checkpoint directory to read tokenizer.json from")
@@ -89,10 +89,10 @@ class PrismModel:
 
     @functools.cached_property
     def image_processor(self):
-        """The checkpoint's image processor (:class:`prism_ext.images.ImageProcessor`,
+        """The checkpoint's image processor (:class:`prism_ext.inputs.images.ImageProcessor`,
         from its ``preprocessor_config.json``): ``m.image_processor(images)``
         gives ``{"pixel_values": ...}`` for paths, bytes, PIL images or arrays."""
-        from .images import ImageProcessor
+        from .inputs.images import ImageProcessor
 
         if self.model_type != "vit":
             raise ValueError(f"image: this is a {self.model_type} model; images need a vit model")

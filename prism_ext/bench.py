@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .attention import count_bias
+from .method.attention import count_bias
 
 # Shapes from issue 2: a device owning nq of N = 512 positions attends to its
 # own nq keys plus the segment means of the other N - nq positions.
@@ -426,7 +426,7 @@ def _cpu_name() -> str:
 
 def machine_info() -> dict:
     cpu = _cpu_name()
-    from . import __version__
+    from ._version import __version__
 
     return {
         "cpu": cpu,

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import warnings
 
-from .partition import AccuracyWarning, Partition, coarse_warning
+from .method.partition import AccuracyWarning, Partition, coarse_warning
 
 __all__ = ["warn_if_coarse"]
 
 
 def warn_if_coarse(part: Partition, mode: str, crs) -> None:
     """An AccuracyWarning when a PRISM run leaves some device fewer than about
-    two segments (see prism_ext.partition.coarse_warning)."""
+    two segments (see prism_ext.method.partition.coarse_warning)."""
     if mode != "prism":
         return
     msg = coarse_warning(part, crs)

@@ -12,11 +12,11 @@ def _info(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    import prism_ext
     from prism_ext import kernels
+    from prism_ext._version import __version__
 
     features = kernels.cpu_features()
-    print(f"prism-ext {prism_ext.__version__}")
+    print(f"prism-ext {__version__}")
     print(f"python    {platform.python_version()} ({platform.machine()})")
     print(f"torch     {torch.__version__}")
     print("cpu       " + (", ".join(name for name, on in features.items() if on) or "no SIMD features detected"))
@@ -89,7 +89,7 @@ def _config_dims(path: str) -> tuple[int, int, int]:
 def _account(args: argparse.Namespace) -> int:
     import json
 
-    from prism_ext.accounting import reduction_table
+    from prism_ext.method.accounting import reduction_table
 
     for name, values in (("--devices", args.devices), ("--seq", args.seq or [1]), ("--cr", args.cr)):
         if any(v < 1 for v in values):
@@ -175,7 +175,7 @@ def _one_line_accuracy_warnings() -> None:
     of `prism run` would repeat it), instead of Python's two-line format."""
     import warnings
 
-    from prism_ext.partition import AccuracyWarning
+    from prism_ext.method.partition import AccuracyWarning
 
     default, seen = warnings.showwarning, set()
 

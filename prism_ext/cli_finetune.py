@@ -1,4 +1,4 @@
-"""``prism finetune``: PRISM-aware distillation (:mod:`prism_ext.finetune`)."""
+"""``prism finetune``: PRISM-aware distillation (:mod:`prism_ext.training.finetune`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _fraction(text: str) -> float:
 def _finetune(args: argparse.Namespace) -> int:
     import torch
 
-    from . import finetune as ft
+    from .training import finetune as ft
     from . import jobs
 
     if args.threads is not None:
@@ -41,7 +41,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
     def log(msg: str) -> None:
         if not args.quiet:
-            from .progress import write
+            from .util.progress import write
 
             write(msg, file=sys.stderr)
 
@@ -54,7 +54,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from .finetune import TASKS
+    from .training.finetune import TASKS
 
     p = _one_line_errors(sub.add_parser(
         "finetune", help="PRISM-aware distillation: a checkpoint that holds its quality under compression",

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 __all__ = ["register"]
 
 _USER_ERRORS = (ValueError, TypeError, ImportError, OSError)  # OSError covers FileNotFoundError
-_MAX_INT = 2**31 - 1  # counts travel as int32; prism_ext.partition.MAX_COUNT
+_MAX_INT = 2**31 - 1  # counts travel as int32; prism_ext.method.partition.MAX_COUNT
 
 
 def _user_errors(command: str):
@@ -147,7 +147,7 @@ def _read_texts(path: str) -> list[str]:
 
 def _image_paths(items: list[str]) -> list[str]:
     """--image: files, and folders standing for the images in them (by extension)."""
-    from .images import image_files
+    from .inputs.images import image_files
 
     paths = []
     for item in items:
@@ -169,7 +169,7 @@ def _print_records(records, as_json: bool) -> None:
     Otherwise each input's output, and a request's costs once the last input
     it ran (``batch.size`` of them) is printed."""
     from . import jobs
-    from .progress import write
+    from .util.progress import write
 
     seen = {}  # id of a request's stats -> inputs printed
     for r in records:
@@ -217,7 +217,7 @@ def _run(args: argparse.Namespace) -> int:
     common = dict(devices=devices, compare=not args.no_compare, quiet=args.quiet, batch_size=args.batch_size)
     jobs.check_job(model, texts=texts, devices=devices, options=options, max_new_tokens=args.max_new_tokens)
     if images is not None:
-        from .images import check_image
+        from .inputs.images import check_image
 
         for path in images:  # every header, before any device starts
             try:
@@ -281,7 +281,7 @@ def _zoo(args: argparse.Namespace) -> int:
                 where = "(missing: run `prism zoo train " + name + "`)"
             print(f"{name:<16} {what}\n{'':<16} {where}")
         return 0
-    from .zoo.train import train
+    from .training.bundled import train
 
     out = Path(args.out) if args.out else Path.cwd() / args.name  # never into the installed package
     metrics = train(args.name, out, threads=args.threads, quiet=args.quiet, exact_only=args.exact_only)

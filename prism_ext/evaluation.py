@@ -41,10 +41,10 @@ import torch
 
 from .api import PrismModel
 from .options import RunOptions
-from .datasets import GLUE_TASKS, ClozeItem, read_cbt, read_cifar, read_glue, read_image_folder, write_cbt
-from .partition import AccuracyWarning, partition
-from .plotting import new_figure
-from .progress import progress
+from .inputs.datasets import GLUE_TASKS, ClozeItem, read_cbt, read_cifar, read_glue, read_image_folder, write_cbt
+from .method.partition import AccuracyWarning, partition
+from .util.plotting import new_figure
+from .util.progress import progress
 
 __all__ = ["TASKS", "SCHEDULES", "Variant", "build_task", "evaluate", "write_report", "cr_for_schedule"]
 
@@ -335,7 +335,7 @@ def _held_out_text(model: PrismModel, data) -> tuple[str, str]:
         return Path(data).read_text(encoding="utf-8"), str(data)
     if model.directory is None or model.directory.name != "gpt2-tiny":
         raise ValueError("--data: required (a text file) for a model other than the bundled gpt2-tiny")
-    from .zoo.train import text_split
+    from .zoo import text_split
 
     return text_split()[1].decode("utf-8"), "gpt2-tiny's held-out pydoc topics"
 

@@ -19,9 +19,9 @@ import torch
 
 from . import zoo
 from .api import PrismModel
-from .engine import RunStats
+from .method.engine import RunStats
 from .options import RunOptions, run_options
-from .program import layout
+from .executor.request import layout
 
 __all__ = ["load_model", "stats_dict", "check_job", "run_text", "run_text_batch", "run_texts", "run_images",
            "run_digits", "demo", "format_run", "format_demo", "DEMO_PROMPT"]
@@ -45,7 +45,7 @@ def _progress(quiet: bool):
 
 def load_model(path_or_name) -> PrismModel:
     """A bundled name (``gpt2-tiny``, ``vit-tiny-digits``), a checkpoint directory or a cached hub name."""
-    from . import load
+    from .api import load
 
     try:
         return load(path_or_name)
@@ -174,7 +174,7 @@ def run_text(model: PrismModel, text: str, *, devices: int = 4, options: RunOpti
 def run_texts(model: PrismModel, texts: list[str], *, batch_size: int = 8, quiet: bool = True, **options):
     """:func:`run_text_batch` over ``texts`` in batches of ``batch_size``;
     yields one result per text, in order (a progress bar on stderr)."""
-    from .progress import progress
+    from .util.progress import progress
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
@@ -327,11 +327,11 @@ def _image_outputs(model: PrismModel, out) -> list[dict]:
 def run_images(model: PrismModel, images, *, batch_size: int = 8, devices: int = 4, options: RunOptions | None = None,
                compare: bool = True, quiet: bool = True, cluster=None, **kwargs):
     """ViT on images (paths, bytes or PIL images; see
-    :func:`prism_ext.images.open_image`) in batches of ``batch_size``: yields
+    :func:`prism_ext.inputs.images.open_image`) in batches of ``batch_size``: yields
     one result per image, in order, with its batch's ``stats``, ``voltage``
     and ``seconds``. Every file's header is checked before the first batch runs."""
-    from .images import check_image
-    from .progress import progress
+    from .inputs.images import check_image
+    from .util.progress import progress
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
@@ -416,7 +416,7 @@ def demo(*, devices: int = 4, gpt_cr: int = 4, vit_cr: int = 4, max_new_tokens: 
                                       "prism_accuracy": float((prism == held["labels"]).mean()),
                                       "prediction_agreement": float((exact == prism).mean())}
     if figure is not None:
-        from .plotting import PLOT_HINT, digits_figure
+        from .util.plotting import PLOT_HINT, digits_figure
 
         try:
             say(f"writing {figure}")

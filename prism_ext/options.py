@@ -1,7 +1,7 @@
 """How a request runs: one :class:`RunOptions`, declared, documented and
 checked here, and nowhere else.
 
-``PrismModel`` and ``Cluster`` calls, :func:`prism_ext.program.plan`, the
+``PrismModel`` and ``Cluster`` calls, :func:`prism_ext.executor.request.plan`, the
 jobs behind ``prism run``, the server's per-request knobs and the settings a
 torchrun rank pins in the handshake all take or derive from it; keyword
 arguments (``m(ids, cr=4)``) are a convenience that builds one. What depends
@@ -17,8 +17,8 @@ import math
 from dataclasses import dataclass
 
 from .comm.wire import WIRE_DTYPES
-from .engine import OUTPUTS, ExactRows, RunConfig
-from .partition import cr_schedule
+from .method.engine import OUTPUTS, ExactRows, RunConfig
+from .method.partition import cr_schedule
 
 __all__ = ["RunOptions", "MODES", "run_options"]
 
@@ -48,7 +48,7 @@ class RunOptions:
     exact_rows: str | ExactRows = "none"
     """Rows sent as their own rows instead of averaged: ``none``, or parts
     ``first``, ``special``, ``top<K>``, ``adaptive`` joined by ``+`` (see
-    :class:`prism_ext.engine.ExactRows`); prism mode only."""
+    :class:`prism_ext.method.engine.ExactRows`); prism mode only."""
     device_weights: tuple[float, ...] | None = None
     """Relative speed of each device (positions are split in proportion);
     None splits evenly."""

@@ -40,12 +40,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import __version__, kernels
+from . import kernels
+from ._version import __version__
 from .api import PrismModel, PrismOutput, load
 from .comm.dist import DistTransport, TaskThread
-from .engine import Collected, GenerateOptions
+from .method.engine import Collected, GenerateOptions
 from .options import RunOptions, run_options
-from .program import Request, count_inputs, decode_request, encode_request, local_inputs, plan, run, run_stats, simulate
+from .executor.request import Request, count_inputs, decode_request, encode_request, local_inputs, plan, run, run_stats, simulate
 
 __all__ = ["Cluster", "ClusterError", "HandshakeError", "cluster", "worker_main", "worker_exit", "DEFAULT_TIMEOUT"]
 

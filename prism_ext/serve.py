@@ -47,12 +47,12 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from . import __version__
+from ._version import __version__
 from .api import PrismModel
-from .engine import GenerateOptions
+from .method.engine import GenerateOptions
 from .jobs import class_output, stats_dict
 from .options import MODES, RunOptions
-from .program import plan
+from .executor.request import plan
 from .runtime import DEFAULT_TIMEOUT, Cluster, ClusterError, cluster
 
 __all__ = ["ServeOptions", "Backend", "create_app", "run_server", "encode_text", "decode_tokens", "image_pixels",
@@ -167,7 +167,7 @@ def decode_tokens(model: PrismModel, ids: list[int]) -> str:
 def image_pixels(model: PrismModel, data: bytes, field_name: str, max_pixels: int) -> torch.Tensor:
     """One uploaded image file (any format Pillow reads) -> pixel_values [1, C, H, W];
     the pixel limit is checked from the header, before anything is decoded."""
-    from .images import check_image
+    from .inputs.images import check_image
 
     try:
         check_image(data, max_pixels=max_pixels)  # the server's own limit, from the header

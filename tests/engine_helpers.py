@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import reference
 
-from prism_ext.partition import exact_slots, partition, segment_ends
+from prism_ext.method.partition import exact_slots, partition, segment_ends
 
 D, HEADS, LAYERS, FF = 32, 4, 2, 64
 INIT = 0.2  # 10x the HF default: peaked attention, so compression visibly matters
@@ -78,7 +78,7 @@ def _exact_groups(net, inputs, exact, x, a_or_x, valid_b, s, e, cr, b):
     """Reference of one device's sent rows for sequence b with exact rows:
     (rows [r, d], counts [r], positions [r]). Exact rows are position 0
     (``first``), the ``ids`` and the ``topk`` largest-norm valid rows of x;
-    the others are grouped as :func:`prism_ext.partition.exact_slots` says
+    the others are grouped as :func:`prism_ext.method.partition.exact_slots` says
     (the layout under test there) and each group is one mean row at its last
     position."""
     n = e - s

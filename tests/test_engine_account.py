@@ -1,6 +1,6 @@
 """`prism account` agrees with what the engine really sends and computes:
 its printed reductions against bytes counted by the transport and FLOPs
-counted by torch's FLOP counter in real runs (not by prism_ext.accounting,
+counted by torch's FLOP counter in real runs (not by prism_ext.method.accounting,
 which produced them)."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from engine_helpers import attention_flops, counted_flops, hf_gpt2, save
 import prism_ext
 from prism_ext.cli import main
 from prism_ext.comm import LocalGroup
-from prism_ext.engine import RunConfig, run_device
-from prism_ext.partition import partition
+from prism_ext.method.engine import RunConfig, run_device
+from prism_ext.method.partition import partition
 
 ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\d+)\s+(-?[\d.]+)%\s+(-?[\d.]+)%\s+(-?[\d.]+)%\s*$")
 

@@ -11,9 +11,9 @@ from engine_helpers import attention_flops, counted_flops, family_inputs, max_er
 
 import prism_ext
 from prism_ext.comm import LocalGroup
-from prism_ext.engine import ExactRows, RunConfig, decode_step, run_device, run_request
+from prism_ext.method.engine import ExactRows, RunConfig, decode_step, run_device, run_request
 from prism_ext.options import RunOptions
-from prism_ext.partition import Partition, exact_slots, partition, rows_sent
+from prism_ext.method.partition import Partition, exact_slots, partition, rows_sent
 
 TOL = 1e-4
 
@@ -427,7 +427,7 @@ def test_decoding_with_exact_rows_equals_prefill(models, devices, cr):
 
 
 def test_exact_rows_travel_in_the_request_and_are_checked(models):
-    from prism_ext.program import Request, plan
+    from prism_ext.executor.request import Request, plan
 
     _, m = models["bert"]
     inputs = inputs_for("bert")
@@ -445,7 +445,7 @@ def test_exact_rows_travel_in_the_request_and_are_checked(models):
 def test_a_peer_sending_misshapen_exact_row_ends_is_named(models, monkeypatch):
     """Per-sequence ends [B, m] are new on the wire: a peer whose ends (or
     counts) do not match its rows is an error naming that rank."""
-    import prism_ext.engine as engine
+    import prism_ext.method.engine as engine
 
     _, m = models["gpt2"]
     real = engine._send

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prism_ext.comm import LocalGroup, decode, encode
-from prism_ext.partition import cr_schedule, partition, segment_ends, segment_sizes
+from prism_ext.method.partition import cr_schedule, partition, segment_ends, segment_sizes
 
 
 @settings(max_examples=200, deadline=None)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import sklearn  # noqa: F401  prism eval's linear probe (test extra)
 
-from prism_ext import datasets
+from prism_ext.inputs import datasets
 from prism_ext.cli import main
 
 
@@ -200,7 +200,7 @@ def test_eval_bad_arguments_are_one_line(tmp_path, capsys):
 
 
 def test_the_bundled_recipes_stay_prism_aware():
-    from prism_ext.zoo.train import GPT2_CFG, VIT_CFG
+    from prism_ext.training.bundled import GPT2_CFG, VIT_CFG
 
     assert GPT2_CFG["prism_finetune"]["steps"] > 0 and VIT_CFG["prism_finetune"]["steps"] > 0
 

@@ -1,4 +1,4 @@
-"""`prism finetune` (prism_ext.finetune): distillation lowers the loss, the
+"""`prism finetune` (prism_ext.training.finetune): distillation lowers the loss, the
 checkpoint it writes loads in transformers and prism_ext alike, training
 resumes exactly, and bad arguments are refused by name."""
 
@@ -16,10 +16,11 @@ import transformers
 import prism_ext
 from cli_helpers import prism
 from engine_helpers import family_inputs, tiny_models
-from prism_ext import finetune as ft
-from prism_ext import twin, zoo
-from prism_ext.engine import RunConfig
-from prism_ext.partition import AccuracyWarning, partition
+from prism_ext.training import finetune as ft
+from prism_ext.method import twin
+from prism_ext import zoo
+from prism_ext.method.engine import RunConfig
+from prism_ext.method.partition import AccuracyWarning, partition
 
 GPT2_TEXT = zoo.model_dir("gpt2-tiny")  # bundled, with a tokenizer
 

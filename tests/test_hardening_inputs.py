@@ -16,7 +16,7 @@ from cli_helpers import prism
 from engine_helpers import hf_gpt2, save
 
 import prism_ext
-from prism_ext.partition import AccuracyWarning, coarse_warning, partition
+from prism_ext.method.partition import AccuracyWarning, coarse_warning, partition
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import transformers  # the `test` extra
 
 import prism_ext
 from prism_ext import zoo
-from prism_ext.tokenizer import load_tokenizer
+from prism_ext.inputs.tokenizer import load_tokenizer
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "A cat.", "Ünïcode — and  two spaces\n\ttab, ’quotes’",
          "Edge devices such as phones and small boards talk over a local network with little bandwidth."]

@@ -1,4 +1,4 @@
-"""prism_ext.progress: a bar on stderr only when it is a terminal and not quiet;
+"""prism_ext.util.progress: a bar on stderr only when it is a terminal and not quiet;
 the demo without matplotlib still runs and says how to get its figure."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 from PIL import Image
 
 from prism_ext.cli import main
-from prism_ext.progress import progress
+from prism_ext.util.progress import progress
 
 
 class _Terminal(io.StringIO):

@@ -208,8 +208,8 @@ def test_different_version_is_refused(gpt, tmp_path):
     copy = tmp_path / "site" / "prism_ext"
     shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("zoo"))
     shutil.copytree(pkg / "zoo", copy / "zoo", symlinks=True)
-    init = copy / "__init__.py"
-    init.write_text(init.read_text().replace(f'__version__ = "{prism_ext.__version__}"', '__version__ = "9.9.9"'))
+    version = copy / "_version.py"
+    version.write_text(version.read_text().replace(f'__version__ = "{prism_ext.__version__}"', '__version__ = "9.9.9"'))
     err = refused(gpt, dict(env={"PYTHONPATH": str(tmp_path / "site")}), r"rank 1: package version 9\.9\.9")
     assert "9.9.9" in err
 

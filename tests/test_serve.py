@@ -26,7 +26,7 @@ import torch
 import httpx  # noqa: E402  a test extra, like the serve extra's packages
 
 import prism_ext  # noqa: E402
-from prism_ext.tokenizer import byte_level_tokenizer_json  # noqa: E402
+from prism_ext.inputs.tokenizer import byte_level_tokenizer_json  # noqa: E402
 from process_helpers import free_port, wait_gone  # noqa: E402
 
 PRISM = [sys.executable, "-m", "prism_ext"]

@@ -13,9 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from engine_helpers import D, HEADS, LAYERS, bert_inputs, family_inputs, hf_bert, max_err, save, tiny_models
 
 import prism_ext
-from prism_ext.accounting import block_flops, tp_block_flops
+from prism_ext.method.accounting import block_flops, tp_block_flops
 from prism_ext.comm import LocalGroup, Reduced
-from prism_ext.tensor_parallel import run_layers_tp, split_range, tp_request, tp_shards
+from prism_ext.method.tensor_parallel import run_layers_tp, split_range, tp_request, tp_shards
 
 TOL = 1e-4
 SIZES = [1, 2, 3, 4]

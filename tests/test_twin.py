@@ -1,4 +1,4 @@
-"""The differentiable twin (prism_ext.twin) against the engine, its
+"""The differentiable twin (prism_ext.method.twin) against the engine, its
 gradients, and the checkpoint it trains into (models.write_checkpoint)."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import torch
 
 import prism_ext
 from engine_helpers import family_inputs, tiny_models
-from prism_ext import twin
-from prism_ext.engine import RunConfig
+from prism_ext.method import twin
+from prism_ext.method.engine import RunConfig
 from prism_ext.models import load_network, write_checkpoint
 from prism_ext.options import RunOptions
-from prism_ext.partition import AccuracyWarning, partition
-from prism_ext.program import plan, simulate
+from prism_ext.method.partition import AccuracyWarning, partition
+from prism_ext.executor.request import plan, simulate
 
 FAMILIES = ("gpt2", "bert", "vit")
 TOL = 1e-4  # float32 SDPA against the C++ kernels; the largest error seen is ~2e-6

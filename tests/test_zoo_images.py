@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from prism_ext.images import ImageProcessor, check_image, image_files, open_image
+from prism_ext.inputs.images import ImageProcessor, check_image, image_files, open_image
 
 DIGITS = {"do_resize": True, "size": {"height": 32, "width": 32}, "do_rescale": True, "rescale_factor": 1 / 16,
           "do_normalize": True, "image_mean": [0.5], "image_std": [0.5], "prism_digits": {"grid": 8, "levels": 16}}

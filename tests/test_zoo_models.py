@@ -15,7 +15,7 @@ from cli_helpers import prism
 
 import prism_ext
 from prism_ext import zoo
-from prism_ext.tokenizer import load_tokenizer
+from prism_ext.inputs.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_bundle_size():
 
 def held_out_text() -> bytes:
     """The text gpt2-tiny was not trained on, re-derived from the split
-    prism_ext/zoo/train.py documents: Python's pydoc_data.topics sorted by
+    prism_ext/training/bundled.py documents: Python's pydoc_data.topics sorted by
     name, every 8th topic held out (training used the others)."""
     from pydoc_data.topics import topics
 
@@ -68,7 +68,7 @@ def test_gpt2_tiny_perplexity_on_held_out_text(gpt, devices, cr):
 
 def test_held_out_digits_are_the_split_train_py_holds_out(held_out):
     """heldout_digits.npz is the test part of the split documented in
-    prism_ext/zoo/train.py (re-derived here): scikit-learn's digits in a fixed
+    prism_ext/training/bundled.py (re-derived here): scikit-learn's digits in a fixed
     shuffle (numpy seed 0), the first 20% held out (training used the rest)."""
     from sklearn.datasets import load_digits
 

@@ -10,7 +10,7 @@ import numpy as np
 
 import prism_ext
 from prism_ext import zoo
-from prism_ext.zoo import train as T
+from prism_ext.training import bundled as T
 
 
 def _prism_cli(*argv) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["NAMES", "model_dir", "metrics"]
+__all__ = ["NAMES", "model_dir", "metrics", "text_split", "HELD_OUT_EVERY"]
 
 _HERE = Path(__file__).resolve().parent
 
@@ -36,3 +36,17 @@ def model_dir(name: str) -> Path:
 def metrics(name: str) -> dict:
     """What ``prism zoo train`` recorded for the bundled ``name``."""
     return json.loads((model_dir(name) / "metrics.json").read_text())
+
+
+HELD_OUT_EVERY = 8  # gpt2-tiny's held-out topics: every 8th, sorted by name
+
+
+def text_split() -> tuple[bytes, bytes, list[str]]:
+    """gpt2-tiny's data: (train bytes, held-out bytes, held-out topic names) from pydoc_data.topics."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    held = keys[::HELD_OUT_EVERY]
+    train = "\n\n".join(topics[k] for k in keys if k not in held).encode("utf-8")
+    test = "\n\n".join(topics[k] for k in held).encode("utf-8")
+    return train, test, held

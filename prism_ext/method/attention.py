@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from . import kernels
+from .. import kernels
 
 __all__ = ["prism_attention", "mean_weights", "count_bias"]
 

@@ -8,8 +8,8 @@
 
 Both start from a Hugging Face model initialised by transformers, are
 trained exactly (one device) through the differentiable twin
-(:mod:`prism_ext.twin`) on the package's own model code, then made
-PRISM-aware by :func:`prism_ext.finetune.finetune`, the code path of
+(:mod:`prism_ext.method.twin`) on the package's own model code, then made
+PRISM-aware by :func:`prism_ext.training.finetune.finetune`, the code path of
 ``prism finetune``, which writes the checkpoint (config.json,
 model.safetensors, prism_finetune.json) beside the tokenizer or processor
 config; a metrics.json records the result through ``prism_ext.load``.
@@ -32,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..progress import progress, write
+from .. import zoo
+from ..util.progress import progress, write
 
 SEED = 0
 
@@ -58,14 +59,14 @@ def _fresh_network(config: dict, out: Path):
 
 def _exact(net, n: int):
     """(partition, config) of one device over ``n`` positions: the exact forward of the twin."""
-    from ..engine import RunConfig
-    from ..partition import partition
+    from ..method.engine import RunConfig
+    from ..method.partition import partition
 
     return partition(n, 1), RunConfig.make(len(net.blocks))
 
 
 def _lr(step: int, c: dict) -> float:
-    from ..finetune import warmup_cosine
+    from .finetune import warmup_cosine
 
     return warmup_cosine(step, c["steps"], c["warmup"], c["lr"])
 
@@ -81,12 +82,12 @@ def _optimizer(net, lr: float, weight_decay: float) -> torch.optim.Optimizer:
 
 def _prism_phase(teacher_dir: Path, out: Path, data, held, recipe, log, quiet: bool) -> dict:
     """The PRISM-aware phase: ``prism finetune``'s code path from the exactly trained checkpoint."""
-    import prism_ext
-    from ..finetune import finetune
+    from ..api import load
+    from .finetune import finetune
 
     log(f"{out.name}: PRISM-aware distillation, {recipe.steps} steps at devices {list(recipe.devices)}, "
         f"CR {list(recipe.crs)}")
-    report = finetune(prism_ext.load(teacher_dir), data, recipe, out, held=held, quiet=quiet, log=log,
+    report = finetune(load(teacher_dir), data, recipe, out, held=held, quiet=quiet, log=log,
                       command="prism zoo train")
     report["model"] = "the exactly trained model (phase 1 of prism zoo train; a temporary folder)"
     (out / "prism_finetune.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -101,18 +102,6 @@ GPT2_CFG = dict(n_positions=128, n_embd=128, n_layer=4, n_head=4, dropout=0.1,
                 # (a quarter of the batches exact), so that the model tolerates compressed attention
                 prism_finetune={"steps": 2000, "lr": 6e-4, "batch": 16, "exact_fraction": 0.25,
                                 "devices": [2, 3, 4], "crs": [2, 4, 8, 16]})
-HELD_OUT_EVERY = 8
-
-
-def text_split() -> tuple[bytes, bytes, list[str]]:
-    """(train bytes, held-out bytes, held-out topic names) from pydoc_data.topics."""
-    from pydoc_data.topics import topics
-
-    keys = sorted(topics)
-    held = keys[::HELD_OUT_EVERY]
-    train = "\n\n".join(topics[k] for k in keys if k not in held).encode("utf-8")
-    test = "\n\n".join(topics[k] for k in held).encode("utf-8")
-    return train, test, held
 
 
 def _gpt2_config(c: dict) -> dict:
@@ -155,7 +144,7 @@ GPT2_PROMPTS = ["The \"if\" statement is used for", "A class definition defines"
 def _gpt2_pretrain(net, tr: torch.Tensor, c: dict, log, quiet: bool) -> float:
     """Phase 1, exact attention through the twin: ``c["steps"]`` AdamW steps on
     random windows, with dropout; returns the final smoothed train loss."""
-    from .. import twin
+    from ..method import twin
 
     ctx = c["n_positions"]
     exact = _exact(net, ctx)
@@ -182,7 +171,7 @@ def _gpt2_pretrain(net, tr: torch.Tensor, c: dict, log, quiet: bool) -> float:
 
 
 def _gpt2_files(out: Path, c: dict) -> None:
-    from ..tokenizer import byte_level_tokenizer_json
+    from ..inputs.tokenizer import byte_level_tokenizer_json
 
     (out / "config.json").write_text(json.dumps(_gpt2_config(c), indent=2) + "\n")
     (out / "tokenizer.json").write_text(json.dumps(byte_level_tokenizer_json(), ensure_ascii=False) + "\n")
@@ -192,17 +181,17 @@ def _gpt2_files(out: Path, c: dict) -> None:
 
 
 def _windows(data: bytes, ctx: int, stride: int | None = None):
-    from ..finetune import Examples, text_windows
+    from .finetune import Examples, text_windows
 
     return Examples("tokens", text_windows(list(data), ctx, stride), None, {"source": "pydoc_data.topics"})
 
 
 def train_gpt2(out: Path, log, quiet: bool = False, exact_only: bool = False) -> dict:
-    from ..finetune import Recipe
+    from .finetune import Recipe
     from ..models import write_checkpoint
 
     c = GPT2_CFG
-    train, test, held = text_split()
+    train, test, held = zoo.text_split()
     tr = torch.tensor(list(train), dtype=torch.long)
     ctx = c["n_positions"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -234,14 +223,14 @@ def finish_gpt2(out: Path, log, seconds: dict, losses: dict) -> dict:
     """Evaluate the written checkpoint through prism_ext (and transformers) and sample; returns the metrics."""
     import transformers
 
-    import prism_ext
-    from ..tokenizer import load_tokenizer
+    from ..api import load
+    from ..inputs.tokenizer import load_tokenizer
 
     c = GPT2_CFG
-    train, test, held = text_split()
+    train, test, held = zoo.text_split()
     te = torch.tensor(list(test), dtype=torch.long)
     ctx = c["n_positions"]
-    loaded = prism_ext.load(out)
+    loaded = load(out)
     nll = _held_out_nll(loaded, te, ctx)
     uni = _unigram_nll(train, test)
     log(f"gpt2-tiny: held-out perplexity {math.exp(nll):.2f} (unigram {math.exp(uni):.2f}) after "
@@ -265,7 +254,7 @@ def finish_gpt2(out: Path, log, seconds: dict, losses: dict) -> dict:
         "data": {"source": "pydoc_data.topics", "python": platform.python_version(),
                  "sha256": hashlib.sha256(train + test).hexdigest(), "train_bytes": len(train),
                  "held_out_bytes": len(test), "held_out_topics": held,
-                 "split": f"every {HELD_OUT_EVERY}th topic (sorted by name) held out"},
+                 "split": f"every {zoo.HELD_OUT_EVERY}th topic (sorted by name) held out"},
         "parameters": sum(p.numel() for p in loaded.net.named_tensors().values()),
         "train_seconds": {k: round(v, 1) for k, v in seconds.items()}, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "exact_only": "prism_finetune" not in seconds,
@@ -340,7 +329,7 @@ def _augment(px: torch.Tensor, background: float, gen: torch.Generator) -> torch
 
 def _vit_pretrain(net, px: torch.Tensor, labels: torch.Tensor, background: float, c: dict, log, quiet: bool):
     """Phase 1, exact attention through the twin, on augmented digits; returns the seconds."""
-    from .. import twin
+    from ..method import twin
 
     exact = _exact(net, net.n_positions)
     opt = _optimizer(net, c["lr"], c["weight_decay"])
@@ -376,9 +365,9 @@ def _accuracy(model, px: torch.Tensor, labels: np.ndarray, devices: int = 1, cr:
 
 
 def train_vit(out: Path, log, quiet: bool = False, exact_only: bool = False) -> dict:
-    import prism_ext
-    from ..finetune import Examples, Recipe
-    from ..images import ImageProcessor
+    from ..api import load
+    from .finetune import Examples, Recipe
+    from ..inputs.images import ImageProcessor
     from ..models import write_checkpoint
 
     c = VIT_CFG
@@ -398,8 +387,8 @@ def train_vit(out: Path, log, quiet: bool = False, exact_only: bool = False) -> 
         write_checkpoint(net, init, exact_dir)
         (exact_dir / "config.json").write_text(json.dumps(_vit_config(c), indent=2) + "\n")
         (exact_dir / "preprocessor_config.json").write_text(json.dumps(DIGITS_PROCESSOR, indent=2) + "\n")
-        np.savez_compressed(exact_dir / "heldout_digits.npz", images=te_x, labels=te_y)
-        exact_acc = _accuracy(prism_ext.load(exact_dir), te_px, te_y)
+        np.savez_compressed(out / "heldout_digits.npz", images=te_x, labels=te_y)  # the bundle's data, not a model file
+        exact_acc = _accuracy(load(exact_dir), te_px, te_y)
         log(f"vit-tiny-digits: held-out accuracy {exact_acc:.4f} after exact training")
         if not exact_only:
             f = c["prism_finetune"]
@@ -412,7 +401,7 @@ def train_vit(out: Path, log, quiet: bool = False, exact_only: bool = False) -> 
             t0 = time.perf_counter()
             _prism_phase(exact_dir, out, pixels, Examples("pixels", list(te_px), te_y), recipe, log, quiet)
             seconds["prism_finetune"] = time.perf_counter() - t0
-    loaded = prism_ext.load(out)
+    loaded = load(out)
     acc = _accuracy(loaded, te_px, te_y)
     train_acc = _accuracy(loaded, tr_px, tr_y)
     prism_acc = {cr: _accuracy(loaded, te_px, te_y, devices=4, cr=cr) for cr in (1, 2, 4, 8, 16)}

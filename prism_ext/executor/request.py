@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import warn_if_coarse
-from .comm.local import LocalGroup
-from .comm.wire import check_wire_dtype, decode_message, encode
-from .engine import OUTPUTS, Collected, ExactRows, GenerateOptions, RunConfig, RunStats, generate_request, run_request
-from .models import Network
-from .options import MODES, RunOptions
-from .partition import Partition, partition
+from ..checks import warn_if_coarse
+from ..comm.local import LocalGroup
+from ..comm.wire import check_wire_dtype, decode_message, encode
+from ..method.engine import OUTPUTS, Collected, ExactRows, GenerateOptions, RunConfig, RunStats, generate_request, run_request
+from ..models import Network
+from ..options import MODES, RunOptions
+from ..method.partition import Partition, partition
 
 __all__ = ["Request", "plan", "layout", "local_inputs", "encode_request", "decode_request", "run", "run_stats",
            "simulate", "count_inputs"]
@@ -127,7 +127,7 @@ def layout(net: Network, n: int, devices: int, options: RunOptions, special_ids=
     if mode == "single":
         devices = 1
     if mode == "tp":
-        from .tensor_parallel import check_tp_devices
+        from ..method.tensor_parallel import check_tp_devices
 
         devices = check_tp_devices(devices, net.heads)
         if options.device_weights is not None and devices > 1:
@@ -164,7 +164,7 @@ def run(net: Network, request: Request, local: dict, rank: int, transport, on_to
     """Device ``rank``'s part of ``request``; on rank 0 the collected results
     (``on_token``: rank 0's callback for a streamed generation)."""
     if request.mode == "tp":
-        from .tensor_parallel import tp_request
+        from ..method.tensor_parallel import tp_request
 
         return tp_request(net, local, request.ranges[0][1], rank, transport, request.outputs)
     part = request.partition

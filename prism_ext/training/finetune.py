@@ -1,7 +1,7 @@
 """``prism finetune``: PRISM-aware distillation (docs/finetune.md).
 
 The exact model is the teacher (frozen). The student starts from the same
-weights and runs the differentiable twin (:mod:`prism_ext.twin`) at a
+weights and runs the differentiable twin (:mod:`prism_ext.method.twin`) at a
 (devices, CR, exact rows) drawn per batch, or exactly (one device) for a
 share of the batches so that the exact mode keeps its quality. The loss
 matches the teacher's outputs:
@@ -36,13 +36,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import twin
-from .api import PrismModel
-from .engine import RunConfig
-from .models import write_checkpoint
-from .models.common import Network
-from .partition import AccuracyWarning, partition
-from .progress import progress
+from ..method import twin
+from ..api import PrismModel
+from ..method.engine import RunConfig
+from ..models import write_checkpoint
+from ..models.common import Network
+from ..method.partition import AccuracyWarning, partition
+from ..util.progress import progress
 
 __all__ = ["TASKS", "Recipe", "Examples", "check_task", "default_task", "read_examples", "text_windows", "split", "warmup_cosine",
            "finetune", "evaluate", "format_report"]
@@ -134,8 +134,8 @@ def read_examples(model: PrismModel, task: str, data, *, glue_task: str | None =
     joined and cut into windows of ``max_length`` tokens), a folder of images
     (class sub-folders give labels), a CIFAR python-batches folder (its train
     split), or with ``glue_task`` a GLUE TSV of single sentences."""
-    from . import datasets
-    from .images import image_files
+    from ..inputs import datasets
+    from ..inputs.images import image_files
 
     path = Path(data)
     if not path.exists():

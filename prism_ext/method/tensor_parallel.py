@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .accounting import tp_block_flops
 from .attention import prism_attention
 from .engine import Collected, DeviceStats, LayerStats, assemble_results, finish_request, result_parts
-from .models.common import Block, Network
+from ..models.common import Block, Network
 
 __all__ = ["TPShard", "split_range", "check_tp_devices", "tp_shards", "run_layers_tp", "tp_request"]
 
@@ -177,7 +177,7 @@ def tp_request(net: Network, inputs: dict, n: int, rank: int, transport,
     """Run every layer as tensor-parallel rank ``rank`` of ``transport.size``
     (``inputs``: ``net.local_inputs`` of the whole sequence of ``n``, on every rank). Every rank ends with
     the same hidden state, so rank 0 computes ``outputs`` (see
-    :func:`prism_ext.engine.run_request`) itself; the others send only their stats."""
+    :func:`prism_ext.method.engine.run_request`) itself; the others send only their stats."""
     x, stats = run_layers_tp(net, inputs, n, rank, transport)
     fields: dict[str, torch.Tensor] = {}
     if rank == 0:  # rank 0 holds every row: the whole sequence's parts, assembled as the engine's

@@ -9,7 +9,7 @@ One layer, for all P devices in one batched computation (docs/design.md,
 steps 2-7):
 
 * what each device sends (its rows' segment means, or its exact rows alone
-  and the means of the groups :func:`~prism_ext.partition.exact_slots`
+  and the means of the groups :func:`~prism_ext.method.partition.exact_slots`
   gives) is ``A @ src``, with ``A`` [B, M, N] averaging each sent row's own
   positions; M is every device's sent rows together;
 * the keys/values are the K/V projection of those M rows followed by every
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .attention import count_bias, mean_weights
 from .engine import RunConfig
-from .models.common import Network
+from ..models.common import Network
 from .partition import Partition, exact_slots, segment_ends, slot_ends
 
 __all__ = ["forward", "layer_layout"]
@@ -46,7 +46,7 @@ def layer_layout(part: Partition, cr: int, valid: torch.Tensor, exact: torch.Ten
     CR-row segments); ``src`` [B, N, d] the rows, for adaptive groups. Returns
     (slot [B, N] int64 into the M sent rows, -1 at padding; counts [B, M]
     float32; ends [B, M] int64, the last position each covers; owner [M], the
-    rank that sends it), as :func:`prism_ext.engine.run_device` forms them."""
+    rank that sends it), as :func:`prism_ext.method.engine.run_device` forms them."""
     B, N = valid.shape
     slots, counts, ends, owner = [], [], [], []
     base = 0

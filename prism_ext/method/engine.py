@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import kernels
+from .. import kernels
 from .accounting import block_flops
 from .attention import mean_weights, prism_attention
-from .models.common import Network
+from ..models.common import Network
 from .partition import Partition, cr_schedule, exact_slots, segment_ends, slot_ends
 
 __all__ = ["ExactRows", "RunConfig", "LayerStats", "DeviceStats", "RunStats", "DeviceResult", "DecodeState", "DecodeStats",
@@ -50,7 +50,7 @@ class ExactRows:
               norm of the layer input (outlier tokens); chosen anew at every layer
     adaptive  the other rows are grouped where consecutive rows jump most
               (same number of groups), not in groups of equal size; see
-              :func:`prism_ext.partition.exact_slots`
+              :func:`prism_ext.method.partition.exact_slots`
     """
 
     first: bool = False
@@ -416,7 +416,7 @@ def _exact_means(src: torch.Tensor, exact: torch.Tensor, valid: torch.Tensor, cr
                  adaptive: bool = False):
     """Step 2 with exact rows: each exact row alone (count 1, its own
     position), the other valid rows averaged in the groups of
-    :func:`prism_ext.partition.exact_slots`. Uneven, per-sequence groups are
+    :func:`prism_ext.method.partition.exact_slots`. Uneven, per-sequence groups are
     beyond the segment kernel, so this is a scatter-add over the rows.
     Returns (rows [B, m, d], counts [B, m] int32, ends [B, m] int32)."""
     B, n, d = src.shape
