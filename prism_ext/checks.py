@@ -4,11 +4,18 @@
 from __future__ import annotations
 
 import math
+import operator
 import warnings
+from typing import TYPE_CHECKING
 
-from .partition import MAX_COUNT, AccuracyWarning, Partition, coarse_warning
+if TYPE_CHECKING:
+    from .partition import Partition
 
-__all__ = ["check_sampling", "warn_if_coarse"]
+__all__ = ["check_sampling", "check_count", "check_number", "warn_if_coarse", "MAX_COUNT"]
+
+# Counts (positions, devices, CR) are checked against this before any
+# arithmetic: positions travel as int32, and nothing larger is meaningful.
+MAX_COUNT = 2**31 - 1
 
 
 def check_sampling(temperature, seed) -> None:
@@ -23,18 +30,43 @@ def check_sampling(temperature, seed) -> None:
             raise ValueError(f"seed: must be in [-2**63, 2**64), got {seed}")
 
 
-def check_count(value, name: str, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
-    """An int in [minimum, maximum] (bool refused), checked before any arithmetic."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if not minimum <= value <= maximum:
-        raise ValueError(f"{name}: must be in [{minimum}, {maximum}], got {value}")
+def _named(name: str | None, message: str) -> str:
+    return f"{name}: {message}" if name else message
+
+
+def check_count(value, name: str | None, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
+    """The one integer check: an int in [minimum, maximum] as a plain int,
+    checked before any arithmetic. Anything ``operator.index`` takes counts
+    (numpy and torch integers), never a bool (nor a bool tensor). ``name``
+    starts the message (None: the message alone, for argparse)."""
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+        raise TypeError(_named(name, f"expected an int, got {type(value).__name__}"))
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(_named(name, f"expected an int, got {type(value).__name__}")) from None
+    if value < minimum:
+        raise ValueError(_named(name, f"must be >= {minimum}, got {value}"))
+    if value > maximum:
+        raise ValueError(_named(name, f"must be <= {maximum}, got {value}"))
     return value
+
+
+def check_number(value, name: str | None, minimum: float, maximum: float) -> float:
+    """A finite real number in [minimum, maximum] as a float (NaN, inf and
+    bool refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(_named(name, f"expected a number, got {type(value).__name__}"))
+    if not (math.isfinite(value) and minimum <= value <= maximum):
+        raise ValueError(_named(name, f"must be a finite number in [{minimum:g}, {maximum:g}], got {value!r}"))
+    return float(value)
 
 
 def warn_if_coarse(part: Partition, mode: str, crs) -> None:
     """An AccuracyWarning when a PRISM run leaves some device fewer than about
     two segments (see prism_ext.partition.coarse_warning)."""
+    from .partition import AccuracyWarning, coarse_warning  # partition imports this module
+
     if mode != "prism":
         return
     msg = coarse_warning(part, crs)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import warn_if_coarse
+from .checks import check_count, warn_if_coarse
 from .comm.local import LocalGroup
 from .comm.wire import check_wire_dtype, decode_message, encode
 from .engine import OUTPUTS, Collected, ExactRows, GenerateOptions, RunConfig, RunStats, generate_request, run_request
@@ -109,10 +109,7 @@ def plan(net: Network, inputs: dict, *, devices: int, mode: str = "prism", cr=1,
     names the argument and leaves the devices untouched. ``exact_rows`` is
     resolved (:meth:`prism_ext.api.PrismModel.exact_rows`); it applies in prism mode."""
     batch, n = net.check_inputs(inputs)
-    if isinstance(devices, bool) or not isinstance(devices, int):
-        raise TypeError(f"devices: expected an int, got {type(devices).__name__}")
-    if devices < 1:
-        raise ValueError(f"devices: must be >= 1, got {devices}")
+    devices = check_count(devices, "devices")
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
     outputs = tuple(outputs)

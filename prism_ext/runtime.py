@@ -110,6 +110,11 @@ def _check_timeout(timeout) -> float:
 
 def _set_threads(threads: int | None) -> None:
     if threads is not None:
+        from .checks import check_count
+
+        # Checked before torch sees it: torch.set_num_threads(100000) succeeds,
+        # and the process then dies at exit (SIGSEGV).
+        threads = check_count(threads, "threads", 1, kernels._C.max_threads())
         torch.set_num_threads(threads)
         kernels.set_num_threads(threads)
 
