@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 import warnings
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .partition import Partition
 
-__all__ = ["check_sampling", "check_count", "check_number", "warn_if_coarse", "MAX_COUNT"]
+__all__ = ["MAX_COUNT", "check_count", "check_number", "check_sampling", "warn_if_coarse"]
 
 # Counts (positions, devices, CR) are checked against this before any
 # arithmetic: positions travel as int32, and nothing larger is meaningful.
@@ -58,14 +59,16 @@ def check_number(value, name: str | None, minimum: float, maximum: float) -> flo
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(_named(name, f"expected a number, got {type(value).__name__}"))
     if not (math.isfinite(value) and minimum <= value <= maximum):
-        raise ValueError(_named(name, f"must be a finite number in [{minimum:g}, {maximum:g}], got {value!r}"))
+        bounds = f">= {minimum:g}" if maximum >= sys.float_info.max else f"in [{minimum:g}, {maximum:g}]"
+        raise ValueError(_named(name, f"must be a finite number {bounds}, got {value!r}"))
     return float(value)
 
 
 def warn_if_coarse(part: Partition, mode: str, crs) -> None:
     """An AccuracyWarning when a PRISM run leaves some device fewer than about
     two segments (see prism_ext.partition.coarse_warning)."""
-    from .partition import AccuracyWarning, coarse_warning  # partition imports this module
+    # Imported here: partition imports this module.
+    from .partition import AccuracyWarning, coarse_warning
 
     if mode != "prism":
         return

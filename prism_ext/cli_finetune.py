@@ -6,7 +6,14 @@ import argparse
 import sys
 
 from .cli_eval import _words
-from .cli_jobs import Bounded, _counts, _one_line_errors, _positive, _threads, _user_errors
+from .cli_jobs import (
+    Bounded,
+    _counts,
+    _one_line_errors,
+    _positive,
+    _threads,
+    _user_errors,
+)
 
 _FINITE = sys.float_info.max
 

@@ -43,7 +43,8 @@ def _one_line_errors(parser: argparse.ArgumentParser, command: str) -> argparse.
 
 
 def _max_threads() -> int:
-    from .kernels import _C  # the C++ pool's bound, which torch's thread count shares here
+    # The C++ pool's bound, which torch's thread count shares here.
+    from .kernels import _C
 
     return _C.max_threads()
 

@@ -8,7 +8,15 @@ import argparse
 import os
 import sys
 
-from .cli_jobs import _MAX_SECONDS, Bounded, _cr, _one_line_errors, _positive, _seconds, _threads
+from .cli_jobs import (
+    _MAX_SECONDS,
+    Bounded,
+    _cr,
+    _one_line_errors,
+    _positive,
+    _seconds,
+    _threads,
+)
 
 __all__ = ["register"]
 

@@ -16,7 +16,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
 from cli_helpers import prism
 from engine_helpers import hf_gpt2, save
 
@@ -106,10 +105,10 @@ def test_deeply_nested_config_is_one_line_naming_the_file(gpt2_dir, tmp_path, ca
         prism_ext.load(d)
     one_line(info, "config.json:")
     assert str(d / "config.json") in str(info.value) and "nests deeper than" in str(info.value)
-    code, out, err = prism(capsys, "run", "--model", str(d), "--text", "hi", "-q")
+    code, _, err = prism(capsys, "run", "--model", str(d), "--text", "hi", "-q")
     assert code == 2 and err.count("\n") == 1 and str(d / "config.json") in err, err
-    code, out, err = prism(capsys, "account", "--config", str(d), "--seq", "8")
-    assert code == 2 and "\n" not in str(err).strip() and "nests deeper than" in str(err), err
+    code, _, err = prism(capsys, "account", "--config", str(d), "--seq", "8")
+    assert code == 2 and err.count("\n") == 1 and "nests deeper than" in err, err
 
 
 def test_deeply_nested_shard_index_is_one_line(gpt2_dir, tmp_path):
@@ -337,8 +336,8 @@ def test_run_simulate_refuses_out_of_range_timeout_and_threads(capsys):
 def test_run_simulate_sets_threads(capsys):
     before = torch.get_num_threads()
     try:
-        code, out, err = prism(capsys, "run", "--model", "gpt2-tiny", "--text", "hello there world", "--simulate",
-                               "--devices", "2", "--max-new-tokens", "1", "--no-compare", "-q", "--threads", "3")
+        code, _, err = prism(capsys, "run", "--model", "gpt2-tiny", "--text", "hello there world", "--simulate",
+                             "--devices", "2", "--max-new-tokens", "1", "--no-compare", "-q", "--threads", "3")
         assert code == 0, err
         assert torch.get_num_threads() == 3 and prism_ext.get_num_threads() == 3
     finally:
@@ -361,13 +360,13 @@ def test_huge_threads_refused_before_torch_sees_them():
             "        raise SystemExit(f'accepted {bad!r}')\n"
             "assert torch.get_num_threads() == before\n"
             "print('refused')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0 and r.stdout.strip() == "refused", (r.returncode, r.stdout, r.stderr)
 
 
 def test_run_with_huge_threads_exits_2_on_one_line():
     r = subprocess.run([sys.executable, "-m", "prism_ext", "run", "--model", "gpt2-tiny", "--text", "hello world",
-                        "--devices", "2", "-q", "--threads", "100000"], capture_output=True, text=True, timeout=120)
+                        "--devices", "2", "-q", "--threads", "100000"], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stderr)
     assert len(r.stderr.strip().splitlines()) == 1 and "--threads" in r.stderr, r.stderr
 
@@ -397,7 +396,7 @@ def test_every_numeric_option_goes_through_the_shared_check():
     assert sum(isinstance(t, getattr(cli_jobs, "Bounded", ())) for _, _, t in options) >= 35
 
 
-def bad_values(t: "cli_jobs.Bounded") -> list[str]:
+def bad_values(t: cli_jobs.Bounded) -> list[str]:
     lo, hi = t.minimum, t.maximum
     out = ["nan", "inf", "-inf", "1e999", "9" * 5000, str(hi * 10 + 1), str(lo - 1) if not t.real else repr(lo - 1.5)]
     if t.positive:
