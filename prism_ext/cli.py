@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli_jobs import Bounded, _max_threads, _one_line_errors, _positive, _user_errors
+
 
 def _info(args: argparse.Namespace) -> int:
     import platform
@@ -37,11 +39,7 @@ def _bench_kernels(args: argparse.Namespace) -> int:
 
     from prism_ext import bench
 
-    try:
-        threads = bench.parse_threads(args.threads or bench.default_threads())
-    except ValueError as exc:
-        print(f"prism bench kernels: {exc}", file=sys.stderr)
-        return 2
+    threads = list(dict.fromkeys(args.threads)) if args.threads else bench.parse_threads(bench.default_threads())
     try:
         report = bench.run(threads, quick=args.quick)
     except RuntimeError as exc:  # google-benchmark missing
@@ -69,36 +67,37 @@ PAPER_HEADLINE = "paper (arXiv 2507.12145, BERT, CR = 128): communication -99.2%
 
 def _config_dims(path: str) -> tuple[int, int, int]:
     """(d, d_ff, layers) from a config.json or a checkpoint directory."""
-    import json
     from pathlib import Path
+
+    from prism_ext.models import read_json
 
     p = Path(path)
     p = p / "config.json" if p.is_dir() else p
     try:
-        cfg = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"prism account: --config: cannot read {p} ({exc})") from None
+        cfg = read_json(p, "--config")
+    except OSError as exc:
+        raise ValueError(f"--config: cannot read {p} ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--config: {p} must hold a JSON object")
     if cfg.get("model_type") == "gpt2":
         return cfg["n_embd"], cfg.get("n_inner") or 4 * cfg["n_embd"], cfg["n_layer"]
     try:
         return cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     except KeyError as exc:
-        raise SystemExit(f"prism account: --config: {p} has no {exc}") from None
+        raise ValueError(f"--config: {p} has no {exc}") from None
 
 
+@_user_errors("account")
 def _account(args: argparse.Namespace) -> int:
     import json
 
     from prism_ext.method.accounting import reduction_table
 
-    for name, values in (("--devices", args.devices), ("--seq", args.seq or [1]), ("--cr", args.cr)):
-        if any(v < 1 for v in values):
-            raise SystemExit(f"prism account: {name}: every value must be >= 1")
     models = []
     if args.config:
         d, d_ff, layers = _config_dims(args.config)
         if not args.seq:
-            raise SystemExit("prism account: --seq is required with --config")
+            raise ValueError("--seq: required with --config")
         models.append((args.config, d, d_ff, layers, args.seq))
     for name in args.model or ([] if args.config else list(ACCOUNT_MODELS)):
         d, d_ff, layers, seqs = ACCOUNT_MODELS[name]
@@ -135,24 +134,26 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_info)
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    kern = bench_sub.add_parser(
+    kern = _one_line_errors(bench_sub.add_parser(
         "kernels",
         help="time each kernel (every available ISA) against its torch peer, in the same run",
         description="Kernel micro-benchmarks through google-benchmark's Python bindings "
         "(pip install 'prism-ext[bench]'). Prints a markdown table of median wall times and the "
         "speedup t_torch / t_prism; google-benchmark's own report goes to stderr.",
-    )
-    kern.add_argument("--threads", help="comma-separated kernel/torch thread counts (default: 1 and the core count)")
+    ), "bench kernels")
+    kern.add_argument("--threads", type=Bounded(1, _max_threads, many=True),
+                      help="comma-separated kernel/torch thread counts (default: 1 and the core count)")
     kern.add_argument("--quick", action="store_true", help="a few small shapes, short runs: a smoke test")
     kern.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
     kern.set_defaults(func=_bench_kernels)
-    account = sub.add_parser("account", help="communication and per-device computation reduction vs Voltage")
+    account = _one_line_errors(sub.add_parser(
+        "account", help="communication and per-device computation reduction vs Voltage"), "account")
     account.add_argument("--model", action="append", choices=sorted(ACCOUNT_MODELS),
                          help="a standard config (repeatable; default: all)")
     account.add_argument("--config", help="a config.json or checkpoint directory instead of a standard config")
-    account.add_argument("--devices", "-P", type=int, nargs="+", default=[2, 4, 8], help="device counts P")
-    account.add_argument("--seq", "-N", type=int, nargs="+", help="sequence lengths N (default: per model)")
-    account.add_argument("--cr", type=int, nargs="+", default=[4, 16, 128], help="compression rates")
+    account.add_argument("--devices", "-P", type=_positive, nargs="+", default=[2, 4, 8], help="device counts P")
+    account.add_argument("--seq", "-N", type=_positive, nargs="+", help="sequence lengths N (default: per model)")
+    account.add_argument("--cr", type=_positive, nargs="+", default=[4, 16, 128], help="compression rates")
     account.add_argument("--json", action="store_true", help="print JSON instead of a table")
     account.set_defaults(func=_account)
     from .cli_jobs import register as register_jobs

@@ -7,19 +7,7 @@ import itertools
 import sys
 from pathlib import Path
 
-from .cli_jobs import _one_line_errors, _positive, _user_errors
-
-
-def _ints(name: str):
-    def parse(text: str) -> list[int]:
-        try:
-            values = [int(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected comma-separated ints, got {text!r}") from None
-        if not values or min(values) < 1:
-            raise argparse.ArgumentTypeError(f"{name}: expected ints >= 1, got {text!r}")
-        return values
-    return parse
+from .cli_jobs import _counts, _one_line_errors, _positive, _user_errors
 
 
 def _words(text: str) -> list[str]:
@@ -61,8 +49,8 @@ def register(sub) -> None:
     ev.add_argument("--task", required=True, choices=TASKS)
     ev.add_argument("--data", help="the task's data (see docs/eval.md); some tasks have a built-in default")
     ev.add_argument("--label-map", help="image folder task: a synset mapping text or a JSON {folder: label}")
-    ev.add_argument("--devices", "-P", type=_ints("--devices"), default=[2, 4], help="device counts (default 2,4)")
-    ev.add_argument("--cr", type=_ints("--cr"), default=[1, 2, 4, 8, 16, 32, 64, 128],
+    ev.add_argument("--devices", "-P", type=_counts, default=[2, 4], help="device counts (default 2,4)")
+    ev.add_argument("--cr", type=_counts, default=[1, 2, 4, 8, 16, 32, 64, 128],
                     help="compression rates (default 1,2,...,128)")
     ev.add_argument("--mode", choices=("prism", "voltage"), default="prism")
     ev.add_argument("--exact-rows", type=_words, default=["none"], help="comma-separated exact-rows specs")

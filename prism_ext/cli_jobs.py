@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 __all__ = ["register"]
 
 _USER_ERRORS = (ValueError, TypeError, ImportError, OSError)  # OSError covers FileNotFoundError
-_MAX_INT = 2**31 - 1  # counts travel as int32; prism_ext.method.partition.MAX_COUNT
+_MAX_INT = 2**31 - 1  # counts travel as int32; prism_ext.checks.MAX_COUNT
+_MAX_SECONDS = 86400.0  # --timeout and the like: a day (prism_ext.runtime refuses longer exchange timeouts)
 
 
 def _user_errors(command: str):
@@ -45,48 +46,63 @@ def _one_line_errors(parser: argparse.ArgumentParser, command: str) -> argparse.
     return parser
 
 
+def _max_threads() -> int:
+    # The C++ pool's bound, which torch's thread count shares here.
+    from .kernels import _C
+
+    return _C.max_threads()
+
+
+class Bounded:
+    """The argparse type of every numeric option of every command: one number
+    (or, ``many``, comma-separated numbers), each checked by
+    :mod:`prism_ext.checks` (ints: ``check_count``; reals: ``check_number``,
+    finite) against [minimum, maximum] before anything uses it. ``maximum``
+    may be a function (read at parse time). ``positive``: reals must be > 0."""
+
+    def __init__(self, minimum, maximum=_MAX_INT, *, real: bool = False, many: bool = False, positive: bool = False):
+        self.minimum, self._maximum, self.real, self.many, self.positive = minimum, maximum, real, many, positive
+
+    @property
+    def maximum(self):
+        return self._maximum() if callable(self._maximum) else self._maximum
+
+    def __call__(self, text: str):
+        from .checks import check_count, check_number
+
+        kind = "number" if self.real else "int"
+        values = []
+        for part in text.split(",") if self.many else [text]:
+            try:
+                value = float(part) if self.real else int(part)
+            except ValueError:  # also int() of more than 4300 digits
+                what = f"comma-separated {kind}s" if self.many else ("a number" if self.real else "an int")
+                raise argparse.ArgumentTypeError(f"expected {what}, got {text[:40]!r}") from None
+            try:
+                if self.real:
+                    value = check_number(value, None, self.minimum, self.maximum)
+                    if self.positive and not value > 0:
+                        raise ValueError(f"must be > 0, got {value!r}")
+                else:
+                    value = check_count(value, None, self.minimum, self.maximum)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(f"{exc}" if not self.many else f"{exc} (in {text[:40]!r})") from None
+            values.append(value)
+        return values if self.many else values[0]
+
+
+_positive = Bounded(1)
+_nonnegative = Bounded(0)
+_threads = Bounded(1, _max_threads)  # before torch sees it: torch takes 100000, then the process dies at exit
+_seconds = Bounded(1, _MAX_SECONDS, real=True)  # --timeout of the cluster commands (as prism_ext.runtime checks it)
+_weights = Bounded(0, sys.float_info.max, real=True, many=True, positive=True)  # relative device speeds
+_counts = Bounded(1, many=True)  # comma-separated counts: a grid of devices or CRs, a per-layer CR
+
+
 def _cr(text: str):
     """--cr: one int, or one per layer separated by commas."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int or comma-separated ints, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    if any(v > _MAX_INT for v in values):  # checked before any arithmetic
-        raise argparse.ArgumentTypeError(f"must be <= {_MAX_INT}, got {text}")
+    values = _counts(text)
     return values[0] if len(values) == 1 else values
-
-
-def _int_at_least(minimum: int):
-    """An argparse type: an int >= minimum, with a one-line error otherwise."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        if value > _MAX_INT:  # checked before any arithmetic
-            raise argparse.ArgumentTypeError(f"must be <= {_MAX_INT}, got {value}")
-        return value
-
-    return parse
-
-
-_positive = _int_at_least(1)
-_nonnegative = _int_at_least(0)
-
-
-def _weights(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"every weight must be > 0, got {text}")
-    return values
 
 
 def _emit(result: dict, as_json: bool, text: str) -> None:
@@ -188,12 +204,14 @@ def _print_records(records, as_json: bool) -> None:
 @_user_errors("run")
 def _run(args: argparse.Namespace) -> int:
     from . import jobs
-    from .runtime import ClusterError, cluster, worker_exit, worker_main
+    from .runtime import ClusterError, cluster, set_threads, worker_exit, worker_main
 
     images = _image_paths(args.image) if args.image else None
     texts = _read_texts(args.text_file) if args.text_file else None
     where, launch = _launch(args)
     options = _run_options(args)
+    if where == "simulate" and args.threads is not None:  # the simulated devices are this process's threads
+        set_threads(args.threads)
     if where == "master" and launch["rank"] != 0:  # torchrun: this process is a worker
         code = worker_main(launch["master"], launch["rank"], launch["world"], token=args.token,
                            timeout=args.timeout, threads=args.threads, ifname=args.ifname, model=args.model,
@@ -322,8 +340,8 @@ def register(sub) -> None:
     run.add_argument("--world", type=_positive, help="with --master: number of devices, rank 0 included")
     run.add_argument("--rank", type=_nonnegative, help="with --master: this process's rank (default $RANK or 0)")
     run.add_argument("--token", help="the cluster's shared secret (default: $PRISM_TOKEN; random for local processes)")
-    run.add_argument("--timeout", type=float, default=60.0, help="seconds any exchange may take (default 60)")
-    run.add_argument("--threads", type=_positive, help="compute threads of this process (rank 0)")
+    run.add_argument("--timeout", type=_seconds, default=60.0, help="seconds any exchange may take (default 60)")
+    run.add_argument("--threads", type=_threads, help="compute threads of this process (rank 0)")
     run.add_argument("--ifname", help="network interface for gloo (e.g. eth0)")
     run.add_argument("--cr", type=_cr, default=4, help="compression rate, or one per layer: 4,4,8,8 (default 4)")
     run.add_argument("--mode", choices=("prism", "voltage", "tp", "single"), default="prism",
@@ -362,8 +380,8 @@ def register(sub) -> None:
     worker.add_argument("--rank", type=_positive, required=True, help="this device's rank (1 .. world-1)")
     worker.add_argument("--world", type=_positive, required=True, help="number of devices, rank 0 included")
     worker.add_argument("--token", help="the cluster's shared secret (default: $PRISM_TOKEN)")
-    worker.add_argument("--timeout", type=float, default=60.0, help="seconds any exchange may take (default 60)")
-    worker.add_argument("--threads", type=_positive, help="compute threads on this device (default: torch's)")
+    worker.add_argument("--timeout", type=_seconds, default=60.0, help="seconds any exchange may take (default 60)")
+    worker.add_argument("--threads", type=_threads, help="compute threads on this device (default: torch's)")
     worker.add_argument("--ifname", help="network interface for gloo (e.g. eth0; default: by hostname)")
     worker.add_argument("--model", help="this device's path to the model, if not the path rank 0 announces")
     worker.set_defaults(func=_worker)
@@ -387,7 +405,7 @@ def register(sub) -> None:
                                                            "scikit-learn)"), "zoo train")
     train.add_argument("name", choices=list(NAMES))
     train.add_argument("--out", help="output folder (default: ./NAME in the current directory)")
-    train.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
+    train.add_argument("--threads", type=_threads, help="torch threads (default: torch's choice)")
     train.add_argument("--quiet", "-q", action="store_true", help="no progress lines or bar on stderr")
     train.add_argument("--exact-only", action="store_true",
                        help="stop after exact training, before the PRISM-aware phase (the exact-only peer; "

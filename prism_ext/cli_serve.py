@@ -8,7 +8,15 @@ import argparse
 import os
 import sys
 
-from .cli_jobs import _cr, _one_line_errors, _positive
+from .cli_jobs import (
+    _MAX_SECONDS,
+    Bounded,
+    _cr,
+    _one_line_errors,
+    _positive,
+    _seconds,
+    _threads,
+)
 
 __all__ = ["register"]
 
@@ -67,11 +75,11 @@ def register(sub) -> None:
                         "--rank R --world P` on each other device")
     p.add_argument("--world", type=_positive, help="with --master: number of devices, rank 0 included")
     p.add_argument("--token", help="the cluster's shared secret (default: $PRISM_TOKEN; random for local processes)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds any exchange may take (default 60)")
-    p.add_argument("--threads", type=_positive, help="compute threads of this process (rank 0)")
+    p.add_argument("--timeout", type=_seconds, default=60.0, help="seconds any exchange may take (default 60)")
+    p.add_argument("--threads", type=_threads, help="compute threads of this process (rank 0)")
     p.add_argument("--ifname", help="network interface for gloo (e.g. eth0)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--port", type=Bounded(0, 65535), default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every endpoint but /health "
                                      "(default: $PRISM_API_KEY; none: no auth). Not the cluster's --token")
     p.add_argument("--cr", type=_cr, default=4, help="default compression rate (or one per layer; default 4)")
@@ -82,13 +90,13 @@ def register(sub) -> None:
                    help="knobs requests may set, comma-separated, or 'none' (default: all the engine has)")
     p.add_argument("--max-batch", type=_positive, default=8,
                    help="most sequences batched into one cluster call (default 8; 1: no batching)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+    p.add_argument("--batch-wait-ms", type=Bounded(0, 10000, real=True), default=5.0,
                    help="how long a batch waits for more requests, ms (default 5)")
     p.add_argument("--max-tokens", type=_positive, default=256, help="largest max_tokens of a completion (default 256)")
     p.add_argument("--max-inputs", type=_positive, default=32, help="most texts or images in one request (default 32)")
     p.add_argument("--max-body", type=_positive, default=1 << 20, help="largest request body, bytes (default 1 MiB)")
     p.add_argument("--max-queue", type=_positive, default=64, help="most requests waiting; more get 429 (default 64)")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
+    p.add_argument("--drain-timeout", type=Bounded(0, _MAX_SECONDS, real=True), default=30.0,
                    help="on SIGINT/SIGTERM, seconds in-flight requests may take to finish (default 30)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress or access lines on stderr")
     p.set_defaults(func=_serve)

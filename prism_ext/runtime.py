@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from . import kernels
+from .checks import check_count
 from ._version import __version__
 from .api import PrismModel, PrismOutput, load
 from .comm.dist import DistTransport, TaskThread
@@ -111,8 +112,12 @@ def _check_timeout(timeout) -> float:
     return float(timeout)
 
 
-def _set_threads(threads: int | None) -> None:
+def set_threads(threads: int | None) -> None:
+    """This process's torch and kernel threads (None: leave them)."""
     if threads is not None:
+        # Checked before torch sees it: torch.set_num_threads(100000) succeeds,
+        # and the process then dies at exit (SIGSEGV).
+        threads = check_count(threads, "threads", 1, kernels._C.max_threads())
         torch.set_num_threads(threads)
         kernels.set_num_threads(threads)
 
@@ -275,7 +280,7 @@ class Cluster:
             self.settings["device_weights"] = RunOptions(device_weights=device_weights).to_meta()["device_weights"]
         self._runner = TaskThread("prism-rank0")  # rank 0's part of each request
         try:
-            _set_threads(threads)
+            set_threads(threads)
             # Under torchrun its agent already serves the rendezvous store at MASTER_PORT: join it as a client.
             agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
             # A previous cluster's store listens until its last reference goes, and a failed
@@ -681,7 +686,7 @@ def worker_main(master: str, rank: int, world: int, *, token: str | None = None,
         raise ValueError("rank: rank 0 is the coordinator (prism run / prism_ext.cluster), not a worker")
     timeout = _check_timeout(timeout)
     token_b = _token_bytes(token)
-    _set_threads(threads)
+    set_threads(threads)
     closing = threading.Event()
     g = None
     try:

@@ -22,6 +22,7 @@ BAD_VALUES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 # (nq, nk, dh): a few queries (the keys-in-lanes SIMD path), many queries
 # (query tiles), and several key blocks with a ragged head size.
 SHAPES = [(1, 5, 8), (3, 70, 19), (40, 9, 16), (33, 130, 8)]
+SEGMENT_BLOCK = 256  # rows per float32 partial sum (kSegmentMeansBlock, csrc/kernels/segment_means)
 
 
 def poison(t: torch.Tensor, value: float, gen: torch.Generator) -> torch.Tensor:
@@ -136,6 +137,50 @@ def test_segment_means_non_finite(isa, value):
                 want, _ = reference.segment_means(xv, seg, valid)
             check(got, want)
             torch.testing.assert_close(counts, want_counts)
+
+
+# ---------------------------------------------------------------- long segments
+
+
+def test_segment_mean_of_2_25_ones_is_one(isa):
+    """A float32 accumulator stops growing at 2**24 (adding 1 rounds away):
+    the mean of 2**25 ones came out 0.5."""
+    x = torch.ones(1, 2**25, 1)
+    means, counts = kernels.segment_means(x, 2**25)
+    assert means.item() == 1.0 and counts.item() == 2**25
+    valid = torch.arange(2**25) % 3 != 1  # the masked path too
+    means, counts = kernels.segment_means(x, 2**25, valid=valid[None])
+    assert means.item() == 1.0
+    assert counts.item() == valid.sum().float().item()  # counts are float32: exact only up to 2**24
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_long_segments_are_exact_on_every_column_path(isa, masked):
+    """1 + 2**-10 per row: once a float32 sum passes 2**15 every addition
+    rounds the 2**-10 away (the old kernels' mean of 2**17 rows was off by
+    7e-4); blocks of float32 sums flushed into float64 keep it exact. 149
+    columns reach every column block, single vector and tail of every ISA."""
+    n, d = 2**17, 149
+    value = 1 + 2**-10
+    x = torch.full((1, n, d), value)
+    valid = (torch.arange(n) % 7 != 3)[None] if masked else None
+    means, _ = kernels.segment_means(x, n // 2 + 5, valid=valid)  # a long segment and a shorter last one
+    assert torch.equal(means, torch.full_like(means, value))
+
+
+@pytest.mark.parametrize("n, d, seg", [(2**21, 3, 2**21), (3 * 2**17 + 11, 21, 2**17 - 3)])
+def test_long_segments_against_a_float64_reference(isa, n, d, seg):
+    """Random rows (mean far from zero, so the sum grows like a saturating
+    one) against float64: within (block + 3) units of float32 roundoff of
+    mean |x|, the bound of blocked float32 sums flushed into float64."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(1, n, d, generator=gen) * 3 + 10
+    valid = torch.rand(1, n, generator=gen) > 0.1
+    for kw in ({}, {"valid": valid}):
+        got, _ = kernels.segment_means(x, seg, **kw)
+        want, _ = reference.segment_means(x.double(), seg, *kw.values())
+        bound = (SEGMENT_BLOCK + 3) * 2.0**-24 * 13  # |x| < 13
+        assert (got.double() - want).abs().max().item() <= bound
 
 
 # ---------------------------------------------------------------- integer ranges

@@ -15,11 +15,11 @@ ROOT = Path(prism_ext.__file__).resolve().parent
 
 # Lowest first. A group is a subpackage, or a top-level module; cli_* modules are one group.
 LAYERS = [
-    {"_version", "_C", "util", "zoo", "comm", "inputs"},  # leaves: formats, data, helpers
+    {"_version", "_C", "checks", "util", "zoo", "comm", "inputs"},  # leaves: checks, formats, data, helpers
     {"kernels"},  # the face of the C++ kernels
     {"models"},  # checkpoints -> blocks
     {"method"},  # partition, attention, the engine, the twin: knows nothing of transports it is not handed
-    {"options", "checks"},  # RunOptions
+    {"options"},  # RunOptions
     {"executor"},  # a request: planned, encoded, run by each device; the in-process executor
     {"api"},  # the model face
     {"runtime"},  # the cluster executor: processes over gloo

@@ -12,17 +12,18 @@ checked before use.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from ..checks import warn_if_coarse
+from ..checks import check_count
 from ..comm.local import LocalGroup
 from ..comm.wire import check_wire_dtype, decode_message, encode
 from ..method.engine import OUTPUTS, Collected, ExactRows, GenerateOptions, RunConfig, RunStats, generate_request, run_request
 from ..models import Network
 from ..options import MODES, RunOptions
-from ..method.partition import Partition, partition
+from ..method.partition import AccuracyWarning, Partition, coarse_warning, partition
 
 __all__ = ["Request", "plan", "layout", "local_inputs", "encode_request", "decode_request", "run", "run_stats",
            "simulate", "count_inputs"]
@@ -93,6 +94,16 @@ class Request:
         return cls(op, cfg, mode, tuple(tuple(r) for r in ranges), batch, tuple(outputs), gen)
 
 
+def warn_if_coarse(part: Partition, mode: str, crs) -> None:
+    """An AccuracyWarning when a PRISM run leaves some device fewer than about
+    two segments (see :func:`prism_ext.method.partition.coarse_warning`)."""
+    if mode != "prism":
+        return
+    msg = coarse_warning(part, crs)
+    if msg:
+        warnings.warn(msg, AccuracyWarning, stacklevel=3)
+
+
 def plan(net: Network, inputs: dict, options: RunOptions, *, devices: int, special_ids=(),
          generate: GenerateOptions | None = None) -> Request:
     """Check a request on rank 0, before anything is sent: every error here
@@ -112,10 +123,7 @@ def layout(net: Network, n: int, devices: int, options: RunOptions, special_ids=
     """The checks of :func:`plan` that need only the input's length ``n``:
     the engine's per-layer settings and each device's positions. Jobs call it
     before they start anything."""
-    if isinstance(devices, bool) or not isinstance(devices, int):
-        raise TypeError(f"devices: expected an int, got {type(devices).__name__}")
-    if devices < 1:
-        raise ValueError(f"devices: must be >= 1, got {devices}")
+    devices = check_count(devices, "devices")
     mode = options.mode
     if generating and mode not in ("prism", "single"):
         raise ValueError(f"mode: generation runs in prism or single mode, not {mode!r}")

@@ -15,6 +15,8 @@ from typing import Sequence
 
 import torch
 
+from ..checks import MAX_COUNT, check_count
+
 __all__ = [
     "Partition",
     "partition",
@@ -29,19 +31,6 @@ __all__ = [
 ]
 
 
-# Counts (positions, devices, CR) are checked against this before any
-# arithmetic: positions travel as int32, and nothing larger is meaningful.
-MAX_COUNT = 2**31 - 1
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name}: must be >= 1, got {value}")
-    if value > MAX_COUNT:
-        raise ValueError(f"{name}: must be <= {MAX_COUNT}, got {value}")
-    return value
 
 
 class AccuracyWarning(UserWarning):
@@ -95,8 +84,8 @@ def partition(n: int, devices: int, weights: Sequence[float] | None = None) -> P
     Each device first gets one position; the remaining ``n - devices`` are
     shared by largest remainder, ties going to the lower rank.
     """
-    n = _positive_int(n, "n")
-    devices = _positive_int(devices, "devices")
+    n = check_count(n, "n")
+    devices = check_count(devices, "devices")
     if devices > n:
         raise ValueError(f"devices: {devices} devices need at least {devices} positions, the input has {n}")
     if weights is None:
@@ -205,5 +194,5 @@ def cr_schedule(cr, layers: int) -> list[int]:
     if isinstance(cr, (list, tuple)):
         if len(cr) != layers:
             raise ValueError(f"cr: a per-layer schedule needs {layers} values (one per layer), got {len(cr)}")
-        return [_positive_int(c, "cr") for c in cr]
-    return [_positive_int(cr, "cr")] * layers
+        return [check_count(c, "cr") for c in cr]
+    return [check_count(cr, "cr")] * layers

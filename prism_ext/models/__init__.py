@@ -13,7 +13,7 @@ import torch
 from . import bert, gpt2, vit
 from .common import Block, Network, Weights
 
-__all__ = ["Block", "Network", "FAMILIES", "load_network", "resolve", "read_tensors", "write_checkpoint"]
+__all__ = ["Block", "Network", "FAMILIES", "load_network", "resolve", "read_json", "read_tensors", "write_checkpoint"]
 
 FAMILIES = {m.MODEL_TYPE: m for m in (gpt2, bert, vit)}
 
@@ -91,20 +91,72 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+# Real configs and shard indexes nest 3 or 4 levels; anything deeper is
+# refused before code that walks it (json, digests) can exceed the recursion limit.
+_MAX_JSON_DEPTH = 32
+
+
+def _json_depth(value) -> int:
+    """Nesting depth of a parsed JSON value, without recursion."""
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        level = [v for item in level if isinstance(item, (dict, list))
+                 for v in (item.values() if isinstance(item, dict) else item)]
+    return depth - 1
+
+
+def read_json(path: Path, what: str):
+    """A checkpoint's JSON file, or one line ``what: PATH ...`` saying why not."""
+    try:
+        value = json.loads(path.read_text())
+    except RecursionError:  # the parser itself ran out of stack
+        value = None
+        deep = True
+    except ValueError as exc:  # also undecodable bytes
+        raise ValueError(f"{what}: {path} is not valid JSON ({exc})") from None
+    else:
+        deep = _json_depth(value) > _MAX_JSON_DEPTH
+    if deep:
+        raise ValueError(f"{what}: {path} nests deeper than {_MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _shard_path(directory: Path, shard, index: Path) -> Path:
+    """A shard an index names: a relative path inside ``directory`` (no
+    absolute path, no ``..``, no symlink that leads out of it). A snapshot of
+    the Hugging Face cache links its files into the repository's blobs/,
+    which is allowed too."""
+    if not isinstance(shard, str) or not shard:
+        raise ValueError(f"weights: {index} names a shard that is not a file name: {shard!r}")
+    rel = Path(shard)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"weights: {index} names shard {shard!r} outside the checkpoint folder")
+    path = directory / rel
+    real, roots = path.resolve(), [directory.resolve()]
+    if directory.parent.name == "snapshots":  # models--org--name/snapshots/REV -> models--org--name/blobs
+        roots.append((directory.parent.parent / "blobs").resolve())
+    if not any(real.is_relative_to(root) for root in roots):
+        raise ValueError(f"weights: {index} names shard {shard!r}, which leads outside the checkpoint folder "
+                         f"(to {real})")
+    return path
+
+
 def read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
     """All tensors of a checkpoint (single file or shards) and a name for errors."""
     for index_name in (_SAFE_INDEX, _BIN_INDEX):
         index = directory / index_name
         if index.is_file():
             try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, TypeError) as exc:
+                shards = sorted(set(read_json(index, "weights")["weight_map"].values()), key=str)
+            except (KeyError, TypeError, AttributeError) as exc:
                 raise ValueError(f"weights: {index} is not a valid shard index ({exc})") from None
+            paths = [_shard_path(directory, shard, index) for shard in shards]  # every name before any read
             tensors = {}
-            for shard in shards:
-                if not (directory / shard).is_file():
+            for shard, path in zip(shards, paths):
+                if not path.is_file():
                     raise FileNotFoundError(f"weights: shard {shard} listed in {index} is missing")
-                tensors.update(_load_file(directory / shard))
+                tensors.update(_load_file(path))
             return tensors, str(index)
     for name in (_SAFE, _BIN):
         if (directory / name).is_file():
@@ -116,10 +168,7 @@ def read_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"path: {directory} has no config.json")
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ValueError(f"config.json: {path} is not valid JSON ({exc})") from None
+    config = read_json(path, "config.json")
     if not isinstance(config, dict):
         raise ValueError(f"config.json: {path} must hold a JSON object")
     return config

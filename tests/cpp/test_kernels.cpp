@@ -13,8 +13,12 @@
 // Tolerances (u = 2^-24, the float32 unit roundoff), all worst-case bounds so
 // no test is flaky, yet far below the O(0.1) error of a masking or indexing bug:
 // - segment_means: every ISA adds the rows of a column in row order, one lane
-//   per column, so SIMD and serial must agree bit for bit; against float64 a
-//   sum of c rows is within c*u of the exact one.
+//   per column, in float32 blocks of B = kSegmentMeansBlock rows flushed into
+//   a float64 total, so SIMD and serial must agree bit for bit; against
+//   float64 a mean of c rows is within (min(c, B) + 2)*u of the exact one
+//   relative to mean |x| (a block's float32 sum, then float(total), 1/c and
+//   the product). Long segments (2**25 rows) must come out exact where every
+//   block sum is exact.
 // - masked_softmax: the logits z are formed in the same float32 order by every
 //   ISA; what differs is exp (exp_ps ~2 ulp vs std::exp) and the order of the
 //   row sum (relative error <= nk*u for positive terms), so rtol = 2(nk+8)u,
@@ -27,7 +31,7 @@
 //   only the bias rounding remains. Errors are bounded relative to max|v|
 //   since out is a convex combination of v rows (which may cancel).
 //
-// Usage: test_kernels [group ...]; groups: isa segment_means
+// Usage: test_kernels [group ...]; groups: isa segment_means segment_means_long
 // compressed_attention masked_softmax threadpool thread_split bad_args (default: all).
 #include <algorithm>
 #include <atomic>
@@ -46,6 +50,7 @@
 #include <vector>
 
 #include "isa.h"
+#include "kernels/segment_means/segment_means.h"
 #include "ops.h"
 #include "threadpool.h"
 
@@ -208,7 +213,7 @@ void run_segment_case(const SegCase& c, uint64_t seed) {
       ref_counts[b * m + s] = static_cast<float>(cnt);
       for (int64_t k = 0; cnt && k < c.d; ++k) {
         ref_means[(b * m + s) * c.d + k] /= cnt;
-        bound[(b * m + s) * c.d + k] *= (cnt + 2) * kU / cnt;
+        bound[(b * m + s) * c.d + k] *= (std::min(cnt, prism::kSegmentMeansBlock) + 2) * kU / cnt;
       }
     }
 
@@ -256,6 +261,47 @@ void test_segment_means() {
   // Large enough to be split over the thread pool, with a short last segment.
   run_segment_case({2, 1000, 768, 7, 0, 0}, seed++);
   run_segment_case({3, 999, 200, 16, 5, 1}, seed++);
+  // Segments of many blocks (a block and one row, many blocks and a ragged
+  // last one), every column path, masked and not.
+  run_segment_case({1, 2 * prism::kSegmentMeansBlock + 2, 149, prism::kSegmentMeansBlock + 1, 0, 0}, seed++);
+  run_segment_case({2, 20000, 149, 7000, 3, 0}, seed++);
+  run_segment_case({1, 20000, 37, 9000, 0, 1}, seed++);
+  run_segment_case({1, 30011, 21, 30011, 2, 2}, seed++);
+}
+
+// Means that must come out exact: every block sum is exact in float32, so
+// only the float64 total can lose them. A float32 running sum stops growing
+// at 2**24 rows of ones (the mean of 2**25 came out 0.5), and drops the 2**-10
+// of 1 + 2**-10 once it passes 2**15.
+void run_exact_long_segment(int64_t n, int64_t d, float value, bool masked) {
+  std::vector<float> x(n * d, value);
+  std::vector<uint8_t> valid(n);
+  int64_t cnt = 0;
+  for (int64_t r = 0; r < n; ++r) cnt += valid[r] = masked ? (r % 3 != 1) : 1;
+  char shape[96];
+  std::snprintf(shape, sizeof shape, "n=%lld d=%lld value=%.9g masked=%d", (long long)n, (long long)d, value, masked);
+  for (Isa isa : prism::available_isas()) {
+    const std::string what = tag("segment_means long", isa, shape);
+    Guarded means(d), counts(1);
+    prism::SegmentMeansProblem p{x.data(), masked ? valid.data() : nullptr, means.data(), counts.data(), 1, n, d, n,
+                                 n * d, d};
+    prism::segment_means_f32(p, isa);
+    EXPECT(means.guard_intact() && counts.guard_intact(), what + ": writes stay inside the outputs");
+    EXPECT(counts.buf[0] == static_cast<float>(cnt), what + ": count (float32)");
+    ++g_checks;
+    for (int64_t k = 0; k < d; ++k)
+      if (means.buf[k] != value) {
+        fail(what + ": mean of column " + std::to_string(k) + " = " + std::to_string(means.buf[k]));
+        break;
+      }
+  }
+}
+
+void test_segment_means_long() {
+  run_exact_long_segment(int64_t{1} << 25, 1, 1.0f, false);
+  run_exact_long_segment(int64_t{1} << 25, 1, 1.0f, true);
+  run_exact_long_segment(int64_t{1} << 17, 149, 1.0f + 1.0f / 1024, false);  // every column path of every ISA
+  run_exact_long_segment(int64_t{1} << 17, 149, 1.0f + 1.0f / 1024, true);
 }
 
 // ---------------------------------------------------------------- compressed attention
@@ -910,6 +956,7 @@ void test_thread_split() {
 
 const Group kGroups[] = {{"isa", test_isa},
                          {"segment_means", test_segment_means},
+                         {"segment_means_long", test_segment_means_long},
                          {"compressed_attention", test_compressed_attention},
                          {"masked_softmax", test_masked_softmax},
                          {"threadpool", test_threadpool},
