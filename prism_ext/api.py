@@ -3,6 +3,7 @@ devices in this process (an in-process transport per call)."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from collections.abc import Mapping
@@ -13,7 +14,8 @@ import torch
 from .method.engine import ExactRows, GenerateOptions, RunStats
 from .models import Network, load_network
 from .options import RunOptions, run_options
-from .executor.request import plan, run_stats, simulate
+from .executor import Executor, InProcess
+from .executor.request import plan, run_stats
 
 __all__ = ["load", "PrismModel", "PrismOutput"]
 
@@ -50,8 +52,9 @@ class PrismOutput(Mapping):
 class PrismModel:
     """A checkpoint loaded for PRISM inference; see :func:`load`."""
 
-    def __init__(self, net: Network, directory: Path | None = None):
+    def __init__(self, net: Network, directory: Path | None = None, executor: Executor | None = None):
         self.net = net
+        self.executor = InProcess() if executor is None else executor
         self.config = net.config
         self.model_type = net.model_type
         self.directory = directory
@@ -130,11 +133,29 @@ class PrismModel:
             raise ValueError(f"inputs: {self.net.input_names[0]} is required")
         return given
 
+    def with_executor(self, executor: Executor) -> "PrismModel":
+        """This model (the same network, tokenizer and files) with its calls
+        run by ``executor`` (:func:`prism_ext.cluster` binds one to a cluster)."""
+        other = copy.copy(self)
+        other.executor = executor
+        return other
+
+    def close(self) -> None:
+        """Stop the executor's devices (a cluster's processes); the in-process ones need nothing."""
+        self.executor.close()
+
+    def __enter__(self) -> "PrismModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @torch.no_grad()
-    def __call__(self, inputs=None, *, devices: int = 1, options: RunOptions | None = None,
+    def __call__(self, inputs=None, *, devices: int | None = None, options: RunOptions | None = None,
                  **kwargs) -> PrismOutput:
-        """Run the model over ``devices`` simulated devices (threads of this
-        process; :func:`prism_ext.cluster` runs them as processes).
+        """Run the model over ``devices`` devices: threads of this process
+        (default 1), or the processes of the cluster this model is bound to
+        (:func:`prism_ext.cluster`; default all of them, 1: rank 0 alone).
 
         ``inputs``: what the HF model takes (``input_ids`` [+ ``attention_mask``,
         ``token_type_ids``] or ``pixel_values``), as a mapping, a tensor (the
@@ -144,12 +165,13 @@ class PrismModel:
         exact_rows="special", outputs=("pooled",))``; see RunOptions for each.
         """
         inputs, options = self.split_arguments(inputs, options, kwargs)
+        devices, options = self.executor.resolve(devices, options)
         request = plan(self.net, inputs, options, devices=devices, special_ids=self.special_ids)
-        collected = simulate(self.net, inputs, request)
+        collected = self.executor.execute(self.net, inputs, request)
         return PrismOutput(collected.fields, run_stats(request, collected))
 
     @torch.no_grad()
-    def generate(self, input_ids, *, devices: int = 1, options: RunOptions | None = None,
+    def generate(self, input_ids, *, devices: int | None = None, options: RunOptions | None = None,
                  max_new_tokens: int = 20, temperature: float = 0.0, top_k: int | None = None,
                  seed: int | None = None, eos_token_id: int | None = None, return_stats: bool = False,
                  on_token=None, **kwargs):
@@ -168,8 +190,9 @@ class PrismModel:
         ``(prefill RunStats, DecodeStats)`` (per generated token after the first).
         """
         sampling = GenerateOptions(max_new_tokens, temperature, top_k, seed, eos_token_id, on_token is not None)
-        inputs, request = self.generate_request(input_ids, devices, run_options(options, **kwargs), sampling)
-        collected = simulate(self.net, inputs, request, on_token)
+        devices, options = self.executor.resolve(devices, run_options(options, **kwargs))
+        inputs, request = self.generate_request(input_ids, devices, options, sampling)
+        collected = self.executor.execute(self.net, inputs, request, on_token)
         ids = torch.cat([inputs["input_ids"].long(), collected.tokens], dim=1)
         return (ids, run_stats(request, collected), collected.decode) if return_stats else ids
 

@@ -47,7 +47,8 @@ from .api import PrismModel, PrismOutput, load
 from .comm.dist import DistTransport, TaskThread
 from .method.engine import Collected, GenerateOptions
 from .options import RunOptions, run_options
-from .executor.request import Request, count_inputs, decode_request, encode_request, local_inputs, plan, run, run_stats, simulate
+from .executor.local import simulate
+from .executor.request import Request, count_inputs, decode_request, encode_request, local_inputs, plan, run, run_stats
 
 __all__ = ["Cluster", "ClusterError", "HandshakeError", "cluster", "worker_main", "worker_exit", "DEFAULT_TIMEOUT"]
 

@@ -16,7 +16,8 @@ from prism_ext.method.engine import RunConfig
 from prism_ext.models import load_network, write_checkpoint
 from prism_ext.options import RunOptions
 from prism_ext.method.partition import AccuracyWarning, partition
-from prism_ext.executor.request import plan, simulate
+from prism_ext.executor.local import simulate
+from prism_ext.executor.request import plan
 
 FAMILIES = ("gpt2", "bert", "vit")
 TOL = 1e-4  # float32 SDPA against the C++ kernels; the largest error seen is ~2e-6

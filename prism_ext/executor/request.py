@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import check_count
-from ..comm.local import LocalGroup
 from ..comm.wire import check_wire_dtype, decode_message, encode
 from ..method.engine import OUTPUTS, Collected, ExactRows, GenerateOptions, RunConfig, RunStats, generate_request, run_request
 from ..models import Network
@@ -26,7 +25,7 @@ from ..options import MODES, RunOptions
 from ..method.partition import AccuracyWarning, Partition, coarse_warning, partition
 
 __all__ = ["Request", "plan", "layout", "local_inputs", "encode_request", "decode_request", "run", "run_stats",
-           "simulate", "count_inputs"]
+           "count_inputs"]
 
 OPS = ("forward", "generate")
 
@@ -183,22 +182,6 @@ def run(net: Network, request: Request, local: dict, rank: int, transport, on_to
 
 def run_stats(request: Request, collected: Collected) -> RunStats:
     return RunStats(request.mode, request.cfg.crs, request.cfg.wire_dtype, request.partition, collected.devices)
-
-
-def simulate(net: Network, inputs: dict, request: Request, on_token=None) -> Collected:
-    """Run ``request`` on in-process devices (threads taking turns, see
-    :mod:`prism_ext.comm.local`), each from the bytes it would have received.
-    ``on_token``: a streamed generation's callback, as on a live cluster."""
-    devices = len(request.ranges)
-    blobs = [encode_request(request, local_inputs(net, inputs, request, r)) for r in range(devices)]
-
-    def device(rank: int):
-        def program(transport):
-            req, local = decode_request(blobs[rank], net, rank, devices)
-            return run(net, req, local, rank, transport, on_token if rank == 0 else None)
-        return program
-
-    return count_inputs(LocalGroup(devices).run([device(r) for r in range(devices)])[0], blobs)
 
 
 def count_inputs(collected: Collected, blobs: list[bytes]) -> Collected:
