@@ -43,7 +43,7 @@ def _serve(args: argparse.Namespace) -> int:
                    host=args.host, port=args.port, api_key=args.api_key or os.environ.get("PRISM_API_KEY"),
                    cr=args.cr, mode=args.mode, max_cr=args.max_cr, max_batch=args.max_batch,
                    batch_wait=args.batch_wait_ms / 1000, max_tokens=args.max_tokens, max_inputs=args.max_inputs,
-                   max_body=args.max_body, max_queue=args.max_queue, drain_timeout=args.drain_timeout,
+                   max_body=args.max_body, body_timeout=args.body_timeout, max_queue=args.max_queue, drain_timeout=args.drain_timeout,
                    quiet=args.quiet)
     if args.modes is not None:
         options["modes"] = args.modes
@@ -95,6 +95,8 @@ def register(sub) -> None:
     p.add_argument("--max-tokens", type=_positive, default=256, help="largest max_tokens of a completion (default 256)")
     p.add_argument("--max-inputs", type=_positive, default=32, help="most texts or images in one request (default 32)")
     p.add_argument("--max-body", type=_positive, default=1 << 20, help="largest request body, bytes (default 1 MiB)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive; slower ones get 408 (default 30)")
     p.add_argument("--max-queue", type=_positive, default=64, help="most requests waiting; more get 429 (default 64)")
     p.add_argument("--drain-timeout", type=Bounded(0, _MAX_SECONDS, real=True), default=30.0,
                    help="on SIGINT/SIGTERM, seconds in-flight requests may take to finish (default 30)")

@@ -34,6 +34,7 @@ import hmac
 import json
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -46,6 +47,8 @@ import pydantic
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from ._version import __version__
 from .api import PrismModel
@@ -91,6 +94,7 @@ class ServeOptions:
     max_tokens: int = 256
     max_inputs: int = 32
     max_body: int = 1 << 20
+    body_timeout: float = 30.0  # seconds a request body may take to arrive, whatever its framing
     max_queue: int = 64
     max_image_pixels: int = 4096 * 4096
     drain_timeout: float = 30.0
@@ -101,6 +105,9 @@ class ServeOptions:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        if isinstance(self.body_timeout, bool) or not isinstance(self.body_timeout, (int, float)) \
+                or not 0 < self.body_timeout <= 3600:
+            raise ValueError(f"body_timeout: expected seconds in (0, 3600], got {self.body_timeout!r}")
         if not 0 <= self.batch_wait <= 10:
             raise ValueError(f"batch_wait: expected seconds in [0, 10], got {self.batch_wait!r}")
         if self.mode not in MODES:
@@ -129,7 +136,8 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers
         self.kind = kind or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                             405: "invalid_request_error", 411: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                             405: "invalid_request_error", 408: "invalid_request_error",
+                             413: "invalid_request_error", 429: "rate_limit_error",
                              503: "service_unavailable"}.get(status, "server_error")
 
     def response(self) -> JSONResponse:
@@ -231,7 +239,8 @@ class Job:
     inputs: list  # token id lists (text) or pixel tensors [1, C, H, W] (images)
     settings: RunOptions  # cr, mode and knobs
     options: dict = field(default_factory=dict)  # generation options
-    on_token: object = None  # streaming callback (rank 0's request thread)
+    on_token: object = None  # streaming callback (rank 0's request thread); returning False ends the generation
+    cancelled: threading.Event = field(default_factory=threading.Event)  # set when its client is gone
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     arrived: float = field(default_factory=time.monotonic)
 
@@ -493,6 +502,9 @@ class Backend:
             start += k
 
     def _generate(self, job: Job) -> None:
+        if job.cancelled.is_set():  # its client left while it waited: nothing to generate for
+            job.future.set_exception(ApiError(400, "client: disconnected before the generation started"))
+            return
         c = self.cluster
         ids = torch.tensor([job.inputs[0]])
         t0 = time.monotonic()
@@ -508,8 +520,19 @@ class Backend:
 
 
 def _unavailable(reason: str) -> ApiError:
-    return ApiError(503, f"cluster unavailable: {reason}; the server is forming it again, retry shortly",
+    return ApiError(503, f"cluster unavailable: {_clean(reason)}; the server is forming it again, retry shortly",
                     headers={"Retry-After": "2"})
+
+
+# A source location in a library's message ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] "):
+# of no use to an HTTP client, and it tells an outsider what the server runs.
+_SOURCE = re.compile(r"\[[^\]\s]*\.(?:c|cc|cpp|cxx|h|hpp|py)(?::\d+)?\]\s*|[^\s()\[\]]*/[^\s()\[\]]*\.(?:c|cc|cpp|cxx|h|hpp|py)"
+                     r"(?::\d+)?")
+
+
+def _clean(reason: str | None) -> str | None:
+    """A failure's reason as clients see it: the rank and what happened, no source paths."""
+    return None if reason is None else re.sub(r"\s{2,}", " ", _SOURCE.sub("", reason)).replace("()", "").strip()
 
 
 def prism_stats(stats) -> dict:
@@ -571,16 +594,21 @@ class _Api:
         except (ValueError, TypeError) as exc:
             raise _user_error(exc, _RENAME[endpoint]) from None
 
-    def check_plan(self, inputs: dict, settings: RunOptions, endpoint: str, outputs=None) -> None:
-        """Every check the cluster call would make, before the request queues."""
+    def check_plan(self, inputs: dict, settings: RunOptions, endpoint: str, where: str | None = None,
+                   outputs=None) -> None:
+        """Every check the cluster call would make, before the request queues
+        (``where``: the input's field, ``input[1]`` for an item of a list)."""
         devices = 1 if settings.mode == "single" else self.b.devices
+        rename = _RENAME[endpoint] if where is None else {**_RENAME[endpoint],
+                                                          **{k: where for k, v in _RENAME[endpoint].items()
+                                                             if v in ("input", "prompt")}}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # coarse-partition warnings: the stats show the partition
                 plan(self.net, inputs, settings if outputs is None else settings.replace(outputs=outputs),
                      devices=devices, special_ids=self.model.special_ids)
         except (ValueError, TypeError) as exc:
-            raise _user_error(exc, _RENAME[endpoint]) from None
+            raise _user_error(exc, rename) from None
 
     def texts(self, value, endpoint: str, room: int = 0) -> list[list[int]]:
         field_name = "prompt" if endpoint == "completions" else "input"
@@ -592,7 +620,7 @@ class _Api:
                            field_name)
         out = []
         for i, text in enumerate(items):
-            where = field_name if isinstance(value, str) else f"{field_name}[{i}]"
+            where = _item(field_name, value, i)
             if not text:
                 raise ApiError(400, f"{where}: must be a non-empty string", where)
             try:
@@ -628,23 +656,42 @@ class _Api:
         return await asyncio.wrap_future(self.b.submit(job))
 
 
-async def _read_json(request: Request, limit: int):
-    body = await _read_body(request, limit)
+def _json(body: bytes):
     try:
         return json.loads(body)
+    except RecursionError:
+        raise ApiError(400, "body: JSON nested too deeply", "body") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"body: not valid JSON ({exc})", "body") from None
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_json(request: Request, o: ServeOptions):
+    return await run_in_threadpool(_json, await _read_body(request, o))  # a 1 MiB body: off the event loop
+
+
+async def _read_body(request: Request, o: ServeOptions) -> bytes:
+    """The body, as read: at most ``max_body`` bytes whatever the framing
+    (Content-Length, chunked, or both), within ``body_timeout`` seconds."""
+    limit = o.max_body
     length = request.headers.get("content-length")
-    if length is None:
-        raise ApiError(411, "Content-Length: required (bodies are size-limited)", "Content-Length")
-    if not length.isdigit():
-        raise ApiError(400, f"Content-Length: not a number: {length!r}", "Content-Length")
-    if int(length) > limit:
-        raise ApiError(413, f"body: {length} bytes exceed the server's limit of {limit}", "body")
-    return await request.body()
+    if length is not None:  # announced too big: refused before reading (chunked framing is counted below)
+        if not length.isdigit():
+            raise ApiError(400, f"Content-Length: not a number: {length!r}", "Content-Length")
+        if int(length) > limit:
+            raise ApiError(413, f"body: {length} bytes exceed the server's limit of {limit}", "body")
+    body = bytearray()
+    try:
+        async with asyncio.timeout(o.body_timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, f"body: more than the server's limit of {limit} bytes", "body")
+    except TimeoutError:
+        raise ApiError(408, f"body: not received within {o.body_timeout:g} s (the server's limit)", "body") from None
+    except ClientDisconnect:
+        raise ApiError(400, "body: the client disconnected while sending it", "body") from None
+    request._body = bytes(body)  # Starlette's cache of the body: request.form() parses these bytes
+    return request._body
 
 
 def _auth_ok(request: Request, key: str) -> bool:
@@ -715,8 +762,19 @@ def create_app(backend: Backend) -> FastAPI:
             except ApiError as exc:
                 response = exc.response()
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        if not isinstance(response, StreamingResponse) or response.status_code != 200:
+        body = getattr(response, "body_iterator", None)
+        if body is None:
             metrics.latency.labels(endpoint).observe(time.monotonic() - t0)
+            return response
+
+        async def timed():  # to the last byte (a stream's last event), once
+            try:
+                async for chunk in body:
+                    yield chunk
+            finally:
+                metrics.latency.labels(endpoint).observe(time.monotonic() - t0)
+
+        response.body_iterator = timed()
         return response
 
     @app.exception_handler(ApiError)
@@ -738,6 +796,11 @@ def create_app(backend: Backend) -> FastAPI:
     @app.get("/health")
     async def health():
         state = await asyncio.get_running_loop().run_in_executor(None, backend.health)
+        if "reason" in state:
+            state["reason"] = _clean(state["reason"])
+        for rank in state.get("ranks", ()):
+            if "reason" in rank:
+                rank["reason"] = _clean(rank["reason"])
         return JSONResponse(state, status_code=200 if state["status"] == "ok" else 503)
 
     @app.get("/metrics")
@@ -759,7 +822,7 @@ def create_app(backend: Backend) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = _parse(CompletionRequest, await _read_json(request, o.max_body))
+        req = _parse(CompletionRequest, await _read_json(request, o))
         api.needs("completions")
         settings = api.settings(req, "completions")
         if not 1 <= req.max_tokens <= o.max_tokens:
@@ -768,7 +831,7 @@ def create_app(backend: Backend) -> FastAPI:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ApiError(400, "stop: up to 4 non-empty strings", "stop")
-        ids = api.texts(req.prompt, "completions", room=req.max_tokens)[0]
+        ids = (await run_in_threadpool(api.texts, req.prompt, "completions", req.max_tokens))[0]
         eos = backend.model.config.get("eos_token_id")
         eos = eos if isinstance(eos, int) and 0 <= eos < int(backend.model.config.get("vocab_size") or 0) else None
         options = {"max_new_tokens": req.max_tokens, "temperature": req.temperature, "top_k": req.top_k,
@@ -784,6 +847,18 @@ def create_app(backend: Backend) -> FastAPI:
         cid = f"cmpl-{uuid.uuid4().hex[:24]}"
         head = {"id": cid, "object": "text_completion", "created": created, "model": backend.name}
         text = _TextStream(backend.model, stops)
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def on_token(t: torch.Tensor) -> bool:  # rank 0's request thread, as each token arrives
+            token = int(t[0])
+            if eos is None or token != eos:
+                piece = text.push(token)
+                if piece and req.stream:
+                    loop.call_soon_threadsafe(pieces.put_nowait, piece)
+            # False ends the generation: its text is complete (a stop string), or its client is gone
+            return not (text.stopped or cancelled.is_set())
 
         def finish_reason(new: list[int]) -> str:
             return "stop" if text.stopped or (eos is not None and new and new[-1] == eos) else "length"
@@ -793,25 +868,19 @@ def create_app(backend: Backend) -> FastAPI:
                               "total_tokens": len(ids) + len(new)},
                     "prism": {**prism, "seed": options["seed"]}}
 
+        # Tokens come one by one (and decoding can end early) when streaming or watching for a stop string.
+        job = Job("completions", [ids], settings, options, on_token=on_token if req.stream or stops else None,
+                  cancelled=cancelled)
         if not req.stream:
-            new, prism = await api.run(Job("completions", [ids], settings, options))
-            for t in new:
-                if eos is not None and t == eos:
-                    break
-                text.push(t)
+            new, prism = await api.run(job)
+            if job.on_token is None:
+                for t in new:
+                    on_token(torch.tensor([t]))
             return {**head, "choices": [{"text": text.text, "index": 0, "logprobs": None,
                                          "finish_reason": finish_reason(new)}], **body(new, prism)}
 
-        loop = asyncio.get_running_loop()
-        tokens: asyncio.Queue = asyncio.Queue()
-
-        def on_token(t: torch.Tensor) -> None:  # the cluster's request thread
-            loop.call_soon_threadsafe(tokens.put_nowait, int(t[0]))
-
-        job = Job("completions", [ids], settings, options, on_token=on_token)
         future = backend.submit(job)  # refused now (503, 429) rather than inside a 200 stream
         done = asyncio.wrap_future(future)
-        t0 = time.monotonic()
 
         def event(obj) -> bytes:
             return f"data: {json.dumps(obj)}\n\n".encode()
@@ -819,20 +888,15 @@ def create_app(backend: Backend) -> FastAPI:
         async def stream():
             try:
                 while True:
-                    getter = asyncio.ensure_future(tokens.get())
+                    getter = asyncio.ensure_future(pieces.get())
                     await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
                     if not getter.done():
                         getter.cancel()
-                        if tokens.empty():
+                        if pieces.empty():
                             break
                         continue
-                    token = getter.result()
-                    if eos is not None and token == eos:
-                        continue
-                    piece = text.push(token)
-                    if piece:
-                        yield event({**head, "choices": [{"text": piece, "index": 0, "logprobs": None,
-                                                          "finish_reason": None}]})
+                    yield event({**head, "choices": [{"text": getter.result(), "index": 0, "logprobs": None,
+                                                      "finish_reason": None}]})
                 try:
                     new, prism = done.result()
                 except ApiError as exc:
@@ -843,22 +907,23 @@ def create_app(backend: Backend) -> FastAPI:
                                                   "finish_reason": finish_reason(new)}], **body(new, prism)})
                 yield b"data: [DONE]\n\n"
             finally:
-                metrics.latency.labels("/v1/completions").observe(time.monotonic() - t0)
+                cancelled.set()  # a client gone mid-stream: the cluster stops generating for it
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
-        req = _parse(EmbeddingRequest, await _read_json(request, o.max_body))
+        req = _parse(EmbeddingRequest, await _read_json(request, o))
         api.needs("embeddings")
         if req.encoding_format not in ("float", "base64"):
             raise ApiError(400, f"encoding_format: expected float or base64, got {req.encoding_format!r}",
                            "encoding_format")
         settings = api.settings(req, "embeddings")
-        seqs = api.texts(req.input, "embeddings")
-        for s in seqs:
-            api.check_plan({"input_ids": torch.tensor([s])}, settings, "embeddings", outputs=("pooled",))
+        seqs = await run_in_threadpool(api.texts, req.input, "embeddings")
+        for i, s in enumerate(seqs):
+            api.check_plan({"input_ids": torch.tensor([s])}, settings, "embeddings", _item("input", req.input, i),
+                           outputs=("pooled",))
         rows, prism = await api.run(Job("embeddings", seqs, settings))
         data = []
         for i, row in enumerate(rows):
@@ -878,7 +943,7 @@ def create_app(backend: Backend) -> FastAPI:
             if not ctype.startswith("multipart/form-data"):
                 raise ApiError(400, "image: a ViT takes image files: send multipart/form-data with one or more "
                                     "`image` fields", "image")
-            await _read_body(request, o.max_body)
+            await _read_body(request, o)
             form = await request.form(max_files=o.max_inputs, max_fields=o.max_inputs)
             unknown = [k for k in form.keys() if k not in ("image", "model", "cr", "mode", *o.knobs)]
             if unknown:
@@ -894,21 +959,28 @@ def create_app(backend: Backend) -> FastAPI:
                 where = "image" if len(files) == 1 else f"image[{i}]"
                 if isinstance(f, str):
                     raise ApiError(400, f"{where}: expected a file upload, got a text field", where)
-                inputs.append(image_pixels(backend.model, await f.read(), where, o.max_image_pixels))
+                data = await f.read()
+                inputs.append(await run_in_threadpool(image_pixels, backend.model, data, where, o.max_image_pixels))
             api.check_plan({"pixel_values": inputs[0]}, settings, "classify", outputs=("cls",))
         else:
             if ctype.startswith("multipart/form-data"):
                 raise ApiError(400, f"image: {backend.model.model_type} takes text: send JSON with `input`", "image")
-            req = _parse(ClassifyRequest, await _read_json(request, o.max_body))
+            req = _parse(ClassifyRequest, await _read_json(request, o))
             settings = api.settings(req, "classify")
-            inputs = api.texts(req.input, "classify")
-            for s in inputs:
-                api.check_plan({"input_ids": torch.tensor([s])}, settings, "classify", outputs=("cls",))
+            inputs = await run_in_threadpool(api.texts, req.input, "classify")
+            for i, s in enumerate(inputs):
+                api.check_plan({"input_ids": torch.tensor([s])}, settings, "classify", _item("input", req.input, i),
+                               outputs=("cls",))
         logits, prism = await api.run(Job("classify", inputs, settings))
         data = [{"index": i, **class_output(backend.model, row.to(torch.float32))} for i, row in enumerate(logits)]
         return {"object": "list", "data": data, "model": backend.name, "prism": prism}
 
     return app
+
+
+def _item(field_name: str, value, i: int) -> str:
+    """How errors name item ``i`` of a field that is a string or a list of them."""
+    return field_name if isinstance(value, str) else f"{field_name}[{i}]"
 
 
 def _form_value(name: str, value):
@@ -938,22 +1010,35 @@ def run_server(options: ServeOptions) -> int:
     from .jobs import load_model
 
     options.check()
-    model = load_model(options.model)
-    say = (lambda msg: None) if options.quiet else (lambda msg: print(f"prism serve: {msg}", file=sys.stderr,
-                                                                      flush=True))
-    say(f"starting {options.world or options.devices} devices for {model.model_type} ({options.model})")
+    sock = _listen(options.host, options.port)  # first: a taken port is one line, with nothing started yet
     try:
-        backend = Backend(model, options)
-    except ClusterError as exc:
-        print(f"prism serve: {exc}", file=sys.stderr)
-        return 1
-    app = create_app(backend)
-    config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning" if options.quiet else "info",
-                            timeout_graceful_shutdown=options.drain_timeout, lifespan="on")
-    server = uvicorn.Server(config)
-    say(f"serving {backend.name} on http://{options.host}:{options.port} ({backend.devices} devices)")
-    try:
-        server.run()  # on SIGINT/SIGTERM: drains, closes the backend, then ends by that signal (uvicorn's way)
+        model = load_model(options.model)
+        say = (lambda msg: None) if options.quiet else (lambda msg: print(f"prism serve: {msg}", file=sys.stderr,
+                                                                          flush=True))
+        say(f"starting {options.world or options.devices} devices for {model.model_type} ({options.model})")
+        try:
+            backend = Backend(model, options)
+        except ClusterError as exc:
+            print(f"prism serve: {exc}", file=sys.stderr)
+            return 1
+        app = create_app(backend)
+        config = uvicorn.Config(app, log_level="warning" if options.quiet else "info",
+                                timeout_graceful_shutdown=options.drain_timeout, lifespan="on")
+        server = uvicorn.Server(config)
+        say(f"serving {backend.name} on http://{options.host}:{options.port} ({backend.devices} devices)")
+        try:
+            server.run(sockets=[sock])  # on SIGINT/SIGTERM: drains, closes the backend, then ends by that signal
+        finally:
+            backend.close()
+        return 0
     finally:
-        backend.close()
-    return 0
+        sock.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before the cluster starts."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((host, port), family=family)  # SO_REUSEADDR, as uvicorn sets it
+    except OSError as exc:
+        raise OSError(f"--port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None

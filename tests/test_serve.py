@@ -13,6 +13,7 @@ import concurrent.futures
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -456,3 +457,247 @@ class TestImages:
     def test_text_sent_to_a_vit(self, vit_server):
         assert error_of(vit_server.client.post("/v1/classify", json={"input": "seven"}), 400)["param"] == "image"
         assert error_of(vit_server.client.post("/v1/embeddings", json={"input": "seven"}), 400)["param"] == "model"
+
+
+# ------------------------------------------- hardening (issue 24, serve side)
+
+def raw_request(port: int, head: str, body_parts=(), *, pause: float = 0.0, read_timeout: float = 60) -> tuple[int, bytes]:
+    """One request over a raw socket (any framing): the status and body of the
+    response. ``head`` is the request line and headers (CRLF-terminated lines,
+    no blank line); ``body_parts`` are sent one by one after it."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as s:
+        s.sendall(head.encode() + b"\r\n")
+        try:
+            for part in body_parts:
+                s.sendall(part)
+                if pause:
+                    time.sleep(pause)  # a slow client, on purpose (not synchronisation)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered early and closed: read what it said
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    status_line, _, rest = data.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 "), data[:200]
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def chunked(body: bytes, size: int = 1024) -> list[bytes]:
+    parts = [b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size]) for i in range(0, len(body), size)]
+    return parts + [b"0\r\n\r\n"]
+
+
+def metric(text: str, name: str) -> float:
+    lines = [ln for ln in text.splitlines() if ln.startswith(name + " ")]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+
+@pytest.fixture(scope="class")
+def hard_server(tmp_path_factory):
+    """gpt2-tiny with a 2 MiB body limit, long completions and a short body timeout."""
+    s = Server(tmp_path_factory.mktemp("hard"), "--model", "gpt2-tiny", "--devices", "2", "--cr", "2",
+               "--max-tokens", "120", "--max-body", str(2 << 20), "--body-timeout", "3", api_key=None)
+    yield s
+    s.stop()
+
+
+class TestHardening:
+    @pytest.mark.parametrize("mode", ["prism", "single"])
+    def test_tiny_and_huge_temperatures_neither_fail_nor_take_a_worker_down(self, gpt_server, gpt, mode):
+        c = gpt_server.client
+        workers = children(gpt_server.proc.pid)
+        greedy = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "mode": mode}).json()
+        for t in (1e-300, 1e-45, 5e-324, 1e-30):  # below float32's range: the limit of sampling is greedy
+            r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": t, "seed": 1,
+                                                "mode": mode})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == greedy["choices"][0]["text"], t
+        for t in (1e300, 1.7e308):
+            r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": t, "top_k": 3,
+                                                "mode": mode})
+            assert r.status_code == 200, r.text
+        assert children(gpt_server.proc.pid) == workers and c.get("/health").json()["status"] == "ok"
+
+    @pytest.mark.parametrize("fields,status,param", [
+        ({"top_k": 0}, 400, "top_k"), ({"top_k": -1}, 400, "top_k"), ({"top_k": 2**70}, 400, "top_k"),
+        ({"top_k": 2**62, "temperature": 1.0}, 200, None), ({"top_k": 1, "temperature": 1e-300}, 200, None),
+        ({"seed": 2**64, "temperature": 1.0}, 400, "seed"), ({"seed": -2**63 - 1, "temperature": 1.0}, 400, "seed"),
+        ({"seed": -2**63, "temperature": 1.0}, 200, None), ({"seed": 2**64 - 1, "temperature": 1.0}, 200, None),
+        ({"max_tokens": 0}, 400, "max_tokens"), ({"max_tokens": 2**70}, 400, "max_tokens"),
+        ({"temperature": -1e-300}, 400, "temperature"), ({"temperature": 1e400}, 400, "temperature"),
+    ])
+    def test_sampling_extremes_are_answered_and_the_cluster_stays_up(self, gpt_server, fields, status, param):
+        c = gpt_server.client
+        workers = children(gpt_server.proc.pid)
+        body = json.dumps({"prompt": PROMPT, "max_tokens": 2, **fields}).replace("Infinity", "1e400")
+        r = c.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == status, r.text
+        if param:
+            assert r.json()["error"]["param"] == param
+        assert children(gpt_server.proc.pid) == workers and c.get("/health").json()["status"] == "ok"
+
+    @pytest.mark.parametrize("content_length", [None, 10])
+    def test_chunked_bodies_are_held_to_max_body(self, gpt_server, content_length):
+        body = json.dumps({"prompt": "a" * 6000}).encode()  # --max-body 4096
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                f"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
+                + (f"Content-Length: {content_length}\r\n" if content_length is not None else ""))
+        status, answer = raw_request(gpt_server.port, head, chunked(body))
+        assert status == 413, answer
+        assert json.loads(answer)["error"]["param"] == "body"
+        small = json.dumps({"prompt": PROMPT, "max_tokens": 2}).encode()  # a chunked body within the limit is fine
+        head = head.replace(f"Content-Length: {content_length}\r\n", "")
+        status, answer = raw_request(gpt_server.port, head, chunked(small, 7))
+        assert status == 200, answer
+
+    def test_exact_rows_specs_listed_by_models_are_accepted(self, gpt_server):
+        c = gpt_server.client
+        assert "exact_rows" in c.get("/v1/models").json()["data"][0]["prism"]["limits"]["knobs"]
+        for spec in ("special", "none", "top2", "special+top2", "adaptive"):
+            for path, body in (("/v1/completions", {"prompt": PROMPT, "max_tokens": 2}),
+                               ("/v1/embeddings", {"input": PROMPT})):
+                r = c.post(path, json={**body, "exact_rows": spec})
+                assert r.status_code == 200, (spec, path, r.text)
+        err = error_of(c.post("/v1/embeddings", json={"input": PROMPT, "exact_rows": "top0"}), 400)
+        assert err["param"] == "exact_rows"
+
+    def test_deeply_nested_json_is_a_400(self, gpt_server):
+        for body in (b"[" * 2000 + b"]" * 2000, b'{"prompt": "a", "cr": ' + b"[" * 2000 + b"]" * 2000 + b"}"):
+            err = error_of(gpt_server.client.post("/v1/completions", content=body,
+                                                  headers={"content-type": "application/json"}), 400)
+            assert err["param"] in ("body", "cr"), err
+
+    def test_a_stop_string_ends_the_decoding(self, gpt_server):
+        c = gpt_server.client
+        text = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 16}).json()["choices"][0]["text"]
+        stop = text[5:8]  # byte-level: one token a character, so the stop is complete after 8 tokens
+        before = metric(c.get("/metrics").text, "prism_generated_tokens_total")
+        r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 16, "stop": stop}).json()
+        assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 8
+        with c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 16, "stop": stop,
+                                                       "stream": True}) as s:
+            got = events(s.iter_lines())
+        assert got[-2]["usage"]["completion_tokens"] == 8
+        assert metric(c.get("/metrics").text, "prism_generated_tokens_total") == before + 16
+
+    def test_a_streamed_completion_is_timed_once(self, gpt_server):
+        c = gpt_server.client
+        name = 'prism_request_seconds_count{endpoint="/v1/completions"}'
+        before = metric(c.get("/metrics").text, name)
+        with c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "stream": True}) as s:
+            assert events(s.iter_lines())[-1] == "[DONE]"
+        assert metric(c.get("/metrics").text, name) == before + 1
+
+    def test_a_one_token_item_of_a_list_is_named_by_its_index(self, gpt_server):
+        err = error_of(gpt_server.client.post("/v1/embeddings", json={"input": [PROMPT, "x"]}), 400)
+        assert err["param"] == "input[1]" and err["message"].startswith("input[1]"), err
+
+    def test_a_503_names_the_rank_without_source_paths(self, gpt_server):
+        c = gpt_server.client
+        [worker] = children(gpt_server.proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
+        err = error_of(r, 503)
+        health = httpx.get(gpt_server.url + "/health", timeout=10).json()
+        gpt_server.wait_healthy(90)
+        gpt_server.workers = children(gpt_server.proc.pid)
+        for text in (err["message"], health.get("reason") or ""):
+            assert not re.search(r"\.(cc|cpp|h|py):\d+|third_party|/gloo/", text), text
+        assert "rank 1" in err["message"]
+
+
+class TestHardeningLong:
+    def test_a_dropped_stream_stops_its_generation(self, hard_server):
+        c = hard_server.client
+        before = metric(c.get("/metrics").text, "prism_generated_tokens_total")
+        dropped = 10
+        for _ in range(dropped):
+            with c.stream("POST", "/v1/completions", json={"prompt": "Th", "max_tokens": 120, "stream": True}) as s:
+                next(line for line in s.iter_lines() if line.startswith("data: "))
+            # leaving the block closes the connection: the client is gone
+        # the next request runs after the dropped ones (one dispatcher, arrival order)
+        assert c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1}).status_code == 200
+        generated = metric(c.get("/metrics").text, "prism_generated_tokens_total") - before - 1
+        assert generated < dropped * 120 / 2, generated
+
+    def test_health_answers_while_big_prompts_are_tokenized(self, hard_server):
+        prompt = "hello world " * 87000  # about 1 MiB, a second or so to tokenize
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            big = [pool.submit(httpx.post, hard_server.url + "/v1/completions", json={"prompt": prompt},
+                               timeout=120) for _ in range(4)]
+            answered = 0
+            while not all(f.done() for f in big):
+                r = httpx.get(hard_server.url + "/health", timeout=120)
+                assert r.status_code == 200
+                answered += not all(f.done() for f in big)
+        assert all(error_of(f.result(), 400)["param"] == "prompt" for f in big)
+        assert answered >= 20, answered  # the event loop blocked by tokenizing answers a handful at most
+
+    def test_a_slow_body_is_timed_out(self, hard_server):
+        head = ("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                "Content-Length: 100000\r\n")
+        t0 = time.monotonic()
+        status, answer = raw_request(hard_server.port, head, (b"x" for _ in range(100000)), pause=0.05)
+        assert status == 408 and json.loads(answer)["error"]["param"] == "body"
+        assert time.monotonic() - t0 < 60  # --body-timeout 3; a client that never stops is not served for ever
+
+
+def test_an_ico_wrapping_a_large_png_is_refused_before_decoding(tmp_path):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (13000, 13000)).save(buf, format="PNG")  # 169 M pixels: 169 MB decoded
+    png = buf.getvalue()
+    # ICONDIR (1 image) + ICONDIRENTRY (0 = 256 wide/high, 32 bpp, size, offset 22) + the PNG
+    ico = (b"\0\0\1\0\1\0" + bytes([0, 0, 0, 0]) + (1).to_bytes(2, "little") + (32).to_bytes(2, "little")
+           + len(png).to_bytes(4, "little") + (22).to_bytes(4, "little") + png)
+    (tmp_path / "big.ico").write_bytes(ico)
+    # in a fresh process, so its peak memory tells whether the frame was decoded
+    # (VmHWM: this process's peak resident memory, KiB; ru_maxrss would carry over pytest's through exec)
+    script = ("import re, sys\n"
+              "from prism_ext.images import check_image, open_image\n"
+              "def peak():\n"
+              "    return int(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1))\n"
+              "data = open(sys.argv[1], 'rb').read()\n"
+              "before = peak()\n"
+              "for f in (check_image, open_image):\n"
+              "    try:\n"
+              "        f(data, max_pixels=4096 * 4096)\n"
+              "        print('accepted')\n"
+              "    except ValueError as exc:\n"
+              "        print(exc)\n"
+              "print(peak() - before)\n")
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "big.ico")], capture_output=True, text=True,
+                       timeout=120)
+    *messages, grown_kib = r.stdout.strip().splitlines()
+    assert len(messages) == 2 and all("13000x13000" in m for m in messages), r.stdout + r.stderr
+    assert int(grown_kib) < 50 * 1024, grown_kib  # not the 169 MB of the decoded frame
+
+
+def test_a_taken_port_is_one_clear_line_before_anything_starts(tmp_path):
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = subprocess.run(PRISM + ["serve", "--model", "gpt2-tiny", "--port", str(port)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--port" in lines[0] and str(port) in lines[0], r.stderr
+    assert "serving" not in r.stderr and "starting" not in r.stderr
+
+
+def test_generate_with_a_tiny_temperature_is_greedy(gpt):
+    ids = torch.tensor([gpt.tokenizer.encode(PROMPT)])
+    greedy = gpt.generate(ids, max_new_tokens=5)
+    for t in (1e-300, 1e-45, 5e-324):
+        assert torch.equal(gpt.generate(ids, max_new_tokens=5, temperature=t, seed=0), greedy)
+        assert torch.equal(gpt.generate(ids, devices=2, cr=2, max_new_tokens=5, temperature=t, top_k=4, seed=0),
+                           gpt.generate(ids, devices=2, cr=2, max_new_tokens=5))

@@ -28,12 +28,13 @@ from __future__ import annotations
 import io
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import BmpImagePlugin, IcnsImagePlugin, IcoImagePlugin, Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["MAX_PIXELS", "open_image", "check_image", "image_files", "ImageProcessor"]
 
@@ -56,9 +57,10 @@ def open_image(source, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     im, name = _open_checked(source, max_pixels)
     try:
         im.load()
-        return ImageOps.exif_transpose(im)
     except (OSError, ValueError, SyntaxError) as exc:  # Pillow's errors for truncated or corrupt data
         raise ValueError(f"image: {name} is truncated or corrupt ({exc})") from None
+    _check_size(im.size, name, max_pixels)  # what was decoded (a container's frame may differ from its header)
+    return ImageOps.exif_transpose(im)
 
 
 def check_image(source, *, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
@@ -93,6 +95,7 @@ def _open_checked(source, max_pixels: int) -> tuple[Image.Image, str]:
             if not len(source):
                 raise ValueError("image: the image bytes are empty")
             source = io.BytesIO(bytes(source))
+        _check_frames(source, name, max_pixels)
         try:
             im = Image.open(source)  # reads the header only
         except UnidentifiedImageError:
@@ -104,13 +107,63 @@ def _open_checked(source, max_pixels: int) -> tuple[Image.Image, str]:
                              f"scale it down first") from None
         except OSError as exc:
             raise ValueError(f"image: {name} could not be read ({exc})") from None
-    width, height = im.size
+    _check_size(im.size, name, max_pixels)
+    return im, name
+
+
+def _check_size(size: tuple[int, int], name: str, max_pixels: int) -> None:
+    width, height = size
     if width < 1 or height < 1:
         raise ValueError(f"image: {name} has no pixels ({width}x{height})")
     if width * height > max_pixels:
         raise ValueError(f"image: {name} is {width}x{height} = {width * height} pixels, more than the limit of "
                          f"{max_pixels}; scale it down first")
-    return im, name
+
+
+_PNG, _JP2 = b"\x89PNG\r\n\x1a\n", (b"\0\0\0\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")
+
+
+def _check_frames(source, name: str, max_pixels: int) -> None:
+    """The icon containers hold whole images whose own headers say their
+    size, not the container's directory: Pillow decodes an ICO's largest
+    frame while opening it, and an ICNS's PNG or JPEG 2000 at that image's
+    size. Every such frame's header is read (nothing decoded) and checked
+    before Pillow sees the file. Other formats' headers give the size decoded."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            _check_frames(f, name, max_pixels)
+        return
+    start = source.tell()
+    magic = source.read(4)
+    source.seek(start)
+    if magic not in (b"\0\0\1\0", b"icns"):
+        return
+    raw = source.read()
+    source.seek(start)
+    try:
+        if magic == b"icns":
+            frames = [raw[at:at + n] for at, n in IcnsImagePlugin.IcnsFile(io.BytesIO(raw)).dct.values()]
+        else:
+            frames = [raw[e.offset:e.offset + e.size] for e in IcoImagePlugin.IcoFile(io.BytesIO(raw)).entry]
+    except (OSError, ValueError, SyntaxError, IndexError) as exc:
+        raise ValueError(f"image: {name} could not be read ({exc})") from None
+    for frame in frames:
+        try:
+            if frame.startswith(_PNG) or frame.startswith(_JP2):
+                with warnings.catch_warnings():  # Pillow's bomb warning: our own limit is checked below
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    size = Image.open(io.BytesIO(frame), formats=("PNG", "JPEG2000")).size  # the header only
+            elif magic == b"icns":
+                continue  # a raw ICNS element: its size is fixed by its type, as the directory says
+            else:  # an ICO's BMP frame: its own header; the height counts the XOR and AND masks
+                width, height = BmpImagePlugin.DibImageFile(io.BytesIO(frame)).size
+                size = (width, height // 2)
+        except Image.DecompressionBombError:
+            raise ValueError(f"image: {name} holds an image of too many pixels, more than the limit of "
+                             f"{max_pixels}; scale it down first") from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ValueError(f"image: {name} has a frame that could not be read ({exc})") from None
+        _check_size(size, name, max_pixels)
 
 
 def image_files(folder) -> list[Path]:

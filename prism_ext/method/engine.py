@@ -644,8 +644,13 @@ def generate_request(net: Network, local: dict, part: Partition, rank: int, tran
 
     With ``options.stream`` the last device also sends each step's tokens to
     rank 0 as soon as they are picked (the transport's point-to-point
-    ``send``/``recv``), where ``on_token(tokens [B])`` is called with them;
-    those bytes count in the last device's ``result_bytes``."""
+    ``send``/``recv``), where ``on_token(tokens [B])`` is called with them.
+    ``on_token`` returning False ends the generation after those tokens (a
+    client gone, a stop string found): rank 0 answers every token frame but
+    the last with a small ``{"stop": bool}`` frame, which the last device
+    reads after computing its next step (so the answer is in flight while it
+    computes). The stream's frames, both ways, count in the last device's
+    ``result_bytes``."""
     last_rank = part.devices - 1
     last = rank == last_rank
     res = run_device(net, local, part, rank, transport, cfg, decode_room=options.max_new_tokens - 1 if last else 0)
@@ -653,6 +658,7 @@ def generate_request(net: Network, local: dict, part: Partition, rank: int, tran
     meta: dict = {}
     streamed: list[torch.Tensor] = []
     stream_bytes = 0
+    going = [True]  # rank 0 as the last device: whether on_token wants more
     if last:
         t = time.perf_counter()
         logits = net.row_outputs(res.hidden[:, -1:])["logits"][:, -1]
@@ -663,10 +669,19 @@ def generate_request(net: Network, local: dict, part: Partition, rank: int, tran
                 transport.send({"tokens": token.to(torch.int32)}, {"done": done}, 0)
                 return
             streamed.append(token)
-            if on_token is not None:
-                on_token(token)
+            if on_token is not None and on_token(token) is False:
+                going[0] = False
 
-        ids, decode = _decode(net, res.state, part.length, logits, options, emit if options.stream else None)
+        def proceed() -> bool:
+            if rank == 0:
+                return going[0]
+            meta, tensors, _ = transport.recv(0)
+            if tensors or set(meta) != {"stop"} or not isinstance(meta["stop"], bool):
+                raise ValueError(f"rank 0: sent a malformed stream answer (fields {sorted(meta)[:4]})")
+            return not meta["stop"]
+
+        ids, decode = _decode(net, res.state, part.length, logits, options, emit if options.stream else None,
+                              proceed if options.stream else None)
         send["tokens"] = ids
         meta["decode"] = decode.to_dict()
     elif rank == 0 and options.stream:
@@ -688,7 +703,8 @@ def generate_request(net: Network, local: dict, part: Partition, rank: int, tran
 
 def _receive_stream(transport, src: int, local: dict, limit: int, on_token, streamed: list) -> int:
     """Rank 0's end of a token stream: one frame per decoding step from rank
-    ``src`` until it says done; returns the bytes received."""
+    ``src`` until it says done (answering each other one: go on or stop);
+    returns the stream's bytes, both ways."""
     batch = next(iter(local.values())).shape[0]
     received = 0
     while True:
@@ -698,16 +714,20 @@ def _receive_stream(transport, src: int, local: dict, limit: int, on_token, stre
         if token is None or tuple(token.shape) != (batch,) or len(streamed) >= limit or set(meta) != {"done"}:
             raise ValueError(f"rank {src}: sent a malformed token stream (step {len(streamed)})")
         streamed.append(token.long())
-        if on_token is not None:
-            on_token(token.long())
+        wanted = on_token is None or on_token(token.long()) is not False
         if meta["done"] is True:
+            return received
+        stop = not wanted
+        received += transport.send({}, {"stop": stop}, src)
+        if stop:  # the last device ends after this step too: the stream is complete
             return received
 
 
 def _decode(net: Network, state: DecodeState, n: int, logits: torch.Tensor, options: GenerateOptions,
-            emit=None) -> tuple[torch.Tensor, DecodeStats]:
+            emit=None, proceed=None) -> tuple[torch.Tensor, DecodeStats]:
     """The decoding loop of the last device: returns the new tokens [B, T];
-    ``emit(tokens [B], done)`` is called after every step."""
+    ``emit(tokens [B], done)`` is called after every step, and ``proceed()``
+    after computing the next one (False: end with the tokens emitted so far)."""
     gen = None if options.seed is None else torch.Generator().manual_seed(options.seed)
     eos = options.eos_token_id
     done = torch.zeros(logits.shape[0], dtype=torch.bool)
@@ -730,17 +750,24 @@ def _decode(net: Network, state: DecodeState, n: int, logits: torch.Tensor, opti
         stats.bytes_sent.append(sum(s.bytes_sent for s in layer_stats))
         stats.flops.append(sum(s.flops for s in layer_stats))
         logits = rows["logits"][:, -1]
+        if proceed is not None and not proceed():
+            break
     return torch.stack(new, dim=1), stats
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen) -> torch.Tensor:
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)[:, 0]
+    # softmax(logits / T) for any finite T > 0: shifted so the largest is 0
+    # (every scaled value is <= 0, so none overflows to inf), in float64, where
+    # every positive Python float is non-zero (in float32, T = 1e-300 is 0 and
+    # 0 / 0 is NaN). A T far below the logits' gaps gives the greedy token.
+    z = logits.double()
+    z = (z - z.max(dim=-1, keepdim=True).values) / temperature
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = z.topk(top_k, dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(z, dim=-1), 1, generator=gen)[:, 0]
 
 
 def decode_step(net: Network, state: DecodeState, token: torch.Tensor, position: int) -> tuple[dict, list[LayerStats]]:
