@@ -47,8 +47,8 @@ def exchange(port: int, data: list[bytes]) -> bytes:
             for part in data:
                 s.sendall(part)
             s.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # answered early (413) and closed
+        except OSError:  # broken pipe, reset, not connected: answered early (413) and closed
+            pass
         out = b""
         try:
             while chunk := s.recv(65536):
