@@ -43,7 +43,8 @@ def _serve(args: argparse.Namespace) -> int:
                    host=args.host, port=args.port, api_key=args.api_key or os.environ.get("PRISM_API_KEY"),
                    cr=args.cr, mode=args.mode, max_cr=args.max_cr, max_batch=args.max_batch,
                    batch_wait=args.batch_wait_ms / 1000, max_tokens=args.max_tokens, max_inputs=args.max_inputs,
-                   max_body=args.max_body, body_timeout=args.body_timeout, max_queue=args.max_queue, drain_timeout=args.drain_timeout,
+                   max_body=args.max_body, body_timeout=args.body_timeout, max_queue=args.max_queue,
+                   drain_timeout=args.drain_timeout,
                    quiet=args.quiet)
     if args.modes is not None:
         options["modes"] = args.modes

@@ -526,8 +526,8 @@ def _unavailable(reason: str) -> ApiError:
 
 # A source location in a library's message ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] "):
 # of no use to an HTTP client, and it tells an outsider what the server runs.
-_SOURCE = re.compile(r"\[[^\]\s]*\.(?:c|cc|cpp|cxx|h|hpp|py)(?::\d+)?\]\s*|[^\s()\[\]]*/[^\s()\[\]]*\.(?:c|cc|cpp|cxx|h|hpp|py)"
-                     r"(?::\d+)?")
+_EXT = r"\.(?:c|cc|cpp|cxx|h|hpp|py)(?::\d+)?"
+_SOURCE = re.compile(rf"\[[^\]\s]*{_EXT}\]\s*|[^\s()\[\]]*/[^\s()\[\]]*{_EXT}")
 
 
 def _clean(reason: str | None) -> str | None:
