@@ -301,15 +301,15 @@ class _Rendezvous(dist.Store):
         self._timeout = timeout.total_seconds()
 
     def wait(self, keys, timeout=None):
+        # Polled (c10d's own timed wait logs a warning each time it times out): a closed
+        # store ends the wait at the next look.
         seconds = self._timeout if timeout is None else timeout.total_seconds()
         deadline = time.monotonic() + seconds
-        while True:
-            try:
-                self._live().wait(keys, datetime.timedelta(seconds=0.2))
-                return
-            except dist.DistStoreError as exc:
-                if "timeout" not in str(exc).lower() or time.monotonic() > deadline:
-                    raise
+        while not self._live().check(keys):
+            if time.monotonic() > deadline:
+                raise ClusterError(f"rendezvous: not every rank joined within {seconds:g} s (waiting for "
+                                   f"{', '.join(keys)[:200]})")
+            time.sleep(0.02)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -558,10 +558,9 @@ class Cluster:
             raise
         if "error" in box:
             exc = box["error"]
-            if isinstance(exc, ClusterError):
-                raise exc
-            raise ClusterError(f"rendezvous: {_first_line(exc)} (waited up to {self.start_timeout:g} s for "
-                               f"{self.world - 1} worker(s))") from exc
+            text = str(exc).splitlines()[0] if isinstance(exc, ClusterError) else f"rendezvous: {_first_line(exc)}"
+            raise ClusterError(f"{text}; rank 0 waited up to {self.start_timeout:g} s for {self.world - 1} "
+                               f"worker(s)") from exc
         return box["group"]
 
     def _handshake(self, token: bytes) -> None:
@@ -948,6 +947,8 @@ def _join(host: str, port: int, rank: int, world: int, join_timeout: float, ifna
 
 
 def _join_once(host: str, port: int, rank: int, world: int, timeout: float, ifname: str | None) -> _Group:
+    # A plain connection first: while rank 0 is not listening, c10d's client would log every retry.
+    socket.create_connection((host, port), timeout=min(timeout, 10.0)).close()
     store = _Rendezvous(dist.TCPStore(host, port, world, is_master=False,
                                       timeout=datetime.timedelta(seconds=timeout)), timeout)
     try:
