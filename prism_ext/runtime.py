@@ -752,13 +752,15 @@ class Cluster:
         order: a local process killed by a signal, a worker that went silent
         without reporting an error (killed, hung, or cut off), a worker that
         reported an error of its own, a local process that exited."""
-        workers = list(self._links)
+        workers = list(self._links) if self._seen else []  # reports come once the control threads run
         with self._news:  # let the workers' reports land: each reports, or its link ends
             self._news.wait_for(lambda: all(r in self._errors or r in self._gone for r in workers), _REPORTS)
             errors, gone, seen = dict(self._errors), dict(self._gone), dict(self._seen)
         for r, p in self._procs.items():
             if p.poll() is not None and p.returncode < 0:
                 return f"rank {r} lost: its process {_exit_status(p.returncode)} ({_first_line(exc)})"
+        if not workers:  # failed while forming: the exception says it (errors from peers name the rank)
+            return _first_line(exc)
         now = time.monotonic()
         silent = [r for r in workers if r not in errors]
         if silent:

@@ -92,3 +92,62 @@ class Reaper:
                 if stream is not None:
                     stream.close()
         wait_gone(list(pids), 30)
+
+
+def rss(pid: int | str = "self") -> int:
+    """Resident memory of a process now, bytes."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _address(hex_addr: str) -> str:
+    raw = bytes.fromhex(hex_addr)
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[::-1])
+    # /proc/net/tcp6: four 32-bit words, each in host (little-endian) order
+    return socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+
+
+def listening(pid: int | str = "self") -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket of a process in the LISTEN state."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    out = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                f = line.split()
+                if f[3] == "0A" and f[9] in inodes:
+                    host, port = f[1].split(":")
+                    out.add((_address(host), int(port, 16)))
+    return out
+
+
+def refused(host: str, port: int) -> bool:
+    """Whether a TCP connection to (host, port) is refused (nothing listens there)."""
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+# `python -c` this with rank 0's HOST:PORT and the token: a worker of a 2-device cluster that passes
+# authentication, then announces a 2**40-byte frame in the handshake's first exchange.
+HUGE_FRAME_WORKER = """
+import sys, time, torch, torch.distributed as dist
+import prism_ext.comm.dist as d
+from prism_ext.runtime import worker_main
+
+def announce_a_huge_frame(self, blob):  # the handshake's first exchange: say 2**40 bytes are coming
+    sizes = [torch.empty(1, dtype=torch.int64) for _ in range(self.size)]
+    dist.all_gather(sizes, torch.tensor([1 << 40]))
+    time.sleep(60)
+
+d.DistTransport._exchange = announce_a_huge_frame
+worker_main(sys.argv[1], 1, 2, token=sys.argv[2], timeout=20, ifname="lo")
+"""

@@ -20,7 +20,7 @@ import prism_ext
 from prism_ext.runtime import ClusterError, HandshakeError, cluster
 
 from engine_helpers import bert_inputs, hf_bert, hf_gpt2, save
-from process_helpers import alive, free_port, wait_gone
+from process_helpers import HUGE_FRAME_WORKER, alive, free_port, wait_gone
 
 PRISM = [sys.executable, "-m", "prism_ext"]
 TOKEN = "test-token"
@@ -399,21 +399,6 @@ def test_handshake_refuses_a_rank_pinned_to_other_exact_rows():
 
 # ------------------------------------------------- formation and liveness
 
-EVIL_WORKER = """
-import sys, time, torch, torch.distributed as dist
-import prism_ext.comm.dist as d
-from prism_ext.runtime import worker_main
-
-def announce_a_huge_frame(self, blob):  # the handshake's first exchange: say 2**40 bytes are coming
-    sizes = [torch.empty(1, dtype=torch.int64) for _ in range(self.size)]
-    dist.all_gather(sizes, torch.tensor([1 << 40]))
-    time.sleep(60)
-
-d.DistTransport._exchange = announce_a_huge_frame
-worker_main(sys.argv[1], 1, 2, token=sys.argv[2], timeout=20, ifname="lo")
-"""
-
-
 def test_a_fresh_cluster_forms_in_a_process_that_saw_failed_ones(gpt, reaper):
     """A formation that times out (no worker comes) and one that a worker
     breaks in the handshake (a 2**40-byte frame announced) each fail with a
@@ -423,7 +408,7 @@ def test_a_fresh_cluster_forms_in_a_process_that_saw_failed_ones(gpt, reaper):
     port = free_port()
     with pytest.raises(ClusterError, match=r"rendezvous: not every rank joined within 2 s.*rank 0 waited up to 2 s for 1 worker"):
         cluster(gpt, master=f"127.0.0.1:{port}", world=2, token=TOKEN, timeout=20, start_timeout=2, ifname="lo")
-    reaper.popen([sys.executable, "-c", EVIL_WORKER, f"127.0.0.1:{port}", TOKEN], stderr=subprocess.DEVNULL)
+    reaper.popen([sys.executable, "-c", HUGE_FRAME_WORKER, f"127.0.0.1:{port}", TOKEN], stderr=subprocess.DEVNULL)
     with pytest.raises(ClusterError, match=r"rank 1: announced a frame of 1099511627776 bytes"):
         cluster(gpt, master=f"127.0.0.1:{port}", world=2, token=TOKEN, timeout=20, ifname="lo")
     ids = ids_of(gpt)
