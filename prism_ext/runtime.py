@@ -445,6 +445,7 @@ class Cluster:
         self._closed_ranks: set[int] = set()  # ranks that acknowledged close()
         self._control_error: str | None = None  # rank 0's own control thread failed
         self._stop = threading.Event()  # ends the control threads
+        self._threads: list[threading.Thread] = []
         self._say = (lambda msg: None) if quiet else (lambda msg: print(f"prism: {msg}", file=sys.stderr, flush=True))
         if master is None:  # P processes on this machine, over loopback
             world = devices if world is None else world
@@ -581,9 +582,11 @@ class Cluster:
         g.serve(self.timeout)
         now = time.monotonic()
         self._seen = {r: now for r in self._links}
-        for link in self._links.values():
-            threading.Thread(target=self._read, args=(link,), name=f"prism-control-{link.peer}", daemon=True).start()
-        threading.Thread(target=self._ping, name="prism-ping", daemon=True).start()
+        self._threads = [threading.Thread(target=self._read, args=(link,), name=f"prism-control-{link.peer}",
+                                          daemon=True) for link in self._links.values()]
+        self._threads.append(threading.Thread(target=self._ping, name="prism-ping", daemon=True))
+        for t in self._threads:
+            t.start()
         self._say(f"{self.world} devices ready (prism-ext {__version__}, {m.model_type}, "
                   f"weights {m.net.weights_digest()[:12]})")
 
@@ -834,6 +837,11 @@ class Cluster:
         if g is not None:
             g.close()
             self._group = None
+        # The control threads end as their links close (the workers are gone). Waited for: a
+        # thread still inside gloo when the interpreter exits aborts the process.
+        deadline = time.monotonic() + self.timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
         """Stop every worker (they exit cleanly) and leave the group."""
