@@ -312,7 +312,8 @@ def _worker(args: argparse.Namespace) -> int:
 
     try:
         code = worker_main(args.master, args.rank, args.world, token=args.token, timeout=args.timeout,
-                           threads=args.threads, ifname=args.ifname, model=args.model)
+                           join_timeout=args.join_timeout, threads=args.threads, ifname=args.ifname,
+                           model=args.model)
     except _USER_ERRORS as exc:
         print(f"prism worker: {exc}", file=sys.stderr)
         code = 2
@@ -380,7 +381,10 @@ def register(sub) -> None:
     worker.add_argument("--rank", type=_positive, required=True, help="this device's rank (1 .. world-1)")
     worker.add_argument("--world", type=_positive, required=True, help="number of devices, rank 0 included")
     worker.add_argument("--token", help="the cluster's shared secret (default: $PRISM_TOKEN)")
-    worker.add_argument("--timeout", type=_seconds, default=60.0, help="seconds any exchange may take (default 60)")
+    worker.add_argument("--timeout", type=_seconds, default=60.0,
+                        help="seconds any exchange may take, and the longest rank 0 may stay silent (default 60)")
+    worker.add_argument("--join-timeout", type=_seconds, default=300.0,
+                        help="seconds to keep trying to join rank 0 before giving up (default 300)")
     worker.add_argument("--threads", type=_threads, help="compute threads on this device (default: torch's)")
     worker.add_argument("--ifname", help="network interface for gloo (e.g. eth0; default: by hostname)")
     worker.add_argument("--model", help="this device's path to the model, if not the path rank 0 announces")

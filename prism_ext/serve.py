@@ -57,6 +57,7 @@ from .jobs import class_output, stats_dict
 from .options import MODES, RunOptions
 from .executor.request import plan
 from .runtime import DEFAULT_TIMEOUT, Cluster, ClusterError, cluster
+from .runtime import _first_line as _failure
 
 __all__ = ["ServeOptions", "Backend", "create_app", "run_server", "encode_text", "decode_tokens", "image_pixels",
            "KNOBS"]
@@ -365,13 +366,33 @@ class Backend:
             return batch
 
     def _dispatch(self) -> None:
+        """The dispatcher thread. Whatever ends it unexpectedly is named in
+        ``down``, so /health and every request report it (503) instead of a
+        server that stays up with nothing serving."""
+        try:
+            self._serve_queue()
+        except BaseException as exc:  # noqa: BLE001 - the loop handles everything it can; this is the rest
+            reason = f"server: the dispatcher thread died ({_failure(exc)}); restart the server"
+            self._say(reason)
+            with self._cv:
+                self.down = reason
+                queued = list(self.pending)
+                self.pending.clear()
+            for job in queued:
+                if not job.future.done():
+                    job.future.set_exception(ApiError(500, reason))
+
+    def _serve_queue(self) -> None:
         while True:
             batch = self._take()
             if batch is None:
                 with self._cv:
                     if self._stopping and not self.pending:
                         return
-                self._watch()
+                try:
+                    self._watch()
+                except Exception as exc:  # noqa: BLE001 - a failed health check is a lost cluster
+                    self._lost(f"cluster: health check failed ({_failure(exc)})")
                 continue
             if self.down is not None:
                 for job in batch:
@@ -395,7 +416,7 @@ class Backend:
             except BaseException as exc:  # noqa: BLE001 - the dispatcher must outlive any one request
                 for job in batch:
                     if not job.future.done():
-                        job.future.set_exception(ApiError(500, f"server: {type(exc).__name__}: {exc}"))
+                        job.future.set_exception(ApiError(500, f"server: {_failure(exc)}"))
 
     # ------------------------------------------------------------ health
 
@@ -415,7 +436,9 @@ class Backend:
             job.future.set_exception(_unavailable(reason))
 
     def _watch(self) -> None:
-        """Between requests: find lost ranks, or form the cluster again."""
+        """Between requests: find lost ranks, or form the cluster again.
+        Any failed attempt is named and tried again (remote workers keep
+        trying to join for their --join-timeout)."""
         if self._stopping:
             return
         if self.cluster is not None:
@@ -426,9 +449,12 @@ class Backend:
         self._say("forming the cluster again")
         try:
             c = self._form()
-        except (ClusterError, OSError) as exc:
-            self._say(f"not yet: {exc}")
-            time.sleep(1.0)
+        except Exception as exc:  # noqa: BLE001 - every failed attempt is named, then tried again
+            with self._cv:
+                self.down = f"cluster: forming it again failed ({_failure(exc)}); trying again"
+            self._say(f"not yet: {_failure(exc)}")
+            with self._cv:  # a pause between attempts, cut short by close()
+                self._cv.wait_for(lambda: self._stopping, 1.0)
             return
         with self._cv:
             if self._stopping:
@@ -440,6 +466,8 @@ class Backend:
 
     def health(self) -> dict:
         c = self.cluster
+        if not self._thread.is_alive() and not self._stopping and self.down is None:
+            self.down = "server: the dispatcher thread is not running; restart the server"
         if self.down is not None or c is None:
             return {"status": "unavailable", "reason": self.down, "devices": self.devices}
         lost = c.lost_ranks()

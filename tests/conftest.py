@@ -66,6 +66,17 @@ def isa(request):
 
 
 @pytest.fixture
+def reaper():
+    """Start processes and form clusters through this: whatever the test
+    does or fails to do, its finalizer ends every one of them."""
+    from process_helpers import Reaper
+
+    r = Reaper()
+    yield r
+    r.reap()
+
+
+@pytest.fixture
 def restore_threads():
     """Puts the kernel thread count back after a test that changes it."""
     before = kernels.get_num_threads()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import io
 import json
 import os
@@ -28,7 +29,7 @@ import httpx  # noqa: E402  a test extra, like the serve extra's packages
 
 import prism_ext  # noqa: E402
 from prism_ext.inputs.tokenizer import byte_level_tokenizer_json  # noqa: E402
-from process_helpers import free_port, wait_gone  # noqa: E402
+from process_helpers import HUGE_FRAME_WORKER, descendants, free_port, wait_gone  # noqa: E402
 
 PRISM = [sys.executable, "-m", "prism_ext"]
 KEY = "test-api-key"
@@ -71,12 +72,20 @@ class Server:
         raise AssertionError(f"server not healthy after {seconds} s: {self.log.read_text()}")
 
     def stop(self) -> None:
+        """SIGTERM (the server stops its workers), then whatever is left of
+        the server and everything below it is killed: a failed test leaves
+        no process behind."""
+        below = descendants(self.proc.pid) if self.proc.poll() is None else []
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+        for pid in wait_gone(below, 15):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.client.close()
 
 
@@ -709,3 +718,70 @@ def test_generate_with_a_tiny_temperature_is_greedy(gpt):
         assert torch.equal(gpt.generate(ids, max_new_tokens=5, temperature=t, seed=0), greedy)
         assert torch.equal(gpt.generate(ids, devices=2, cr=2, max_new_tokens=5, temperature=t, top_k=4, seed=0),
                            gpt.generate(ids, devices=2, cr=2, max_new_tokens=5))
+
+
+# ------------------------------------------------- cluster lifecycle (issue 24)
+
+def test_master_server_reforms_after_any_failed_attempt(tmp_path, reaper):
+    """A worker that breaks the handshake (a 2**40-byte frame announced)
+    fails one formation; the server names it on /health, stays up, tries
+    again, and serves once a good worker joins."""
+    port, token = free_port(), "cluster-token"
+    argv = PRISM + ["worker", "--master", f"127.0.0.1:{port}", "--rank", "1", "--world", "2", "--token", token,
+                    "--timeout", "20", "--ifname", "lo"]
+
+    def start_worker():
+        return reaper.popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    s = Server(tmp_path, "--model", "gpt2-tiny", "--master", f"127.0.0.1:{port}", "--world", "2", "--token", token,
+               "--timeout", "20", "--ifname", "lo", api_key=None, before_health=start_worker)
+    try:
+        assert s.client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+        [worker] = [p for p in reaper.procs]
+        worker.kill()
+        worker.wait()
+        assert "rank 1 lost" in error_of(s.client.post("/v1/completions", json={"prompt": PROMPT}), 503)["message"]
+        reaper.popen([sys.executable, "-c", HUGE_FRAME_WORKER, f"127.0.0.1:{port}", token], cwd=tmp_path,
+                     stderr=subprocess.DEVNULL)
+        deadline, reason = time.monotonic() + 120, ""
+        while "announced a frame of 1099511627776 bytes" not in reason:
+            assert time.monotonic() < deadline, f"not named on /health: {reason!r}: {s.log.read_text()}"
+            assert s.proc.poll() is None, s.log.read_text()
+            r = httpx.get(s.url + "/health", timeout=10)
+            assert r.status_code == 503
+            reason = r.json()["reason"] or ""
+            time.sleep(0.2)
+        assert "rank 1: announced a frame" in reason and "trying again" in reason
+        start_worker()
+        assert s.wait_healthy(120)["status"] == "ok"
+        r = s.client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    finally:
+        s.stop()
+
+
+def test_a_dead_dispatcher_is_a_state_health_reports(gpt, reaper):
+    """Should the dispatcher thread ever end (a bug stands in: its queue
+    raises), /health and every request say so instead of a server that is
+    up with nothing serving."""
+    from prism_ext.serve import ApiError, Backend, Job, ServeOptions
+
+    b = Backend(gpt, ServeOptions(model="gpt2-tiny", devices=2, quiet=True))
+    reaper.cluster(b.cluster)
+    try:
+        assert b.health()["status"] == "ok"
+
+        def broken():
+            raise RuntimeError("injected fault")
+
+        b._take = broken
+        b._thread.join(30)
+        assert not b._thread.is_alive()
+        health = b.health()
+        assert health["status"] == "unavailable"
+        assert "dispatcher thread died (RuntimeError: injected fault)" in health["reason"]
+        with pytest.raises(ApiError) as err:
+            b.submit(Job("completions", [[1, 2, 3]], {}))
+        assert err.value.status == 503 and "dispatcher thread died" in err.value.message
+    finally:
+        b.close()

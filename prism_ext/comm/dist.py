@@ -8,12 +8,16 @@ checked decoder, whose errors name the sending rank. Nothing is pickled:
 blobs travel as uint8 tensors after their sizes (int64) are exchanged.
 
 ``bytes_sent`` (in :class:`Gathered`) is what this rank serialised, the
-engine's accounting; ``wire_bytes`` adds up what this rank handed to gloo,
-once per peer, size words included: what left it on the network.
+engine's accounting; ``wire_bytes`` adds up what this rank handed to gloo
+for the exchanges, once per peer, size words included: what left it on the
+network. Control frames (:data:`CONTROL_TAG`, the runtime's signed requests
+and heartbeats) travel on a tag of their own, so they never mix with an
+exchange's frames, and are counted in ``control_bytes``.
 """
 
 from __future__ import annotations
 
+import datetime
 import queue
 import threading
 import time
@@ -24,9 +28,10 @@ import torch.distributed as dist
 
 from .wire import Gathered, GatheredTo, Pending, Reduced, WireError, check_wire_dtype, decode, decode_message, encode
 
-__all__ = ["DistTransport", "TaskThread"]
+__all__ = ["CONTROL_TAG", "DistTransport", "TaskThread"]
 
 _SIZE = torch.int64
+CONTROL_TAG = 0x7072  # gloo point-to-point tag of control frames; the exchanges use tag 0
 
 
 def _as_tensor(blob: bytes) -> torch.Tensor:
@@ -82,6 +87,7 @@ class DistTransport:
         self.size = size
         self.max_frame_bytes = max_frame_bytes
         self.wire_bytes = 0
+        self.control_bytes = 0
         self._background = TaskThread("prism-exchange")
 
     def close(self, timeout: float = 10.0) -> None:
@@ -166,6 +172,32 @@ class DistTransport:
         buf = torch.empty(self._bounded(src, int(size[0])), dtype=torch.uint8)
         dist.recv(buf, src)
         return buf
+
+    def send_control(self, blob: bytes, dst: int, *, wait: bool = True) -> list:
+        """Send one control frame to ``dst`` on :data:`CONTROL_TAG`. With
+        ``wait=False`` the sends are only started: returns them (each holds
+        its tensor until it completes), for the caller to check later."""
+        works = [dist.isend(torch.tensor([len(blob)], dtype=_SIZE), dst, tag=CONTROL_TAG),
+                 dist.isend(_as_tensor(blob), dst, tag=CONTROL_TAG)]
+        self.control_bytes += 8 + len(blob)
+        if wait:
+            for w in works:
+                w.wait()
+        return works
+
+    def receive_control(self, src: int, limit: int, timeout: float) -> bytes:
+        """The next control frame from ``src``: at most ``limit`` bytes,
+        checked before anything is allocated; waits up to ``timeout`` seconds
+        for each part (gloo then closes the pair: a timeout ends the link)."""
+        delta = datetime.timedelta(seconds=timeout)
+        size = torch.empty(1, dtype=_SIZE)
+        dist.irecv(size, src, tag=CONTROL_TAG).wait(delta)
+        n = int(size[0])
+        if not 0 <= n <= limit:
+            raise WireError(f"rank {src}: announced a control frame of {n} bytes (allowed: 0..{limit})")
+        buf = torch.empty(n, dtype=torch.uint8)
+        dist.irecv(buf, src, tag=CONTROL_TAG).wait(delta)
+        return buf.numpy().tobytes()
 
     def recv(self, src: int) -> tuple[dict, dict, int]:
         """The next frame rank ``src`` sent with :meth:`send`: (meta, tensors, bytes)."""
