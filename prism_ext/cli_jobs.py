@@ -245,19 +245,17 @@ def _run(args: argparse.Namespace) -> int:
     runtime = {"simulate": f"{devices} simulated device(s), threads of one process",
                "local": f"{devices} processes on this machine over loopback (gloo)",
                "master": f"{devices} processes, rank 0 at {launch.get('master')} (gloo)"}[where]
-    c = None
     try:
-        if where != "simulate":
+        if where != "simulate":  # the same model, its calls run by a cluster of processes
             launch.pop("rank", None)
             launch.pop("devices", None)
-            c = cluster(model, devices if where == "local" else None, device_weights=args.weights,
-                        auto_weights=args.auto_weights, pinned=options, quiet=args.quiet, **launch)
-            options = options.replace(device_weights=c.device_weights)
+            model = cluster(model, devices if where == "local" else None, device_weights=args.weights,
+                            auto_weights=args.auto_weights, pinned=options, quiet=args.quiet, **launch)
+            options = options.replace(device_weights=model.executor.device_weights)
         if texts is not None:
-            records = jobs.run_texts(model, texts, max_new_tokens=args.max_new_tokens, cluster=c, options=options,
-                                     **common)
+            records = jobs.run_texts(model, texts, max_new_tokens=args.max_new_tokens, options=options, **common)
         else:
-            records = jobs.run_images(model, images, cluster=c, options=options, **common)
+            records = jobs.run_images(model, images, options=options, **common)
         _print_records(({"model": str(args.model), "runtime": runtime, **r} for r in records), args.json)
     except BrokenPipeError:  # the reader (`| head`, `| jq ... | head`) has what it wanted
         import os
@@ -271,8 +269,7 @@ def _run(args: argparse.Namespace) -> int:
         print("prism run: interrupted; every device stopped", file=sys.stderr)
         return 130
     finally:
-        if c is not None:
-            c.close()
+        model.close()  # a cluster's processes stop; simulated devices need nothing
     return 0
 
 

@@ -160,15 +160,15 @@ def _text_groups(ids: list[list[int]], generating: bool) -> list[list[int]]:
 
 
 def run_text(model: PrismModel, text: str, *, devices: int = 4, options: RunOptions | None = None,
-             max_new_tokens: int = 40, compare: bool = True, quiet: bool = True, cluster=None, **kwargs) -> dict:
+             max_new_tokens: int = 40, compare: bool = True, quiet: bool = True, **kwargs) -> dict:
     """GPT-2: generate ``max_new_tokens`` greedily after ``text`` (0: one forward
     pass, next-token prediction). BERT: sentence embedding (mean over tokens),
     and the class when the checkpoint has a classifier. ``options`` and
-    keywords: how it runs (:class:`RunOptions`; CR 4 unless given).
-    ``cluster``: a live :class:`prism_ext.runtime.Cluster` of ``model`` to run
-    on (default: simulated devices)."""
+    keywords: how it runs (:class:`RunOptions`; CR 4 unless given). The
+    devices are ``model``'s executor's: simulated, or a live cluster's
+    processes for a model :func:`prism_ext.cluster` returned."""
     return run_text_batch(model, [text], devices=devices, options=options, max_new_tokens=max_new_tokens,
-                          compare=compare, quiet=quiet, cluster=cluster, **kwargs)[0]
+                          compare=compare, quiet=quiet, **kwargs)[0]
 
 
 def run_texts(model: PrismModel, texts: list[str], *, batch_size: int = 8, quiet: bool = True, **options):
@@ -186,13 +186,12 @@ def run_texts(model: PrismModel, texts: list[str], *, batch_size: int = 8, quiet
 
 
 def run_text_batch(model: PrismModel, texts: list[str], *, devices: int = 4, options: RunOptions | None = None,
-                   max_new_tokens: int = 40, compare: bool = True, quiet: bool = True, cluster=None,
-                   **kwargs) -> list[dict]:
+                   max_new_tokens: int = 40, compare: bool = True, quiet: bool = True, **kwargs) -> list[dict]:
     """:func:`run_text` on several texts at once: one result per text. The
     texts run as one padded batch (generation: one batch per token length);
     each result's ``stats``, ``voltage`` and ``seconds`` are its batch's."""
     say = _progress(quiet)
-    run = model if cluster is None else cluster
+    run = model
     options = _job_options(options, kwargs)
     cr, mode = options.cr, options.mode
     ids, generating = _text_job(model, list(texts), devices, options, max_new_tokens)
@@ -298,9 +297,9 @@ def _agreement(ref: dict, got: dict) -> dict:
 
 # --------------------------------------------------------------------- image
 
-def _run_pixels(model: PrismModel, px: torch.Tensor, devices, options: RunOptions, compare, say, cluster=None) -> dict:
+def _run_pixels(model: PrismModel, px: torch.Tensor, devices, options: RunOptions, compare, say) -> dict:
     _validate(model, model.net.grid ** 2 + 1, devices, options)
-    run = model if cluster is None else cluster
+    run = model
     peers = _peers(run, px, devices, options) if compare else None  # first: warms up the measured run
     say(f"{px.shape[0]} image(s), {model.net.grid ** 2 + 1} positions over {devices} devices ({options.mode}, "
         f"cr={options.cr})")
@@ -325,7 +324,7 @@ def _image_outputs(model: PrismModel, out) -> list[dict]:
 
 
 def run_images(model: PrismModel, images, *, batch_size: int = 8, devices: int = 4, options: RunOptions | None = None,
-               compare: bool = True, quiet: bool = True, cluster=None, **kwargs):
+               compare: bool = True, quiet: bool = True, **kwargs):
     """ViT on images (paths, bytes or PIL images; see
     :func:`prism_ext.inputs.images.open_image`) in batches of ``batch_size``: yields
     one result per image, in order, with its batch's ``stats``, ``voltage``
@@ -346,7 +345,7 @@ def run_images(model: PrismModel, images, *, batch_size: int = 8, devices: int =
     with progress(total=len(images), desc="images", quiet=quiet, unit="image") as bar:
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
-            r = _run_pixels(model, proc.to_pixels(batch), devices, options, compare, _progress(True), cluster)
+            r = _run_pixels(model, proc.to_pixels(batch), devices, options, compare, _progress(True))
             outputs, references = r.pop("outputs"), r.pop("reference", None)
             r["batch"] = {"size": len(batch), "positions": model.net.grid ** 2 + 1}
             for k, im in enumerate(batch):
@@ -360,10 +359,10 @@ def run_images(model: PrismModel, images, *, batch_size: int = 8, devices: int =
 
 
 def run_digits(model: PrismModel, digits: np.ndarray, *, devices: int = 4, options: RunOptions | None = None,
-               compare: bool = True, quiet: bool = True, cluster=None, **kwargs) -> dict:
+               compare: bool = True, quiet: bool = True, **kwargs) -> dict:
     """ViT on raw 8x8 digits ([B, 8, 8], values 0..16), through the same processor as files."""
     px = model.image_processor.digits_to_pixels(digits)
-    result = _run_pixels(model, px, devices, _job_options(options, kwargs), compare, _progress(quiet), cluster)
+    result = _run_pixels(model, px, devices, _job_options(options, kwargs), compare, _progress(quiet))
     result["input"] = {"digits": int(px.shape[0]), "positions": model.net.grid ** 2 + 1}
     return result
 
@@ -384,25 +383,24 @@ def demo(*, devices: int = 4, gpt_cr: int = 4, vit_cr: int = 4, max_new_tokens: 
     simulate = simulate or devices == 1
 
     def devices_for(model):
+        """``model`` run by simulated devices, or bound to a cluster of its own (closed on exit)."""
         if simulate:
-            return contextlib.nullcontext(None)
+            return contextlib.nullcontext(model)
         say(f"starting {devices} processes for {model.model_type}")
         return cluster(model, devices, quiet=quiet)
 
     say("loading gpt2-tiny")
     gpt = load_model("gpt2-tiny")
-    with devices_for(gpt) as c:
-        text = run_text(gpt, DEMO_PROMPT, devices=devices, cr=gpt_cr, max_new_tokens=max_new_tokens, quiet=quiet,
-                        cluster=c)
+    with devices_for(gpt) as run:
+        text = run_text(run, DEMO_PROMPT, devices=devices, cr=gpt_cr, max_new_tokens=max_new_tokens, quiet=quiet)
     say("loading vit-tiny-digits")
     vit = load_model("vit-tiny-digits")
     held = np.load(zoo.model_dir("vit-tiny-digits") / "heldout_digits.npz")
     # the first held-out example of each class, in class order
     pick = [int(np.flatnonzero(held["labels"] == k)[0]) for k in np.unique(held["labels"])][:digits]
     images, labels = held["images"][pick], held["labels"][pick]
-    with devices_for(vit) as c:
-        run = vit if c is None else c
-        image = run_digits(vit, images, devices=devices, cr=vit_cr, quiet=quiet, cluster=c)
+    with devices_for(vit) as run:
+        image = run_digits(run, images, devices=devices, cr=vit_cr, quiet=quiet)
         image["labels"] = labels.tolist()
         result = {"devices": devices, "runtime": "simulated (threads of one process)" if simulate else
                   "processes on this machine over loopback (gloo)", "gpt2": text, "vit": image}

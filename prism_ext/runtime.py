@@ -56,12 +56,12 @@ import torch.distributed as dist
 from . import kernels
 from .checks import check_count
 from ._version import __version__
-from .api import PrismModel, PrismOutput, load
+from .api import PrismModel, load
 from .comm.dist import DistTransport, TaskThread
-from .method.engine import Collected, GenerateOptions
-from .options import RunOptions, run_options
+from .method.engine import Collected
+from .options import RunOptions
 from .executor.local import simulate
-from .executor.request import Request, count_inputs, decode_request, encode_request, local_inputs, plan, run, run_stats
+from .executor.request import Request, count_inputs, decode_request, encode_request, local_inputs, run
 
 __all__ = ["Cluster", "ClusterError", "HandshakeError", "cluster", "worker_main", "worker_exit", "speed_weights",
            "DEFAULT_TIMEOUT", "DEFAULT_START_TIMEOUT"]
@@ -103,7 +103,7 @@ class _NotFormed(ClusterError):
 _GLOO_SOURCE = re.compile(r"^\s*\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     line = _GLOO_SOURCE.sub("", text[0]) if text else ""  # gloo prefixes its source path: not for users
     return f"{type(exc).__name__}: {line}"
@@ -263,7 +263,7 @@ def _link_failure(exc: BaseException, silent_for: float) -> str:
     """Why a link failed, in words: gloo says "Timed out" when nothing came."""
     if "timed out" in str(exc).lower():
         return f"no heartbeat for {silent_for:.1f} s"
-    return f"its link failed ({_first_line(exc)})"
+    return f"its link failed ({first_line(exc)})"
 
 
 class _Rendezvous(dist.Store):
@@ -428,17 +428,19 @@ def _frame_bound(model: PrismModel, request: Request) -> int:
 
 class Cluster:
     """A live cluster: P processes holding the model, serving request after
-    request. ``c(inputs, cr=...)`` and ``c.generate(...)`` take the arguments
-    of :class:`prism_ext.PrismModel` (``devices`` is the cluster's size, or 1
-    for the single-device peer run on rank 0 alone). Use as a context manager,
-    or call :meth:`close`. See :func:`cluster`."""
+    request; the executor behind a :class:`prism_ext.PrismModel` bound to it
+    (``.model``, what :func:`cluster` returns), whose calls then run here
+    (``devices`` is the cluster's size, or 1 for the single-device peer run
+    on rank 0 alone). Lifecycle: :meth:`close`, :meth:`abort`,
+    :meth:`lost_ranks`, :meth:`calibrate`."""
 
     def __init__(self, model, devices: int | None = None, *, master: str | None = None, world: int | None = None,
                  token: str | None = None, timeout: float = DEFAULT_TIMEOUT, start_timeout: float | None = None,
                  threads: int | None = None, worker_threads: int | None = None, device_weights=None,
                  auto_weights: bool = False, ifname: str | None = None, pinned: RunOptions | None = None,
                  quiet: bool = True):
-        self.model = model if isinstance(model, PrismModel) else load(model)
+        model = model if isinstance(model, PrismModel) else load(model)
+        self.model = model.with_executor(self)  # the model face whose calls run on this cluster
         if self.model.directory is None:
             raise ValueError("model: a cluster needs a model loaded from a directory or a bundled name "
                              "(workers load it themselves)")
@@ -493,7 +495,7 @@ class Cluster:
         except BaseException as exc:
             if rendezvous is not None:
                 rendezvous.close()
-            self._teardown(f"start failed: {_first_line(exc)}")
+            self._teardown(f"start failed: {first_line(exc)}")
             if isinstance(exc, (ClusterError, KeyboardInterrupt)):
                 raise
             # Anything else (a peer's malformed frame, gloo's errors, a store flooded out of
@@ -572,7 +574,7 @@ class Cluster:
             raise
         if "error" in box:
             exc = box["error"]
-            text = str(exc).splitlines()[0] if isinstance(exc, ClusterError) else f"rendezvous: {_first_line(exc)}"
+            text = str(exc).splitlines()[0] if isinstance(exc, ClusterError) else f"rendezvous: {first_line(exc)}"
             raise ClusterError(f"{text}; rank 0 waited up to {self.start_timeout:g} s for {self.world - 1} "
                                f"worker(s)") from exc
         return box["group"]
@@ -619,7 +621,7 @@ class Cluster:
         except BaseException as exc:  # noqa: BLE001 - reported by lost_ranks(), which ends the cluster
             if not self._stop.is_set():
                 with self._news:
-                    self._control_error = f"its control thread failed ({_first_line(exc)})"
+                    self._control_error = f"its control thread failed ({first_line(exc)})"
                     self._news.notify_all()
 
     def _read(self, link: _Link) -> None:
@@ -649,35 +651,23 @@ class Cluster:
 
     # ------------------------------------------------------------ requests
 
-    def __call__(self, inputs=None, *, devices: int | None = None, options: RunOptions | None = None,
-                 **kwargs) -> PrismOutput:
-        """Run one forward pass on the cluster (see :meth:`PrismModel.__call__`)."""
+    def resolve(self, devices: int | None, options: RunOptions) -> tuple[int, RunOptions]:
+        """Executor: ``devices`` None is every process, 1 the single-device
+        run on rank 0 alone; device weights not given are the cluster's (set,
+        or measured by :meth:`calibrate`)."""
         self._check_open()
-        m = self.model
-        inputs, options = m.split_arguments(inputs, options, kwargs)
-        options = self._defaults(devices, options)
-        request = plan(m.net, inputs, options, devices=self._devices(devices, options.mode),
-                       special_ids=m.special_ids)
-        collected = self._submit(inputs, request)
-        return PrismOutput(collected.fields, run_stats(request, collected))
+        if devices == 1 and options.mode == "prism":
+            options = options.replace(mode="single")
+        if options.device_weights is None and self.device_weights is not None:
+            options = options.replace(device_weights=self.device_weights)
+        return self._devices(devices, options.mode), options
 
-    def generate(self, input_ids, *, devices: int | None = None, options: RunOptions | None = None,
-                 max_new_tokens: int = 20, temperature: float = 0.0, top_k: int | None = None,
-                 seed: int | None = None, eos_token_id: int | None = None, return_stats: bool = False,
-                 on_token=None, **kwargs):
-        """GPT-2 generation on the cluster (see :meth:`PrismModel.generate`):
-        the prefill on every process, decoding on the last one, tokens back to rank 0.
-        ``on_token``: called on rank 0 with each step's new tokens [B] as
-        soon as the last device picks them (the last device streams them);
-        it runs on the cluster's request thread and must not block for long."""
-        self._check_open()
-        options = self._defaults(devices, run_options(options, **kwargs))
-        sampling = GenerateOptions(max_new_tokens, temperature, top_k, seed, eos_token_id, on_token is not None)
-        inputs, request = self.model.generate_request(input_ids, self._devices(devices, options.mode), options,
-                                                      sampling)
-        collected = self._submit(inputs, request, on_token)
-        ids = torch.cat([inputs["input_ids"].long(), collected.tokens], dim=1)
-        return (ids, run_stats(request, collected), collected.decode) if return_stats else ids
+    def execute(self, net, inputs: dict, request: Request, on_token=None) -> Collected:
+        """Executor: run a planned request on every process (``on_token``:
+        rank 0's callback for each streamed step, on the cluster's request thread)."""
+        if net is not self.model.net:
+            raise ValueError("net: a cluster runs the model its workers loaded, not another network")
+        return self._submit(inputs, request, on_token)
 
     def _devices(self, devices, mode) -> int:
         if devices is None or devices == self.world or (devices == 1 and mode in ("single", "prism")):
@@ -685,14 +675,10 @@ class Cluster:
         raise ValueError(f"devices: this cluster has {self.world} devices (or 1 for the single-device run), "
                          f"got {devices!r}")
 
-    def _defaults(self, devices, options: RunOptions) -> RunOptions:
-        """``devices=1`` is the single-device run on rank 0; device weights
-        not given are the cluster's (set, or measured by :meth:`calibrate`)."""
-        if devices == 1 and options.mode == "prism":
-            options = options.replace(mode="single")
-        if options.device_weights is None and self.device_weights is not None:
-            options = options.replace(device_weights=self.device_weights)
-        return options
+    @property
+    def worker_pids(self) -> list[int]:
+        """The process ids of the workers this cluster started on this machine (none for ``master=``)."""
+        return [p.pid for p in self._procs.values()]
 
     def _check_open(self) -> None:
         if self.closed is not None:
@@ -772,26 +758,26 @@ class Cluster:
             errors, gone, seen = dict(self._errors), dict(self._gone), dict(self._seen)
         for r, p in self._procs.items():
             if p.poll() is not None and p.returncode < 0:
-                return f"rank {r} lost: its process {_exit_status(p.returncode)} ({_first_line(exc)})"
+                return f"rank {r} lost: its process {_exit_status(p.returncode)} ({first_line(exc)})"
         if not workers:  # failed while forming: the exception says it (errors from peers name the rank)
-            return _first_line(exc)
+            return first_line(exc)
         now = time.monotonic()
         silent = [r for r in workers if r not in errors]
         if silent:
             r = silent[0]
             why = gone.get(r) or f"no heartbeat for {now - seen.get(r, now):.1f} s"
             return (f"rank {r} lost: {why} and no error report (process killed, hung, or network down) "
-                    f"({_first_line(exc)})")
+                    f"({first_line(exc)})")
         own = [r for r, e in errors.items() if not _peer_loss(e)]
         if own:
             return f"rank {own[0]} failed: {errors[own[0]]}"
         for r, p in self._procs.items():
             if p.poll() is not None and p.returncode != 0 and r not in errors:
-                return f"rank {r} lost: its process {_exit_status(p.returncode)} ({_first_line(exc)})"
+                return f"rank {r} lost: its process {_exit_status(p.returncode)} ({first_line(exc)})"
         if errors:
             r = min(errors)
             return f"rank {r} failed: {errors[r]}"
-        return _first_line(exc)
+        return first_line(exc)
 
     def lost_ranks(self) -> dict[int, str]:
         """The ranks that look lost now, each with why: a local worker whose
@@ -879,9 +865,11 @@ class Cluster:
         return f"Cluster({self.model.model_type}, devices={self.world}, {state})"
 
 
-def cluster(model, devices: int | None = None, **kwargs) -> Cluster:
+def cluster(model, devices: int | None = None, **kwargs) -> PrismModel:
     """Start a live cluster for ``model`` (a :class:`PrismModel`, a checkpoint
-    directory or a bundled name).
+    directory or a bundled name) and return the model bound to it: its calls
+    and ``generate`` run on the cluster's processes, ``close()`` (or a
+    ``with`` block) stops them, and ``.executor`` is the :class:`Cluster`.
 
     ``devices=P`` starts P - 1 worker processes on this machine over loopback
     (this process is rank 0 and computes too). ``master="HOST:PORT",
@@ -892,7 +880,7 @@ def cluster(model, devices: int | None = None, **kwargs) -> Cluster:
     process), ``worker_threads`` (local workers; default cores // P),
     ``device_weights`` or ``auto_weights=True`` (time every rank, split by
     speed), ``ifname`` (gloo's network interface), ``quiet``."""
-    return Cluster(model, devices, **kwargs)
+    return Cluster(model, devices, **kwargs).model
 
 
 def _peer_loss(message: str) -> bool:
@@ -963,7 +951,7 @@ def _join(host: str, port: int, rank: int, world: int, join_timeout: float, ifna
             if time.monotonic() + 1.0 >= deadline:
                 raise _NotFormed(f"no coordinator (rank 0) at {host}:{port} formed a cluster with this worker "
                                  f"within {join_timeout:g} s (--join-timeout); last attempt: "
-                                 f"{_first_line(exc)}") from None
+                                 f"{first_line(exc)}") from None
             time.sleep(1.0)  # nothing to wait on: rank 0 is not there yet
 
 
@@ -1034,7 +1022,7 @@ def worker_main(master: str, rank: int, world: int, *, token: str | None = None,
             m = load(path)
         except (OSError, ValueError) as exc:
             m = None
-            load_error = _first_line(exc)
+            load_error = first_line(exc)
         claims = _claims(m, _pinned_meta(pinned)) if m is not None else {"version": __version__, "model_type": None,
                                                              "config": f"unloadable: {load_error}", "weights": None}
         wrong = _mismatches(g.transport.exchange_meta(claims))
@@ -1064,7 +1052,7 @@ def worker_main(master: str, rank: int, world: int, *, token: str | None = None,
         print(f"prism worker (rank {rank}): {exc}", file=sys.stderr, flush=True)
         return 2
     except Exception as exc:  # noqa: BLE001 - reported to rank 0 and on stderr
-        message = str(exc).splitlines()[0] if isinstance(exc, ClusterError) else _first_line(exc)
+        message = str(exc).splitlines()[0] if isinstance(exc, ClusterError) else first_line(exc)
         if link is not None and not closing.is_set():
             closing.set()  # the heartbeat stops: this report is the last frame
             with contextlib.suppress(Exception):
@@ -1109,4 +1097,4 @@ def _worker_beat(link: _Link, rank: int, interval: float, closing: threading.Eve
             link.send("alive")
     except Exception as exc:  # noqa: BLE001 - rank 0 is gone (or hung: the send timed out)
         if not closing.is_set():
-            worker_exit(rank, 1, f"lost the coordinator (rank 0): {_first_line(exc)}")
+            worker_exit(rank, 1, f"lost the coordinator (rank 0): {first_line(exc)}")

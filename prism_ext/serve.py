@@ -56,8 +56,8 @@ from .method.engine import GenerateOptions
 from .jobs import class_output, stats_dict
 from .options import MODES, RunOptions
 from .executor.request import plan
-from .runtime import DEFAULT_TIMEOUT, Cluster, ClusterError, cluster
-from .runtime import _first_line as _failure
+from .runtime import DEFAULT_TIMEOUT, Cluster, ClusterError
+from .runtime import first_line as _failure
 
 __all__ = ["ServeOptions", "Backend", "create_app", "run_server", "encode_text", "decode_tokens", "image_pixels",
            "KNOBS"]
@@ -315,9 +315,9 @@ class Backend:
         o = self.options
         kw = dict(token=o.token, timeout=o.timeout, ifname=o.ifname, quiet=o.quiet)
         if o.master is not None:
-            return cluster(self.model, master=o.master, world=o.world, threads=o.threads, **kw)
+            return Cluster(self.model, master=o.master, world=o.world, threads=o.threads, **kw)
         # Rank 0 shares this machine with its workers: its share of the cores, as each worker gets.
-        return cluster(self.model, o.devices, threads=o.threads or max(1, (os.cpu_count() or 1) // o.devices), **kw)
+        return Cluster(self.model, o.devices, threads=o.threads or max(1, (os.cpu_count() or 1) // o.devices), **kw)
 
     # ------------------------------------------------------------ queue
 
@@ -514,7 +514,7 @@ class Backend:
             if not bool(mask.all()):
                 inputs["attention_mask"] = mask
         t0 = time.monotonic()
-        out = c(inputs, options=batch[0].settings.replace(outputs=outputs))
+        out = c.model(inputs, options=batch[0].settings.replace(outputs=outputs))
         seconds = time.monotonic() - t0
         rows = out["mean_pooled"] if endpoint == "embeddings" else out["logits"]
         stats = prism_stats(out.stats)
@@ -536,7 +536,7 @@ class Backend:
         c = self.cluster
         ids = torch.tensor([job.inputs[0]])
         t0 = time.monotonic()
-        out, stats, decode = c.generate(ids, options=job.settings, return_stats=True, on_token=job.on_token,
+        out, stats, decode = c.model.generate(ids, options=job.settings, return_stats=True, on_token=job.on_token,
                                         **job.options)
         seconds = time.monotonic() - t0
         new = out[0, ids.shape[1]:].tolist()

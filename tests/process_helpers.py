@@ -70,7 +70,8 @@ class Reaper:
         return p
 
     def cluster(self, c):
-        self.clusters.append(c)
+        """Abort ``c`` (a model bound to a cluster, or the Cluster) when the test ends."""
+        self.clusters.append(getattr(c, "executor", c))
         return c
 
     def reap(self) -> None:

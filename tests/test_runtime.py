@@ -74,7 +74,7 @@ def test_processes_equal_the_simulation(live, gpt, mode, cr, exact):
 def test_transport_counts_what_it_sends(live, gpt):
     """Rank 0's gloo transport: per layer, its frame to each of the P - 1
     peers plus the 8-byte size word; it receives the results only."""
-    tr = live._group.transport
+    tr = live.executor._group.transport
     before = tr.wire_bytes
     out = live(ids_of(gpt), cr=4, outputs=("last",))
     sent = [s.bytes_sent for s in out.stats.devices[0].layers]
@@ -131,14 +131,14 @@ def test_generate_streams_each_token_to_rank_0(live, gpt, devices):
 def test_bad_requests_are_refused_on_rank_0_and_the_cluster_keeps_serving(live, gpt, bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         live(**bad)
-    assert live.closed is None
+    assert live.executor.closed is None
     torch.testing.assert_close(live(ids_of(gpt), cr=2).logits, gpt(ids_of(gpt), devices=3, cr=2).logits)
 
 
 def test_live_cluster_closes(live):
-    pids = [p.pid for p in live._procs.values()]
+    pids = live.executor.worker_pids
     live.close()
-    assert wait_gone(pids, 10) == [] and live.closed == "closed"
+    assert wait_gone(pids, 10) == [] and live.executor.closed == "closed"
     with pytest.raises(ClusterError, match="closed"):
         live(torch.zeros(1, 4, dtype=torch.long))
 
@@ -163,7 +163,7 @@ def test_vit_devices_receive_only_their_patches():
     px = torch.rand(2, 1, 32, 32)
     sim = m(px, devices=2, cr=4, outputs=("cls",))
     with cluster(m, devices=2, timeout=30, auto_weights=True) as c:
-        assert len(c.device_weights) == 2 and all(0 < w <= 1 for w in c.device_weights)
+        assert len(c.executor.device_weights) == 2 and all(0 < w <= 1 for w in c.executor.device_weights)
         real = c(px, cr=4, outputs=("cls",), device_weights=[1, 1])
     torch.testing.assert_close(real.logits, sim.logits, rtol=0, atol=1e-6)
     # rank 1 got its own 32 of the 64 patches (16 values each) as fp32, plus a small header
@@ -263,7 +263,7 @@ def test_worker_killed_mid_prefill_names_the_rank_and_nothing_is_left(slow_model
     m = prism_ext.load(slow_model)
     ids = torch.randint(0, 512, (4, 1024))
     c = reaper.cluster(cluster(m, devices=3, timeout=20))
-    pids = [p.pid for p in c._procs.values()]
+    pids = c.executor.worker_pids
     box = {}
 
     def request():
@@ -295,7 +295,7 @@ def test_hung_worker_is_named_after_the_timeout(slow_model, reaper):
     may take longer than that to start the workers)."""
     m = prism_ext.load(slow_model)
     c = reaper.cluster(cluster(m, devices=3, timeout=4))
-    pids = [p.pid for p in c._procs.values()]
+    pids = c.executor.worker_pids
     os.kill(pids[0], signal.SIGSTOP)
     t0 = time.monotonic()
     with pytest.raises(ClusterError, match=r"rank 1 lost: no heartbeat"):
@@ -308,7 +308,7 @@ def test_dead_coordinator_makes_workers_exit(reaper):
     code = ("import sys, time, prism_ext\n"
             "from prism_ext.runtime import cluster\n"
             "c = cluster('gpt2-tiny', devices=3, timeout=20)\n"
-            "print(*[p.pid for p in c._procs.values()], flush=True)\n"
+            "print(*c.executor.worker_pids, flush=True)\n"
             "time.sleep(120)\n")
     coord = reaper.popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     pids = [int(p) for p in coord.stdout.readline().split()]
@@ -327,7 +327,7 @@ def test_ctrl_c_on_the_coordinator_stops_every_process(slow_model, reaper):
             "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "from prism_ext.runtime import cluster\n"
             f"c = cluster(prism_ext.load({str(slow_model)!r}), devices=3, timeout=20)\n"
-            "print(*[p.pid for p in c._procs.values()], flush=True)\n"
+            "print(*c.executor.worker_pids, flush=True)\n"
             "ids = torch.randint(0, 512, (4, 1024))\n"
             "while True:\n"
             "    c(ids, cr=4, outputs=('last',))\n")
@@ -420,7 +420,7 @@ def test_hung_coordinator_makes_workers_exit_within_the_timeout(reaper):
     code = ("import time, prism_ext\n"
             "from prism_ext.runtime import cluster\n"
             "c = cluster('gpt2-tiny', devices=3, timeout=3)\n"
-            "print(*[p.pid for p in c._procs.values()], flush=True)\n"
+            "print(*c.executor.worker_pids, flush=True)\n"
             "time.sleep(120)\n")
     coord = reaper.popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     pids = [int(p) for p in coord.stdout.readline().split()]
