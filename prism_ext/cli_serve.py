@@ -96,7 +96,7 @@ def register(sub) -> None:
     p.add_argument("--max-tokens", type=_positive, default=256, help="largest max_tokens of a completion (default 256)")
     p.add_argument("--max-inputs", type=_positive, default=32, help="most texts or images in one request (default 32)")
     p.add_argument("--max-body", type=_positive, default=1 << 20, help="largest request body, bytes (default 1 MiB)")
-    p.add_argument("--body-timeout", type=float, default=30.0,
+    p.add_argument("--body-timeout", type=Bounded(0.1, 3600, real=True), default=30.0,
                    help="seconds a request body may take to arrive; slower ones get 408 (default 30)")
     p.add_argument("--max-queue", type=_positive, default=64, help="most requests waiting; more get 429 (default 64)")
     p.add_argument("--drain-timeout", type=Bounded(0, _MAX_SECONDS, real=True), default=30.0,

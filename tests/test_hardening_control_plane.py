@@ -20,7 +20,8 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prism_ext.runtime import ClusterError, _seal, _unseal, cluster
+from prism_ext.runtime import ClusterError, cluster
+from prism_ext.runtime.session import seal, unseal
 from process_helpers import free_port, listening, refused, rss
 
 PRISM = [sys.executable, "-m", "prism_ext"]
@@ -120,21 +121,21 @@ def test_a_master_store_listens_only_on_the_given_address_and_only_while_forming
 
 def test_control_frames_cannot_be_forged_altered_or_replayed():
     key = b"k" * 32
-    frame = _seal(key, 0, 1, "run", 7, b"the inputs")
-    assert _unseal(key, 0, 1, frame, 7) == ("run", b"the inputs")
+    frame = seal(key, 0, 1, "run", 7, b"the inputs")
+    assert unseal(key, 0, 1, frame, 7) == ("run", b"the inputs")
     for i in range(len(frame)):  # any byte changed: op, number, payload or tag
         bad = bytearray(frame)
         bad[i] ^= 0x01
         with pytest.raises(ClusterError, match="not signed with this session's key"):
-            _unseal(key, 0, 1, bytes(bad), 7)
+            unseal(key, 0, 1, bytes(bad), 7)
     with pytest.raises(ClusterError, match="expected 8 .replayed or lost."):
-        _unseal(key, 0, 1, frame, 8)  # the same frame again
+        unseal(key, 0, 1, frame, 8)  # the same frame again
     with pytest.raises(ClusterError, match="not signed"):
-        _unseal(key, 1, 0, frame, 7)  # a frame for the other direction
+        unseal(key, 1, 0, frame, 7)  # a frame for the other direction
     with pytest.raises(ClusterError, match="not signed"):
-        _unseal(b"x" * 32, 0, 1, frame, 7)  # another session's key
+        unseal(b"x" * 32, 0, 1, frame, 7)  # another session's key
     with pytest.raises(ClusterError, match="shorter than"):
-        _unseal(key, 0, 1, frame[:20], 7)
+        unseal(key, 0, 1, frame[:20], 7)
 
 
 def test_a_flood_of_store_writes_ends_the_formation_and_rank_0_stays_bounded(gpt, reaper):

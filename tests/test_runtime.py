@@ -203,7 +203,7 @@ def test_different_version_is_refused(gpt, reaper):
     """A worker whose package reports another version (patched before the
     CLI runs: a copy of the package on PYTHONPATH would lose to an editable
     install's import hook)."""
-    other = [sys.executable, "-c", "import sys, prism_ext.runtime as r; r.__version__ = '9.9.9'; "
+    other = [sys.executable, "-c", "import sys, prism_ext.runtime.session as r; r.__version__ = '9.9.9'; "
                                    "from prism_ext.cli import main; sys.exit(main())"]
     err = refused(gpt, reaper, dict(prism=other), r"rank 1: package version 9\.9\.9")
     assert "9.9.9" in err
@@ -386,13 +386,13 @@ def test_worker_bad_arguments_are_one_line():
 
 
 def test_handshake_refuses_a_rank_pinned_to_other_exact_rows():
-    from prism_ext.runtime import _mismatches
+    from prism_ext.runtime.session import mismatches
 
     base = {"version": "1", "model_type": "gpt2", "config": "c", "weights": "w"}
     claims = [{**base, "settings": {"cr": 4, "exact_rows": "special"}},
               {**base, "settings": {"cr": 4, "exact_rows": "none"}},
               {**base, "settings": {"cr": 4}}]  # a rank that pinned nothing about it agrees
-    assert _mismatches(claims) == ["rank 1: exact_rows none differs from rank 0's special"]
+    assert mismatches(claims) == ["rank 1: exact_rows none differs from rank 0's special"]
 
 
 # ------------------------------------------------- formation and liveness
