@@ -76,8 +76,12 @@ def test_generate_takes_the_same_options(gpt):
 
 
 def test_the_lists_of_settings_derive_from_the_fields():
-    from prism_ext import runtime
+    from prism_ext.runtime.session import mismatches
 
-    assert set(runtime._PINNED) == set(RunOptions.fields()) - {"outputs"}
+    # the handshake compares every field a rank can pin (all but outputs, rank 0's affair)
+    base = {"version": "1", "model_type": "gpt2", "config": "c", "weights": "w"}
+    for name in RunOptions.fields():
+        found = mismatches([{**base, "settings": {name: "a"}}, {**base, "settings": {name: "b"}}])
+        assert found == ([] if name == "outputs" else [f"rank 1: {name} b differs from rank 0's a"]), name
     from prism_ext import serve  # the serve extra is part of the test extra
     assert set(serve.KNOBS) == set(RunOptions.fields()) - {"mode", "cr", "device_weights", "outputs"}
