@@ -1,5 +1,7 @@
-"""``prism_ext.load(path)``: a loaded model whose call runs P simulated
-devices in this process (an in-process transport per call)."""
+"""``prism_ext.load(path)``: the model face. A :class:`PrismModel` plans
+each call (:func:`prism_ext.executor.request.plan`) and hands it to its
+executor: P simulated devices in this process by default, or a live
+cluster's processes (:func:`prism_ext.cluster`)."""
 
 from __future__ import annotations
 
@@ -191,7 +193,7 @@ class PrismModel:
         """
         sampling = GenerateOptions(max_new_tokens, temperature, top_k, seed, eos_token_id, on_token is not None)
         devices, options = self.executor.resolve(devices, run_options(options, **kwargs))
-        inputs, request = self.generate_request(input_ids, devices, options, sampling)
+        inputs, request = self._generate_request(input_ids, devices, options, sampling)
         collected = self.executor.execute(self.net, inputs, request, on_token)
         ids = torch.cat([inputs["input_ids"].long(), collected.tokens], dim=1)
         return (ids, run_stats(request, collected), collected.decode) if return_stats else ids
@@ -204,8 +206,8 @@ class PrismModel:
         return self._inputs(inputs, {k: v for k, v in kwargs.items() if k not in names}), \
             run_options(options, **changes)
 
-    def generate_request(self, input_ids, devices: int, options: RunOptions, sampling: GenerateOptions):
-        """The checked (inputs, Request) of a generation (shared with the live cluster)."""
+    def _generate_request(self, input_ids, devices: int, options: RunOptions, sampling: GenerateOptions):
+        """The checked (inputs, Request) of a generation."""
         if self.net.head != "lm":
             raise ValueError(f"generate: needs a language model head; this is {self.model_type} ({self.net.head})")
         inputs = self._inputs(input_ids, {})
