@@ -242,6 +242,14 @@ def test_devices_and_cr_take_any_integer_operator_index_takes(gpt, make):
     assert torch.equal(gpt.generate(ids, devices=make(2), cr=make(2), max_new_tokens=2), want)
     assert partition(make(16), make(2)).sizes() == [8, 8]
     assert cr_schedule(make(4), 2) == [4, 4] and all(type(c) is int for c in cr_schedule(make(4), 2))
+    from prism_ext.runtime.session import check_world  # a cluster's world and a worker's rank too
+
+    world, rank = check_world(make(4), make(3))
+    assert (world, rank) == (4, 3) and type(world) is int and type(rank) is int
+    with pytest.raises(ValueError, match="^rank: must be <= 3"):
+        check_world(make(4), make(4))
+    with pytest.raises(TypeError, match="^world: expected an int"):
+        check_world(True)
 
 
 @pytest.mark.parametrize("value", [True, np.bool_(True), torch.tensor(True), 2.0, np.float32(2), "2", None])

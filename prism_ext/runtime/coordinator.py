@@ -66,16 +66,14 @@ class Cluster:
         self._threads: list[threading.Thread] = []
         self._say = (lambda msg: None) if quiet else (lambda msg: print(f"prism: {msg}", file=sys.stderr, flush=True))
         if master is None:  # P processes on this machine, over loopback
-            world = devices if world is None else world
-            check_world(world)
+            world, _ = check_world(devices if world is None else world)
             if devices is not None and devices != world:
                 raise ValueError(f"devices: {devices} differs from world {world}")
             host, port, ifname = "127.0.0.1", 0, ifname or "lo"
             token = token or os.environ.get("PRISM_TOKEN") or secrets.token_hex(16)
         else:
             host, port = parse_master(master)
-            world = world if world is not None else devices
-            check_world(world)
+            world, _ = check_world(world if world is not None else devices)
         self.world = world
         token_b = token_bytes(token)
         self.device_weights = device_weights

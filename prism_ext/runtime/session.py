@@ -126,11 +126,10 @@ def parse_master(master: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def check_world(world, rank=None) -> None:
-    if isinstance(world, bool) or not isinstance(world, int) or not 1 <= world <= 1024:
-        raise ValueError(f"world: expected an int in 1..1024, got {world!r}")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world):
-        raise ValueError(f"rank: expected an int in 0..{world - 1}, got {rank!r}")
+def check_world(world, rank=None) -> tuple[int, int | None]:
+    """(world, rank) as plain ints: any integer ``operator.index`` takes (never a bool)."""
+    world = check_count(world, "world", 1, 1024)
+    return world, None if rank is None else check_count(rank, "rank", 0, world - 1)
 
 
 def check_timeout(timeout, name: str = "timeout") -> float:

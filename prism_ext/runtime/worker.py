@@ -85,7 +85,7 @@ def worker_main(master: str, rank: int, world: int, *, token: str | None = None,
     this rank's own run options, checked against rank 0's (torchrun, where
     every rank has its own command line)."""
     host, port = parse_master(master)
-    check_world(world, rank)
+    world, rank = check_world(world, rank)
     if rank == 0:
         raise ValueError("rank: rank 0 is the coordinator (prism run / prism_ext.cluster), not a worker")
     timeout = check_timeout(timeout)
