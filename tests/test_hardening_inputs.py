@@ -354,7 +354,7 @@ def test_run_simulate_sets_threads(capsys):
         prism_ext.set_num_threads(before)
 
 
-def test_huge_threads_refused_before_torch_sees_them():
+def test_huge_threads_refused_before_torch_sees_them(tmp_path):
     """torch.set_num_threads(100000) succeeds, and the process then dies at
     exit (SIGSEGV): the bound is checked first, and the process exits cleanly."""
     code = ("import torch\n"
@@ -369,13 +369,16 @@ def test_huge_threads_refused_before_torch_sees_them():
             "        raise SystemExit(f'accepted {bad!r}')\n"
             "assert torch.get_num_threads() == before\n"
             "print('refused')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    # cwd: not the source tree, whose prism_ext has no built _C
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+                       cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "refused", (r.returncode, r.stdout, r.stderr)
 
 
-def test_run_with_huge_threads_exits_2_on_one_line():
+def test_run_with_huge_threads_exits_2_on_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "prism_ext", "run", "--model", "gpt2-tiny", "--text", "hello world",
-                        "--devices", "2", "-q", "--threads", "100000"], capture_output=True, text=True, timeout=120, check=False)
+                        "--devices", "2", "-q", "--threads", "100000"], capture_output=True, text=True, timeout=120, check=False,
+                       cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stderr)
     assert len(r.stderr.strip().splitlines()) == 1 and "--threads" in r.stderr, r.stderr
 

@@ -168,7 +168,7 @@ def test_load_accepts_bert_and_vit_model_objects(family):
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)  # the classifier, HF's field name
 
 
-def test_importing_prism_ext_leaves_the_environment_alone():
+def test_importing_prism_ext_leaves_the_environment_alone(tmp_path):
     # transformers' own behaviour in the user's process must not change because prism_ext was imported.
     import os
     import subprocess
@@ -177,6 +177,7 @@ def test_importing_prism_ext_leaves_the_environment_alone():
             "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)); "
             "print(','.join(changed))")
     env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    # cwd: not the source tree, whose prism_ext has no built _C
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "", f"importing prism_ext changed {r.stdout.strip()}"
