@@ -10,15 +10,13 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .options import RunOptions
+from .checks import MAX_COUNT, check_count, check_number
+from .options import RunOptions
 
 __all__ = ["register"]
 
 _USER_ERRORS = (ValueError, TypeError, ImportError, OSError)  # OSError covers FileNotFoundError
-_MAX_INT = 2**31 - 1  # counts travel as int32; prism_ext.checks.MAX_COUNT
 _MAX_SECONDS = 86400.0  # --timeout and the like: a day (prism_ext.runtime refuses longer exchange timeouts)
 
 
@@ -60,7 +58,7 @@ class Bounded:
     finite) against [minimum, maximum] before anything uses it. ``maximum``
     may be a function (read at parse time). ``positive``: reals must be > 0."""
 
-    def __init__(self, minimum, maximum=_MAX_INT, *, real: bool = False, many: bool = False, positive: bool = False):
+    def __init__(self, minimum, maximum=MAX_COUNT, *, real: bool = False, many: bool = False, positive: bool = False):
         self.minimum, self._maximum, self.real, self.many, self.positive = minimum, maximum, real, many, positive
 
     @property
@@ -68,8 +66,6 @@ class Bounded:
         return self._maximum() if callable(self._maximum) else self._maximum
 
     def __call__(self, text: str):
-        from .checks import check_count, check_number
-
         kind = "number" if self.real else "int"
         values = []
         for part in text.split(",") if self.many else [text]:
@@ -139,8 +135,6 @@ def _launch(args: argparse.Namespace) -> tuple[str, dict]:
 def _run_options(args: argparse.Namespace) -> RunOptions:
     """The run settings this command line fixes; under torchrun every rank
     has its own, and the handshake checks they agree with rank 0's."""
-    from .options import RunOptions  # imported here: `prism --help` loads no torch
-
     return RunOptions(**{name: getattr(args, "weights" if name == "device_weights" else name)
                          for name in RunOptions.fields() if name != "outputs"})
 

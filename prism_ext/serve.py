@@ -54,6 +54,7 @@ from ._version import __version__
 from .api import PrismModel
 from .method.engine import GenerateOptions
 from .jobs import class_output, stats_dict
+from .checks import check_count, check_number
 from .options import MODES, RunOptions
 from .executor.request import plan
 from .runtime import DEFAULT_TIMEOUT, Cluster, ClusterError
@@ -103,14 +104,10 @@ class ServeOptions:
 
     def check(self) -> None:
         for name in ("max_cr", "max_batch", "max_tokens", "max_inputs", "max_body", "max_queue", "max_image_pixels"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-        if isinstance(self.body_timeout, bool) or not isinstance(self.body_timeout, (int, float)) \
-                or not 0 < self.body_timeout <= 3600:
-            raise ValueError(f"body_timeout: expected seconds in (0, 3600], got {self.body_timeout!r}")
-        if not 0 <= self.batch_wait <= 10:
-            raise ValueError(f"batch_wait: expected seconds in [0, 10], got {self.batch_wait!r}")
+            check_count(getattr(self, name), name)
+        if check_number(self.body_timeout, "body_timeout", 0, 3600) == 0:
+            raise ValueError("body_timeout: must be > 0 seconds")
+        check_number(self.batch_wait, "batch_wait", 0, 10)
         if self.mode not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
         bad = [m for m in self.modes if m not in MODES]
@@ -548,19 +545,8 @@ class Backend:
 
 
 def _unavailable(reason: str) -> ApiError:
-    return ApiError(503, f"cluster unavailable: {_clean(reason)}; the server is forming it again, retry shortly",
+    return ApiError(503, f"cluster unavailable: {reason}; the server is forming it again, retry shortly",
                     headers={"Retry-After": "2"})
-
-
-# A source location in a library's message ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] "):
-# of no use to an HTTP client, and it tells an outsider what the server runs.
-_EXT = r"\.(?:c|cc|cpp|cxx|h|hpp|py)(?::\d+)?"
-_SOURCE = re.compile(rf"\[[^\]\s]*{_EXT}\]\s*|[^\s()\[\]]*/[^\s()\[\]]*{_EXT}")
-
-
-def _clean(reason: str | None) -> str | None:
-    """A failure's reason as clients see it: the rank and what happened, no source paths."""
-    return None if reason is None else re.sub(r"\s{2,}", " ", _SOURCE.sub("", reason)).replace("()", "").strip()
 
 
 def prism_stats(stats) -> dict:
@@ -824,11 +810,6 @@ def create_app(backend: Backend) -> FastAPI:
     @app.get("/health")
     async def health():
         state = await asyncio.get_running_loop().run_in_executor(None, backend.health)
-        if "reason" in state:
-            state["reason"] = _clean(state["reason"])
-        for rank in state.get("ranks", ()):
-            if "reason" in rank:
-                rank["reason"] = _clean(rank["reason"])
         return JSONResponse(state, status_code=200 if state["status"] == "ok" else 503)
 
     @app.get("/metrics")

@@ -15,7 +15,7 @@ import socket
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_serve import KEY, PROMPT, Server, children, chunked
+from test_serve import KEY, PROMPT, Server, children, chunked, read_all
 
 MAX_BODY = 65536
 REFERENCE = {"prompt": PROMPT, "max_tokens": 4}
@@ -49,13 +49,7 @@ def exchange(port: int, data: list[bytes]) -> bytes:
             s.shutdown(socket.SHUT_WR)
         except OSError:  # broken pipe, reset, not connected: answered early (413) and closed
             pass
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except ConnectionResetError:
-            pass
-    return out
+        return read_all(s)
 
 
 def check_answer(raw: bytes) -> None:

@@ -304,14 +304,20 @@ def test_hung_worker_is_named_after_the_timeout(slow_model, reaper):
     assert wait_gone(pids, 10) == []
 
 
-def test_dead_coordinator_makes_workers_exit(reaper):
-    code = ("import sys, time, prism_ext\n"
+def start_coordinator(reaper, start: str, then: str = "time.sleep(120)\n", **popen):
+    """A coordinator process: ``start`` forms a cluster ``c``, then ``then``
+    runs; returns the process and its workers' pids (printed once formed)."""
+    code = ("import signal, sys, time, torch, prism_ext\n"
             "from prism_ext.runtime import cluster\n"
-            "c = cluster('gpt2-tiny', devices=3, timeout=20)\n"
+            f"{start}\n"
             "print(*c.executor.worker_pids, flush=True)\n"
-            "time.sleep(120)\n")
-    coord = reaper.popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    pids = [int(p) for p in coord.stdout.readline().split()]
+            f"{then}")
+    coord = reaper.popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, **popen)
+    return coord, [int(p) for p in coord.stdout.readline().split()]
+
+
+def test_dead_coordinator_makes_workers_exit(reaper):
+    coord, pids = start_coordinator(reaper, "c = cluster('gpt2-tiny', devices=3, timeout=20)")
     assert len(pids) == 2 and all(alive(p) for p in pids)
     coord.kill()
     coord.wait()
@@ -323,16 +329,12 @@ def test_ctrl_c_on_the_coordinator_stops_every_process(slow_model, reaper):
     handler itself: a process started with SIGINT ignored (pytest run in the
     background, `make check &`) passes that on, and Python then leaves it
     ignored. Whatever happens, the reaper ends the coordinator and workers."""
-    code = ("import signal, torch, prism_ext\n"
-            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-            "from prism_ext.runtime import cluster\n"
-            f"c = cluster(prism_ext.load({str(slow_model)!r}), devices=3, timeout=20)\n"
-            "print(*c.executor.worker_pids, flush=True)\n"
-            "ids = torch.randint(0, 512, (4, 1024))\n"
-            "while True:\n"
-            "    c(ids, cr=4, outputs=('last',))\n")
-    coord = reaper.popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    pids = [int(p) for p in coord.stdout.readline().split()]
+    coord, pids = start_coordinator(
+        reaper, "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                f"c = cluster(prism_ext.load({str(slow_model)!r}), devices=3, timeout=20)",
+        then="ids = torch.randint(0, 512, (4, 1024))\n"
+             "while True:\n"
+             "    c(ids, cr=4, outputs=('last',))\n", stderr=subprocess.PIPE)
     time.sleep(1.5)
     t0 = time.monotonic()
     coord.send_signal(signal.SIGINT)
@@ -417,13 +419,7 @@ def test_a_fresh_cluster_forms_in_a_process_that_saw_failed_ones(gpt, reaper):
 def test_hung_coordinator_makes_workers_exit_within_the_timeout(reaper):
     """SIGSTOP on rank 0: its connections stay open, so only silence tells;
     the workers hear nothing for the 3 s timeout and exit."""
-    code = ("import time, prism_ext\n"
-            "from prism_ext.runtime import cluster\n"
-            "c = cluster('gpt2-tiny', devices=3, timeout=3)\n"
-            "print(*c.executor.worker_pids, flush=True)\n"
-            "time.sleep(120)\n")
-    coord = reaper.popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    pids = [int(p) for p in coord.stdout.readline().split()]
+    coord, pids = start_coordinator(reaper, "c = cluster('gpt2-tiny', devices=3, timeout=3)")
     assert len(pids) == 2 and all(alive(p) for p in pids)
     os.kill(coord.pid, signal.SIGSTOP)
     assert wait_gone(pids, 3 + 20) == []

@@ -470,6 +470,17 @@ class TestImages:
 
 # ------------------------------------------- hardening (issue 24, serve side)
 
+def read_all(s) -> bytes:
+    """Everything the server sends on socket ``s`` until it closes (a reset ends it too)."""
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
 def raw_request(port: int, head: str, body_parts=(), *, pause: float = 0.0, read_timeout: float = 60) -> tuple[int, bytes]:
     """One request over a raw socket (any framing): the status and body of the
     response. ``head`` is the request line and headers (CRLF-terminated lines,
@@ -488,12 +499,7 @@ def raw_request(port: int, head: str, body_parts=(), *, pause: float = 0.0, read
                     time.sleep(pause)  # a slow client, on purpose (not synchronisation)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server answered early and closed: read what it said
-        data = b""
-        try:
-            while chunk := s.recv(65536):
-                data += chunk
-        except ConnectionResetError:
-            pass
+        data = read_all(s)
     status_line, _, rest = data.partition(b"\r\n")
     assert status_line.startswith(b"HTTP/1.1 "), data[:200]
     return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
