@@ -20,7 +20,8 @@ from cli_helpers import prism
 from engine_helpers import hf_gpt2, save
 
 import prism_ext
-from prism_ext import cli, cli_jobs
+from prism_ext import cli
+from prism_ext.cli import args as cli_args
 from prism_ext.method.partition import AccuracyWarning, coarse_warning, cr_schedule, partition
 
 
@@ -405,10 +406,10 @@ def test_every_numeric_option_goes_through_the_shared_check():
     assert len(options) > 40
     raw = [(" ".join(w), o) for w, o, t in options if t in (int, float)]
     assert raw == [], f"numeric options parsed without the shared check: {raw}"
-    assert sum(isinstance(t, getattr(cli_jobs, "Bounded", ())) for _, _, t in options) >= 35
+    assert sum(isinstance(t, cli_args.Bounded) for _, _, t in options) >= 35
 
 
-def bad_values(t: cli_jobs.Bounded) -> list[str]:
+def bad_values(t: cli_args.Bounded) -> list[str]:
     lo, hi = t.minimum, t.maximum
     out = ["nan", "inf", "-inf", "1e999", "9" * 5000, str(hi * 10 + 1), str(lo - 1) if not t.real else repr(lo - 1.5)]
     if t.positive:
@@ -416,7 +417,7 @@ def bad_values(t: cli_jobs.Bounded) -> list[str]:
     return [f"1,{v}" if t.many else v for v in out]
 
 
-@pytest.mark.parametrize("words, option, kind", [o for o in numeric_options() if isinstance(o[2], getattr(cli_jobs, "Bounded", ()))],
+@pytest.mark.parametrize("words, option, kind", [o for o in numeric_options() if isinstance(o[2], cli_args.Bounded)],
                          ids=lambda v: " ".join(v) if isinstance(v, list) else v if isinstance(v, str) else "")
 def test_numeric_option_refuses_nan_inf_negative_and_huge(capsys, words, option, kind):
     """Each value is refused while parsing, before any model or process: exit

@@ -13,7 +13,7 @@ import prism_ext
 
 ROOT = Path(prism_ext.__file__).resolve().parent
 
-# Lowest first. A group is a subpackage, or a top-level module; cli_* modules are one group.
+# Lowest first. A group is a subpackage, or a top-level module.
 LAYERS = [
     {"_version", "_C", "checks", "util", "zoo", "comm", "inputs"},  # leaves: checks, formats, data, helpers
     {"kernels"},  # the face of the C++ kernels
@@ -32,9 +32,8 @@ LAYER = {group: i for i, groups in enumerate(LAYERS) for group in groups}
 
 
 def _group(module: str) -> str:
-    """prism_ext.method.engine -> method; prism_ext.cli_jobs -> cli."""
-    first = module.split(".")[1]
-    return "cli" if first.startswith("cli_") else first
+    """prism_ext.method.engine -> method; prism_ext.cli.run -> cli."""
+    return module.split(".")[1]
 
 
 def _is_module(name: str) -> bool:

@@ -5,25 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_eval import _words
-from .cli_jobs import (
-    Bounded,
-    _counts,
-    _one_line_errors,
-    _positive,
-    _threads,
-    _user_errors,
-)
+from .args import Bounded, counts, one_line_errors, positive, threads, user_errors, words
 
 _FINITE = sys.float_info.max
 
 
-@_user_errors("finetune")
+@user_errors("finetune")
 def _finetune(args: argparse.Namespace) -> int:
     import torch
 
-    from .training import finetune as ft
-    from . import jobs
+    from ..training import finetune as ft
+    from .. import jobs
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -43,7 +35,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
     def log(msg: str) -> None:
         if not args.quiet:
-            from .util.progress import write
+            from ..util.progress import write
 
             write(msg, file=sys.stderr)
 
@@ -56,9 +48,9 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from .training.finetune import TASKS
+    from ..training.finetune import TASKS
 
-    p = _one_line_errors(sub.add_parser(
+    p = one_line_errors(sub.add_parser(
         "finetune", help="PRISM-aware distillation: a checkpoint that holds its quality under compression",
         description="Distil a checkpoint into a student trained through PRISM's differentiable twin at random "
                     "(devices, CR); report held-out fidelity before and after, measured by the engine; write a "
@@ -69,26 +61,26 @@ def register(sub) -> None:
                         "a CIFAR python-batches folder, or a GLUE TSV with --glue-task")
     p.add_argument("--task", choices=TASKS, help="default: lm for GPT-2, classify with a classifier head, else embed")
     p.add_argument("--glue-task", help="read --data as a GLUE TSV of this task (single sentences, e.g. sst2)")
-    p.add_argument("--devices", "-P", type=_counts, default=[2, 3, 4], help="device counts (default 2,3,4)")
-    p.add_argument("--cr", type=_counts, default=[4, 8, 16], help="compression rates (default 4,8,16)")
-    p.add_argument("--exact-rows", type=_words, default=["none"],
+    p.add_argument("--devices", "-P", type=counts, default=[2, 3, 4], help="device counts (default 2,3,4)")
+    p.add_argument("--cr", type=counts, default=[4, 8, 16], help="compression rates (default 4,8,16)")
+    p.add_argument("--exact-rows", type=words, default=["none"],
                    help="exact-rows specs drawn per batch (default none)")
-    p.add_argument("--report-exact-rows", type=_words, default=["none"],
+    p.add_argument("--report-exact-rows", type=words, default=["none"],
                    help="exact-rows specs of the before/after report (default none)")
     p.add_argument("--exact-fraction", type=Bounded(0, 1, real=True), default=0.25,
                    help="share of batches run exactly on one device, to keep the exact mode (default 0.25)")
-    p.add_argument("--steps", type=_positive, default=300)
-    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--steps", type=positive, default=300)
+    p.add_argument("--batch-size", type=positive, default=8)
     p.add_argument("--lr", type=Bounded(0, _FINITE, real=True), default=5e-5)
     p.add_argument("--hidden-weight", type=Bounded(0, _FINITE, real=True), default=1.0, help="embed: weight of the hidden-state MSE")
-    p.add_argument("--max-length", type=_positive, default=256, help="tokens per text (longer ones are cut)")
+    p.add_argument("--max-length", type=positive, default=256, help="tokens per text (longer ones are cut)")
     p.add_argument("--held-out", type=Bounded(0, 0.9, real=True), default=0.1, help="share of distinct examples held out (default 0.1)")
     p.add_argument("--held-out-data", help="a held-out set of its own (same formats as --data); then --data "
                                            "is all training data")
     p.add_argument("--seed", type=Bounded(-(2**63), 2**64 - 1), default=0)
     p.add_argument("--out", required=True, help="the output checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue from the state saved in --out")
-    p.add_argument("--save-every", type=_positive, default=50, help="steps between resumable states")
-    p.add_argument("--threads", type=_threads, help="torch threads (default: torch's)")
+    p.add_argument("--save-every", type=positive, default=50, help="steps between resumable states")
+    p.add_argument("--threads", type=threads, help="torch threads (default: torch's)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or log lines")
     p.set_defaults(func=_finetune)

@@ -7,17 +7,13 @@ import itertools
 import sys
 from pathlib import Path
 
-from .cli_jobs import _counts, _one_line_errors, _positive, _user_errors
+from .args import counts, one_line_errors, positive, user_errors, words
 
 
-def _words(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
-@_user_errors("eval")
+@user_errors("eval")
 def _eval(args: argparse.Namespace) -> int:
-    from . import evaluation, jobs
-    from .options import RunOptions
+    from .. import evaluation, jobs
+    from ..options import RunOptions
 
     model = jobs.load_model(args.model)
     out = Path(args.out)
@@ -39,9 +35,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from .evaluation import SCHEDULES, TASKS
+    from ..evaluation import SCHEDULES, TASKS
 
-    ev = _one_line_errors(sub.add_parser(
+    ev = one_line_errors(sub.add_parser(
         "eval", help="accuracy and fidelity against bytes and FLOPs over devices x CR x knobs",
         description="Run a task through the engine (simulated devices) at every grid point and write JSON, "
                     "a markdown table and a PNG plot (needs the `eval` and `plot` extras)."), "eval")
@@ -49,17 +45,17 @@ def register(sub) -> None:
     ev.add_argument("--task", required=True, choices=TASKS)
     ev.add_argument("--data", help="the task's data (see docs/eval.md); some tasks have a built-in default")
     ev.add_argument("--label-map", help="image folder task: a synset mapping text or a JSON {folder: label}")
-    ev.add_argument("--devices", "-P", type=_counts, default=[2, 4], help="device counts (default 2,4)")
-    ev.add_argument("--cr", type=_counts, default=[1, 2, 4, 8, 16, 32, 64, 128],
+    ev.add_argument("--devices", "-P", type=counts, default=[2, 4], help="device counts (default 2,4)")
+    ev.add_argument("--cr", type=counts, default=[1, 2, 4, 8, 16, 32, 64, 128],
                     help="compression rates (default 1,2,...,128)")
     ev.add_argument("--mode", choices=("prism", "voltage"), default="prism")
-    ev.add_argument("--exact-rows", type=_words, default=["none"], help="comma-separated exact-rows specs")
-    ev.add_argument("--wire-dtype", type=_words, default=["fp32"], help="comma-separated wire dtypes")
-    ev.add_argument("--compression-point", type=_words, default=["attn_input"])
-    ev.add_argument("--mean-weighting", type=_words, default=["count"])
-    ev.add_argument("--schedule", type=_words, default=["flat"], help=f"per-layer CR: {', '.join(SCHEDULES)}")
-    ev.add_argument("--limit", type=_positive, help="at most this many items")
-    ev.add_argument("--batch", type=_positive, default=16, help="sequences per engine call (same length only)")
+    ev.add_argument("--exact-rows", type=words, default=["none"], help="comma-separated exact-rows specs")
+    ev.add_argument("--wire-dtype", type=words, default=["fp32"], help="comma-separated wire dtypes")
+    ev.add_argument("--compression-point", type=words, default=["attn_input"])
+    ev.add_argument("--mean-weighting", type=words, default=["count"])
+    ev.add_argument("--schedule", type=words, default=["flat"], help=f"per-layer CR: {', '.join(SCHEDULES)}")
+    ev.add_argument("--limit", type=positive, help="at most this many items")
+    ev.add_argument("--batch", type=positive, default=16, help="sequences per engine call (same length only)")
     ev.add_argument("--out", default="eval-out", help="folder for the JSON, markdown and PNG")
     ev.add_argument("--name", help="file stem of the outputs (default: the task)")
     ev.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

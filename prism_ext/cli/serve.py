@@ -8,27 +8,12 @@ import argparse
 import os
 import sys
 
-from .cli_jobs import (
-    _MAX_SECONDS,
-    Bounded,
-    _cr,
-    _one_line_errors,
-    _positive,
-    _seconds,
-    _threads,
-)
-
-__all__ = ["register"]
-
-
-def _names(text: str) -> tuple[str, ...]:
-    """A comma-separated list ('none' or '' for an empty one)."""
-    return () if text.strip().lower() in ("", "none") else tuple(v.strip() for v in text.split(",") if v.strip())
+from .args import MAX_SECONDS, Bounded, cr, names, one_line_errors, positive, seconds, threads
 
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        from .serve import ServeOptions, run_server
+        from ..serve import ServeOptions, run_server
     except ImportError as exc:
         print(f"prism serve: needs the serve extra (pip install 'prism-ext[serve]'): {exc}", file=sys.stderr)
         return 2
@@ -62,44 +47,44 @@ def _serve(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add ``serve`` to the ``prism`` subparsers."""
-    p = _one_line_errors(sub.add_parser(
+    p = one_line_errors(sub.add_parser(
         "serve", help="an HTTP inference server (OpenAI-style completions, embeddings, classification) over a "
                       "live cluster",
         description="Start a PRISM cluster (P processes on this machine, or rank 0 of a cluster across machines) "
                     "and serve it over HTTP: /v1/completions (streaming), /v1/embeddings, /v1/classify, "
                     "/v1/models, /health, /metrics. See docs/serve.md."), "serve")
     p.add_argument("--model", required=True, help="a checkpoint directory or a bundled name")
-    p.add_argument("--devices", "-P", type=_positive, default=2,
+    p.add_argument("--devices", "-P", type=positive, default=2,
                    help="devices: processes on this machine over loopback (default 2)")
     p.add_argument("--master", metavar="HOST:PORT",
                    help="this server is rank 0 of a cluster across machines; start `prism worker --master HOST:PORT "
                         "--rank R --world P` on each other device")
-    p.add_argument("--world", type=_positive, help="with --master: number of devices, rank 0 included")
+    p.add_argument("--world", type=positive, help="with --master: number of devices, rank 0 included")
     p.add_argument("--token", help="the cluster's shared secret (default: $PRISM_TOKEN; random for local processes)")
-    p.add_argument("--timeout", type=_seconds, default=60.0, help="seconds any exchange may take (default 60)")
-    p.add_argument("--threads", type=_threads, help="compute threads of this process (rank 0)")
+    p.add_argument("--timeout", type=seconds, default=60.0, help="seconds any exchange may take (default 60)")
+    p.add_argument("--threads", type=threads, help="compute threads of this process (rank 0)")
     p.add_argument("--ifname", help="network interface for gloo (e.g. eth0)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=Bounded(0, 65535), default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every endpoint but /health "
                                      "(default: $PRISM_API_KEY; none: no auth). Not the cluster's --token")
-    p.add_argument("--cr", type=_cr, default=4, help="default compression rate (or one per layer; default 4)")
+    p.add_argument("--cr", type=cr, default=4, help="default compression rate (or one per layer; default 4)")
     p.add_argument("--mode", choices=("prism", "voltage", "tp", "single"), default="prism", help="default mode")
-    p.add_argument("--max-cr", type=_positive, default=128, help="largest cr a request may ask for (default 128)")
-    p.add_argument("--modes", type=_names, help="modes requests may choose, comma-separated (default: all)")
-    p.add_argument("--knobs", type=_names,
+    p.add_argument("--max-cr", type=positive, default=128, help="largest cr a request may ask for (default 128)")
+    p.add_argument("--modes", type=names, help="modes requests may choose, comma-separated (default: all)")
+    p.add_argument("--knobs", type=names,
                    help="knobs requests may set, comma-separated, or 'none' (default: all the engine has)")
-    p.add_argument("--max-batch", type=_positive, default=8,
+    p.add_argument("--max-batch", type=positive, default=8,
                    help="most sequences batched into one cluster call (default 8; 1: no batching)")
     p.add_argument("--batch-wait-ms", type=Bounded(0, 10000, real=True), default=5.0,
                    help="how long a batch waits for more requests, ms (default 5)")
-    p.add_argument("--max-tokens", type=_positive, default=256, help="largest max_tokens of a completion (default 256)")
-    p.add_argument("--max-inputs", type=_positive, default=32, help="most texts or images in one request (default 32)")
-    p.add_argument("--max-body", type=_positive, default=1 << 20, help="largest request body, bytes (default 1 MiB)")
+    p.add_argument("--max-tokens", type=positive, default=256, help="largest max_tokens of a completion (default 256)")
+    p.add_argument("--max-inputs", type=positive, default=32, help="most texts or images in one request (default 32)")
+    p.add_argument("--max-body", type=positive, default=1 << 20, help="largest request body, bytes (default 1 MiB)")
     p.add_argument("--body-timeout", type=Bounded(0.1, 3600, real=True), default=30.0,
                    help="seconds a request body may take to arrive; slower ones get 408 (default 30)")
-    p.add_argument("--max-queue", type=_positive, default=64, help="most requests waiting; more get 429 (default 64)")
-    p.add_argument("--drain-timeout", type=Bounded(0, _MAX_SECONDS, real=True), default=30.0,
+    p.add_argument("--max-queue", type=positive, default=64, help="most requests waiting; more get 429 (default 64)")
+    p.add_argument("--drain-timeout", type=Bounded(0, MAX_SECONDS, real=True), default=30.0,
                    help="on SIGINT/SIGTERM, seconds in-flight requests may take to finish (default 30)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress or access lines on stderr")
     p.set_defaults(func=_serve)

@@ -1,0 +1,36 @@
+"""``prism info``: version, CPU features, the ISA each kernel dispatches to, threads."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _info(args: argparse.Namespace) -> int:
+    import platform
+
+    import numpy as np
+    import torch
+
+    from .. import kernels
+    from .._version import __version__
+
+    features = kernels.cpu_features()
+    print(f"prism-ext {__version__}")
+    print(f"python    {platform.python_version()} ({platform.machine()})")
+    print(f"torch     {torch.__version__}")
+    print("cpu       " + (", ".join(name for name, on in features.items() if on) or "no SIMD features detected"))
+    print("isas      " + ", ".join(kernels.available_isas()))
+    # One tiny call of each kernel, then what the C++ dispatch says it ran.
+    x = np.ones((1, 2, 8), dtype=np.float32)
+    kernels.segment_means(x, 2)
+    kernels.compressed_attention(x, x, x)
+    kernels.masked_softmax(x)
+    for op, isa in kernels.dispatched_isas().items():
+        print(f"kernel    {op}: {isa}")
+    print(f"threads   {kernels.get_num_threads()}")
+    return 0
+
+
+def register(sub) -> None:
+    info = sub.add_parser("info", help="version, CPU features, the ISA each kernel dispatches to, threads")
+    info.set_defaults(func=_info)
