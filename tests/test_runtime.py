@@ -232,19 +232,63 @@ def test_torchrun_style_ranks_run_and_must_agree_on_cr(reaper):
     assert "rank 1: cr 8 differs from rank 0's 2" in err0 and len(err0.strip().splitlines()) == 1
 
 
-def test_under_torchrun(reaper):
-    torchrun = Path(sys.executable).parent / "torchrun"
-    if not torchrun.is_file():
-        pytest.skip(f"torchrun is not next to {sys.executable} (it comes with torch)")
-    p = reaper.popen([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "prism_ext",
-                      "run", "--model", "gpt2-tiny", "--text", "The for statement", "--cr", "2",
-                      "--max-new-tokens", "3", "--no-compare", "--token", TOKEN, "--ifname", "lo", "--json", "-q"],
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_under_torchrun_as_the_readme_writes_it(reaper, tmp_path):
+    """README's command line (torchrun comes with torch; `prism` is the
+    console script next to this interpreter), on one host with no token:
+    the ranks share one through a file only this user reads, gone after."""
+    from prism_ext.runtime.torchrun import _token_dir
+
+    bin_dir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if k != "PRISM_TOKEN"}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    p = reaper.popen(["torchrun", "--standalone", "--nproc-per-node", "2", "--no-python", "prism", "run",
+                      "--model", "gpt2-tiny", "--text", "The for statement", "--cr", "2", "--max-new-tokens", "3",
+                      "--no-compare", "--json", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                     env=env)
     stdout, stderr = p.communicate(timeout=180)
     assert p.returncode == 0, stderr
     result = json.loads(stdout)
     assert "rank 0 at" in result["runtime"] and len(result["stats"]["devices"]) == 2
     assert len(result["output"]["token_ids"]) == 3
+    assert "ready" not in stderr  # -q reaches the torchrun worker too
+    assert not list(_token_dir().glob("torchrun-*")), "the shared token file outlived the formation"
+    assert oct(_token_dir().stat().st_mode & 0o777) == "0o700"
+
+
+def test_torchrun_across_hosts_needs_a_token(monkeypatch, capsys):
+    from prism_ext.cli import main
+
+    monkeypatch.delenv("PRISM_TOKEN", raising=False)
+    for name, value in dict(MASTER_ADDR="10.0.0.1", MASTER_PORT="29500", WORLD_SIZE="4", RANK="0",
+                            LOCAL_WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    assert main(["run", "--model", "gpt2-tiny", "--text", "x", "--no-compare"]) == 2
+    err = capsys.readouterr().err
+    assert "--token: torchrun across hosts needs a shared token" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_serving_worker_joins_one_cluster_after_another(reaper):
+    """`prism worker --serve`: two `prism run --master` in a row against the
+    same worker, then SIGTERM stops it (and its cluster process) cleanly."""
+    port = free_port()
+    w = reaper.popen(PRISM + ["worker", "--serve", "--master", f"127.0.0.1:{port}", "--rank", "1", "--world", "2",
+                              "--token", TOKEN, "--timeout", "20", "--ifname", "lo"],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    rank0 = PRISM + ["run", "--model", "gpt2-tiny", "--text", "The for statement", "--max-new-tokens", "2",
+                     "--no-compare", "--master", f"127.0.0.1:{port}", "--world", "2", "--token", TOKEN,
+                     "--timeout", "20", "--ifname", "lo", "--json", "-q"]
+    outputs = []
+    for _ in range(2):
+        r = subprocess.run(rank0, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr
+        outputs.append(json.loads(r.stdout)["output"])
+    assert outputs[0] == outputs[1]
+    assert w.poll() is None, "the serving worker exited after a run"
+    w.send_signal(signal.SIGTERM)
+    assert w.wait(timeout=30) == 0
+    err = w.stderr.read()
+    assert err.count("ready (gpt2, 2 devices)") == 2, err
+    assert "cluster 1 ended (rank 0 closed the cluster)" in err and err.rstrip().endswith("stopped"), err
 
 
 # -------------------------------------------------------------- failures
@@ -370,6 +414,7 @@ def test_prism_run_starts_processes_and_says_so(reaper):
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = p.communicate(timeout=180)
     assert p.returncode == 0, stderr
+    assert "ready" not in stderr, f"-q leaves the workers' ready lines: {stderr}"
     result = json.loads(stdout)
     assert result["runtime"].startswith("2 processes on this machine")
     assert result["reference"]["tokens_identical"] >= 0 and result["decode"]["bytes_sent"] == 0

@@ -15,7 +15,10 @@ COMMANDS = (info, bench, account, run, worker, demo, zoo, serve, evaluate, finet
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .._version import __version__
+
     parser = argparse.ArgumentParser(prog="prism", description="PRISM distributed Transformer inference")
+    parser.add_argument("--version", action="version", version=f"prism-ext {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .args import one_line_errors, positive, user_errors
+from .args import counts, one_line_errors, user_errors
 
 
 # Standard configs (no weights needed): hidden size, MLP width, layers, default sequence lengths.
@@ -19,12 +19,15 @@ PAPER_HEADLINE = "paper (arXiv 2507.12145, BERT, CR = 128): communication -99.2%
 
 
 def _config_dims(path: str) -> tuple[int, int, int]:
-    """(d, d_ff, layers) from a config.json or a checkpoint directory."""
+    """(d, d_ff, layers) from a config.json, a checkpoint directory or a bundled name."""
     from pathlib import Path
 
+    from .. import zoo
     from ..models import read_json
 
     p = Path(path)
+    if not p.exists() and path in zoo.NAMES:
+        p = zoo.model_dir(path)
     p = p / "config.json" if p.is_dir() else p
     try:
         cfg = read_json(p, "--config")
@@ -85,9 +88,10 @@ def register(sub) -> None:
         "account", help="communication and per-device computation reduction vs Voltage"), "account")
     account.add_argument("--model", action="append", choices=sorted(ACCOUNT_MODELS),
                          help="a standard config (repeatable; default: all)")
-    account.add_argument("--config", help="a config.json or checkpoint directory instead of a standard config")
-    account.add_argument("--devices", "-P", type=positive, nargs="+", default=[2, 4, 8], help="device counts P")
-    account.add_argument("--seq", "-N", type=positive, nargs="+", help="sequence lengths N (default: per model)")
-    account.add_argument("--cr", type=positive, nargs="+", default=[4, 16, 128], help="compression rates")
+    account.add_argument("--config", help="a config.json, a checkpoint directory or a bundled name instead of a "
+                                          "standard config")
+    account.add_argument("--devices", "-P", type=counts, default=[2, 4, 8], help="device counts P (default 2,4,8)")
+    account.add_argument("--seq", "-N", type=counts, help="sequence lengths N, comma-separated (default: per model)")
+    account.add_argument("--cr", type=counts, default=[4, 16, 128], help="compression rates (default 4,16,128)")
     account.add_argument("--json", action="store_true", help="print JSON instead of a table")
     account.set_defaults(func=_account)

@@ -25,7 +25,7 @@ def _eval(args: argparse.Namespace) -> int:
         model.exact_rows(v.options.exact_rows)
         evaluation.cr_for_schedule(v.schedule, 2, len(model.net.blocks))
     task = evaluation.build_task(model, args.task, args.data, args.label_map, args.limit, out)
-    result = evaluation.evaluate(model, task, args.devices, args.cr, variants, mode=args.mode, batch=args.batch,
+    result = evaluation.evaluate(model, task, args.devices, args.cr, variants, mode=args.mode, batch=args.batch_size,
                                  quiet=args.quiet)
     result["command"] = "prism eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else None
     paths = evaluation.write_report(result, out, args.name or args.task)
@@ -55,7 +55,7 @@ def register(sub) -> None:
     ev.add_argument("--mean-weighting", type=words, default=["count"])
     ev.add_argument("--schedule", type=words, default=["flat"], help=f"per-layer CR: {', '.join(SCHEDULES)}")
     ev.add_argument("--limit", type=positive, help="at most this many items")
-    ev.add_argument("--batch", type=positive, default=16, help="sequences per engine call (same length only)")
+    ev.add_argument("--batch-size", type=positive, default=16, help="sequences per engine call (same length only)")
     ev.add_argument("--out", default="eval-out", help="folder for the JSON, markdown and PNG")
     ev.add_argument("--name", help="file stem of the outputs (default: the task)")
     ev.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

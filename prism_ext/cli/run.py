@@ -16,23 +16,31 @@ from .worker import serve_rank
 def _launch(args: argparse.Namespace) -> tuple[str, dict]:
     """Where the devices of ``prism run`` live: ("simulate", {}), ("local",
     cluster options) for processes on this machine, or ("master", options)
-    for a cluster across machines (``--master``, or torchrun's environment)."""
+    for a cluster across machines (``--master``, or torchrun's environment;
+    ``options["shared_token"]``: the torchrun launch whose ranks share a
+    token of their own, which rank 0 removes once the cluster has formed)."""
     import os
 
-    from ..runtime import parse_master
+    from ..runtime import parse_master, torchrun
 
-    env_master = os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")
+    env = None if args.master or args.simulate else torchrun.from_environment()
     common = dict(token=args.token, timeout=args.timeout, threads=args.threads, ifname=args.ifname)
-    if args.master or (env_master and not args.simulate):
+    if args.master or env:
         if args.simulate:
             raise ValueError("--simulate: cannot be combined with --master (a cluster of processes)")
-        master = args.master or f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        master = args.master or env.master
         parse_master(master)
-        world = args.world or (int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE", "").isdigit() else None)
+        world = args.world or (env.world if env else None)
         if world is None:
             raise ValueError("--world: required with --master (the number of devices, rank 0 included)")
-        rank = args.rank if args.rank is not None else int(os.environ.get("RANK", "0") or 0)
-        return "master", dict(common, master=master, world=world, rank=rank)
+        rank = args.rank if args.rank is not None else (env.rank if env else 0)
+        shared = None
+        if env and args.token is None and not os.environ.get("PRISM_TOKEN"):
+            if not env.all_local:
+                raise ValueError("--token: torchrun across hosts needs a shared token (--token or PRISM_TOKEN); "
+                                 "on one host the ranks share one of their own")
+            common["token"], shared = torchrun.share_token(env, args.timeout), env
+        return "master", dict(common, master=master, world=world, rank=rank, shared_token=shared)
     if args.world is not None or args.rank is not None:
         raise ValueError("--world/--rank: only with --master (a cluster across machines)")
     if args.simulate or args.devices == 1:
@@ -82,10 +90,11 @@ def _image_paths(items: list[str]) -> list[str]:
     return paths
 
 
-def _print_records(records, as_json: bool) -> None:
+def _print_records(records, as_json: bool, indexed: bool) -> None:
     """--json: one JSON object per input (JSON Lines), in input order.
     Otherwise each input's output, and a request's costs once the last input
-    it ran (``batch.size`` of them) is printed."""
+    it ran (``batch.size`` of them) is printed; each output carries its index
+    when there may be several (``indexed``: inputs read from a file)."""
     from .. import jobs
     from ..util.progress import write
 
@@ -94,7 +103,7 @@ def _print_records(records, as_json: bool) -> None:
         if as_json:
             write(json.dumps(r))
             continue
-        many = r["batch"]["size"] > 1 or r["index"] > 0
+        many = indexed or r["batch"]["size"] > 1 or r["index"] > 0
         write((f"[{r['index']}] " if many else "") + jobs.format_output(r))
         key = id(r["stats"])
         seen[key] = seen.get(key, 0) + 1
@@ -106,7 +115,7 @@ def _print_records(records, as_json: bool) -> None:
 @user_errors("run")
 def _run(args: argparse.Namespace) -> int:
     from .. import jobs
-    from ..runtime import ClusterError, cluster, set_threads
+    from ..runtime import ClusterError, cluster, set_threads, torchrun
 
     images = _image_paths(args.image) if args.image else None
     texts = _read_texts(args.text_file) if args.text_file else None
@@ -115,9 +124,9 @@ def _run(args: argparse.Namespace) -> int:
     if where == "simulate" and args.threads is not None:  # the simulated devices are this process's threads
         set_threads(args.threads)
     if where == "master" and launch["rank"] != 0:  # torchrun: this process is a worker
-        return serve_rank("run", launch["master"], launch["rank"], launch["world"], token=args.token,
+        return serve_rank("run", launch["master"], launch["rank"], launch["world"], token=launch["token"],
                           timeout=args.timeout, threads=args.threads, ifname=args.ifname, model=args.model,
-                          pinned=options)
+                          pinned=options, quiet=args.quiet)
     devices = launch.get("world") or launch.get("devices") or args.devices
     if args.weights is not None and len(args.weights) != devices:
         raise ValueError(f"--weights: {len(args.weights)} weights for {devices} devices")
@@ -150,14 +159,20 @@ def _run(args: argparse.Namespace) -> int:
         if where != "simulate":  # the same model, its calls run by a cluster of processes
             launch.pop("rank", None)
             launch.pop("devices", None)
-            model = cluster(model, devices if where == "local" else None, device_weights=args.weights,
-                            auto_weights=args.auto_weights, pinned=options, quiet=args.quiet, **launch)
+            shared = launch.pop("shared_token", None)
+            try:
+                model = cluster(model, devices if where == "local" else None, device_weights=args.weights,
+                                auto_weights=args.auto_weights, pinned=options, quiet=args.quiet, **launch)
+            finally:
+                if shared is not None:  # every rank has authenticated with it, or the start failed
+                    torchrun.forget_token(shared)
             options = options.replace(device_weights=model.executor.device_weights)
         if texts is not None:
             records = jobs.run_texts(model, texts, max_new_tokens=args.max_new_tokens, options=options, **common)
         else:
             records = jobs.run_images(model, images, options=options, **common)
-        _print_records(({"model": str(args.model), "runtime": runtime, **r} for r in records), args.json)
+        _print_records(({"model": str(args.model), "runtime": runtime, **r} for r in records), args.json,
+                       indexed=args.text_file is not None or args.image is not None)
     except BrokenPipeError:  # the reader (`| head`, `| jq ... | head`) has what it wanted
         import os
 
@@ -180,8 +195,10 @@ def register(sub) -> None:
 
     run = one_line_errors(sub.add_parser("run", help="run a checkpoint over P devices (processes, or --simulate) on a text or an image",
                          description="Run a checkpoint (a bundled name, a checkpoint directory or a cached hub "
-                                     "name) over P simulated devices. GPT-2 --text: greedy generation; BERT --text: "
-                                     "embedding (and class); ViT --image: class."), "run")
+                                     "name) over P devices: P processes on this machine (default), a cluster across "
+                                     "machines (--master, or torchrun), or threads of this process (--simulate). "
+                                     "GPT-2 --text: greedy generation; BERT --text: embedding (and class); ViT "
+                                     "--image: class."), "run")
     run.add_argument("--model", required=True, help=f"a checkpoint directory or a bundled name ({', '.join(NAMES)})")
     run.add_argument("--devices", "-P", type=positive, default=4,
                      help="devices: processes on this machine over loopback (default 4; see --simulate, --master)")

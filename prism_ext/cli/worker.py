@@ -26,14 +26,41 @@ def serve_rank(command: str, master: str, rank: int, world: int, **options) -> i
 
 
 def _worker(args: argparse.Namespace) -> int:
+    if args.serve:
+        return _keep_serving(args)
     return serve_rank("worker", args.master, args.rank, args.world, token=args.token, timeout=args.timeout,
-                      join_timeout=args.join_timeout, threads=args.threads, ifname=args.ifname, model=args.model)
+                      join_timeout=args.join_timeout, threads=args.threads, ifname=args.ifname, model=args.model,
+                      quiet=args.quiet)
+
+
+def _keep_serving(args: argparse.Namespace) -> int:
+    """--serve: this command line without --serve, run again after each cluster."""
+    import os
+
+    from ..runtime import check_world, keep_serving, parse_master, token_bytes
+
+    try:  # what would fail every join fails once, here
+        parse_master(args.master)
+        check_world(args.world, args.rank)
+        token_bytes(args.token)
+    except USER_ERRORS as exc:
+        print(f"prism worker: {exc}", file=sys.stderr)
+        return 2
+    if args.token is not None:
+        os.environ["PRISM_TOKEN"] = args.token  # to each cluster's process through its environment, not its argv
+    argv = [sys.executable, "-m", "prism_ext", "worker", "--master", args.master, "--rank", str(args.rank),
+            "--world", str(args.world), "--timeout", str(args.timeout), "--join-timeout", str(args.join_timeout)]
+    for flag, value in (("--threads", args.threads), ("--ifname", args.ifname), ("--model", args.model)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return keep_serving(argv + (["--quiet"] if args.quiet else []), args.rank, args.master, args.quiet)
 
 
 def register(sub) -> None:
     worker = one_line_errors(sub.add_parser(
         "worker", help="serve as one device (rank >= 1) of a cluster whose rank 0 runs `prism run --master`",
-        description="Join a PRISM cluster as device RANK of WORLD and serve its requests until rank 0 closes it. "
+        description="Join a PRISM cluster as device RANK of WORLD and serve its requests until rank 0 closes it "
+                    "(with --serve: then join the next one, until stopped). "
                     "Rank 0 (`prism run ... --master HOST:PORT --world P`) announces the model; this device loads "
                     "it from its own disk (--model if the path differs here). Every device must hold the same "
                     "token (--token or PRISM_TOKEN)."), "worker")
@@ -48,4 +75,8 @@ def register(sub) -> None:
     worker.add_argument("--threads", type=threads, help="compute threads on this device (default: torch's)")
     worker.add_argument("--ifname", help="network interface for gloo (e.g. eth0; default: by hostname)")
     worker.add_argument("--model", help="this device's path to the model, if not the path rank 0 announces")
+    worker.add_argument("--serve", action="store_true",
+                        help="stay up: after each cluster ends (closed, failed, or rank 0 lost) join the next one at "
+                             "the same --master; stop with SIGINT or SIGTERM")
+    worker.add_argument("--quiet", "-q", action="store_true", help="no ready or join lines on stderr (errors still)")
     worker.set_defaults(func=_worker)

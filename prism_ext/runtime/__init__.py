@@ -31,9 +31,10 @@ everything received is parsed with bounds checks. Threat model: README.md
 """
 
 from .coordinator import Cluster, cluster, speed_weights
-from .session import (DEFAULT_START_TIMEOUT, DEFAULT_TIMEOUT, ClusterError, HandshakeError, first_line, parse_master,
-                      set_threads)
-from .worker import worker_exit, worker_main
+from .session import (DEFAULT_START_TIMEOUT, DEFAULT_TIMEOUT, ClusterError, HandshakeError, check_world, first_line,
+                      parse_master, set_threads, token_bytes)
+from .worker import keep_serving, worker_exit, worker_main
 
-__all__ = ["Cluster", "ClusterError", "HandshakeError", "cluster", "worker_main", "worker_exit", "speed_weights",
-           "set_threads", "parse_master", "first_line", "DEFAULT_TIMEOUT", "DEFAULT_START_TIMEOUT"]
+__all__ = ["Cluster", "ClusterError", "HandshakeError", "cluster", "worker_main", "worker_exit", "keep_serving",
+           "speed_weights", "set_threads", "parse_master", "check_world", "token_bytes", "first_line",
+           "DEFAULT_TIMEOUT", "DEFAULT_START_TIMEOUT"]

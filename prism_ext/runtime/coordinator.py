@@ -71,6 +71,12 @@ class Cluster:
                 raise ValueError(f"devices: {devices} differs from world {world}")
             host, port, ifname = "127.0.0.1", 0, ifname or "lo"
             token = token or os.environ.get("PRISM_TOKEN") or secrets.token_hex(16)
+            # P processes share this machine's cores: each gets its share, rank 0 too
+            # (with torch's default, all cores, rank 0 and the workers oversubscribe them).
+            share = max(1, (os.cpu_count() or 1) // world)
+            threads, worker_threads = threads or share, worker_threads or share
+            self._say(f"threads per device: rank 0 {threads}, workers {worker_threads} "
+                      f"({os.cpu_count()} cores, {world} devices; --threads sets rank 0's)")
         else:
             host, port = parse_master(master)
             world, _ = check_world(world if world is not None else devices)
@@ -86,7 +92,7 @@ class Cluster:
         try:
             rendezvous, port = self._open_store(host, port)
             if master is None:
-                self._spawn(port, world, token, worker_threads or max(1, (os.cpu_count() or 1) // world))
+                self._spawn(port, world, token, worker_threads, quiet)
             self._say(f"rank 0 waiting for {world - 1} worker(s) at {host}:{port}")
             self._group = self._rendezvous(rendezvous, ifname)
             self._handshake(token_b)
@@ -120,12 +126,12 @@ class Cluster:
         store.set("prism/world", str(self.world).encode())
         return Rendezvous(store, self.start_timeout), port
 
-    def _spawn(self, port: int, world: int, token: str, threads: int) -> None:
+    def _spawn(self, port: int, world: int, token: str, threads: int, quiet: bool) -> None:
         env = dict(os.environ, PRISM_TOKEN=token, OMP_NUM_THREADS=str(threads))
         for r in range(1, world):
             argv = [sys.executable, "-m", "prism_ext", "worker", "--master", f"127.0.0.1:{port}", "--rank", str(r),
                     "--world", str(world), "--threads", str(threads), "--timeout", str(self.timeout),
-                    "--join-timeout", str(self.start_timeout), "--ifname", "lo"]
+                    "--join-timeout", str(self.start_timeout), "--ifname", "lo"] + (["--quiet"] if quiet else [])
             # cwd: `-m` searches the working directory first; start where this very package lies.
             # A session of their own: Ctrl-C in a terminal reaches rank 0 only, which decides
             # when the workers stop (a server drains its requests first); a lost rank 0 still
@@ -478,14 +484,12 @@ def cluster(model, devices: int | None = None, **kwargs) -> PrismModel:
     boards (``token`` or PRISM_TOKEN is then required). Other options:
     ``timeout`` (seconds for every exchange, default 60), ``start_timeout``
     (seconds the formation may take, default 120), ``threads`` (this
-    process), ``worker_threads`` (local workers; default cores // P),
+    process) and ``worker_threads`` (local workers; both default to
+    cores // P for a local cluster, so that P processes do not oversubscribe
+    the cores),
     ``device_weights`` or ``auto_weights=True`` (time every rank, split by
     speed), ``ifname`` (gloo's network interface), ``quiet``."""
     return Cluster(model, devices, **kwargs).model
-
-
-
-
 
 
 def speed_weights(seconds: list[float]) -> list[float]:

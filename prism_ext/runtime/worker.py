@@ -75,7 +75,7 @@ def worker_exit(rank: int, code: int, message: str | None) -> None:
 
 def worker_main(master: str, rank: int, world: int, *, token: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                 join_timeout: float = DEFAULT_JOIN_TIMEOUT, threads: int | None = None, ifname: str | None = None,
-                model: str | None = None, pinned: RunOptions | None = None) -> int:
+                model: str | None = None, pinned: RunOptions | None = None, quiet: bool = False) -> int:
     """Run rank ``rank`` until rank 0 closes the cluster (exit status 0),
     fails (1), or the handshake refuses this rank (2). ``join_timeout``:
     seconds to keep trying to form the cluster with rank 0; ``timeout``: any
@@ -83,7 +83,8 @@ def worker_main(master: str, rank: int, world: int, *, token: str | None = None,
     then exits: rank 0 hung or cut off). ``model`` overrides the path rank 0
     announces (the checkpoint lives elsewhere on this board); ``pinned``:
     this rank's own run options, checked against rank 0's (torchrun, where
-    every rank has its own command line)."""
+    every rank has its own command line). ``quiet``: no "ready" line (errors
+    are still printed)."""
     host, port = parse_master(master)
     world, rank = check_world(world, rank)
     if rank == 0:
@@ -125,7 +126,8 @@ def worker_main(master: str, rank: int, world: int, *, token: str | None = None,
         interval = min(HEARTBEAT, timeout / 4)
         threading.Thread(target=_worker_listen, args=(link, rank, timeout, ops, closing), daemon=True).start()
         threading.Thread(target=_worker_beat, args=(link, rank, interval, closing), daemon=True).start()
-        print(f"prism worker (rank {rank}): ready ({m.model_type}, {world} devices)", file=sys.stderr, flush=True)
+        if not quiet:
+            print(f"prism worker (rank {rank}): ready ({m.model_type}, {world} devices)", file=sys.stderr, flush=True)
         while True:
             op, payload = ops.get()
             if op == "close":
@@ -188,3 +190,55 @@ def _worker_beat(link: Link, rank: int, interval: float, closing: threading.Even
     except Exception as exc:  # noqa: BLE001 - rank 0 is gone (or hung: the send timed out)
         if not closing.is_set():
             worker_exit(rank, 1, f"lost the coordinator (rank 0): {first_line(exc)}")
+
+
+def keep_serving(argv: list[str], rank: int, master: str, quiet: bool = False) -> int:
+    """``prism worker --serve``: run ``argv`` (a one-cluster ``prism worker``
+    command line) again each time it ends, so that this device joins the next
+    cluster at ``master`` after a run ends, rank 0 dies or a handshake is
+    refused. Each cluster runs in a process of its own: gloo's state and
+    threads blocked on a dead peer go with it. SIGINT or SIGTERM stops the
+    current one and returns 0."""
+    import signal
+    import subprocess
+
+    stop = threading.Event()
+    child: list[subprocess.Popen] = []
+
+    def on_signal(signum, frame):
+        stop.set()
+        for p in child:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    say = (lambda msg: None) if quiet else (lambda msg: print(f"prism worker (rank {rank}): {msg}", file=sys.stderr,
+                                                                  flush=True))
+    try:
+        joins = 0
+        while not stop.is_set():
+            joins += 1
+            say(f"joining rank 0 at {master} (cluster {joins})")
+            # A session of its own: Ctrl-C reaches this process, which decides how the cluster's process ends.
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+            child[:] = [p]
+            code = p.wait()
+            child.clear()
+            if stop.is_set():
+                break
+            why = {0: "rank 0 closed the cluster", 1: "the cluster failed or rank 0 was lost",
+                   2: "the handshake refused this device"}.get(code, f"exit status {code}")
+            say(f"cluster {joins} ended ({why}); joining the next one")
+            if code != 0:
+                stop.wait(1.0)  # a refused or failed join is not retried in a tight loop
+        say("stopped")
+        return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for p in child:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(10)
+            if p.poll() is None:
+                p.kill()
+                p.wait()
