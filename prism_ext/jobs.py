@@ -21,9 +21,10 @@ from . import zoo
 from .api import PrismModel
 from .method.engine import RunStats
 from .options import RunOptions, run_options
+from .outputs import class_output, stats_dict
 from .executor.request import layout
 
-__all__ = ["load_model", "stats_dict", "check_job", "run_text", "run_text_batch", "run_texts", "run_images",
+__all__ = ["load_model", "check_job", "run_text", "run_text_batch", "run_texts", "run_images",
            "run_digits", "demo", "format_run", "format_demo", "DEMO_PROMPT"]
 
 DEMO_PROMPT = "The \"for\" statement is used to iterate over the elements of a sequence"
@@ -55,19 +56,6 @@ def load_model(path_or_name) -> PrismModel:
         raise FileNotFoundError(f"model: {str(path_or_name)!r} is not a bundled model ({', '.join(zoo.NAMES)}), "
                                 f"a checkpoint directory, or a model in the local Hugging Face cache "
                                 f"(prism_ext never downloads)") from None
-
-
-def stats_dict(stats: RunStats) -> dict:
-    """A run's costs, per device and in total (JSON-ready)."""
-    return {
-        "mode": stats.mode, "crs": list(stats.crs), "wire_dtype": stats.wire_dtype,
-        "partition": [list(r) for r in stats.partition.ranges],
-        "bytes_sent": stats.bytes_sent, "activation_bytes": stats.activation_bytes,
-        "flops": sum(d.flops for d in stats.devices),
-        "devices": [{"rank": d.rank, "positions": [d.start, d.stop], "bytes_sent": d.bytes_sent,
-                     "activation_bytes": d.activation_bytes, "flops": d.flops, "seconds": d.seconds}
-                    for d in stats.devices],
-    }
 
 
 def _validate(model: PrismModel, n: int, devices: int, options: RunOptions, generating: bool = False) -> None:
@@ -266,18 +254,9 @@ def _text_outputs(model: PrismModel, out, mask: torch.Tensor) -> list[dict]:
         emb = out.last_hidden_state[row][valid].mean(0)
         res = {"embedding_dim": int(emb.numel()), "embedding": emb.tolist()}
         if "logits" in out:
-            res.update(class_output(model, out.logits[row]))
+            res.update(class_output(model.config, out.logits[row]))
         results.append(res)
     return results
-
-
-def class_output(model: PrismModel, logits: torch.Tensor) -> dict:
-    """One row of classifier logits as a result: the top class, its label and probability."""
-    labels = model.config.get("id2label") or {}
-    probs = torch.softmax(logits, -1)
-    k = int(probs.argmax())
-    return {"class_id": k, "label": labels.get(str(k), str(k)), "probability": float(probs[k]),
-            "logits": logits.tolist()}
 
 
 def _agreement(ref: dict, got: dict) -> dict:
@@ -319,7 +298,7 @@ def _run_pixels(model: PrismModel, px: torch.Tensor, devices, options: RunOption
 def _image_outputs(model: PrismModel, out) -> list[dict]:
     """Per image: the class (classifier checkpoints) or the final [CLS] row."""
     if "logits" in out:
-        return [class_output(model, logits) for logits in out.logits]
+        return [class_output(model.config, logits) for logits in out.logits]
     return [{"embedding_dim": model.net.d, "embedding": row.tolist()} for row in out.last_hidden_state[:, 0]]
 
 

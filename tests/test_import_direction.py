@@ -21,7 +21,7 @@ LAYERS = [
     {"method"},  # partition, attention, the engine, the twin: knows nothing of transports it is not handed
     {"options"},  # RunOptions
     {"executor"},  # a request: planned, encoded, run by each device; the in-process executor
-    {"api"},  # the model face
+    {"api", "outputs"},  # the model face; results as plain dicts
     {"runtime"},  # the cluster executor: processes over gloo
     {"jobs", "training", "evaluation", "bench"},  # applications of the model face
     {"serve"},  # the HTTP server

@@ -1,0 +1,107 @@
+"""Request bodies: read off the connection within the operator's limits,
+parsed as JSON and validated into pydantic models whose errors name the
+field."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pydantic
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+
+from .errors import BadRequest, BodyTimeout, TooLarge
+from .options import ServeOptions
+
+
+class Settings(pydantic.BaseModel):
+    """The fields every inference request may carry besides its input; other
+    fields are knobs (checked against the operator's list) or errors."""
+
+    model_config = pydantic.ConfigDict(extra="allow", strict=True)
+    model: str | None = None
+    cr: int | list[int] | None = None
+    mode: str | None = None
+
+
+class CompletionRequest(Settings):
+    prompt: str
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+
+
+class EmbeddingRequest(Settings):
+    input: str | list[str]
+    encoding_format: str = "float"
+
+
+class ClassifyRequest(Settings):
+    input: str | list[str]
+
+
+def parse(kind: type[Settings], body) -> Settings:
+    """A JSON body as ``kind``; the first error names its field (``input[1]`` for an item of a list)."""
+    if not isinstance(body, dict):
+        raise BadRequest("body: expected a JSON object", "body")
+    try:
+        return kind.model_validate(body)
+    except pydantic.ValidationError as exc:
+        # the most specific error: a union's member with an index (input[1]) over the union as a whole
+        err = max(exc.errors(), key=lambda e: sum(isinstance(i, int) for i in e.get("loc") or ()))
+        loc = err.get("loc") or ()
+        param = str(loc[0]) if loc else "body"
+        param += "".join(f"[{i}]" for i in loc[1:] if isinstance(i, int))
+        raise BadRequest(f"{param}: {err.get('msg', 'invalid')}", param) from None
+
+
+def form_value(name: str, value):
+    """A form field's text as the JSON value it stands for (cr=4 -> 4)."""
+    if not isinstance(value, str):
+        raise BadRequest(f"{name}: expected a text field, got a file", name)
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def _json(body: bytes):
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise BadRequest("body: JSON nested too deeply", "body") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body: not valid JSON ({exc})", "body") from None
+
+
+async def read_json(request: Request, o: ServeOptions):
+    return await run_in_threadpool(_json, await read_body(request, o))  # a 1 MiB body: off the event loop
+
+
+async def read_body(request: Request, o: ServeOptions) -> bytes:
+    """The body, as read: at most ``max_body`` bytes whatever the framing
+    (Content-Length, chunked, or both), within ``body_timeout`` seconds."""
+    limit = o.max_body
+    length = request.headers.get("content-length")
+    if length is not None:  # announced too big: refused before reading (chunked framing is counted below)
+        if not length.isdigit():
+            raise BadRequest(f"Content-Length: not a number: {length!r}", "Content-Length")
+        if int(length) > limit:
+            raise TooLarge(f"body: {length} bytes exceed the server's limit of {limit}", "body")
+    body = bytearray()
+    try:
+        async with asyncio.timeout(o.body_timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise TooLarge(f"body: more than the server's limit of {limit} bytes", "body")
+    except TimeoutError:
+        raise BodyTimeout(f"body: not received within {o.body_timeout:g} s (the server's limit)", "body") from None
+    except ClientDisconnect:
+        raise BadRequest("body: the client disconnected while sending it", "body") from None
+    request._body = bytes(body)  # Starlette's cache of the body: request.form() parses these bytes
+    return request._body

@@ -1,0 +1,133 @@
+"""A request checked against the served model and the operator's limits
+before it queues: its settings, its inputs and every check the cluster call
+would make. Errors are :class:`~prism_ext.serve.errors.BadRequest` (and
+kin) naming the request field."""
+
+from __future__ import annotations
+
+import warnings
+
+from ..executor.request import plan
+from ..options import RunOptions
+from .backend import Backend
+from .bodies import Settings
+from .errors import FIELDS, BadRequest, NotFound, ServerFault, user_error
+from .inputs import encode_text
+from .options import KNOBS
+
+ENDPOINTS = ("completions", "embeddings", "classify")
+
+
+def item(field_name: str, value, i: int) -> str:
+    """How errors name item ``i`` of a field that is a string or a list of them."""
+    return field_name if isinstance(value, str) else f"{field_name}[{i}]"
+
+
+class Validator:
+    """The checks of every request to ``backend``'s model."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.options = backend.options
+        self.model = backend.model
+        self.net = backend.model.net
+
+    def settings(self, req: Settings, endpoint: str) -> RunOptions:
+        """cr, mode and knobs of a request, within the operator's limits."""
+        o, name = self.options, self.backend.name
+        if req.model is not None and req.model != name:
+            raise NotFound(f"model: {req.model!r} is not served here (this server serves {name!r})", "model")
+        cr = o.cr if req.cr is None else req.cr
+        crs = cr if isinstance(cr, list) else [cr]
+        if not crs or any(not 1 <= c <= o.max_cr for c in crs):
+            raise BadRequest(f"cr: every value must be in [1, {o.max_cr}] (the server's limit), got {cr}", "cr")
+        mode = o.mode if req.mode is None else req.mode
+        if mode not in o.modes:
+            raise BadRequest(f"mode: expected one of {', '.join(o.modes)} (allowed by the server), got {mode!r}",
+                             "mode")
+        knobs = {}
+        for key, value in (req.model_extra or {}).items():
+            if key not in KNOBS:
+                raise BadRequest(f"{key}: unknown field", key)
+            if key not in o.knobs:
+                raise BadRequest(f"{key}: the server does not let requests set this knob "
+                                 f"(allowed: {', '.join(o.knobs) or 'none'})", key)
+            knobs[key] = value
+        if endpoint == "completions" and mode not in ("prism", "single"):
+            raise BadRequest(f"mode: generation runs in prism or single mode, not {mode!r}", "mode")
+        try:
+            return RunOptions(cr=cr, mode=mode, **knobs)
+        except (ValueError, TypeError) as exc:
+            raise user_error(exc, FIELDS[endpoint]) from None
+
+    def check_plan(self, inputs: dict, settings: RunOptions, endpoint: str, where: str | None = None,
+                   outputs=None) -> None:
+        """Every check the cluster call would make, before the request queues
+        (``where``: the input's field, ``input[1]`` for an item of a list)."""
+        devices = 1 if settings.mode == "single" else self.backend.devices
+        rename = FIELDS[endpoint] if where is None else {**FIELDS[endpoint],
+                                                        **{k: where for k, v in FIELDS[endpoint].items()
+                                                           if v in ("input", "prompt")}}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # coarse-partition warnings: the stats show the partition
+                plan(self.net, inputs, settings if outputs is None else settings.replace(outputs=outputs),
+                     devices=devices, special_ids=self.model.special_ids)
+        except (ValueError, TypeError) as exc:
+            raise user_error(exc, rename) from None
+
+    def texts(self, value, endpoint: str, room: int = 0) -> list[list[int]]:
+        """A text or a list of texts -> token id lists, each within the
+        model's positions (with ``room`` for the tokens to generate)."""
+        field_name = "prompt" if endpoint == "completions" else "input"
+        items = [value] if isinstance(value, str) else value
+        if not items:
+            raise BadRequest(f"{field_name}: must not be empty", field_name)
+        if len(items) > self.options.max_inputs:
+            raise BadRequest(f"{field_name}: {len(items)} inputs exceed the server's limit of "
+                             f"{self.options.max_inputs}", field_name)
+        out = []
+        for i, text in enumerate(items):
+            where = item(field_name, value, i)
+            if not text:
+                raise BadRequest(f"{where}: must be a non-empty string", where)
+            try:
+                ids = encode_text(self.model, text)
+            except (ValueError, TypeError) as exc:
+                raise BadRequest(f"{where}: {exc}", where) from None
+            except (OSError, ImportError) as exc:  # the checkpoint has no usable tokenizer: not the client's fault
+                raise ServerFault(f"model: cannot encode text: {exc}", "model") from None
+            limit = self.net.n_positions
+            if len(ids) > limit:
+                raise BadRequest(f"{where}: {len(ids)} tokens exceed the model's {limit} positions", where)
+            if len(ids) + room > limit:
+                raise BadRequest(f"max_tokens: {len(ids)} prompt tokens + {room} new tokens exceed the model's "
+                                 f"{limit} positions; ask for at most {limit - len(ids)}", "max_tokens")
+            if not ids:
+                raise BadRequest(f"{where}: encodes to no tokens", where)
+            out.append(ids)
+        return out
+
+    def needs(self, endpoint: str) -> None:
+        """The model can serve ``endpoint``, else a bad request naming ``model``."""
+        m, name = self.model, self.backend.name
+        if endpoint == "completions" and self.net.head != "lm":
+            raise BadRequest(f"model: /v1/completions needs a GPT-2 language model; {name!r} is "
+                             f"{m.model_type} ({self.net.head} head)", "model")
+        if endpoint == "embeddings" and m.model_type == "vit":
+            raise BadRequest(f"model: /v1/embeddings takes text; {name!r} is a ViT (use /v1/classify "
+                             f"with an image)", "model")
+        if endpoint == "classify" and self.net.head != "classification":
+            raise BadRequest(f"model: /v1/classify needs a classification head; {name!r} is "
+                             f"{m.model_type} ({self.net.head} head)", "model")
+
+    def served(self) -> list[str]:
+        """The endpoints the model serves."""
+        out = []
+        for endpoint in ENDPOINTS:
+            try:
+                self.needs(endpoint)
+            except BadRequest:
+                continue
+            out.append(endpoint)
+        return out
