@@ -66,9 +66,16 @@ def rope_frequencies(config: dict, head_dim: int) -> torch.Tensor:
     if not isinstance(params, dict) or (scaling is not None and not isinstance(scaling, dict)):
         raise ValueError("config.json: rope_parameters and rope_scaling must be objects")
     merged = {**params, **(scaling or {})}
-    kind = merged.get("rope_type", merged.get("type", "default"))
-    if kind not in _ROPE_TYPES:
-        raise ValueError(f"config.json: rope_scaling type {kind!r} is not supported (supported: {', '.join(_ROPE_TYPES)})")
+    kinds = [src.get("rope_type", src.get("type", "default")) for src in (params, scaling or {}) if src]
+    for kind in kinds:  # both spellings (transformers 5's rope_parameters, older rope_scaling) are checked
+        if kind not in _ROPE_TYPES:
+            raise ValueError(f"config.json: rope_scaling type {kind!r} is not supported "
+                             f"(supported: {', '.join(_ROPE_TYPES)})")
+    if len(set(kinds)) > 1 and "default" in kinds:  # transformers 5 writes a default beside an old scaling
+        kinds = [k for k in kinds if k != "default"]
+    if len(set(kinds)) > 1:
+        raise ValueError(f"config.json: rope_parameters and rope_scaling disagree ({' and '.join(kinds)})")
+    kind = kinds[0] if kinds else "default"
     partial = merged.get("partial_rotary_factor", cfg(config, "partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise ValueError(f"config.json: partial_rotary_factor={partial!r} is not supported (only 1.0)")
