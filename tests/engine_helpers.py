@@ -79,9 +79,9 @@ def tiny_models(tmp_path_factory, seed: int) -> dict:
 
 
 def family_inputs(family: str, n: int, seed: int = 0) -> dict:
-    """Inputs for the tiny models: 2 x n ids (gpt2), 3 x n padded (bert), 2 images (vit)."""
+    """Inputs for the tiny models: 2 x n ids (gpt2, the Llama family), 3 x n padded (bert), 2 images (vit)."""
     g = torch.Generator().manual_seed(seed)
-    if family == "gpt2":
+    if family == "gpt2" or family in LLAMA_FAMILIES:
         return {"input_ids": torch.randint(0, 64, (2, n), generator=g)}
     if family == "bert":
         return bert_inputs(batch=3, n=n, seed=seed)
