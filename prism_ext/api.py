@@ -15,7 +15,7 @@ import torch
 
 from .method.engine import ExactRows, GenerateOptions, RunStats
 from .models import Network, load_network
-from .options import RunOptions, run_options
+from .options import DEFAULT, RunOptions, run_options
 from .executor import Executor, InProcess
 from .executor.request import plan, run_stats
 
@@ -78,8 +78,31 @@ class PrismModel:
         return tuple(sorted(ids))
 
     def exact_rows(self, spec) -> ExactRows:
-        """Resolve an ``exact_rows`` spec (see :meth:`ExactRows.parse`) for this model."""
-        return ExactRows.parse(spec, self.special_ids)
+        """Resolve an ``exact_rows`` spec (see :meth:`ExactRows.parse`; ``default``:
+        the family's) for this model."""
+        return ExactRows.parse(self.net.defaults["exact_rows"] if spec == DEFAULT else spec, self.special_ids)
+
+    @functools.cached_property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The end-of-sequence ids :meth:`generate` stops at by default: the
+        checkpoint's ``eos_token_id`` (one or a list) from
+        generation_config.json, else config.json, for the families that
+        declare one (Llama, Qwen, Mistral); none for GPT-2, as before."""
+        if self.net.defaults.get("eos") is not True:
+            return ()
+        found = self.config.get("eos_token_id")
+        path = None if self.directory is None else self.directory / "generation_config.json"
+        if path is not None and path.is_file():
+            from .models import read_json
+
+            gen = read_json(path, "generation_config.json")
+            if isinstance(gen, dict) and gen.get("eos_token_id") is not None:
+                found = gen["eos_token_id"]
+        found = [found] if isinstance(found, int) else found
+        if not isinstance(found, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                  for v in found):
+            return ()
+        return tuple(dict.fromkeys(found))
 
     @functools.cached_property
     def tokenizer(self):
@@ -175,7 +198,7 @@ class PrismModel:
     @torch.no_grad()
     def generate(self, input_ids, *, devices: int | None = None, options: RunOptions | None = None,
                  max_new_tokens: int = 20, temperature: float = 0.0, top_k: int | None = None,
-                 seed: int | None = None, eos_token_id: int | None = None, return_stats: bool = False,
+                 seed: int | None = None, eos_token_id=None, return_stats: bool = False,
                  on_token=None, **kwargs):
         """GPT-2 generation: distributed prefill over ``devices``, then decoding
         on the last device from its kept K/V (own rows and earlier partitions'
@@ -186,11 +209,17 @@ class PrismModel:
 
         ``temperature`` 0 is greedy; > 0 samples from softmax(logits / T),
         restricted to the ``top_k`` most likely tokens if given, with a
-        ``torch.Generator`` seeded by ``seed``. Sequences that emit
-        ``eos_token_id`` continue with it (like HF padding with eos). Returns
+        ``torch.Generator`` seeded by ``seed``. Sequences that emit one of
+        ``eos_token_id`` (an id or a sequence of ids; None: the checkpoint's,
+        :attr:`eos_ids`; ``()``: never stop) continue with the first of them
+        (like HF padding with eos) and decoding ends when every sequence has. Returns
         the ids [B, N + new tokens], and with ``return_stats`` also
         ``(prefill RunStats, DecodeStats)`` (per generated token after the first).
         """
+        if eos_token_id is None:
+            eos_token_id = self.eos_ids or None
+        elif isinstance(eos_token_id, (list, tuple)) and not eos_token_id:
+            eos_token_id = None
         sampling = GenerateOptions(max_new_tokens, temperature, top_k, seed, eos_token_id, on_token is not None)
         devices, options = self.executor.resolve(devices, run_options(options, **kwargs))
         inputs, request = self._generate_request(input_ids, devices, options, sampling)

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .api import PrismModel
+from .models.common import Network
 from .options import RunOptions
 from .inputs.datasets import GLUE_TASKS, ClozeItem, read_cbt, read_cifar, read_glue, read_image_folder, write_cbt
 from .method.partition import AccuracyWarning, partition
@@ -81,8 +82,9 @@ class Variant:
         return {**{k: meta[k] for k in KNOBS}, "schedule": self.schedule}
 
     def label(self) -> str:
+        # "default" and what it means for GPT-2, BERT and ViT both read as the plain method
         default = Variant().knobs()
-        parts = [f"{k}={v}" for k, v in self.knobs().items() if v != default[k]]
+        parts = [f"{k}={v}" for k, v in self.knobs().items() if v != default[k] and v != Network.defaults.get(k)]
         return ", ".join(parts) or "plain PRISM"
 
 

@@ -20,7 +20,11 @@ from .comm.wire import WIRE_DTYPES
 from .method.engine import OUTPUTS, ExactRows, RunConfig
 from .method.partition import cr_schedule
 
-__all__ = ["RunOptions", "MODES", "run_options"]
+__all__ = ["RunOptions", "MODES", "DEFAULT", "run_options"]
+
+# A setting whose default depends on the model family (``Network.defaults``),
+# resolved by :func:`prism_ext.executor.request.layout`.
+DEFAULT = "default"
 
 # single: rank 0 alone; prism / voltage: position-wise over every device; tp: tensor parallel.
 MODES = ("single", "prism", "voltage", "tp")
@@ -39,16 +43,21 @@ class RunOptions:
     """Compression rate: rows per segment mean, one int or one per layer."""
     wire_dtype: str = "fp32"
     """How rows travel: ``fp32``, ``fp16``, ``bf16`` or ``int8`` (per-row scales)."""
-    compression_point: str = "attn_input"
+    compression_point: str = DEFAULT
     """What is averaged: the attention input (``attn_input``, exact keys of a
-    mean) or the layer input (``hidden``; the receiver applies LN1)."""
+    mean for position-free keys; RoPE models rotate a mean's keys at the mean
+    of its positions), the layer input (``hidden``; the receiver applies LN1)
+    or the rotated keys and values (``kv``: receivers project nothing).
+    ``default``: the family's (``attn_input``; ``kv`` for Llama, Qwen, Mistral)."""
     mean_weighting: str = "count"
     """``count`` weights a mean by the positions it stands for (the method);
     ``none`` weighs it as one row (the ablation)."""
-    exact_rows: str | ExactRows = "none"
+    exact_rows: str | ExactRows = DEFAULT
     """Rows sent as their own rows instead of averaged: ``none``, or parts
     ``first``, ``special``, ``top<K>``, ``adaptive`` joined by ``+`` (see
-    :class:`prism_ext.method.engine.ExactRows`); prism mode only."""
+    :class:`prism_ext.method.engine.ExactRows`); prism mode only.
+    ``default``: the family's (``none``; ``first`` for Llama, Qwen, Mistral,
+    whose first position is an attention sink)."""
     device_weights: tuple[float, ...] | None = None
     """Relative speed of each device (positions are split in proportion);
     None splits evenly."""
@@ -70,8 +79,10 @@ class RunOptions:
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype: expected one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
         # the engine's own checks of the settings it shares with these
-        RunConfig(compression_point=self.compression_point, mean_weighting=self.mean_weighting)
-        ExactRows.parse(self.exact_rows)  # the spec's syntax; special ids are the model's (plan)
+        RunConfig(compression_point="attn_input" if self.compression_point == DEFAULT else self.compression_point,
+                  mean_weighting=self.mean_weighting)
+        if self.exact_rows != DEFAULT:
+            ExactRows.parse(self.exact_rows)  # the spec's syntax; special ids are the model's (plan)
         weights = self.device_weights
         if weights is not None:
             if isinstance(weights, (str, bytes)) or not hasattr(weights, "__iter__"):

@@ -10,8 +10,6 @@ import torch
 import transformers  # a test dependency (the `test` extra): missing, the engine tests fail, never skip
 from torch.utils.flop_counter import FlopCounterMode
 
-import reference
-
 from prism_ext.method.partition import exact_slots, partition, segment_ends
 
 D, HEADS, LAYERS, FF = 32, 4, 2, 64
@@ -41,6 +39,32 @@ def hf_vit(seed=0, head=True):
     return (transformers.ViTForImageClassification if head else transformers.ViTModel)(cfg).eval()
 
 
+LLAMA_FAMILIES = {  # model_type -> (config class, model class, config options of the tiny model)
+    "llama": ("LlamaConfig", "LlamaForCausalLM",
+              {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 16}}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),  # q width 64 != d 32, as Qwen3 has
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 48}),
+}
+
+
+def hf_llama(family="llama", seed=0, kv_heads=2, **kw):
+    """A tiny random model of a Llama-family type (GQA: 4 query heads, ``kv_heads`` key heads)."""
+    config_cls, model_cls, options = LLAMA_FAMILIES[family]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config_cls)(
+        hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=kv_heads,
+        intermediate_size=FF, vocab_size=64, max_position_embeddings=64, initializer_range=INIT, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None, **{**options, **kw})
+    model = getattr(transformers, model_cls)(cfg).eval()
+    with torch.no_grad():  # RMSNorm gains start at 1 and Qwen2's biases at 0: make every tensor matter
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
 def save(model, path, **kw):
     model.save_pretrained(str(path), **kw)
     return path
@@ -55,9 +79,9 @@ def tiny_models(tmp_path_factory, seed: int) -> dict:
 
 
 def family_inputs(family: str, n: int, seed: int = 0) -> dict:
-    """Inputs for the tiny models: 2 x n ids (gpt2), 3 x n padded (bert), 2 images (vit)."""
+    """Inputs for the tiny models: 2 x n ids (gpt2, the Llama family), 3 x n padded (bert), 2 images (vit)."""
     g = torch.Generator().manual_seed(seed)
-    if family == "gpt2":
+    if family == "gpt2" or family in LLAMA_FAMILIES:
         return {"input_ids": torch.randint(0, 64, (2, n), generator=g)}
     if family == "bert":
         return bert_inputs(batch=3, n=n, seed=seed)
@@ -76,7 +100,7 @@ def bert_inputs(batch=3, n=17, seed=1):
 
 def _exact_groups(net, inputs, exact, x, a_or_x, valid_b, s, e, cr, b):
     """Reference of one device's sent rows for sequence b with exact rows:
-    (rows [r, d], counts [r], positions [r]). Exact rows are position 0
+    (rows [r, d], counts [r], end positions [r], mean positions [r]). Exact rows are position 0
     (``first``), the ``ids`` and the ``topk`` largest-norm valid rows of x;
     the others are grouped as :func:`prism_ext.method.partition.exact_slots` says
     (the layout under test there) and each group is one mean row at its last
@@ -94,73 +118,90 @@ def _exact_groups(net, inputs, exact, x, a_or_x, valid_b, s, e, cr, b):
         for _, j in sorted(norms, reverse=True)[:exact.topk]:
             mask[j] = True
     slot, _ = exact_slots(mask[None], valid_b[None], cr, a_or_x[b][None] if exact.adaptive else None)
-    rows, counts, pos = [], [], []
+    rows, counts, pos, mean_pos = [], [], [], []
     for j in range(n):
         if mask[j]:
-            rows.append(a_or_x[b, j]), counts.append(1), pos.append(s + j)
+            rows.append(a_or_x[b, j]), counts.append(1), pos.append(s + j), mean_pos.append(float(s + j))
     for g in sorted(set(slot[0][~mask & valid_b].tolist())):
         members = [j for j in range(n) if slot[0, j] == g]
         rows.append(a_or_x[b, members].mean(0)), counts.append(len(members)), pos.append(s + max(members))
+        mean_pos.append(s + sum(members) / len(members))
     if not rows:
-        return a_or_x.new_zeros(0, a_or_x.shape[-1]), torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    return torch.stack(rows), torch.tensor(counts, dtype=torch.float32), torch.tensor(pos)
+        return (a_or_x.new_zeros(0, a_or_x.shape[-1]), torch.zeros(0), torch.zeros(0, dtype=torch.long),
+                torch.zeros(0))
+    return torch.stack(rows), torch.tensor(counts, dtype=torch.float32), torch.tensor(pos), torch.tensor(mean_pos)
+
+
+def _segment_groups(src, valid_b, s, e, cr):
+    """Plain CR-row segments of one sequence's own rows ``src`` [n, w]: (mean
+    rows, counts, end positions, mean positions of the valid rows)."""
+    rows, counts, ends, mean_pos = [], [], [], []
+    for lo in range(0, e - s, cr):
+        members = [j for j in range(lo, min(lo + cr, e - s)) if valid_b[j]]
+        rows.append(src[members].mean(0) if members else src.new_zeros(src.shape[-1]))
+        counts.append(len(members))
+        ends.append(s + min(lo + cr, e - s) - 1)
+        mean_pos.append(s + sum(members) / len(members) if members else float(ends[-1]))
+    return torch.stack(rows), torch.tensor(counts, dtype=torch.float32), torch.tensor(ends), torch.tensor(mean_pos)
 
 
 def naive_forward(net, inputs: dict, devices: int, cr: int, point: str = "attn_input", weighting: str = "count",
                   exact=None):
     """Reference engine: per layer, device p rebuilds the whole sequence (own
-    rows + every other device's segment means of the attention input, each
-    repeated count times, with the segment's last position as its position),
-    computes K/V for all of it and runs plain masked softmax attention.
-    ``point="hidden"`` averages the raw layer input and applies LN1 to the
-    means (pre-LN models); ``weighting="none"`` repeats every mean once."""
+    rows + every other device's segment means, each repeated count times,
+    with the segment's last position as its position for the causal rule),
+    computes K/V for all of it and runs plain masked softmax attention (every
+    key head repeated for its query heads under grouped-query attention).
+
+    What a mean is: ``attn_input``: the mean attention input, projected to
+    K/V (RoPE models: rotated at the mean of the positions it covers);
+    ``hidden``: the mean raw layer input, LN1 then projected; ``kv``: the
+    mean of the keys (rotated at their own positions) and values. Either
+    way its key and value are repeated count times, so ``kv`` is exact
+    against this repetition. ``weighting="none"`` repeats every mean once."""
     batch, n = net.check_inputs(inputs)
     part = partition(n, devices)
     valid = net.valid(inputs)
     valid = torch.ones(batch, n, dtype=torch.bool) if valid is None else valid
     xs = [net.embed(net.local_inputs(inputs, s, e), s, e) for s, e in part.ranges]
-    d, H = net.d, net.heads
-    dh = d // H
     for blk in net.blocks:
+        H, Hkv, dh, qw, kw = blk.heads, blk.kv_heads, blk.head_dim, blk.q_width, blk.kv_width
         acts = [blk.attn_input(x) for x in xs]
+        qkvs = [blk.qkv(a, torch.arange(s, e)) for (s, e), a in zip(part.ranges, acts)]
         sent = []
-        for (s, e), a, x in zip(part.ranges, acts, xs):
-            src = a if point == "attn_input" else x
-            if exact:  # per sequence: [(rows, counts, positions)] for b in the batch
+        for (s, e), a, x, qkv in zip(part.ranges, acts, xs, qkvs):
+            src = {"attn_input": a, "hidden": x, "kv": qkv[..., qw:]}[point]
+            if exact:  # per sequence: [(rows, counts, ends, mean positions)] for b in the batch
                 groups = [_exact_groups(net, inputs, exact, x, src, valid[b, s:e], s, e, cr, b) for b in range(batch)]
             else:
-                means, counts = reference.segment_means(src, cr, valid[:, s:e])
-                ends = torch.tensor(segment_ends(s, e, cr))
-                groups = [(means[b], counts[b], ends) for b in range(batch)]
-            if point == "hidden":
-                groups = [(blk.attn_input(r), c, q) for r, c, q in groups]
+                groups = [_segment_groups(src[b], valid[b, s:e], s, e, cr) for b in range(batch)]
+            if point != "kv":  # K/V of each mean, at its mean position
+                groups = [(blk.kv(blk.received_attn_input(r, point == "hidden"), mp), c, q, mp)
+                          for r, c, q, mp in groups]
             if weighting == "none":
-                groups = [(r, (c > 0).to(c.dtype), q) for r, c, q in groups]
+                groups = [(r, (c > 0).to(c.dtype), q, mp) for r, c, q, mp in groups]
             sent.append(groups)
         new = []
-        for p, ((s, e), x, a) in enumerate(zip(part.ranges, xs, acts)):
+        for p, ((s, e), x, qkv) in enumerate(zip(part.ranges, xs, qkvs)):
             outs = []
             for b in range(batch):
                 rows, reps, pos = [], [], []
                 for q, groups in enumerate(sent):
                     if q == p:
-                        rows.append(a[b]), reps.append(valid[b, s:e].long()), pos.append(torch.arange(s, e))
+                        rows.append(qkv[b, :, qw:]), reps.append(valid[b, s:e].long()), pos.append(torch.arange(s, e))
                     else:
-                        means, counts, ends = groups[b]
-                        rows.append(means), reps.append(counts.round().long()), pos.append(ends)
+                        kv, counts, ends, _ = groups[b]
+                        rows.append(kv), reps.append(counts.round().long()), pos.append(ends)
                 reps = torch.cat(reps)
-                seq = torch.repeat_interleave(torch.cat(rows), reps, dim=0)  # the rebuilt sequence
+                seq = torch.repeat_interleave(torch.cat(rows), reps, dim=0)  # the rebuilt sequence's K/V
                 kpos = torch.repeat_interleave(torch.cat(pos), reps)
-                qkv = blk.qkv(a[b])
-                k = blk.kv(seq)[:, :d]
-                v = blk.kv(seq)[:, d:]
-                q_ = qkv[:, :d].reshape(-1, H, dh).transpose(0, 1)
-                k_ = k.reshape(-1, H, dh).transpose(0, 1)
-                v_ = v.reshape(-1, H, dh).transpose(0, 1)
+                q_ = qkv[b, :, :qw].reshape(-1, H, dh).transpose(0, 1)
+                k_ = seq[:, :kw].reshape(-1, Hkv, dh).transpose(0, 1).repeat_interleave(H // Hkv, dim=0)
+                v_ = seq[:, kw:].reshape(-1, Hkv, dh).transpose(0, 1).repeat_interleave(H // Hkv, dim=0)
                 scores = q_ @ k_.transpose(-1, -2) / math.sqrt(dh)
                 if net.causal:
                     scores = scores.masked_fill(kpos[None, None, :] > torch.arange(s, e)[None, :, None], -math.inf)
-                outs.append((torch.softmax(scores, -1) @ v_).transpose(0, 1).reshape(-1, d))
+                outs.append((torch.softmax(scores, -1) @ v_).transpose(0, 1).reshape(-1, qw))
             attn = torch.stack(outs)
             new.append(blk.mlp(blk.finish_attention(x, attn)))
         xs = new

@@ -31,9 +31,9 @@ def copy(src, dst):
 def test_unknown_model_type(gpt2_dir, tmp_path):
     d = copy(gpt2_dir, tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())
-    cfg["model_type"] = "llama"
+    cfg["model_type"] = "mixtral"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
+    with pytest.raises(ValueError, match="model_type 'mixtral' is not supported"):
         prism_ext.load(d)
 
 

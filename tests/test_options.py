@@ -18,7 +18,7 @@ TEXT = "The for statement is used to iterate over the elements of a sequence, su
 def test_defaults_are_the_method_and_every_field_is_documented():
     o = RunOptions()
     assert (o.mode, o.cr, o.wire_dtype, o.compression_point, o.mean_weighting, o.exact_rows, o.device_weights,
-            o.outputs) == ("prism", 1, "fp32", "attn_input", "count", "none", None, ("rows", "cls"))
+            o.outputs) == ("prism", 1, "fp32", "default", "count", "default", None, ("rows", "cls"))
     source = open(prism_ext.options.__file__).read()
     for name in RunOptions.fields():  # a docstring line right under each field
         line = next(i for i, text in enumerate(source.splitlines()) if text.strip().startswith(f"{name}:"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import prism_ext
-from engine_helpers import family_inputs, tiny_models
+from engine_helpers import LLAMA_FAMILIES, family_inputs, hf_llama, save, tiny_models
 from prism_ext.method import twin
 from prism_ext.method.engine import RunConfig
 from prism_ext.models import load_network, write_checkpoint
@@ -19,13 +19,16 @@ from prism_ext.method.partition import AccuracyWarning, partition
 from prism_ext.executor.local import simulate
 from prism_ext.executor.request import plan
 
-FAMILIES = ("gpt2", "bert", "vit")
+FAMILIES = ("gpt2", "bert", "vit") + tuple(LLAMA_FAMILIES)
 TOL = 1e-4  # float32 SDPA against the C++ kernels; the largest error seen is ~2e-6
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     found = tiny_models(tmp_path_factory, 40)
+    for i, family in enumerate(LLAMA_FAMILIES):
+        hf = hf_llama(family, seed=40 + i)
+        found[family] = (hf, prism_ext.load(save(hf, tmp_path_factory.mktemp(family))))
     for family in ("gpt2", "bert"):  # ids frequent in the random inputs stand in for special tokens
         found[family][1].__dict__["special_ids"] = (3, 5)
     return found
@@ -75,7 +78,8 @@ def test_twin_equals_the_engine_with_exact_rows(models, family, spec, cr):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("knobs", [{"compression_point": "hidden"}, {"mean_weighting": "none"}])
+@pytest.mark.parametrize("knobs", [{"compression_point": "hidden"}, {"mean_weighting": "none"},
+                                   {"compression_point": "attn_input"}, {"compression_point": "kv"}])
 def test_twin_equals_the_engine_with_knobs(models, family, knobs):
     _, m = models[family]
     inputs = family_inputs(family, 17, seed=3)

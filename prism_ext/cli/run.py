@@ -227,7 +227,7 @@ def register(sub) -> None:
     run.add_argument("--max-new-tokens", type=nonnegative, default=None,
                      help="GPT-2: tokens to generate (default 40; 0: one forward pass, next-token prediction)")
     run.add_argument("--wire-dtype", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
-    run.add_argument("--compression-point", choices=("attn_input", "hidden"), default="attn_input")
+    run.add_argument("--compression-point", choices=("attn_input", "hidden", "kv"), default="attn_input")
     run.add_argument("--mean-weighting", choices=("count", "none"), default="count")
     run.add_argument("--exact-rows", default="none", metavar="SPEC",
                      help="rows sent as their own rows instead of averaged: none, first, special (position 0 and "

@@ -20,8 +20,8 @@ import torch
 from ..checks import check_count
 from ..comm.wire import check_wire_dtype, decode_message, encode
 from ..method.engine import OUTPUTS, Collected, ExactRows, GenerateOptions, RunConfig, RunStats, generate_request, run_request
-from ..models import Network
-from ..options import MODES, RunOptions
+from ..models import Block, Network
+from ..options import DEFAULT, MODES, RunOptions
 from ..method.partition import AccuracyWarning, Partition, coarse_warning, partition
 
 __all__ = ["Request", "plan", "layout", "local_inputs", "encode_request", "decode_request", "run", "run_stats",
@@ -126,16 +126,21 @@ def layout(net: Network, n: int, devices: int, options: RunOptions, special_ids=
     mode = options.mode
     if generating and mode not in ("prism", "single"):
         raise ValueError(f"mode: generation runs in prism or single mode, not {mode!r}")
-    exact_rows = ExactRows.parse(options.exact_rows, special_ids) if mode == "prism" else ExactRows()
+    spec, point = (net.defaults[k] if getattr(options, k) == DEFAULT else getattr(options, k)
+                   for k in ("exact_rows", "compression_point"))
+    exact_rows = ExactRows.parse(spec, special_ids) if mode == "prism" else ExactRows()
     cfg = RunConfig.make(len(net.blocks), mode="voltage" if mode == "voltage" else "prism",
                          cr=options.cr if mode in ("prism", "voltage") else 1, wire_dtype=options.wire_dtype,
-                         compression_point=options.compression_point, mean_weighting=options.mean_weighting,
+                         compression_point=point, mean_weighting=options.mean_weighting,
                          exact_rows=exact_rows)
     if mode == "single":
         devices = 1
     if mode == "tp":
         from ..method.tensor_parallel import check_tp_devices
 
+        if any(type(blk) is not Block for blk in net.blocks):  # heads split evenly, one MLP: plain blocks only
+            raise ValueError(f"mode: 'tp' is not supported for {net.model_type} (grouped-query attention, RoPE); "
+                             f"use prism, voltage or single")
         devices = check_tp_devices(devices, net.heads)
         if options.device_weights is not None and devices > 1:
             raise ValueError("device_weights: mode 'tp' splits heads and MLP columns evenly; pass None")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .partition import Partition
 
-__all__ = ["BlockFlops", "block_flops", "tp_block_flops", "prism_layer", "voltage_layer", "reduction_table"]
+__all__ = ["BlockFlops", "BlockShape", "block_flops", "shape_of", "row_values", "tp_block_flops", "prism_layer", "voltage_layer", "reduction_table"]
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,50 @@ class BlockFlops:
         return self.proj + self.attention + self.mlp
 
 
-def block_flops(batch: int, n: int, m: int, d: int, d_ff: int) -> BlockFlops:
+@dataclass(frozen=True)
+class BlockShape:
+    """The widths that decide a block's FLOPs and a sent row's size: ``q_width``
+    = heads x head_dim, ``kv_width`` = kv_heads x head_dim (grouped-query
+    attention when smaller), ``gated``: a SwiGLU MLP (three d x d_ff matmuls,
+    not two). Defaults: a standard block (q_width = kv_width = d)."""
+
+    d: int
+    d_ff: int
+    q_width: int | None = None
+    kv_width: int | None = None
+    gated: bool = False
+
+    @property
+    def q(self) -> int:
+        return self.d if self.q_width is None else self.q_width
+
+    @property
+    def kv(self) -> int:
+        return self.d if self.kv_width is None else self.kv_width
+
+
+def shape_of(blk) -> BlockShape:
+    """The :class:`BlockShape` of a :class:`prism_ext.models.Block`."""
+    return BlockShape(blk.d, blk.d_ff, blk.q_width, blk.kv_width, blk.gated)
+
+
+def row_values(shape: BlockShape, point: str) -> int:
+    """Values in one sent row: d for the attention input or the hidden state,
+    a mean key and a mean value (2 kv_width) for the ``kv`` point."""
+    return 2 * shape.kv if point == "kv" else shape.d
+
+
+def block_flops(batch: int, n: int, m: int, d, d_ff: int | None = None, *, project_received: bool = True) -> BlockFlops:
     """One block on one device: ``n`` own rows (queries, full Q/K/V, MLP) and
-    ``m`` received rows (K/V only). PRISM: m = received mean rows; Voltage:
-    m = N - n, i.e. K/V for all N positions."""
-    proj = 2 * batch * (n * d * 3 * d + m * d * 2 * d + n * d * d)
-    attention = 4 * batch * n * (n + m) * d
-    mlp = 4 * batch * n * d * d_ff
+    ``m`` received rows (their K/V projected unless ``project_received`` is
+    False: the ``kv`` point receives keys and values). PRISM: m = received
+    mean rows; Voltage: m = N - n, i.e. K/V for all N positions. ``d``: the
+    hidden size (with ``d_ff``: a standard block) or a :class:`BlockShape`."""
+    s = d if isinstance(d, BlockShape) else BlockShape(d, d_ff)
+    d, q, kv = s.d, s.q, s.kv
+    proj = 2 * batch * (n * d * (q + 2 * kv) + (m * d * 2 * kv if project_received else 0) + n * q * d)
+    attention = 4 * batch * n * (n + m) * q
+    mlp = 2 * batch * n * d * s.d_ff * (3 if s.gated else 2)
     return BlockFlops(proj, attention, mlp)
 
 
@@ -51,37 +88,51 @@ def tp_block_flops(batch: int, n: int, d: int, heads_own: int, dh: int, cols_own
     return BlockFlops(proj, attention, mlp)
 
 
-def prism_layer(part: Partition, cr: int, d: int, d_ff: int, itemsize: int = 4, exact: int = 0):
+def _shape(d, d_ff) -> BlockShape:
+    return d if isinstance(d, BlockShape) else BlockShape(d, d_ff)
+
+
+def prism_layer(part: Partition, cr: int, d, d_ff: int | None = None, itemsize: int = 4, exact: int = 0,
+                point: str = "attn_input"):
     """Per device (flops, bytes sent) of one PRISM layer with no padding;
     ``exact`` rows of each device travel as their own rows (device 0's
-    position 0 among them when it is one: count it in ``exact``)."""
+    position 0 among them when it is one: count it in ``exact``). ``d``: the
+    hidden size (with ``d_ff``) or a :class:`BlockShape`; ``point``: the
+    compression point (``kv`` sends 2 kv_width values a row and projects
+    nothing for received rows)."""
+    s = _shape(d, d_ff)
     sent = [part.segments(p, cr, exact) for p in range(part.devices)]
     out = []
     for p, n in enumerate(part.sizes()):
-        out.append((block_flops(1, n, sum(sent) - sent[p], d, d_ff), sent[p] * d * itemsize))
+        out.append((block_flops(1, n, sum(sent) - sent[p], s, project_received=point != "kv"),
+                    sent[p] * row_values(s, point) * itemsize))
     return out
 
 
-def voltage_layer(part: Partition, d: int, d_ff: int, itemsize: int = 4):
+def voltage_layer(part: Partition, d, d_ff: int | None = None, itemsize: int = 4):
     """Per device (flops, bytes sent) of one Voltage layer (full rows exchanged)."""
+    s = _shape(d, d_ff)
     total = part.length
-    return [(block_flops(1, n, total - n, d, d_ff), n * d * itemsize) for n in part.sizes()]
+    return [(block_flops(1, n, total - n, s), n * s.d * itemsize) for n in part.sizes()]
 
 
-def reduction_table(d: int, d_ff: int, devices, lengths, crs):
+def reduction_table(d, d_ff: int | None, devices, lengths, crs, point: str = "attn_input"):
     """Rows of (P, N, CR, comm reduction, compute reduction of the busiest
-    device, mean compute reduction over devices) of PRISM vs Voltage."""
+    device, mean compute reduction over devices) of PRISM (at compression
+    ``point``) vs Voltage; ``d`` a hidden size (with ``d_ff``) or a
+    :class:`BlockShape` (grouped-query attention, a gated MLP)."""
     from .partition import partition
 
+    s = _shape(d, d_ff)
     rows = []
     for P in devices:
         for N in lengths:
             if P > N:
                 continue
             part = partition(N, P)
-            volt = voltage_layer(part, d, d_ff)
+            volt = voltage_layer(part, s)
             for cr in crs:
-                pri = prism_layer(part, cr, d, d_ff)
+                pri = prism_layer(part, cr, s, point=point)
                 comm = 1 - sum(b for _, b in pri) / sum(b for _, b in volt)
                 per_dev = [1 - f.total / v.total for (f, _), (v, _) in zip(pri, volt)]
                 busiest = 1 - max(f.total for f, _ in pri) / max(v.total for v, _ in volt)

@@ -50,15 +50,32 @@ def prism_attention(
     counts: torch.Tensor | None = None,
     q_pos: torch.Tensor | None = None,
     k_pos: torch.Tensor | None = None,
+    kv_heads: int | None = None,
 ) -> torch.Tensor:
-    """``q[B, n, d]``, ``k``/``v[B, nk, d]`` (row slices of wider projections
-    are fine: heads are strided views, no copy) -> ``[B, n, d]``.
-    ``counts[B, nk]``; ``q_pos[n]``/``k_pos[nk]`` for the causal rule."""
-    B, n, d = q.shape
+    """``q[B, n, heads * dh]``, ``k``/``v[B, nk, kv_heads * dh]`` (row slices
+    of wider projections are fine: key heads are strided views, no copy) ->
+    ``[B, n, heads * dh]``. ``counts[B, nk]``; ``q_pos[n]`` or ``[B, n]`` and
+    ``k_pos[nk]`` or ``[B, nk]`` for the causal rule.
+
+    Grouped-query attention (``kv_heads`` < ``heads``, query head h reads key
+    head h // (heads / kv_heads), transformers' layout): the g query heads of
+    a key head become g x n query rows of that key head (each keeps its
+    position), so keys and values are read once per key head and never
+    expanded to all heads."""
+    B, n, width = q.shape
     nk = k.shape[1]
-    dh = d // heads
-    qh = q.view(B, n, heads, dh).transpose(1, 2)
-    kh = k.view(B, nk, heads, dh).transpose(1, 2)
-    vh = v.view(B, nk, heads, dh).transpose(1, 2)
+    dh = width // heads
+    kv_heads = heads if kv_heads is None else kv_heads
+    g = heads // kv_heads
+    kh = k.view(B, nk, kv_heads, dh).transpose(1, 2)
+    vh = v.view(B, nk, kv_heads, dh).transpose(1, 2)
+    if g == 1:
+        qh = q.view(B, n, heads, dh).transpose(1, 2)
+    else:
+        qh = q.reshape(B, n, kv_heads, g, dh).permute(0, 2, 1, 3, 4).reshape(B, kv_heads, n * g, dh)
+        if q_pos is not None:
+            q_pos = q_pos.repeat_interleave(g, dim=-1).contiguous()
     out = kernels.compressed_attention(qh, kh, vh, counts=counts, q_pos=q_pos, k_pos=k_pos)
-    return out.transpose(1, 2).reshape(B, n, d)
+    if g == 1:
+        return out.transpose(1, 2).reshape(B, n, width)
+    return out.view(B, kv_heads, n, g, dh).permute(0, 2, 1, 3, 4).reshape(B, n, width)

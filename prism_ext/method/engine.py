@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import kernels
-from .accounting import block_flops
+from .accounting import block_flops, shape_of
 from .attention import mean_weights, prism_attention
 from ..models.common import Network
 from .partition import Partition, cr_schedule, exact_slots, segment_ends, slot_ends
@@ -28,7 +28,7 @@ __all__ = ["ExactRows", "RunConfig", "LayerStats", "DeviceStats", "RunStats", "D
            "Collected", "GenerateOptions", "OUTPUTS", "run_device", "run_request", "generate_request", "finish_request", "decode_step"]
 
 ENGINE_MODES = ("prism", "voltage")  # what a device runs (tp and single are prism at CR 1 per device)
-POINTS = ("attn_input", "hidden")
+POINTS = ("attn_input", "hidden", "kv")
 WEIGHTINGS = ("count", "none")
 PHASES = ("compress", "exchange", "project", "attention", "mlp")
 OUTPUTS = ("rows", "cls", "pooled", "last")
@@ -176,6 +176,12 @@ class RunConfig:
                         exact_rows=ExactRows.from_meta(meta["exact_rows"]))
 
     @property
+    def sends_kv(self) -> bool:
+        """Whether the rows on the wire are means of own keys and values (the
+        ``kv`` point: receivers project nothing)."""
+        return self.mode == "prism" and self.compression_point == "kv"
+
+    @property
     def sends_hidden(self) -> bool:
         """Whether the rows on the wire are hidden states (Voltage's full
         rows, or means taken at compression point ``hidden``) rather than
@@ -306,7 +312,8 @@ class RunStats:
 @dataclass
 class DecodeState:
     """What the last device keeps after prefill to decode with no
-    communication. Per layer: K/V rows [B, capacity, 2d] (received rows, then
+    communication. Per layer: K/V rows [B, capacity, 2 kv_width] (kv_heads
+    heads each, rotated keys for RoPE; received rows, then
     own rows, then room for new tokens), their counts [B, capacity] and their
     last positions [B, capacity]; ``length[l]`` rows are filled."""
 
@@ -376,7 +383,7 @@ class GenerateOptions:
     temperature: float = 0.0
     top_k: int | None = None
     seed: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None  # one id or several (Llama 3 has more than one)
     stream: bool = False  # the last device sends each new token to rank 0 as it is decoded
 
     def __post_init__(self):
@@ -392,7 +399,15 @@ class GenerateOptions:
             raise ValueError(f"temperature: expected a finite number >= 0, got {t!r}")
         whole(self.top_k, "top_k", 1, none_ok=True)
         whole(self.seed, "seed", -(2**63), none_ok=True, high=2**64 - 1)  # what torch.Generator takes
-        whole(self.eos_token_id, "eos_token_id", 0, none_ok=True)
+        eos = self.eos_token_id
+        if isinstance(eos, (list, tuple)):
+            if not eos or len(eos) > _MAX_EXACT_IDS:
+                raise ValueError(f"eos_token_id: expected an int, 1..{_MAX_EXACT_IDS} ints or None, got {eos!r}")
+            for v in eos:
+                whole(v, "eos_token_id", 0, high=2**31 - 1)
+            object.__setattr__(self, "eos_token_id", tuple(eos))
+        else:
+            whole(eos, "eos_token_id", 0, none_ok=True, high=2**31 - 1)
         if not isinstance(self.stream, bool):
             raise ValueError(f"stream: expected a bool, got {self.stream!r}")
 
@@ -418,44 +433,85 @@ def _exact_means(src: torch.Tensor, exact: torch.Tensor, valid: torch.Tensor, cr
     position), the other valid rows averaged in the groups of
     :func:`prism_ext.method.partition.exact_slots`. Uneven, per-sequence groups are
     beyond the segment kernel, so this is a scatter-add over the rows.
-    Returns (rows [B, m, d], counts [B, m] int32, ends [B, m] int32)."""
+    Returns (rows [B, m, d], counts [B, m] int32, ends [B, m] int32, slot [B, n])."""
     B, n, d = src.shape
     slot, m = exact_slots(exact, valid, cr, src if adaptive else None)
     target = torch.where(slot < 0, m, slot)  # padding rows land in a spare slot, dropped below
     sums = src.new_zeros(B, m + 1, d).scatter_add_(1, target[..., None].expand(B, n, d), src)
     counts = torch.zeros(B, m + 1).scatter_add_(1, target, torch.ones(B, n))
     means = sums[:, :m] / counts[:, :m].clamp(min=1)[..., None]
-    return means, counts[:, :m].to(torch.int32), slot_ends(slot, m, pos).to(torch.int32)
+    return means, counts[:, :m].to(torch.int32), slot_ends(slot, m, pos).to(torch.int32), slot
 
 
-def _send(cfg: RunConfig, st: LayerStats, transport, x, a, cr: int, own_valid, own_counts, pos, exact):
+def _position_offsets(slot: torch.Tensor, m: int, ends: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Per sent row, the sum over the positions it covers of (its end - the
+    position) [B, m] int32: with its count and end, the mean of its positions
+    (end - offsets / count), at which a RoPE receiver rotates the keys of a
+    mean attention input. ``slot`` [B, n] (-1 at padding), ``ends`` [m] or [B, m]."""
+    B = slot.shape[0]
+    target = torch.where(slot < 0, m, slot)
+    row_end = torch.cat([ends.long().expand(B, m), ends.new_zeros(B, 1).long()], dim=1).gather(1, target)
+    gap = torch.where(slot < 0, 0, row_end - pos.long())
+    offsets = torch.zeros(B, m + 1, dtype=torch.int64).scatter_add_(1, target, gap)[:, :m]
+    if offsets.numel() and int(offsets.max()) > 2**31 - 1:
+        raise ValueError("compression_point: a mean covers too many positions to send its mean position "
+                         "(int32); use compression_point='kv' for this length")
+    return offsets.to(torch.int32)
+
+
+def mean_positions(ends: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+    """[B, m] float32 positions of received rows for RoPE: the mean of the
+    positions each covers (docs/design.md, "RoPE and GQA"), or, with no
+    offsets (Voltage's one-row segments), its own position."""
+    if offsets is None:
+        return ends.to(torch.float32)
+    return (ends.double() - offsets.double() / counts.double().clamp(min=1)).to(torch.float32)
+
+
+def _sends_offsets(cfg: RunConfig, blk) -> bool:
+    """Whether a sent row carries its position offsets: means of attention
+    inputs or hidden states of a RoPE block, whose receivers rotate the keys."""
+    return blk.positional and cfg.mode == "prism" and not cfg.sends_kv
+
+
+def _send(cfg: RunConfig, st: LayerStats, transport, x, a, cr: int, own_valid, own_counts, pos, exact,
+          kv=None, offsets: bool = False):
     """Steps 2-3, first half: compress own rows and start the all-gather;
-    the caller computes its own Q/K/V while the bytes travel."""
+    the caller computes its own Q/K/V while the bytes travel (or, at the
+    ``kv`` point, has computed them: ``kv`` [B, n, 2 kv_width] is what is
+    averaged). ``offsets``: send each mean's position offsets too."""
     t = time.perf_counter()
     if cfg.mode == "voltage":
         send = {"rows": x, "counts": own_counts.to(torch.int32), "ends": pos}
     else:
-        src = a if cfg.compression_point == "attn_input" else x
+        src = {"attn_input": a, "hidden": x, "kv": kv}[cfg.compression_point]
+        B, n = src.shape[:2]
         if exact is not None and cr > 1:  # at CR 1 every row travels alone anyway
             valid = own_counts > 0
-            means, counts, ends = _exact_means(src, cfg.exact_rows.mask(exact, x, valid), valid, cr, pos,
-                                               cfg.exact_rows.adaptive)
+            means, counts, ends, slot = _exact_means(src, cfg.exact_rows.mask(exact, x, valid), valid, cr, pos,
+                                                     cfg.exact_rows.adaptive)
             if bool((ends == ends[:1]).all()):
                 ends = ends[0]  # the same for every sequence: sent once, as plain segment ends are
         else:
             means, counts = kernels.segment_means(src, cr, valid=own_valid)
             counts = counts.round().to(torch.int32)
             ends = torch.tensor(segment_ends(int(pos[0]), int(pos[-1]) + 1, cr), dtype=torch.int32)
+            slot = (torch.arange(n) // cr).expand(B, n)
+            if own_valid is not None:
+                slot = torch.where(own_valid, slot, -1)
         send = {"rows": means, "counts": counts, "ends": ends}
+        if offsets:
+            send["offsets"] = _position_offsets(slot, means.shape[1], ends, pos)
     _tick(st, "compress", t)
     st.rows_sent = send["rows"].shape[1]
     return transport.all_gather_start(send, cfg.wire_dtype)
 
 
-def _check_item(item: dict, q: int, batch: int, d: int) -> dict:
+def _check_item(item: dict, q: int, batch: int, d: int, offsets: bool = False) -> dict:
     """Rank ``q``'s exchange item, shapes checked (its bytes are untrusted):
-    rows [B, m, d], counts [B, m], ends [m] or [B, m] (per-sequence ends of
-    exact rows)."""
+    rows [B, m, d] (d: the width a row of this compression point has),
+    counts [B, m], ends [m] or [B, m] (per-sequence ends of exact rows), and
+    with ``offsets`` the position offsets [B, m], nothing else."""
     rows, counts, ends = item.get("rows"), item.get("counts"), item.get("ends")
     if rows is None or counts is None or ends is None or rows.dim() != 3 or rows.shape[0] != batch \
             or rows.shape[2] != d:
@@ -464,26 +520,45 @@ def _check_item(item: dict, q: int, batch: int, d: int) -> dict:
     if tuple(counts.shape) != (batch, m) or tuple(ends.shape) not in ((m,), (batch, m)):
         raise ValueError(f"rank {q}: sent counts {list(counts.shape)} and ends {list(ends.shape)} that do not "
                          f"match its {m} rows")
+    expected = {"rows", "counts", "ends"} | ({"offsets"} if offsets else set())
+    if set(item) != expected:
+        raise ValueError(f"rank {q}: sent fields {sorted(item)} in its exchange, expected {sorted(expected)}")
+    if offsets and (tuple(item["offsets"].shape) != (batch, m) or bool((item["offsets"] < 0).any())):
+        raise ValueError(f"rank {q}: sent position offsets {list(item['offsets'].shape)} that do not match its "
+                         f"{m} rows or are negative")
     return item
 
 
 def _receive(blk, cfg: RunConfig, st: LayerStats, pending, rank: int, batch: int):
-    """Second half: wait for the all-gather, return the other devices' rows
-    (ready for the K/V projection), counts and end positions."""
-    d = blk.d
+    """Second half: wait for the all-gather, return the other devices' keys
+    and values [B, m, 2 kv_width] (received as such at the ``kv`` point,
+    else projected here from their attention inputs: step 5), counts and
+    end positions."""
+    offsets = _sends_offsets(cfg, blk)
+    width = 2 * blk.kv_width if cfg.sends_kv else blk.d
     got = pending.wait()
     st.time["exchange"] += got.seconds
     st.bytes_sent = got.bytes_sent
     st.activation_bytes = got.tensor_bytes["rows"]
-    others = [_check_item(item, q, batch, d) for q, item in enumerate(got.items) if q != rank]
+    others = [_check_item(item, q, batch, width, offsets) for q, item in enumerate(got.items) if q != rank]
     rows = torch.cat([o["rows"] for o in others], dim=1)
     B = rows.shape[0]
     r_counts = torch.cat([o["counts"] for o in others], dim=1).to(torch.float32)
     # Shared segment ends travel once [m]; exact rows' ends differ per sequence [B, m].
     r_ends = torch.cat([o["ends"].expand(B, -1) for o in others], dim=1)
+    t = time.perf_counter()
+    if cfg.sends_kv:
+        kv = rows
+    else:
+        r_pos = None
+        if blk.positional:
+            r_pos = mean_positions(r_ends, r_counts,
+                                   torch.cat([o["offsets"] for o in others], dim=1) if offsets else None)
+        kv = blk.kv(blk.received_attn_input(rows, cfg.sends_hidden), r_pos)
+    _tick(st, "project", t)
     if cfg.mode == "prism":
         r_counts = mean_weights(r_counts, cfg.mean_weighting)
-    return blk.received_attn_input(rows, cfg.sends_hidden), r_counts, r_ends
+    return kv, r_counts, r_ends
 
 
 def run_device(net: Network, local: dict, part: Partition, rank: int, transport, cfg: RunConfig,
@@ -513,37 +588,44 @@ def run_device(net: Network, local: dict, part: Partition, rank: int, transport,
 
     for layer, (blk, cr) in enumerate(zip(net.blocks, cfg.crs)):
         st = stats.layers[layer]
+        qw, kw = blk.q_width, blk.kv_width
         t = time.perf_counter()
         a = blk.attn_input(x)
         _tick(st, "compress", t)  # LN1 prepares what is compressed and attended
+        qkv = None
+        if cfg.sends_kv:  # own keys and values are what is averaged: project them first
+            t = time.perf_counter()
+            qkv = blk.qkv(a, pos)
+            _tick(st, "project", t)
         pending = None
         if transport.size > 1:
-            pending = _send(cfg, st, transport, x, a, cr, own_valid, own_counts, pos, exact)
-        t = time.perf_counter()
-        qkv = blk.qkv(a)  # own rows: Q, K, V, while the exchange is in flight
-        _tick(st, "project", t)
+            pending = _send(cfg, st, transport, x, a, cr, own_valid, own_counts, pos, exact,
+                            None if qkv is None else qkv[..., qw:], _sends_offsets(cfg, blk))
+        if qkv is None:
+            t = time.perf_counter()
+            qkv = blk.qkv(a, pos)  # own rows: Q, K, V, while the exchange is in flight
+            _tick(st, "project", t)
         if pending is None:  # nothing to exchange with
-            rows, r_counts, r_ends = x.new_empty(B, 0, d), torch.empty(B, 0), torch.empty(B, 0, dtype=torch.int32)
+            r_kv, r_counts, r_ends = x.new_empty(B, 0, 2 * kw), torch.empty(B, 0), torch.empty(B, 0, dtype=torch.int32)
         else:
-            rows, r_counts, r_ends = _receive(blk, cfg, st, pending, rank, B)
-        m = rows.shape[1]
+            r_kv, r_counts, r_ends = _receive(blk, cfg, st, pending, rank, B)
+        m = r_kv.shape[1]
         st.rows_received = m
         t = time.perf_counter()
-        kv = torch.cat([blk.kv(rows), qkv[..., d:]], dim=1)  # received rows first, then own
-        t = _tick(st, "project", t)
+        kv = torch.cat([r_kv, qkv[..., qw:]], dim=1)  # received rows first, then own
         counts = torch.cat([r_counts, own_counts], dim=1)
         q_pos = pos.expand(B, n).contiguous()  # batched like the received ends (exact rows differ per sequence)
         k_pos = torch.cat([r_ends, q_pos], dim=1)
         causal = net.causal
-        attn = prism_attention(qkv[..., :d], kv[..., :d], kv[..., d:], blk.heads, counts,
-                               q_pos if causal else None, k_pos if causal else None)
+        attn = prism_attention(qkv[..., :qw], kv[..., :kw], kv[..., kw:], blk.heads, counts,
+                               q_pos if causal else None, k_pos if causal else None, blk.kv_heads)
         t = _tick(st, "attention", t)
         x = blk.finish_attention(x, attn)
         t = _tick(st, "project", t)
         x = blk.mlp(x)
         _tick(st, "mlp", t)
 
-        f = block_flops(B, n, m, d, blk.d_ff)
+        f = block_flops(B, n, m, shape_of(blk), project_received=not cfg.sends_kv)
         st.flops_proj, st.flops_attention, st.flops_mlp = f.proj, f.attention, f.mlp
         if state is not None:
             state.keep(kv, counts, k_pos, decode_room)
@@ -730,14 +812,15 @@ def _decode(net: Network, state: DecodeState, n: int, logits: torch.Tensor, opti
     after computing the next one (False: end with the tokens emitted so far)."""
     gen = None if options.seed is None else torch.Generator().manual_seed(options.seed)
     eos = options.eos_token_id
+    eos = None if eos is None else torch.tensor(eos if isinstance(eos, tuple) else (eos,))
     done = torch.zeros(logits.shape[0], dtype=torch.bool)
     new: list[torch.Tensor] = []
     stats = DecodeStats()
     for step in range(options.max_new_tokens):
         token = _pick(logits, options.temperature, options.top_k, gen)
-        if eos is not None:
-            token = torch.where(done, torch.full_like(token, eos), token)
-            done |= token == eos
+        if eos is not None:  # finished sequences continue with the first eos id (transformers pads with it)
+            token = torch.where(done, torch.full_like(token, int(eos[0])), token)
+            done |= torch.isin(token, eos)
         new.append(token)
         finished = step == options.max_new_tokens - 1 or (eos is not None and bool(done.all()))
         if emit is not None:
@@ -774,7 +857,6 @@ def decode_step(net: Network, state: DecodeState, token: torch.Tensor, position:
     """Process ``token`` [B, 1] at ``position`` on the last device with no
     exchange: attend over the kept K/V, append its own K/V. Returns its row
     outputs (``logits`` [B, 1, vocab]) and per-layer stats (0 bytes)."""
-    d = net.d
     pos = torch.tensor([position], dtype=torch.int32)
     layers = []
     x = net.embed({"input_ids": token}, position, position + 1)
@@ -782,26 +864,28 @@ def decode_step(net: Network, state: DecodeState, token: torch.Tensor, position:
     for layer, blk in enumerate(net.blocks):
         st = LayerStats()
         t = time.perf_counter()
+        qw, kw = blk.q_width, blk.kv_width
         a = blk.attn_input(x)
-        qkv = blk.qkv(a)
+        qkv = blk.qkv(a, pos)
         L = state.length[layer]
         if L == state.kv[layer].shape[1]:
             raise ValueError("max_new_tokens: the decode cache is full")
-        state.kv[layer][:, L] = qkv[:, 0, d:]
+        state.kv[layer][:, L] = qkv[:, 0, qw:]
         state.positions[layer][:, L] = position
         state.length[layer] = L = L + 1
         t = _tick(st, "project", t)
         kv = state.kv[layer][:, :L]
-        attn = prism_attention(qkv[..., :d], kv[..., :d], kv[..., d:], blk.heads,
-                               state.counts[layer][:, :L], pos.expand(B, 1).contiguous(), state.positions[layer][:, :L])
+        attn = prism_attention(qkv[..., :qw], kv[..., :kw], kv[..., kw:], blk.heads,
+                               state.counts[layer][:, :L], pos.expand(B, 1).contiguous(), state.positions[layer][:, :L],
+                               blk.kv_heads)
         t = _tick(st, "attention", t)
         x = blk.finish_attention(x, attn)
         t = _tick(st, "project", t)
         x = blk.mlp(x)
         _tick(st, "mlp", t)
         # The new row is an own row; the L - 1 earlier keys count as received K/V (already projected).
-        f = block_flops(B, 1, 0, d, blk.d_ff)
+        f = block_flops(B, 1, 0, shape_of(blk))
         st.flops_proj, st.flops_mlp = f.proj, f.mlp
-        st.flops_attention = 4 * B * L * d
+        st.flops_attention = 4 * B * L * qw
         layers.append(st)
     return net.row_outputs(x), layers

@@ -112,14 +112,15 @@ def forward(net: Network, inputs: dict, part: Partition, cfg: RunConfig, *, drop
     valid = net.valid(inputs)
     valid = torch.ones(batch, N, dtype=torch.bool) if valid is None else valid
     static = cfg.exact_rows.static_mask(inputs, 0, batch, N) if cfg.exact_rows else None
-    d, heads = net.d, net.heads
+    pos = torch.arange(N)
     for blk, cr in zip(net.blocks, cfg.crs):
+        heads, kv_heads, dh = blk.heads, blk.kv_heads, blk.head_dim
         a = blk.attn_input(x)
-        qkv = blk.qkv(a)
-        k, v = qkv[..., d:2 * d], qkv[..., 2 * d:]
+        qkv = blk.qkv(a, pos)
+        q, k, v = blk.split_qkv(qkv)
         bias = None
         if part.devices > 1:
-            src = a if cfg.compression_point == "attn_input" else x
+            src = {"attn_input": a, "hidden": x, "kv": qkv[..., blk.q_width:]}[cfg.compression_point]
             exact = None
             if static is not None:  # top-k rows are chosen per device, as each device does
                 exact = torch.cat([cfg.exact_rows.mask(static[:, s:e], x[:, s:e].detach(), valid[:, s:e])
@@ -130,20 +131,27 @@ def forward(net: Network, inputs: dict, part: Partition, cfg: RunConfig, *, drop
             average = torch.zeros(batch, M + 1, N).scatter_(1, torch.where(slot < 0, M, slot)[:, None, :], 1.0)
             average = average[:, :M] / counts.clamp(min=1)[..., None]
             rows = average @ src
-            kv = blk.kv(blk.received_attn_input(rows, cfg.sends_hidden))
-            k, v = torch.cat([kv[..., :d], k], dim=1), torch.cat([kv[..., d:], v], dim=1)
+            if cfg.sends_kv:  # the means of own keys and values are the keys and values
+                kv = rows
+            else:  # RoPE: rotated at the mean of the positions each row covers
+                kv = blk.kv(blk.received_attn_input(rows, cfg.sends_hidden),
+                            (average.double() @ pos.double()).float() if blk.positional else None)
+            w = blk.kv_width
+            k, v = torch.cat([kv[..., :w], k], dim=1), torch.cat([kv[..., w:], v], dim=1)
             bias = _attention_bias(part, valid, counts, ends, owner, net.causal, cfg.mean_weighting)
         elif net.causal or not bool(valid.all()):
             bias = _attention_bias(part, valid, torch.zeros(batch, 0), torch.zeros(batch, 0, dtype=torch.long),
                                    torch.zeros(0, dtype=torch.long), net.causal, cfg.mean_weighting)
 
-        def split(t):
-            return t.reshape(batch, t.shape[1], heads, d // heads).transpose(1, 2)
+        def split(t, h):
+            return t.reshape(batch, t.shape[1], h, dh).transpose(1, 2)
 
-        attn = F.scaled_dot_product_attention(split(qkv[..., :d]), split(k), split(v),
+        # enable_gqa: each key head serves its group of query heads (transformers' layout)
+        attn = F.scaled_dot_product_attention(split(q, heads), split(k, kv_heads), split(v, kv_heads),
                                               attn_mask=None if bias is None else bias[:, None],
-                                              dropout_p=dropout if drop is not None else 0.0)
-        x = blk.finish_attention(x, attn.transpose(1, 2).reshape(batch, N, d), drop)
+                                              dropout_p=dropout if drop is not None else 0.0,
+                                              enable_gqa=kv_heads != heads)
+        x = blk.finish_attention(x, attn.transpose(1, 2).reshape(batch, N, blk.q_width), drop)
         x = blk.mlp(x, drop)
     rows = net.row_outputs(x)
     return {**rows, **net.cls_outputs(rows)}

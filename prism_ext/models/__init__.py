@@ -10,12 +10,13 @@ from pathlib import Path
 
 import torch
 
-from . import bert, gpt2, vit
+from . import bert, gpt2, llama, vit
 from .common import Block, Network, Weights
 
 __all__ = ["Block", "Network", "FAMILIES", "load_network", "resolve", "read_json", "read_tensors", "write_checkpoint"]
 
-FAMILIES = {m.MODEL_TYPE: m for m in (gpt2, bert, vit)}
+# model_type -> family module; one module may serve several model types (llama: Llama, Qwen2, Qwen3, Mistral)
+FAMILIES = {t: m for m in (gpt2, bert, vit, llama) for t in getattr(m, "MODEL_TYPES", (m.MODEL_TYPE,))}
 
 _SAFE = "model.safetensors"
 _SAFE_INDEX = "model.safetensors.index.json"

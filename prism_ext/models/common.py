@@ -15,6 +15,7 @@ __all__ = [
     "Block",
     "LayerNorm",
     "Network",
+    "RMSNorm",
     "Weights",
     "activation",
     "block_linears",
@@ -39,6 +40,7 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_new": _gelu_tanh,
     "gelu_pytorch_tanh": _gelu_tanh,
     "relu": F.relu,
+    "silu": F.silu,
 }
 
 
@@ -97,11 +99,30 @@ class LayerNorm:
 
 
 @dataclass
+class RMSNorm:
+    """Root-mean-square norm (Llama, Qwen, Mistral): x / rms(x) * weight, in
+    float32 as transformers computes it."""
+
+    weight: torch.Tensor
+    eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+@dataclass
 class Block:
     """One Transformer block. Pre-LN (GPT-2, ViT): x + attn(ln1 x), then
     x + mlp(ln2 x). Post-LN (BERT): ln1(x + attn x), then ln2(x + mlp x).
     Weights are [out, in] (``F.linear``); Q, K, V are stacked in ``wqkv`` so
-    own rows take one GEMM and received rows one GEMM on its K/V half."""
+    own rows take one GEMM and received rows one GEMM on its K/V half.
+
+    Widths come from the weights: Q is ``q_width`` = heads x head_dim wide
+    (``wo`` is [d, q_width]), K and V ``kv_width`` = kv_heads x head_dim each
+    (grouped-query attention when kv_heads < heads). A family whose keys
+    depend on position (RoPE: :mod:`prism_ext.models.llama`) sets
+    ``positional`` and uses the positions :meth:`qkv` and :meth:`kv` take;
+    here they are ignored (position is in the embeddings)."""
 
     pre_ln: bool
     heads: int
@@ -117,31 +138,57 @@ class Block:
     b2: torch.Tensor | None
     act: Callable[[torch.Tensor], torch.Tensor]
 
+    positional = False  # keys and values depend on positions given to qkv/kv (RoPE)
+    gated = False  # a gated MLP (SwiGLU): w1 holds [gate; up]
+
     @property
     def wkv(self) -> torch.Tensor:  # a view, so training wqkv trains it too
-        return self.wqkv[self.d:]
+        return self.wqkv[self.q_width:]
 
     @property
     def bkv(self) -> torch.Tensor | None:
-        return None if self.bqkv is None else self.bqkv[self.d:]
+        return None if self.bqkv is None else self.bqkv[self.q_width:]
 
     @property
     def d(self) -> int:
         return self.wo.shape[0]
 
     @property
+    def q_width(self) -> int:
+        return self.wo.shape[1]
+
+    @property
+    def kv_width(self) -> int:
+        return (self.wqkv.shape[0] - self.q_width) // 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.q_width // self.heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.kv_width // self.head_dim
+
+    @property
     def d_ff(self) -> int:
-        return self.w1.shape[0]
+        return self.w1.shape[0] // 2 if self.gated else self.w1.shape[0]
 
     def attn_input(self, x: torch.Tensor) -> torch.Tensor:
         """What attention reads: LN1(x) before the block (pre-LN), x itself (post-LN)."""
         return self.ln1(x) if self.pre_ln else x
 
-    def qkv(self, a: torch.Tensor) -> torch.Tensor:
+    def qkv(self, a: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., q_width + 2 kv_width]: Q, K, V of attention inputs ``a`` at positions ``pos``."""
         return F.linear(a, self.wqkv, self.bqkv)
 
-    def kv(self, a: torch.Tensor) -> torch.Tensor:
+    def kv(self, a: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., 2 kv_width]: K, V only (rows received from another device)."""
         return F.linear(a, self.wkv, self.bkv)
+
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of Q, K, V in the output of :meth:`qkv`."""
+        q, k = self.q_width, self.kv_width
+        return qkv[..., :q], qkv[..., q:q + k], qkv[..., q + k:]
 
     def received_attn_input(self, rows: torch.Tensor, hidden: bool) -> torch.Tensor:
         """The attention input of rows received from another device: LN1 of
@@ -164,8 +211,16 @@ class Block:
         return self.ln2(x) if self.pre_ln else x
 
     def mlp(self, x: torch.Tensor, drop=None) -> torch.Tensor:
-        branch = F.linear(self.act(F.linear(self.mlp_input(x), self.w1, self.b1)), self.w2, self.b2)
-        return self.add_mlp(x, branch, drop)
+        return self.add_mlp(x, self.mlp_branch(self.mlp_input(x)), drop)
+
+    def mlp_branch(self, h: torch.Tensor) -> torch.Tensor:
+        """The MLP on its input ``h``, output bias included: act(h W1) W2, or
+        act(h Wgate) * (h Wup) W2 for a gated block."""
+        inner = F.linear(h, self.w1, self.b1)
+        if self.gated:
+            gate, up = inner.chunk(2, dim=-1)
+            return F.linear(self.act(gate) * up, self.w2, self.b2)
+        return F.linear(self.act(inner), self.w2, self.b2)
 
     def add_mlp(self, x: torch.Tensor, branch: torch.Tensor, drop=None) -> torch.Tensor:
         """The residual add of the MLP branch (bias included), then LN2 for a post-LN block."""
@@ -221,6 +276,9 @@ class Network:
     model_type: str
     head: str  # "base", "lm", "classification"
     causal: bool
+    # Run options whose default depends on the family (RunOptions' "default"):
+    # resolved by executor.request.layout.
+    defaults = {"exact_rows": "none", "compression_point": "attn_input"}
     blocks: list[Block]
     config: dict
     input_names: tuple[str, ...]
@@ -266,7 +324,7 @@ class Network:
             elif isinstance(value, (list, tuple)):
                 for i, v in enumerate(value):
                     walk(f"{name}.{i}", v)
-            elif isinstance(value, (Block, LayerNorm)):
+            elif isinstance(value, (Block, LayerNorm, RMSNorm)):
                 for k in sorted(vars(value)):
                     walk(f"{name}.{k}", getattr(value, k))
 
