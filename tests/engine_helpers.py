@@ -10,7 +10,7 @@ import torch
 import transformers  # a test dependency (the `test` extra): missing, the engine tests fail, never skip
 from torch.utils.flop_counter import FlopCounterMode
 
-from prism_ext.method.partition import exact_slots, partition, segment_ends
+from prism_ext.method.partition import exact_slots, partition
 
 D, HEADS, LAYERS, FF = 32, 4, 2, 64
 INIT = 0.2  # 10x the HF default: peaked attention, so compression visibly matters

@@ -131,3 +131,24 @@ def test_account_rejects_bad_values(tmp_path, capsys):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_embd": 8, "n_layer": 1}')
     assert main(["account", "--config", str(tmp_path)]) == 2
     assert "--seq: required with --config" in capsys.readouterr().err
+
+
+def test_account_reads_grouped_query_configs_and_the_kv_point(tmp_path, capsys):
+    """A Qwen2-shaped config: the table uses its GQA widths and gated MLP, at
+    the family's default point (kv) unless --point says otherwise."""
+    from prism_ext.method.accounting import BlockShape, reduction_table
+
+    cfg = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+           "num_attention_heads": 14, "num_key_value_heads": 2}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    shape = BlockShape(896, 4864, 896, 128, gated=True)
+    for extra, point in (([], "kv"), (["--point", "attn_input"], "attn_input")):
+        assert main(["account", "--json", "--config", str(tmp_path), "-P", "2,4", "-N", "512", "--cr", "8",
+                     *extra]) == 0
+        (entry,) = json.loads(capsys.readouterr().out)["models"]
+        assert entry["point"] == point and (entry["q_width"], entry["kv_width"], entry["gated"]) == (896, 128, True)
+        want = reduction_table(shape, None, [2, 4], [512], [8], point=point)
+        got = [tuple(r.values()) for r in entry["rows"]]
+        assert got == [tuple(w) for w in want]
+    # kv sends 2 x 128 values a mean instead of 896: the communication saving grows accordingly
+    assert reduction_table(shape, None, [2], [512], [8], point="kv")[0][3] == pytest.approx(1 - (256 / 896) / 8)

@@ -7,22 +7,27 @@ import argparse
 from .args import counts, one_line_errors, user_errors
 
 
-# Standard configs (no weights needed): hidden size, MLP width, layers, default sequence lengths.
+# Standard configs (no weights needed): block shape, layers, default sequence lengths.
+# (d, d_ff, q_width, kv_width, gated) as prism_ext.method.accounting.BlockShape takes them.
 ACCOUNT_MODELS = {
-    "bert-base": (768, 3072, 12, (128, 512)),
-    "vit-b16": (768, 3072, 12, (197,)),  # 14 x 14 patches + [CLS] at 224 px
-    "gpt2": (768, 3072, 12, (512, 1024)),
+    "bert-base": ((768, 3072), 12, (128, 512)),
+    "vit-b16": ((768, 3072), 12, (197,)),  # 14 x 14 patches + [CLS] at 224 px
+    "gpt2": ((768, 3072), 12, (512, 1024)),
+    "qwen2.5-0.5b": ((896, 4864, 14 * 64, 2 * 64, True), 24, (512, 2048)),  # 14 query / 2 KV heads of 64
+    "llama-3.2-1b": ((2048, 8192, 32 * 64, 8 * 64, True), 16, (512, 2048)),  # 32 query / 8 KV heads of 64
 }
+_ROPE_FAMILIES = ("llama-3.2-1b", "qwen2.5-0.5b")  # their default compression point is kv (RunOptions)
 
 
 PAPER_HEADLINE = "paper (arXiv 2507.12145, BERT, CR = 128): communication -99.2%, per-device computation -51.24% (P, N not stated)"
 
 
-def _config_dims(path: str) -> tuple[int, int, int]:
-    """(d, d_ff, layers) from a config.json, a checkpoint directory or a bundled name."""
+def _config_shape(path: str):
+    """(BlockShape, layers, family) from a config.json, a checkpoint directory or a bundled name."""
     from pathlib import Path
 
     from .. import zoo
+    from ..method.accounting import BlockShape
     from ..models import read_json
 
     p = Path(path)
@@ -35,10 +40,17 @@ def _config_dims(path: str) -> tuple[int, int, int]:
         raise ValueError(f"--config: cannot read {p} ({exc})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"--config: {p} must hold a JSON object")
-    if cfg.get("model_type") == "gpt2":
-        return cfg["n_embd"], cfg.get("n_inner") or 4 * cfg["n_embd"], cfg["n_layer"]
+    family = cfg.get("model_type")
     try:
-        return cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+        if family == "gpt2":
+            return BlockShape(cfg["n_embd"], cfg.get("n_inner") or 4 * cfg["n_embd"]), cfg["n_layer"], family
+        d, d_ff, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+        if family in ("llama", "qwen2", "qwen3", "mistral"):
+            heads = cfg["num_attention_heads"]
+            head_dim = cfg.get("head_dim") or d // heads
+            kv_heads = cfg.get("num_key_value_heads") or heads
+            return BlockShape(d, d_ff, heads * head_dim, kv_heads * head_dim, gated=True), layers, family
+        return BlockShape(d, d_ff), layers, family
     except KeyError as exc:
         raise ValueError(f"--config: {p} has no {exc}") from None
 
@@ -47,21 +59,23 @@ def _config_dims(path: str) -> tuple[int, int, int]:
 def _account(args: argparse.Namespace) -> int:
     import json
 
-    from ..method.accounting import reduction_table
+    from ..method.accounting import BlockShape, reduction_table
 
     models = []
     if args.config:
-        d, d_ff, layers = _config_dims(args.config)
+        shape, layers, family = _config_shape(args.config)
         if not args.seq:
             raise ValueError("--seq: required with --config")
-        models.append((args.config, d, d_ff, layers, args.seq))
+        models.append((args.config, shape, layers, args.seq, family in ("llama", "qwen2", "qwen3", "mistral")))
     for name in args.model or ([] if args.config else list(ACCOUNT_MODELS)):
-        d, d_ff, layers, seqs = ACCOUNT_MODELS[name]
-        models.append((name, d, d_ff, layers, args.seq or seqs))
+        dims, layers, seqs = ACCOUNT_MODELS[name]
+        models.append((name, BlockShape(*dims), layers, args.seq or seqs, name in _ROPE_FAMILIES))
     report = []
-    for name, d, d_ff, layers, seqs in models:
-        rows = reduction_table(d, d_ff, args.devices, seqs, args.cr)
-        report.append({"model": name, "d": d, "d_ff": d_ff, "layers": layers, "rows": [
+    for name, shape, layers, seqs, rope in models:
+        point = args.point or ("kv" if rope else "attn_input")
+        rows = reduction_table(shape, None, args.devices, seqs, args.cr, point=point)
+        report.append({"model": name, "d": shape.d, "d_ff": shape.d_ff, "q_width": shape.q, "kv_width": shape.kv,
+                       "gated": shape.gated, "layers": layers, "point": point, "rows": [
             dict(zip(("devices", "positions", "cr", "comm_reduction", "compute_reduction_busiest",
                       "compute_reduction_mean"), r)) for r in rows]})
     if args.json:
@@ -71,7 +85,9 @@ def _account(args: argparse.Namespace) -> int:
     print("comm: activation bytes sent, all devices; compute: matmul + attention FLOPs of one device")
     print("(busiest = the device with the most FLOPs in each mode; mean = mean of per-device reductions).")
     for entry in report:
-        print(f"\n{entry['model']}  d={entry['d']} d_ff={entry['d_ff']} layers={entry['layers']}")
+        gqa = f" q={entry['q_width']} kv={entry['kv_width']}" if entry["kv_width"] != entry["d"] else ""
+        print(f"\n{entry['model']}  d={entry['d']} d_ff={entry['d_ff']}{gqa}{' gated' if entry['gated'] else ''} "
+              f"layers={entry['layers']}, compression point {entry['point']}")
         print(f"{'P':>4} {'N':>6} {'CR':>5} {'comm':>9} {'compute':>9} {'(mean)':>9}")
         for r in entry["rows"]:
             print(f"{r['devices']:>4} {r['positions']:>6} {r['cr']:>5} {-100 * r['comm_reduction']:>8.2f}% "
@@ -84,6 +100,8 @@ def _account(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    from ..method.engine import POINTS
+
     account = one_line_errors(sub.add_parser(
         "account", help="communication and per-device computation reduction vs Voltage"), "account")
     account.add_argument("--model", action="append", choices=sorted(ACCOUNT_MODELS),
@@ -93,5 +111,8 @@ def register(sub) -> None:
     account.add_argument("--devices", "-P", type=counts, default=[2, 4, 8], help="device counts P (default 2,4,8)")
     account.add_argument("--seq", "-N", type=counts, help="sequence lengths N, comma-separated (default: per model)")
     account.add_argument("--cr", type=counts, default=[4, 16, 128], help="compression rates (default 4,16,128)")
+    account.add_argument("--point", choices=POINTS,
+                         help="compression point (default: the family's: kv for Llama/Qwen/Mistral shapes, else "
+                              "attn_input)")
     account.add_argument("--json", action="store_true", help="print JSON instead of a table")
     account.set_defaults(func=_account)

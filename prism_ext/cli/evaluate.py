@@ -49,10 +49,14 @@ def register(sub) -> None:
     ev.add_argument("--cr", type=counts, default=[1, 2, 4, 8, 16, 32, 64, 128],
                     help="compression rates (default 1,2,...,128)")
     ev.add_argument("--mode", choices=("prism", "voltage"), default="prism")
-    ev.add_argument("--exact-rows", type=words, default=["none"], help="comma-separated exact-rows specs")
-    ev.add_argument("--wire-dtype", type=words, default=["fp32"], help="comma-separated wire dtypes")
-    ev.add_argument("--compression-point", type=words, default=["attn_input"])
-    ev.add_argument("--mean-weighting", type=words, default=["count"])
+    from ..options import RunOptions
+
+    defaults = RunOptions()  # the library's defaults, written once (prism_ext/options.py)
+    ev.add_argument("--exact-rows", type=words, default=[defaults.exact_rows],
+                    help="comma-separated exact-rows specs (default: the family's)")
+    ev.add_argument("--wire-dtype", type=words, default=[defaults.wire_dtype], help="comma-separated wire dtypes")
+    ev.add_argument("--compression-point", type=words, default=[defaults.compression_point])
+    ev.add_argument("--mean-weighting", type=words, default=[defaults.mean_weighting])
     ev.add_argument("--schedule", type=words, default=["flat"], help=f"per-layer CR: {', '.join(SCHEDULES)}")
     ev.add_argument("--limit", type=positive, help="at most this many items")
     ev.add_argument("--batch-size", type=positive, default=16, help="sequences per engine call (same length only)")

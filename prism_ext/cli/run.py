@@ -226,13 +226,20 @@ def register(sub) -> None:
                      help="inputs per request (default 8); texts of a batch are padded to its longest")
     run.add_argument("--max-new-tokens", type=nonnegative, default=None,
                      help="GPT-2: tokens to generate (default 40; 0: one forward pass, next-token prediction)")
-    run.add_argument("--wire-dtype", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
-    run.add_argument("--compression-point", choices=("attn_input", "hidden", "kv"), default="attn_input")
-    run.add_argument("--mean-weighting", choices=("count", "none"), default="count")
-    run.add_argument("--exact-rows", default="none", metavar="SPEC",
+    from ..comm.wire import WIRE_DTYPES
+    from ..method.engine import POINTS, WEIGHTINGS
+    from ..options import DEFAULT
+
+    defaults = RunOptions()  # the library's defaults, written once (prism_ext/options.py)
+    run.add_argument("--wire-dtype", choices=WIRE_DTYPES, default=defaults.wire_dtype)
+    run.add_argument("--compression-point", choices=(DEFAULT, *POINTS), default=defaults.compression_point,
+                     help="what is averaged (default: the family's: attn_input; kv for Llama, Qwen, Mistral)")
+    run.add_argument("--mean-weighting", choices=WEIGHTINGS, default=defaults.mean_weighting)
+    run.add_argument("--exact-rows", default=defaults.exact_rows, metavar="SPEC",
                      help="rows sent as their own rows instead of averaged: none, first, special (position 0 and "
                           "special tokens), top<K> (K largest-norm rows per device), adaptive (group the other rows at "
-                          "their largest jumps), joined by '+' (default none; docs/eval.md)")
+                          "their largest jumps), joined by '+' (default: the family's: none; first for Llama, Qwen, "
+                          "Mistral; docs/eval.md)")
     run.add_argument("--weights", type=weights, help="relative device speeds, e.g. 2,1,1,1: positions split in proportion")
     run.add_argument("--auto-weights", action="store_true",
                      help="time a short forward on every device, split positions by measured speed, print the plan")

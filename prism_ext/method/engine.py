@@ -570,7 +570,6 @@ def run_device(net: Network, local: dict, part: Partition, rank: int, transport,
     new tokens (generation, last device)."""
     start, stop = part.ranges[rank]
     n = stop - start
-    d = net.d
     t0 = time.perf_counter()
     x = net.embed(local, start, stop)
     B = x.shape[0]
