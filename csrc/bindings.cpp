@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <utility>
 #include <stdexcept>
@@ -27,14 +28,15 @@ namespace {
 [[noreturn]] void fail(const std::string& msg) { throw py::value_error(msg); }
 [[noreturn]] void fail_type(const std::string& msg) { throw py::type_error(msg); }
 
-enum class Dt { f32, i32, u8 };
+// u8: uint8 or bool (masks); u8_exact: uint8 only (packed weights).
+enum class Dt { f32, i32, u8, i8, u8_exact };
 constexpr int kMaxDims = 10;
 
 // torch objects the bindings compare against, looked up once (torch is
 // imported by then: the caller holds a tensor). No libtorch link: a tensor is
 // read through its Python attributes, which costs less than a numpy view.
 struct Torch {
-  py::object tensor_type, from_numpy, f32, i32, u8, bool_, strided;
+  py::object tensor_type, from_numpy, f32, i32, u8, i8, bool_, strided;
   // Attribute names, interned once: a fresh name string per lookup misses
   // CPython's type attribute cache and walks Tensor's MRO every time.
   py::object dtype, is_cpu, layout, is_neg, shape, stride, data_ptr;
@@ -48,7 +50,7 @@ const Torch* torch_if_loaded() {
   if (!modules.contains("torch")) return nullptr;
   py::object torch = modules["torch"];
   t = new Torch{torch.attr("Tensor"), torch.attr("from_numpy"), torch.attr("float32"), torch.attr("int32"),
-                torch.attr("uint8"), torch.attr("bool"), torch.attr("strided"), interned("dtype"),
+                torch.attr("uint8"), torch.attr("int8"), torch.attr("bool"), torch.attr("strided"), interned("dtype"),
                 interned("is_cpu"), interned("layout"), interned("is_neg"), interned("shape"), interned("stride"),
                 interned("data_ptr")};
   return t;
@@ -94,13 +96,26 @@ struct Arr {
   }
 };
 
-const char* dt_name(Dt dt) { return dt == Dt::f32 ? "float32" : dt == Dt::i32 ? "int32" : "uint8 or bool"; }
+const char* dt_name(Dt dt) {
+  switch (dt) {
+    case Dt::f32: return "float32";
+    case Dt::i32: return "int32";
+    case Dt::u8: return "uint8 or bool";
+    case Dt::i8: return "int8";
+    case Dt::u8_exact: return "uint8";
+  }
+  return "?";
+}
+
+int64_t dt_size(Dt dt) { return dt == Dt::f32 || dt == Dt::i32 ? 4 : 1; }
 
 Arr from_numpy(const py::handle& obj, const char* name, Dt dt) {
   auto a = py::reinterpret_borrow<py::array>(obj);
-  const bool ok = dt == Dt::f32   ? a.dtype().is(py::dtype::of<float>())
-                  : dt == Dt::i32 ? a.dtype().is(py::dtype::of<int32_t>())
-                                  : a.dtype().is(py::dtype::of<uint8_t>()) || a.dtype().is(py::dtype::of<bool>());
+  const bool ok = dt == Dt::f32        ? a.dtype().is(py::dtype::of<float>())
+                  : dt == Dt::i32      ? a.dtype().is(py::dtype::of<int32_t>())
+                  : dt == Dt::i8       ? a.dtype().is(py::dtype::of<int8_t>())
+                  : dt == Dt::u8_exact ? a.dtype().is(py::dtype::of<uint8_t>())
+                                       : a.dtype().is(py::dtype::of<uint8_t>()) || a.dtype().is(py::dtype::of<bool>());
   if (!ok)
     fail_type(std::string(name) + ": expected dtype " + dt_name(dt) + ", got " + std::string(py::str(a.dtype())));
   if (a.ndim() > kMaxDims) fail(std::string(name) + ": at most " + std::to_string(kMaxDims) + " dimensions");
@@ -121,9 +136,11 @@ Arr from_numpy(const py::handle& obj, const char* name, Dt dt) {
 
 Arr from_tensor(const py::handle& obj, const char* name, Dt dt, const Torch& t) {
   py::object dtype = obj.attr(t.dtype);
-  const bool ok = dt == Dt::f32   ? dtype.is(t.f32)
-                  : dt == Dt::i32 ? dtype.is(t.i32)
-                                  : dtype.is(t.u8) || dtype.is(t.bool_);
+  const bool ok = dt == Dt::f32        ? dtype.is(t.f32)
+                  : dt == Dt::i32      ? dtype.is(t.i32)
+                  : dt == Dt::i8       ? dtype.is(t.i8)
+                  : dt == Dt::u8_exact ? dtype.is(t.u8)
+                                       : dtype.is(t.u8) || dtype.is(t.bool_);
   if (!ok) fail_type(std::string(name) + ": expected dtype " + dt_name(dt) + ", got " + std::string(py::str(dtype)));
   if (!obj.attr(t.is_cpu).cast<bool>())
     fail_type(std::string(name) + ": expected a CPU tensor, got a tensor on " + std::string(py::str(obj.attr("device"))));
@@ -136,7 +153,7 @@ Arr from_tensor(const py::handle& obj, const char* name, Dt dt, const Torch& t) 
   Arr r;
   r.owner = py::reinterpret_borrow<py::object>(obj);
   r.torch = true;
-  r.itemsize = dt == Dt::u8 ? 1 : 4;
+  r.itemsize = dt_size(dt);
   r.ndim = static_cast<int>(PyTuple_GET_SIZE(shape.ptr()));
   if (r.ndim > kMaxDims) fail(std::string(name) + ": at most " + std::to_string(kMaxDims) + " dimensions");
   for (int i = 0; i < r.ndim; ++i) {
@@ -392,6 +409,156 @@ py::object masked_softmax(const py::handle& scores_obj, const py::handle& counts
   return out.owner;
 }
 
+// ---- weight-only quantized linear layers (ops.h QuantProblem)
+
+// A C-contiguous weight-side array of exactly `shape`.
+Arr weight_arg(const py::handle& obj, const char* name, Dt dt, std::initializer_list<int64_t> shape) {
+  Arr a = checked(obj, name, dt, static_cast<int>(shape.size()));
+  bool same = true;
+  int i = 0;
+  for (int64_t s : shape) same &= a.shape[i++] == s;
+  if (!same) {
+    std::string want = "(";
+    i = 0;
+    for (int64_t s : shape) want += (i++ ? ", " : "") + std::to_string(s);
+    fail(std::string(name) + ": expected shape " + want + (shape.size() == 1 ? ",)" : ")") + ", got " + a.shape_str());
+  }
+  if (!a.c_contiguous()) fail(std::string(name) + ": must be C-contiguous");
+  return a;
+}
+
+int64_t group_arg(const py::handle& obj) {
+  if (PyBool_Check(obj.ptr()) || !PyLong_Check(obj.ptr())) fail_type("group: expected an int");
+  int overflow = 0;
+  const int64_t g = PyLong_AsLongLongAndOverflow(obj.ptr(), &overflow);
+  if (overflow) fail("group: out of range");
+  return g;
+}
+
+std::optional<Arr> bias_arg(const py::handle& obj, int64_t N) {
+  if (obj.is_none()) return std::nullopt;
+  return weight_arg(obj, "bias", Dt::f32, {N});
+}
+
+// x [M, K] (rows at any stride), q [N, *], the problem filled but for the weights.
+prism::QuantProblem linear_problem(const Arr& x, const Arr& q, const std::optional<Arr>& bias, const Arr& out) {
+  prism::QuantProblem p{};
+  p.x = x.ptr<float>();
+  p.x_stride = x.strides[0];
+  p.q = q.data;
+  p.bias = bias ? bias->ptr<float>() : nullptr;
+  p.out = out.ptr<float>();
+  p.M = x.shape[0];
+  p.N = q.shape[0];
+  p.K = x.shape[1];
+  return p;
+}
+
+void check_x(const Arr& x) {
+  if (x.shape[1] < 1) fail("x: needs at least one column, got shape " + x.shape_str());
+}
+
+py::object int8_linear(const py::handle& x_obj, const py::handle& q_obj, const py::handle& scale_obj,
+                       const py::handle& bias_obj) {
+  const Arr x = checked(x_obj, "x", Dt::f32, 2);
+  check_x(x);
+  const Arr q0 = checked(q_obj, "q", Dt::i8, 2);
+  const int64_t N = q0.shape[0], K = x.shape[1];
+  if (N < 1) fail("q: needs at least one row, got shape " + q0.shape_str());
+  const Arr q = weight_arg(q_obj, "q", Dt::i8, {N, K});
+  const Arr scale = weight_arg(scale_obj, "scale", Dt::f32, {N});
+  const std::optional<Arr> bias = bias_arg(bias_obj, N);
+  const Arr out = new_output(x.torch, {x.shape[0], N});
+  prism::QuantProblem p = linear_problem(x, q, bias, out);
+  p.scale = scale.ptr<float>();
+  {
+    py::gil_scoped_release release;
+    prism::int8_linear_f32(p, prism::active_isa());
+  }
+  return out.owner;
+}
+
+// int4 side inputs: group even dividing K, q [N, K / 2], scale/offset [N, K / group].
+struct Int4Weights {
+  Arr q, scale, offset;
+  int64_t group;
+  Int4Weights(const py::handle& q_obj, const py::handle& scale_obj, const py::handle& offset_obj,
+              const py::handle& group_obj, int64_t K) {
+    group = group_arg(group_obj);
+    if (group < 2 || group % 2 != 0 || K % group != 0)
+      fail("group: must be even and divide K = " + std::to_string(K) + ", got " + std::to_string(group));
+    const Arr q0 = checked(q_obj, "q", Dt::u8_exact, 2);
+    const int64_t N = q0.shape[0];
+    if (N < 1) fail("q: needs at least one row, got shape " + q0.shape_str());
+    q = weight_arg(q_obj, "q", Dt::u8_exact, {N, K / 2});
+    scale = weight_arg(scale_obj, "scale", Dt::f32, {N, K / group});
+    offset = weight_arg(offset_obj, "offset", Dt::f32, {N, K / group});
+  }
+  void fill(prism::QuantProblem& p) const {
+    p.scale = scale.ptr<float>();
+    p.offset = offset.ptr<float>();
+    p.group = group;
+  }
+};
+
+py::object int4_linear(const py::handle& x_obj, const py::handle& q_obj, const py::handle& scale_obj,
+                       const py::handle& offset_obj, const py::handle& group_obj, const py::handle& bias_obj) {
+  const Arr x = checked(x_obj, "x", Dt::f32, 2);
+  check_x(x);
+  const Int4Weights w(q_obj, scale_obj, offset_obj, group_obj, x.shape[1]);
+  const int64_t N = w.q.shape[0];
+  const std::optional<Arr> bias = bias_arg(bias_obj, N);
+  const Arr out = new_output(x.torch, {x.shape[0], N});
+  prism::QuantProblem p = linear_problem(x, w.q, bias, out);
+  w.fill(p);
+  {
+    py::gil_scoped_release release;
+    prism::int4_linear_f32(p, prism::active_isa());
+  }
+  return out.owner;
+}
+
+py::object int8_dequantize(const py::handle& q_obj, const py::handle& scale_obj) {
+  const Arr q0 = checked(q_obj, "q", Dt::i8, 2);
+  const int64_t N = q0.shape[0], K = q0.shape[1];
+  if (N < 1 || K < 1) fail("q: needs at least one row and one column, got shape " + q0.shape_str());
+  const Arr q = weight_arg(q_obj, "q", Dt::i8, {N, K});
+  const Arr scale = weight_arg(scale_obj, "scale", Dt::f32, {N});
+  const Arr out = new_output(q.torch, {N, K});
+  prism::QuantProblem p{};
+  p.q = q.data;
+  p.scale = scale.ptr<float>();
+  p.out = out.ptr<float>();
+  p.N = N;
+  p.K = K;
+  {
+    py::gil_scoped_release release;
+    prism::int8_dequantize_f32(p, prism::active_isa());
+  }
+  return out.owner;
+}
+
+py::object int4_dequantize(const py::handle& q_obj, const py::handle& scale_obj, const py::handle& offset_obj,
+                           const py::handle& group_obj) {
+  const Arr q0 = checked(q_obj, "q", Dt::u8_exact, 2);
+  const int64_t K = 2 * q0.shape[1];
+  if (q0.shape[0] < 1 || K < 1) fail("q: needs at least one row and one column, got shape " + q0.shape_str());
+  const Int4Weights w(q_obj, scale_obj, offset_obj, group_obj, K);
+  const int64_t N = w.q.shape[0];
+  const Arr out = new_output(w.q.torch, {N, K});
+  prism::QuantProblem p{};
+  p.q = w.q.data;
+  w.fill(p);
+  p.out = out.ptr<float>();
+  p.N = N;
+  p.K = K;
+  {
+    py::gil_scoped_release release;
+    prism::int4_dequantize_f32(p, prism::active_isa());
+  }
+  return out.owner;
+}
+
 Isa isa_arg(const std::string& name) {
   try {
     return prism::isa_from_name(name);
@@ -403,7 +570,7 @@ Isa isa_arg(const std::string& name) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "prism_ext kernels (float32): segment means, compressed attention, masked softmax";
+  m.doc() = "prism_ext kernels (float32): segment means, compressed attention, masked softmax, int8/int4 weight-only linear";
   // C++ argument errors (std::invalid_argument) become ValueError.
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -419,6 +586,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("masked_softmax", &masked_softmax, py::arg("scores"), py::arg("counts") = py::none(),
         py::arg("q_pos") = py::none(), py::arg("k_pos") = py::none(), py::arg("additive_mask") = py::none(),
         py::arg("out") = py::none());
+  m.def("int8_linear", &int8_linear, py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("bias") = py::none());
+  m.def("int4_linear", &int4_linear, py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("offset"),
+        py::arg("group"), py::arg("bias") = py::none());
+  m.def("int8_dequantize", &int8_dequantize, py::arg("q"), py::arg("scale"));
+  m.def("int4_dequantize", &int4_dequantize, py::arg("q"), py::arg("scale"), py::arg("offset"), py::arg("group"));
   m.def("available_isas", [] {
     std::vector<std::string> names;
     for (Isa isa : prism::available_isas()) names.emplace_back(prism::isa_name(isa));
@@ -429,7 +601,11 @@ PYBIND11_MODULE(_C, m) {
     py::dict d;
     for (auto [name, kernel] : {std::pair{"segment_means", prism::Kernel::segment_means},
                                 std::pair{"compressed_attention", prism::Kernel::compressed_attention},
-                                std::pair{"masked_softmax", prism::Kernel::masked_softmax}}) {
+                                std::pair{"masked_softmax", prism::Kernel::masked_softmax},
+                                std::pair{"int8_linear", prism::Kernel::int8_linear},
+                                std::pair{"int4_linear", prism::Kernel::int4_linear},
+                                std::pair{"int8_dequantize", prism::Kernel::int8_dequantize},
+                                std::pair{"int4_dequantize", prism::Kernel::int4_dequantize}}) {
       const int isa = prism::last_dispatched_isa(kernel);
       d[name] = isa < 0 ? py::object(py::none()) : py::object(py::str(prism::isa_name(static_cast<Isa>(isa))));
     }

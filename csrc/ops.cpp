@@ -10,6 +10,7 @@
 
 #include "kernels/compressed_attention/compressed_attention.h"
 #include "kernels/masked_softmax/masked_softmax.h"
+#include "kernels/quantized_linear/quantized_linear.h"
 #include "kernels/segment_means/segment_means.h"
 #include "threadpool.h"
 
@@ -25,7 +26,7 @@ void require(bool ok, const char* msg) {
 
 // What each driver last ran (an Isa value; -1 before its first call), as the
 // switch below picked it: `prism info` reports this, not what the CPU offers.
-std::atomic<int> dispatched[3] = {-1, -1, -1};
+std::atomic<int> dispatched[kKernelCount] = {-1, -1, -1, -1, -1, -1, -1};
 
 void record(Kernel kernel, Isa isa) {
   dispatched[static_cast<int>(kernel)].store(static_cast<int>(isa), std::memory_order_relaxed);
@@ -63,6 +64,11 @@ using SoftmaxFn = void (*)(const SoftmaxRows&);
 SegmentMeansFn select_segment_means(Isa isa) { PRISM_SELECT(segment_means_f32, isa, Kernel::segment_means); }
 AttentionFn select_attention(Isa isa) { PRISM_SELECT(compressed_attention_f32, isa, Kernel::compressed_attention); }
 SoftmaxFn select_softmax(Isa isa) { PRISM_SELECT(masked_softmax_f32, isa, Kernel::masked_softmax); }
+using QuantFn = void (*)(const QuantProblem&, int64_t, int64_t);
+QuantFn select_int8_linear(Isa isa) { PRISM_SELECT(int8_linear_f32, isa, Kernel::int8_linear); }
+QuantFn select_int4_linear(Isa isa) { PRISM_SELECT(int4_linear_f32, isa, Kernel::int4_linear); }
+QuantFn select_int8_dequantize(Isa isa) { PRISM_SELECT(int8_dequantize_f32, isa, Kernel::int8_dequantize); }
+QuantFn select_int4_dequantize(Isa isa) { PRISM_SELECT(int4_dequantize_f32, isa, Kernel::int4_dequantize); }
 
 // Work-based thread split: a task carries at least kMinTaskNs of work (as
 // estimated for the fastest ISA), so waking a worker -- a few µs, far more on
@@ -74,6 +80,10 @@ constexpr double kSegmentMeansNsPerElement = 0.08;  // x elements, streamed from
 constexpr int64_t kSegmentMeansColumns = 256;       // columns per segment-means work item
 constexpr double kAttentionNsPerFlop = 0.012;       // ~80 GFLOP/s on one core
 constexpr double kSoftmaxNsPerElement = 0.3;
+// Quantized linear: per weight, its conversion (~0.1 ns streamed from
+// memory) plus ~0.03 ns per input row; dequantize: ~0.1 ns per weight.
+constexpr double kQuantNsPerWeight = 0.1;
+constexpr double kQuantNsPerMac = 0.03;
 
 // Items per task for items of `elements_per_item` elements at `ns_per_element`.
 int64_t rows_per_task(int64_t items, int64_t elements_per_item, double ns_per_element) {
@@ -98,7 +108,49 @@ std::vector<float> key_bias_from_counts(const float* counts, int64_t n) {
   return bias;
 }
 
+// The shape checks every quantized driver shares; int4 also needs an even
+// group dividing K (so K is even and a row is K / 2 whole bytes).
+void check_quant(const QuantProblem& p, bool int4, bool linear) {
+  require(p.N >= 1 && p.K >= 1, "q: needs at least one row and one column");
+  if (linear) require(p.M >= 0, "x: the row count must be >= 0");
+  if (int4) {
+    if (p.group < 2 || p.group % 2 != 0 || p.K % p.group != 0)
+      fail("group: must be even and divide K = " + std::to_string(p.K) + ", got " + std::to_string(p.group));
+    require(p.offset != nullptr, "offset: required for int4 weights");
+  }
+}
+
+// Rows of N split over the pool; each row is computed whole by one thread.
+void quant_rows(const QuantProblem& p, QuantFn fn, double ns_per_row) {
+  const int64_t grain = rows_per_task(p.N, 1, ns_per_row);
+  parallel_for(p.N, grain, [&](int64_t begin, int64_t end) { fn(p, begin, end); });
+}
+
 }  // namespace
+
+void int8_linear_f32(const QuantProblem& p, Isa isa) {
+  check_quant(p, false, true);
+  const QuantFn fn = select_int8_linear(isa);
+  if (p.M == 0) return;
+  quant_rows(p, fn, static_cast<double>(p.K) * (kQuantNsPerWeight + kQuantNsPerMac * static_cast<double>(p.M)));
+}
+
+void int4_linear_f32(const QuantProblem& p, Isa isa) {
+  check_quant(p, true, true);
+  const QuantFn fn = select_int4_linear(isa);
+  if (p.M == 0) return;
+  quant_rows(p, fn, static_cast<double>(p.K) * (kQuantNsPerWeight + kQuantNsPerMac * static_cast<double>(p.M)));
+}
+
+void int8_dequantize_f32(const QuantProblem& p, Isa isa) {
+  check_quant(p, false, false);
+  quant_rows(p, select_int8_dequantize(isa), static_cast<double>(p.K) * kQuantNsPerWeight);
+}
+
+void int4_dequantize_f32(const QuantProblem& p, Isa isa) {
+  check_quant(p, true, false);
+  quant_rows(p, select_int4_dequantize(isa), static_cast<double>(p.K) * kQuantNsPerWeight);
+}
 
 int last_dispatched_isa(Kernel kernel) { return dispatched[static_cast<int>(kernel)].load(std::memory_order_relaxed); }
 

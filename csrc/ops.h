@@ -8,7 +8,16 @@
 
 namespace prism {
 
-enum class Kernel : int { segment_means = 0, compressed_attention = 1, masked_softmax = 2 };
+enum class Kernel : int {
+  segment_means = 0,
+  compressed_attention = 1,
+  masked_softmax = 2,
+  int8_linear = 3,
+  int4_linear = 4,
+  int8_dequantize = 5,
+  int4_dequantize = 6,
+};
+constexpr int kKernelCount = 7;
 // The ISA whose code the driver of `kernel` ran on its latest call in this
 // process (an Isa value), or -1 before its first call.
 int last_dispatched_isa(Kernel kernel);
@@ -59,5 +68,27 @@ struct SoftmaxProblem {
   int64_t counts_batches, pos_batches;
 };
 void masked_softmax_f32(const SoftmaxProblem& p, Isa isa);
+
+// Weight-only quantized linear layers (csrc/kernels/quantized_linear/).
+// int8: q int8 [N, K], scale [N]: w[n, k] = q[n, k] * scale[n].
+// int4: q uint8 [N, K / 2], weight k of a row in byte k / 2 (low nibble for
+// even k, high for odd k); scale and offset [N, K / group]:
+// w[n, k] = q[n, k] * scale[n, g] + offset[n, g], g = k / group (one rounding).
+// The linear kernels compute y[M, N] = x[M, K] @ w.T (+ bias[N]) with x rows
+// at x_stride elements (last dimension contiguous) and y contiguous; the
+// dequantize kernels write w into out [N, K] (contiguous; x, bias unused).
+// q, scale, offset and bias are contiguous.
+struct QuantProblem {
+  const float* x;
+  const void* q;
+  const float *scale, *offset, *bias;
+  float* out;
+  int64_t M, N, K, group;
+  int64_t x_stride;  // in elements
+};
+void int8_linear_f32(const QuantProblem& p, Isa isa);
+void int4_linear_f32(const QuantProblem& p, Isa isa);
+void int8_dequantize_f32(const QuantProblem& p, Isa isa);
+void int4_dequantize_f32(const QuantProblem& p, Isa isa);
 
 }  // namespace prism

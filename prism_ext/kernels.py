@@ -15,6 +15,16 @@ normalised here and passed again, and then ``_C``'s error is the one raised.
 
 Side inputs are indexed by the first (batch) dimension: ``counts`` and
 ``k_pos`` are ``(nk,)`` or ``(B, nk)``, ``q_pos`` is ``(nq,)`` or ``(B, nq)``.
+
+Weight-only quantized linear layers: ``int8_linear`` / ``int4_linear`` keep
+the activations in float32 and convert the weights to float in registers, so
+they compute ``x @ w.T + bias`` for the dequantized weights ``w``
+(``int8_dequantize`` / ``int4_dequantize`` write the same ``w``); the weights
+come from ``quantize_int8`` / ``quantize_int4`` (torch, deterministic, once at
+load time). The weight-side arrays (``q``, ``scale``, ``offset``, ``bias``) are
+read in place and must be C-contiguous with exactly the dtype named; a
+non-contiguous one is refused, not copied (a copy on every call would cost
+more than the layer).
 """
 
 from __future__ import annotations
@@ -33,6 +43,12 @@ __all__ = [
     "segment_means",
     "compressed_attention",
     "masked_softmax",
+    "int8_linear",
+    "int4_linear",
+    "int8_dequantize",
+    "int4_dequantize",
+    "quantize_int8",
+    "quantize_int4",
     "available_isas",
     "active_isa",
     "dispatched_isas",
@@ -282,6 +298,155 @@ def masked_softmax(scores, counts=None, q_pos=None, k_pos=None, additive_mask=No
     if out is not None:
         return out
     return _wrap(result, scores)
+
+
+# --------------------------------------------------------------------------
+# Weight-only quantized linear layers
+
+
+def _rows(x, name: str):
+    """x[..., K] float32 -> ([M, K] array the kernels read, the leading shape)."""
+    arr = _as_array(x, name)
+    k = arr.shape[-1]
+    return arr.reshape(-1, k), arr.shape[:-1]
+
+
+def _group(group) -> int:
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)):
+        raise TypeError(f"group: expected an int, got {type(group).__name__}")
+    return int(group)
+
+
+def int8_linear(x, q, scale, bias=None):
+    """``x @ (q * scale[:, None]).T + bias`` with int8 weights.
+
+    ``x`` float32 ``[..., K]`` (any leading shape; rows may be strided),
+    ``q`` int8 ``[N, K]``, ``scale`` float32 ``[N]``, ``bias`` float32 ``[N]``
+    or None; returns float32 ``[..., N]`` of the type of ``x``. Each int8
+    weight is converted to float in registers and multiplied into a float32
+    sum, then scaled: the result is that of the dequantized weights within
+    ``(K + 4) * 2**-24 * (sum_k |x_k w_k| + |bias|)`` per element (a worst
+    case; typical errors are far smaller). Fast for decoding (few rows of x:
+    a pass over the weight bytes); correct, not tuned, for many rows (there,
+    ``F.linear(x, int8_dequantize(q, scale))`` is faster).
+    """
+    try:
+        return _C.int8_linear(x, q, scale, bias)
+    except (TypeError, ValueError):
+        pass
+    rows, lead = _rows(x, "x")
+    out = _C.int8_linear(rows, q, scale, bias)
+    return _wrap(out.reshape(*lead, out.shape[-1]), x)
+
+
+def int4_linear(x, q, scale, offset, group: int, bias=None):
+    """``x @ w.T + bias`` with 4-bit weights in llama.cpp's Q4_1 form:
+    ``w[n, k] = q[n, k] * scale[n, k // group] + offset[n, k // group]``.
+
+    ``q`` uint8 ``[N, K / 2]``, two weights a byte (weight k in byte k // 2:
+    the low nibble for even k, the high nibble for odd k); ``scale`` and
+    ``offset`` float32 ``[N, K / group]``; ``group`` even and dividing K
+    (multiples of 32 take the fast path). Each weight is formed as
+    ``fma(q, scale, offset)`` (exactly what ``int4_dequantize`` writes) and
+    multiplied into a float32 sum; the accuracy contract is int8_linear's.
+    """
+    try:
+        return _C.int4_linear(x, q, scale, offset, group, bias)
+    except (TypeError, ValueError):
+        pass
+    rows, lead = _rows(x, "x")
+    out = _C.int4_linear(rows, q, scale, offset, _group(group), bias)
+    return _wrap(out.reshape(*lead, out.shape[-1]), x)
+
+
+def int8_dequantize(q, scale):
+    """float32 ``[N, K]`` weights ``q * scale[:, None]`` (each the float32
+    rounding of the exact product), of the type of ``q``."""
+    return _C.int8_dequantize(q, scale)
+
+
+def int4_dequantize(q, scale, offset, group: int):
+    """float32 ``[N, K]`` weights ``fma(q, scale, offset)`` of int4_linear's
+    packed layout (each the float32 rounding of the exact value), of the type
+    of ``q``."""
+    try:
+        return _C.int4_dequantize(q, scale, offset, group)
+    except (TypeError, ValueError):
+        pass
+    return _C.int4_dequantize(q, scale, offset, _group(group))
+
+
+def _weights64(w, name: str) -> tuple[torch.Tensor, bool]:
+    """A 2-d real tensor or array -> (float64 torch copy, was numpy), refusing
+    empty and non-finite weights."""
+    is_numpy = isinstance(w, np.ndarray)
+    if is_numpy:
+        if w.dtype.kind != "f":
+            raise TypeError(f"{name}: expected a floating-point dtype, got {w.dtype}")
+        t = torch.from_numpy(np.asarray(w, dtype=np.float64))
+    elif isinstance(w, torch.Tensor):
+        if not w.is_cpu:
+            raise TypeError(f"{name}: expected a CPU tensor, got a tensor on {w.device}")
+        if not w.dtype.is_floating_point:
+            raise TypeError(f"{name}: expected a floating-point dtype, got {w.dtype}")
+        t = w.detach().to(torch.float64)
+    else:
+        raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(w).__name__}")
+    if t.dim() != 2 or t.shape[0] < 1 or t.shape[1] < 1:
+        raise ValueError(f"{name}: expected a non-empty [N, K] matrix, got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: every weight must be finite")
+    return t, is_numpy
+
+
+def _out(t: torch.Tensor, as_numpy: bool):
+    t = t.contiguous()
+    return t.numpy() if as_numpy else t
+
+
+def quantize_int8(w):
+    """Symmetric per-row int8: ``(q int8 [N, K], scale float32 [N])`` with
+    ``scale = max_k |w[n, k]| / 127`` and ``q = round(w / scale)`` (half to
+    even) clamped to [-127, 127]; a row of zeros (or one so small that its
+    scale would be 0 in float32) gets scale 1 and q = 0.
+
+    Computed in float64 from the float32 (or bf16/fp16/fp64) weights with
+    IEEE operations only, so the result is bit-identical on every machine.
+    Returns torch tensors for a tensor, numpy arrays for an array.
+    """
+    t, as_numpy = _weights64(w, "w")
+    scale = (t.abs().amax(dim=1) / 127).to(torch.float32)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(t / scale.to(torch.float64)[:, None]).clamp_(-127, 127).to(torch.int8)
+    return _out(q, as_numpy), _out(scale, as_numpy)
+
+
+def quantize_int4(w, group: int):
+    """Group-wise asymmetric 4-bit (llama.cpp's Q4_1 form): for each run of
+    ``group`` weights of a row, ``offset = min``, ``scale = (max - min) / 15``,
+    ``q = round((w - offset) / scale)`` (half to even) clamped to [0, 15].
+    A constant group (or one whose range is too small for a float32 scale)
+    gets scale 1 and q = 0, so it comes back as exactly its value.
+
+    Returns ``(q uint8 [N, K / 2] packed as int4_linear reads it,
+    scale float32 [N, K / group], offset float32 [N, K / group])``; ``group``
+    must be even and divide K. Deterministic as quantize_int8.
+    """
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)):
+        raise TypeError(f"group: expected an int, got {type(group).__name__}")
+    t, as_numpy = _weights64(w, "w")
+    n, k = t.shape
+    group = int(group)
+    if group < 2 or group % 2 or k % group:
+        raise ValueError(f"group: must be even and divide K = {k}, got {group}")
+    g = t.reshape(n, k // group, group)
+    offset = g.amin(dim=-1).to(torch.float32)
+    scale = ((g.amax(dim=-1) - offset.to(torch.float64)) / 15).to(torch.float32)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round((g - offset.to(torch.float64)[..., None]) / scale.to(torch.float64)[..., None])
+    q = q.clamp_(0, 15).to(torch.uint8).reshape(n, k)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return _out(packed, as_numpy), _out(scale, as_numpy), _out(offset, as_numpy)
 
 
 def available_isas() -> list[str]:

@@ -4,7 +4,7 @@
 # (binfmt_misc): `prism info` must report NEON for every kernel, and the kernel
 # tests run against the installed wheel.
 #
-#   scripts/arm-test.sh [pytest args]     (default: tests/test_kernels.py)
+#   scripts/arm-test.sh [pytest args]     (default: tests/test_kernels.py tests/test_kernels_quantized.py)
 #   scripts/arm-test.sh --clean           remove the cache (build/arm64)
 #
 # Needs root (apt-get, debootstrap, mount, chroot) and PyPI + Debian mirrors.
@@ -30,7 +30,7 @@ BINFMT=/proc/sys/fs/binfmt_misc
 # host trusts (a proxy's own CA, say), not only Debian's list.
 HOST_CA=/etc/ssl/certs/host-ca-certificates.crt
 PYTEST_ARGS=("$@")
-[ ${#PYTEST_ARGS[@]} -gt 0 ] || PYTEST_ARGS=(tests/test_kernels.py)
+[ ${#PYTEST_ARGS[@]} -gt 0 ] || PYTEST_ARGS=(tests/test_kernels.py tests/test_kernels_quantized.py)
 
 die() { echo "arm-test: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap, mount, chroot)"

@@ -145,8 +145,8 @@ ctest_aarch64() {
   local objs count
   objs=$(find build/aarch64 -path '*prism_core*' -name 'neon.cpp.o' | sort)
   count=$(grep -c . <<<"$objs" || true)
-  if ((count != 3)) || [[ $(readelf -h $objs | grep -c 'Machine: *AArch64') -ne 3 ]]; then
-    echo "expected 3 AArch64 NEON object files in build/aarch64, found: ${objs:-none}" >&2
+  if ((count != 4)) || [[ $(readelf -h $objs | grep -c 'Machine: *AArch64') -ne 4 ]]; then
+    echo "expected 4 AArch64 NEON object files (one per kernel family) in build/aarch64, found: ${objs:-none}" >&2
     return 1
   fi
 }
@@ -158,8 +158,8 @@ check_simd_symbols() {
   local objs count
   objs=$(find build/native -path '*prism_core*' \( -name 'avx2.cpp.o' -o -name 'avx512.cpp.o' \) | sort)
   count=$(grep -c . <<<"$objs" || true)
-  if ((count != 6)); then
-    echo "expected 6 AVX object files (3 families x avx2/avx512) in build/native, found $count" >&2
+  if ((count != 8)); then
+    echo "expected 8 AVX object files (4 families x avx2/avx512) in build/native, found $count" >&2
     return 1
   fi
   local bad=0 obj syms weak

@@ -19,6 +19,9 @@ __all__ = [
     "masked_softmax",
     "compressed_attention",
     "repeated_attention",
+    "int8_dequantize",
+    "int4_dequantize",
+    "quantized_linear",
 ]
 
 
@@ -137,3 +140,31 @@ def repeated_attention(q, k, v, counts, q_pos=None, k_pos=None, scale=None, dtyp
         p = torch.where(torch.isneginf(scores).all(-1, keepdim=True), torch.zeros((), dtype=dtype), p)
         outs.append(torch.matmul(p, vb))
     return torch.stack(outs)
+
+
+def int8_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float64 ``q * scale[:, None]`` (exact: a 7-bit integer times a float32)."""
+    return q.to(torch.float64) * scale.to(torch.float64)[:, None]
+
+
+def int4_dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int) -> torch.Tensor:
+    """float64 ``q * scale + offset`` of packed 4-bit weights (weight k of a
+    row: byte k // 2, low nibble for even k, high nibble for odd k)."""
+    q = torch.as_tensor(q)
+    nib = torch.stack(((q & 0x0F), (q >> 4)), dim=-1).reshape(q.shape[0], -1).to(torch.float64)
+    s = torch.as_tensor(scale).to(torch.float64).repeat_interleave(group, dim=1)
+    o = torch.as_tensor(offset).to(torch.float64).repeat_interleave(group, dim=1)
+    return nib * s + o
+
+
+def quantized_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
+    """(``x @ w.T + bias`` in float64, the error scale ``|x| @ |w|.T + |bias|``)
+    for float64 dequantized weights ``w``: the kernels' tolerance is stated
+    relative to the scale (prism_ext.kernels.int8_linear)."""
+    x = torch.as_tensor(x).to(torch.float64)
+    y = x @ w.T
+    mag = x.abs() @ w.abs().T
+    if bias is not None:
+        b = torch.as_tensor(bias).to(torch.float64)
+        y, mag = y + b, mag + b.abs()
+    return y, mag

@@ -37,6 +37,8 @@ from prism_ext import kernels
 ATTENTION_TOL = dict(atol=5e-6, rtol=5e-5)
 SEGMENT_TOL = dict(atol=1e-5, rtol=1e-5)
 SOFTMAX_TOL = dict(atol=1e-6, rtol=5e-5)
+ALL_KERNELS = ("segment_means", "compressed_attention", "masked_softmax", "int8_linear", "int4_linear",
+               "int8_dequantize", "int4_dequantize")
 
 
 def as_torch(x) -> torch.Tensor:
@@ -668,7 +670,13 @@ def test_dispatch_records_the_isa_that_ran(isa):
     kernels.segment_means(x, 2)
     kernels.compressed_attention(x, x, x)
     kernels.masked_softmax(x)
-    assert kernels.dispatched_isas() == dict.fromkeys(("segment_means", "compressed_attention", "masked_softmax"), isa)
+    q8, s8 = np.ones((2, 8), dtype=np.int8), np.ones(2, dtype=np.float32)
+    q4, s4 = np.ones((2, 4), dtype=np.uint8), np.ones((2, 1), dtype=np.float32)
+    kernels.int8_linear(x, q8, s8)
+    kernels.int4_linear(x, q4, s4, s4, 8)
+    kernels.int8_dequantize(q8, s8)
+    kernels.int4_dequantize(q4, s4, s4, 8)
+    assert kernels.dispatched_isas() == dict.fromkeys(ALL_KERNELS, isa)
 
 
 def test_prism_info_reports_the_dispatch(capsys):
@@ -678,7 +686,7 @@ def test_prism_info_reports_the_dispatch(capsys):
     with kernels.use_isa("serial"):
         assert main(["info"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    for op in ("segment_means", "compressed_attention", "masked_softmax"):
+    for op in ALL_KERNELS:
         assert f"kernel    {op}: serial" in lines
 
 
@@ -813,6 +821,6 @@ def test_prism_info(tmp_path, how):
     assert fields["prism-ext"] == prism_ext.__version__
     assert fields["isas"] == ", ".join(kernels.available_isas())
     best = kernels.available_isas()[-1]
-    for op in ("segment_means", "compressed_attention", "masked_softmax"):
+    for op in ALL_KERNELS:
         assert f"kernel    {op}: {best}" in lines
     assert fields["threads"] == "1"

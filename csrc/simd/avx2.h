@@ -88,6 +88,28 @@ static inline vf vhide_gt(vf s, vi a, vi b) {
   return _mm256_blendv_ps(s, _mm256_set1_ps(-__builtin_inff()), _mm256_castsi256_ps(_mm256_cmpgt_epi32(a, b)));
 }
 
+// Weight-only quantized kernels (csrc/kernels/quantized_linear): 16 int8
+// weights, or 16 bytes of 32 packed 4-bit weights (weight 2i in the low
+// nibble of byte i, 2i+1 in the high one), as float lanes in weight order.
+// Each reads exactly 16 bytes.
+constexpr int kI8Vecs = 16 / W;
+constexpr int kU4Vecs = 32 / W;
+static inline void vload_i8x16(const int8_t* p, vf* out) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  out[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  out[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+}
+static inline void vload_u4x32(const uint8_t* p, vf* out) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+  const __m128i a0 = _mm_unpacklo_epi8(lo, hi), a1 = _mm_unpackhi_epi8(lo, hi);  // weights 0..15, 16..31
+  out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a0));
+  out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(a0, 8)));
+  out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a1));
+  out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(a1, 8)));
+}
+
 static inline void vtranspose(vf r[8]) {
   const vf t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
   const vf t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);

@@ -99,6 +99,21 @@ static inline vi vload_i32_part(const int32_t* p, int n) { return _mm512_maskz_l
 static inline vf vhide_gt(vf s, vi a, vi b) {
   return _mm512_mask_blend_ps(_mm512_cmpgt_epi32_mask(a, b), s, _mm512_set1_ps(-__builtin_inff()));
 }
+// Quantized weights, as simd_avx2::vload_i8x16 / vload_u4x32 (AVX-512F only:
+// the byte unpacking runs on the 128-bit SSE2 part).
+constexpr int kI8Vecs = 16 / W;
+constexpr int kU4Vecs = 32 / W;
+static inline void vload_i8x16(const int8_t* p, vf* out) {
+  out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+static inline void vload_u4x32(const uint8_t* p, vf* out) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+  out[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));
+  out[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)));
+}
+
 // Through memory: only the attention's query packing uses it, once per W x W block of q.
 static inline void vtranspose(vf r[16]) {
   alignas(64) float t[16 * 16];

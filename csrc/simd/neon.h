@@ -73,6 +73,30 @@ static inline vi vload_i32_part(const int32_t* p, int n) {
   for (int i = 0; i < n; ++i) t[i] = p[i];
   return vld1q_s32(t);
 }
+// Quantized weights, as simd_avx2::vload_i8x16 / vload_u4x32.
+constexpr int kI8Vecs = 16 / W;
+constexpr int kU4Vecs = 32 / W;
+static inline void vload_i8x16(const int8_t* p, vf* out) {
+  const int8x16_t b = vld1q_s8(p);
+  const int16x8_t lo = vmovl_s8(vget_low_s8(b)), hi = vmovl_s8(vget_high_s8(b));
+  out[0] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo)));
+  out[1] = vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo)));
+  out[2] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi)));
+  out[3] = vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi)));
+}
+static inline void vwiden_u8x16(uint8x16_t b, vf* out) {
+  const uint16x8_t lo = vmovl_u8(vget_low_u8(b)), hi = vmovl_u8(vget_high_u8(b));
+  out[0] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo)));
+  out[1] = vcvtq_f32_u32(vmovl_u16(vget_high_u16(lo)));
+  out[2] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi)));
+  out[3] = vcvtq_f32_u32(vmovl_u16(vget_high_u16(hi)));
+}
+static inline void vload_u4x32(const uint8_t* p, vf* out) {
+  const uint8x16_t b = vld1q_u8(p);
+  const uint8x16x2_t z = vzipq_u8(vandq_u8(b, vdupq_n_u8(0x0F)), vshrq_n_u8(b, 4));  // weights 0..15, 16..31
+  vwiden_u8x16(z.val[0], out);
+  vwiden_u8x16(z.val[1], out + 4);
+}
 static inline vf vhide_gt(vf s, vi a, vi b) { return vbslq_f32(vcgtq_s32(a, b), vdupq_n_f32(-__builtin_inff()), s); }
 static inline void vtranspose(vf r[4]) {
   const float32x4x2_t t01 = vtrnq_f32(r[0], r[1]), t23 = vtrnq_f32(r[2], r[3]);

@@ -25,6 +25,12 @@ def _info(args: argparse.Namespace) -> int:
     kernels.segment_means(x, 2)
     kernels.compressed_attention(x, x, x)
     kernels.masked_softmax(x)
+    q8, s8 = np.ones((2, 8), dtype=np.int8), np.ones(2, dtype=np.float32)
+    q4, s4 = np.ones((2, 4), dtype=np.uint8), np.ones((2, 1), dtype=np.float32)
+    kernels.int8_linear(x[0], q8, s8)
+    kernels.int4_linear(x[0], q4, s4, s4, 8)
+    kernels.int8_dequantize(q8, s8)
+    kernels.int4_dequantize(q4, s4, s4, 8)
     for op, isa in kernels.dispatched_isas().items():
         print(f"kernel    {op}: {isa}")
     print(f"threads   {kernels.get_num_threads()}")

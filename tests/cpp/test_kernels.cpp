@@ -32,7 +32,7 @@
 //   since out is a convex combination of v rows (which may cancel).
 //
 // Usage: test_kernels [group ...]; groups: isa segment_means segment_means_long
-// compressed_attention masked_softmax threadpool thread_split bad_args (default: all).
+// compressed_attention masked_softmax threadpool thread_split quantized_linear bad_args (default: all).
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -885,6 +885,185 @@ void test_bad_args() {
   for (Isa isa : missing) sm_bad("isa:", std::string("isa ") + prism::isa_name(isa), [](auto&) {}, isa);
 }
 
+// ---------------------------------------------------------------- quantized linear
+
+// Weight-only int8 / int4 linear layers and their dequantization (ops.h
+// QuantProblem) on every ISA: against a float64 reference of the dequantized
+// weights within (K + 4) u (sum_k |x_k w_k| + |bias|) per output
+// (quantized_linear.h), the dequantized weights exact (the float32 rounding
+// of the exact value), x padding columns NaN (never read), guard elements
+// after each output, and 1 vs 3 threads bit for bit.
+struct QuantCase {
+  int64_t M, N, K, group;  // group 0: int8
+  bool bias;
+};
+
+void run_quant_case(const QuantCase& c, uint64_t seed) {
+  Rng rng(seed);
+  const bool int4 = c.group > 0;
+  const int64_t pad = 3, x_stride = c.K + pad, G = int4 ? c.K / c.group : 1;
+  std::vector<float> x(c.M * x_stride + 1, kNaN);
+  for (int64_t m = 0; m < c.M; ++m)
+    for (int64_t k = 0; k < c.K; ++k) x[m * x_stride + k] = rng.uniform(-2.0f, 2.0f);
+  std::vector<int8_t> q8(c.N * c.K);
+  std::vector<uint8_t> q4(c.N * c.K / 2 + 1);
+  std::vector<float> scale(c.N * G), offset(c.N * G), bias(c.N);
+  for (auto& v : q8) v = static_cast<int8_t>(rng.randint(-127, 127));
+  for (auto& v : q4) v = static_cast<uint8_t>(rng.randint(0, 255));
+  for (auto& v : scale) v = rng.uniform(0.001f, 0.1f);
+  for (auto& v : offset) v = rng.uniform(-0.8f, 0.0f);
+  for (auto& v : bias) v = rng.uniform(-1.0f, 1.0f);
+  // float64 dequantized weights, as the kernels define them.
+  std::vector<double> w(c.N * c.K);
+  for (int64_t n = 0; n < c.N; ++n)
+    for (int64_t k = 0; k < c.K; ++k) {
+      if (int4) {
+        const uint8_t b = q4[n * (c.K / 2) + k / 2];
+        const int nib = (k & 1) ? b >> 4 : b & 0x0F;
+        const int64_t g = n * G + k / c.group;
+        w[n * c.K + k] = nib * static_cast<double>(scale[g]) + offset[g];
+      } else {
+        w[n * c.K + k] = q8[n * c.K + k] * static_cast<double>(scale[n]);
+      }
+    }
+  std::vector<double> ref(c.M * c.N), bound(c.M * c.N);
+  for (int64_t m = 0; m < c.M; ++m)
+    for (int64_t n = 0; n < c.N; ++n) {
+      double y = 0.0, mag = 0.0;
+      for (int64_t k = 0; k < c.K; ++k) {
+        y += static_cast<double>(x[m * x_stride + k]) * w[n * c.K + k];
+        mag += std::fabs(static_cast<double>(x[m * x_stride + k]) * w[n * c.K + k]);
+      }
+      if (c.bias) y += bias[n], mag += std::fabs(bias[n]);
+      ref[m * c.N + n] = y;
+      bound[m * c.N + n] = (c.K + 4) * kU * mag;
+    }
+  const std::string shape = "M=" + std::to_string(c.M) + " N=" + std::to_string(c.N) + " K=" + std::to_string(c.K) +
+                            (int4 ? " group=" + std::to_string(c.group) : std::string(" int8")) +
+                            (c.bias ? " bias" : "");
+  auto problem = [&](float* out) {
+    prism::QuantProblem p{};
+    p.x = x.data();
+    p.x_stride = x_stride;
+    p.q = int4 ? static_cast<const void*>(q4.data()) : static_cast<const void*>(q8.data());
+    p.scale = scale.data();
+    p.offset = int4 ? offset.data() : nullptr;
+    p.bias = c.bias ? bias.data() : nullptr;
+    p.out = out;
+    p.M = c.M, p.N = c.N, p.K = c.K, p.group = c.group;
+    return p;
+  };
+  std::vector<float> serial_out;
+  for (Isa isa : prism::available_isas()) {
+    const std::string what = tag(int4 ? "int4_linear" : "int8_linear", isa, shape);
+    Guarded out(c.M * c.N);
+    const prism::QuantProblem p = problem(out.data());
+    if (int4)
+      prism::int4_linear_f32(p, isa);
+    else
+      prism::int8_linear_f32(p, isa);
+    EXPECT(prism::last_dispatched_isa(int4 ? prism::Kernel::int4_linear : prism::Kernel::int8_linear) ==
+               static_cast<int>(isa), what + ": dispatch recorded");
+    EXPECT(out.guard_intact(), what + ": guard elements untouched");
+    ++g_checks;
+    for (int64_t i = 0; i < c.M * c.N; ++i)
+      if (!(std::fabs(out.buf[i] - ref[i]) <= bound[i])) {
+        char buf[200];
+        std::snprintf(buf, sizeof buf, ": output %lld is %.9g, expected %.9g within %.3g", static_cast<long long>(i),
+                      out.buf[i], ref[i], bound[i]);
+        fail(what + buf);
+        break;
+      }
+    // Against serial: both within the bound of the exact value.
+    if (isa == Isa::serial) serial_out.assign(out.buf.begin(), out.buf.begin() + c.M * c.N);
+    ++g_checks;
+    for (int64_t i = 0; i < c.M * c.N; ++i)
+      if (!(std::fabs(out.buf[i] - serial_out[i]) <= 2.0 * bound[i])) {
+        fail(what + ": output " + std::to_string(i) + " differs from serial's by more than twice the bound");
+        break;
+      }
+    // Dequantization: each weight the float32 rounding of the exact value.
+    Guarded deq(c.N * c.K);
+    prism::QuantProblem d = problem(deq.data());
+    d.x = nullptr, d.M = 0;
+    if (int4)
+      prism::int4_dequantize_f32(d, isa);
+    else
+      prism::int8_dequantize_f32(d, isa);
+    EXPECT(deq.guard_intact(), what + ": dequantize guard untouched");
+    ++g_checks;
+    for (int64_t i = 0; i < c.N * c.K; ++i)
+      if (deq.buf[i] != static_cast<float>(w[i])) {
+        fail(what + ": dequantized weight " + std::to_string(i) + " is " + std::to_string(deq.buf[i]) + ", expected " +
+             std::to_string(w[i]));
+        break;
+      }
+  }
+}
+
+void test_quantized_linear() {
+  const int64_t i8_ks[] = {1, 15, 16, 17, 33, 100, 896};
+  const int64_t ms[] = {1, 2, 3, 4, 5, 9, 17};
+  const int64_t ns[] = {1, 3, 4, 5, 13};
+  uint64_t seed = 500;
+  for (int64_t K : i8_ks)
+    for (int64_t M : ms)
+      for (int64_t N : ns) run_quant_case({M, N, K, 0, (M + N) % 2 == 0}, ++seed);
+  const int64_t i4[][2] = {{2, 2}, {30, 30}, {60, 10}, {64, 32}, {64, 64}, {96, 32}, {102, 34}, {256, 128}, {896, 32}};
+  for (const auto& kg : i4)
+    for (int64_t M : ms)
+      for (int64_t N : ns) run_quant_case({M, N, kg[0], kg[1], (M + N) % 2 == 1}, ++seed);
+  // Threads: a split over N never changes an output's bits.
+  const int saved = prism::num_threads();
+  Rng rng(91);
+  const int64_t M = 3, N = 2000, K = 512;
+  std::vector<float> x(M * K), scale(N * (K / 64)), offset(N * (K / 64));
+  std::vector<uint8_t> q(N * K);
+  for (auto& v : x) v = rng.uniform(-1.0f, 1.0f);
+  for (auto& v : q) v = static_cast<uint8_t>(rng.randint(0, 255));
+  for (auto& v : scale) v = rng.uniform(0.01f, 0.1f);
+  for (auto& v : offset) v = rng.uniform(-1.0f, 0.0f);
+  for (Isa isa : prism::available_isas()) {
+    std::vector<float> outs[2][2];
+    for (int t = 0; t < 2; ++t) {
+      prism::set_num_threads(t == 0 ? 1 : 3);
+      for (int int4 = 0; int4 < 2; ++int4) {
+        outs[t][int4].assign(M * N, 0.0f);
+        // int8 reads q as N x K int8, int4 as N x K / 2 packed bytes: the same buffer serves both.
+        const prism::QuantProblem p{x.data(), q.data(), scale.data(), int4 ? offset.data() : nullptr, nullptr,
+                                    outs[t][int4].data(), M, N, K, int4 ? 64 : 0, K};
+        if (int4)
+          prism::int4_linear_f32(p, isa);
+        else
+          prism::int8_linear_f32(p, isa);
+      }
+    }
+    for (int int4 = 0; int4 < 2; ++int4)
+      EXPECT(std::memcmp(outs[0][int4].data(), outs[1][int4].data(), sizeof(float) * M * N) == 0,
+             tag(int4 ? "int4_linear" : "int8_linear", isa, "N=2000: 3 threads give the 1-thread result bit for bit"));
+  }
+  prism::set_num_threads(saved);
+  // Bad arguments: std::invalid_argument naming the argument.
+  std::vector<float> xs(64, 1.0f), s(2, 1.0f), out(128);
+  std::vector<uint8_t> qb(64, 0);
+  auto base = [&] {
+    return prism::QuantProblem{xs.data(), qb.data(), s.data(), s.data(), nullptr, out.data(), 1, 2, 32, 16, 32};
+  };
+  const Isa best = prism::available_isas().back();
+  expect_ok([&] { prism::int4_linear_f32(base(), best); }, "int4_linear baseline");
+  for (int64_t g : {0, 3, 12, -2}) {
+    expect_invalid([&] { auto p = base(); p.group = g; prism::int4_linear_f32(p, best); }, "group:",
+                   "int4_linear group " + std::to_string(g));
+    expect_invalid([&] { auto p = base(); p.group = g; prism::int4_dequantize_f32(p, best); }, "group:",
+                   "int4_dequantize group " + std::to_string(g));
+  }
+  expect_invalid([&] { auto p = base(); p.offset = nullptr; prism::int4_linear_f32(p, best); }, "offset:",
+                 "int4_linear without offsets");
+  expect_invalid([&] { auto p = base(); p.N = 0; prism::int8_linear_f32(p, best); }, "q:", "int8_linear N = 0");
+  expect_invalid([&] { auto p = base(); p.K = 0; prism::int8_dequantize_f32(p, best); }, "q:", "int8_dequantize K = 0");
+  expect_invalid([&] { auto p = base(); p.M = -1; prism::int8_linear_f32(p, best); }, "x:", "int8_linear M < 0");
+}
+
 struct Group {
   const char* name;
   void (*run)();
@@ -961,6 +1140,7 @@ const Group kGroups[] = {{"isa", test_isa},
                          {"masked_softmax", test_masked_softmax},
                          {"threadpool", test_threadpool},
                          {"thread_split", test_thread_split},
+                         {"quantized_linear", test_quantized_linear},
                          {"bad_args", test_bad_args}};
 
 }  // namespace
