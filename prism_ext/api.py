@@ -15,6 +15,7 @@ import torch
 
 from .method.engine import ExactRows, GenerateOptions, RunStats
 from .models import Network, load_network
+from .models.quant import check_weight_dtype
 from .options import DEFAULT, RunOptions, run_options
 from .executor import Executor, InProcess
 from .executor.request import plan, run_stats
@@ -263,14 +264,24 @@ def _from_transformers(model) -> PrismModel:
     return PrismModel(net, folder if folder.is_dir() else None)
 
 
-def load(path_or_name) -> PrismModel:
+def load(path_or_name, weight_dtype: str = "fp32") -> PrismModel:
     """Load a checkpoint: a bundled model's name (``gpt2-tiny``,
     ``vit-tiny-digits``; see ``prism zoo list``), a Hugging Face checkpoint
-    (gpt2, bert, vit) in a local directory (config.json + safetensors or
-    pytorch_model.bin; tokenizer when present), or a transformers model object
-    (its weights as they are in memory). Never downloads: a hub name must
-    already be in the local HF cache."""
+    (gpt2, bert, vit, llama, qwen2, qwen3, mistral) in a local directory
+    (config.json + safetensors or pytorch_model.bin; tokenizer when present),
+    a checkpoint written by :func:`prism_ext.models.write_quantized`, or a
+    transformers model object (its weights as they are in memory). Never
+    downloads: a hub name must already be in the local HF cache.
+
+    ``weight_dtype``: how the weights are held (``fp32``, ``bf16``, ``int8``,
+    ``int4``: :mod:`prism_ext.models.quant`); every device of a cluster holds
+    the same (the handshake checks it). A quantized checkpoint loads as it was
+    written (``weight_dtype`` must be fp32, the default, or its own)."""
+    check_weight_dtype(weight_dtype)
     if hasattr(path_or_name, "state_dict") and hasattr(getattr(path_or_name, "config", None), "to_dict"):
-        return _from_transformers(path_or_name)
-    net, directory = load_network(path_or_name)
-    return PrismModel(net, directory)
+        model = _from_transformers(path_or_name)
+    else:
+        model = PrismModel(*load_network(path_or_name))
+    if weight_dtype not in ("fp32", model.net.weight_dtype):
+        model.net.quantize(weight_dtype)
+    return model

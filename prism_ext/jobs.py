@@ -44,12 +44,13 @@ def _progress(quiet: bool):
     return say
 
 
-def load_model(path_or_name) -> PrismModel:
-    """A bundled name (``gpt2-tiny``, ``vit-tiny-digits``), a checkpoint directory or a cached hub name."""
+def load_model(path_or_name, weight_dtype: str = "fp32") -> PrismModel:
+    """A bundled name (``gpt2-tiny``, ``vit-tiny-digits``), a checkpoint
+    directory or a cached hub name, its weights held as ``weight_dtype``."""
     from .api import load
 
     try:
-        return load(path_or_name)
+        return load(path_or_name, weight_dtype=weight_dtype)
     except FileNotFoundError:
         if Path(path_or_name).expanduser().exists():
             raise
@@ -410,11 +411,13 @@ def demo(*, devices: int = 4, gpt_cr: int = 4, vit_cr: int = 4, max_new_tokens: 
 # ---------------------------------------------------------------- formatting
 
 def _device_table(stats: dict, voltage: dict | None) -> list[str]:
-    lines = [f"  {'device':>6} {'positions':>11} {'sent (B)':>10} {'MFLOP':>9} {'ms':>8}"
-             + (f" {'Voltage sent':>13} {'Voltage MFLOP':>14}" if voltage else "")]
+    mib = 1 << 20
+    lines = [f"  {'device':>6} {'positions':>11} {'sent (B)':>10} {'MFLOP':>9} {'ms':>8} {'weights MiB':>11} "
+             f"{'peak RSS MiB':>12} {'KV cache MiB':>12}" + (f" {'Voltage sent':>13} {'Voltage MFLOP':>14}" if voltage else "")]
     for i, d in enumerate(stats["devices"]):
         row = (f"  {d['rank']:>6} {str(tuple(d['positions'])):>11} {d['bytes_sent']:>10} {d['flops'] / 1e6:>9.2f} "
-               f"{d['seconds'] * 1e3:>8.1f}")
+               f"{d['seconds'] * 1e3:>8.1f} {d['weight_bytes'] / mib:>11.2f} {d['peak_rss'] / mib:>12.0f} "
+               f"{d['kv_cache_bytes'] / mib:>12.3f}")
         if voltage:
             v = voltage["devices"][i]
             row += f" {v['bytes_sent']:>13} {v['flops'] / 1e6:>14.2f}"

@@ -16,7 +16,8 @@ def stats_dict(stats: RunStats) -> dict:
         "bytes_sent": stats.bytes_sent, "activation_bytes": stats.activation_bytes,
         "flops": sum(d.flops for d in stats.devices),
         "devices": [{"rank": d.rank, "positions": [d.start, d.stop], "bytes_sent": d.bytes_sent,
-                     "activation_bytes": d.activation_bytes, "flops": d.flops, "seconds": d.seconds}
+                     "activation_bytes": d.activation_bytes, "flops": d.flops, "seconds": d.seconds,
+                     "weight_bytes": d.weight_bytes, "peak_rss": d.peak_rss, "kv_cache_bytes": d.kv_cache_bytes}
                     for d in stats.devices],
     }
 

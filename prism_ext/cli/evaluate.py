@@ -15,7 +15,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .. import evaluation, jobs
     from ..options import RunOptions
 
-    model = jobs.load_model(args.model)
+    model = jobs.load_model(args.model, args.weight_dtype)
     out = Path(args.out)
     # Every knob is checked (RunOptions, exact rows against the model, the schedule) before the first point runs.
     variants = [evaluation.Variant(RunOptions(**dict(zip(evaluation.KNOBS, knobs))), schedule)
@@ -49,11 +49,14 @@ def register(sub) -> None:
     ev.add_argument("--cr", type=counts, default=[1, 2, 4, 8, 16, 32, 64, 128],
                     help="compression rates (default 1,2,...,128)")
     ev.add_argument("--mode", choices=("prism", "voltage"), default="prism")
+    from ..models.quant import WEIGHT_DTYPES
     from ..options import RunOptions
 
     defaults = RunOptions()  # the library's defaults, written once (prism_ext/options.py)
     ev.add_argument("--exact-rows", type=words, default=[defaults.exact_rows],
                     help="comma-separated exact-rows specs (default: the family's)")
+    ev.add_argument("--weight-dtype", choices=WEIGHT_DTYPES, default="fp32",
+                    help="how the weights are held (default fp32; the exact reference is the same weights)")
     ev.add_argument("--wire-dtype", type=words, default=[defaults.wire_dtype], help="comma-separated wire dtypes")
     ev.add_argument("--compression-point", type=words, default=[defaults.compression_point])
     ev.add_argument("--mean-weighting", type=words, default=[defaults.mean_weighting])

@@ -34,9 +34,40 @@ def _info(args: argparse.Namespace) -> int:
     for op, isa in kernels.dispatched_isas().items():
         print(f"kernel    {op}: {isa}")
     print(f"threads   {kernels.get_num_threads()}")
+    if args.model is not None:
+        _memory(args.model, args.weight_dtype)
     return 0
 
 
+def _memory(model: str, weight_dtype: str) -> None:
+    """What one device needs for ``model`` at ``weight_dtype``, from its
+    shapes alone (no weights are read; nothing runs)."""
+    from ..method.engine import peak_rss
+    from ..models import skeleton_network
+
+    mib = 1 << 20
+    runtime = peak_rss()  # this process so far: Python, torch, the package
+    net = skeleton_network(model)
+    weights = net.weight_bytes_as(weight_dtype)
+    # A decoding device keeps, per layer and position, a key and a value (kv_width each), a count and a position.
+    per_position = sum(2 * blk.kv_width * 4 + 8 for blk in net.blocks)
+    print(f"model     {model} ({net.model_type}, {len(net.blocks)} layers, weights {weight_dtype})")
+    print(f"memory    weights {weights / mib:.1f} MiB on every device (PRISM splits positions, not weights)")
+    print(f"          KV cache {per_position * 1000 / mib:.1f} MiB per 1000 positions of context (the decoding "
+          f"device; keys and values of kv heads only)")
+    print(f"          runtime {runtime / mib:.0f} MiB (this process before any model: Python, torch, prism-ext)")
+    print(f"          one device needs about {(weights + runtime) / mib:.0f} MiB plus its KV cache and activations")
+
+
 def register(sub) -> None:
-    info = sub.add_parser("info", help="version, CPU features, the ISA each kernel dispatches to, threads")
-    info.set_defaults(func=_info)
+    from ..models.quant import WEIGHT_DTYPES
+    from .args import one_line_errors, user_errors
+
+    info = one_line_errors(sub.add_parser(
+        "info", help="version, CPU features, the ISA each kernel dispatches to, threads; with --model, the memory "
+                     "one device needs"), "info")
+    info.add_argument("--model", help="a checkpoint directory or bundled name: print the memory one device needs "
+                                      "(from its shapes; no weights are read)")
+    info.add_argument("--weight-dtype", choices=WEIGHT_DTYPES, default="fp32",
+                      help="with --model: how the weights would be held (default fp32)")
+    info.set_defaults(func=user_errors("info")(_info))

@@ -134,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("--auto-weights: cannot be combined with --weights")
     if args.auto_weights and where == "simulate":
         raise ValueError("--auto-weights: needs real devices (not --simulate, and more than one device)")
-    model = jobs.load_model(args.model)
+    model = jobs.load_model(args.model, args.weight_dtype)
     if args.text is not None:
         texts = [args.text]
     # An option that does not fit the model is an error (docs/demo.md), not ignored.
@@ -228,9 +228,13 @@ def register(sub) -> None:
                      help="GPT-2: tokens to generate (default 40; 0: one forward pass, next-token prediction)")
     from ..comm.wire import WIRE_DTYPES
     from ..method.engine import POINTS, WEIGHTINGS
+    from ..models.quant import WEIGHT_DTYPES
     from ..options import DEFAULT
 
     defaults = RunOptions()  # the library's defaults, written once (prism_ext/options.py)
+    run.add_argument("--weight-dtype", choices=WEIGHT_DTYPES, default="fp32",
+                     help="how every device holds the weights: fp32 (default), bf16, int8, int4 (docs/design.md, "
+                          "weights); not --weights, the devices' speeds")
     run.add_argument("--wire-dtype", choices=WIRE_DTYPES, default=defaults.wire_dtype)
     run.add_argument("--compression-point", choices=(DEFAULT, *POINTS), default=defaults.compression_point,
                      help="what is averaged (default: the family's: attn_input; kv for Llama, Qwen, Mistral)")

@@ -141,6 +141,9 @@ def layout(net: Network, n: int, devices: int, options: RunOptions, special_ids=
         if any(type(blk) is not Block for blk in net.blocks):  # heads split evenly, one MLP: plain blocks only
             raise ValueError(f"mode: 'tp' is not supported for {net.model_type} (grouped-query attention, RoPE); "
                              f"use prism, voltage or single")
+        if net.weight_dtype != "fp32":  # its shards slice the matrices by columns too
+            raise ValueError(f"mode: 'tp' needs fp32 weights; this model's are {net.weight_dtype} "
+                             f"(use prism, voltage or single)")
         devices = check_tp_devices(devices, net.heads)
         if options.device_weights is not None and devices > 1:
             raise ValueError("device_weights: mode 'tp' splits heads and MLP columns evenly; pass None")

@@ -216,6 +216,8 @@ class DeviceStats:
     input_bytes: int = 0  # the request as it reached this device (its own inputs only)
     result_bytes: int = 0  # what it sent back to rank 0 after the last layer (step 8)
     peak_rss: int = 0  # peak resident memory of the process running it, bytes
+    weight_bytes: int = 0  # the weights it holds (all of them: PRISM splits positions), as stored (weight_dtype)
+    kv_cache_bytes: int = 0  # keys/values kept for decoding (the last device of a generation), bytes
 
     @property
     def bytes_sent(self) -> int:
@@ -238,7 +240,7 @@ class DeviceStats:
         """JSON-ready (travels to rank 0 in a result's header)."""
         return {"rank": self.rank, "start": self.start, "stop": self.stop, "time_embed": self.time_embed,
                 "time_head": self.time_head, "input_bytes": self.input_bytes, "result_bytes": self.result_bytes,
-                "peak_rss": self.peak_rss,
+                "peak_rss": self.peak_rss, "weight_bytes": self.weight_bytes, "kv_cache_bytes": self.kv_cache_bytes,
                 "layers": [{"bytes_sent": s.bytes_sent, "activation_bytes": s.activation_bytes,
                             "rows_sent": s.rows_sent, "rows_received": s.rows_received, "flops_proj": s.flops_proj,
                             "flops_attention": s.flops_attention, "flops_mlp": s.flops_mlp,
@@ -264,7 +266,8 @@ class DeviceStats:
         out = cls(count(d.get("rank"), "rank"), count(d.get("start"), "start"), count(d.get("stop"), "stop"), [],
                   secs(d.get("time_embed"), "time_embed"), secs(d.get("time_head"), "time_head"),
                   count(d.get("input_bytes"), "input_bytes"), count(d.get("result_bytes"), "result_bytes"),
-                  count(d.get("peak_rss"), "peak_rss"))
+                  count(d.get("peak_rss"), "peak_rss"), count(d.get("weight_bytes"), "weight_bytes"),
+                  count(d.get("kv_cache_bytes"), "kv_cache_bytes"))
         for i, layer in enumerate(d["layers"]):
             if not isinstance(layer, dict) or not isinstance(layer.get("time"), dict) or set(layer["time"]) != set(PHASES):
                 raise ValueError(f"{where}: layer {i} is malformed")
@@ -330,6 +333,10 @@ class DecodeState:
         self.counts.append(torch.cat([counts, torch.ones(B, room)], dim=1))
         self.positions.append(torch.cat([positions, torch.zeros(B, room, dtype=torch.int32)], dim=1))
         self.length.append(L)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.kv, *self.counts, *self.positions))
 
 
 @dataclass
@@ -579,7 +586,7 @@ def run_device(net: Network, local: dict, part: Partition, rank: int, transport,
     exact = None
     if cfg.exact_rows and cfg.mode == "prism":
         exact = cfg.exact_rows.static_mask(local, start, B, n)
-    stats = DeviceStats(rank, start, stop, [LayerStats() for _ in net.blocks])
+    stats = DeviceStats(rank, start, stop, [LayerStats() for _ in net.blocks], weight_bytes=net.weight_bytes())
     stats.time_embed = time.perf_counter() - t0
     state = None
     if decode_room:
@@ -628,6 +635,8 @@ def run_device(net: Network, local: dict, part: Partition, rank: int, transport,
         st.flops_proj, st.flops_attention, st.flops_mlp = f.proj, f.attention, f.mlp
         if state is not None:
             state.keep(kv, counts, k_pos, decode_room)
+    if state is not None:
+        stats.kv_cache_bytes = state.nbytes
     return DeviceResult(x, stats, state)
 
 

@@ -142,7 +142,7 @@ def run_layers_tp(net: Network, local: dict, n: int, rank: int, transport) -> tu
     valid = net.valid(local)
     counts = None if valid is None else valid.to(torch.float32)  # padding keys weigh 0
     pos = torch.arange(n, dtype=torch.int32) if net.causal else None
-    stats = DeviceStats(rank, 0, n, [LayerStats() for _ in shards])
+    stats = DeviceStats(rank, 0, n, [LayerStats() for _ in shards], weight_bytes=net.weight_bytes())
     stats.time_embed = time.perf_counter() - t0
 
     for sh, st in zip(shards, stats.layers):

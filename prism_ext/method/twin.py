@@ -96,6 +96,9 @@ def forward(net: Network, inputs: dict, part: Partition, cfg: RunConfig, *, drop
     (``last_hidden_state``, ``logits`` of an LM) and the [CLS] heads
     (``pooler_output``, ``logits`` of a classifier). ``dropout`` (training):
     on the embeddings, the attention weights and both residual branches."""
+    if net.weight_dtype != "fp32":
+        raise ValueError(f"weight_dtype: the twin trains fp32 weights; this model's are {net.weight_dtype} "
+                         f"(fine-tune the fp32 checkpoint, then quantize the result)")
     if cfg.mode != "prism":
         raise ValueError(f"mode: the twin runs PRISM (mode 'prism'; Voltage equals it at CR 1), got {cfg.mode!r}")
     if cfg.wire_dtype != "fp32":

@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from . import bert, gpt2, llama, vit
-from .common import Block, Network, Weights
+from .common import BLOCK_MATRICES, Block, Network, Weights
 
-__all__ = ["Block", "Network", "FAMILIES", "load_network", "resolve", "read_json", "read_tensors", "write_checkpoint"]
+__all__ = ["Block", "Network", "FAMILIES", "load_network", "resolve", "read_json", "read_tensors", "write_checkpoint",
+           "write_quantized", "skeleton_network"]
 
 # model_type -> family module; one module may serve several model types (llama: Llama, Qwen2, Qwen3, Mistral)
 FAMILIES = {t: m for m in (gpt2, bert, vit, llama) for t in getattr(m, "MODEL_TYPES", (m.MODEL_TYPE,))}
@@ -73,12 +74,17 @@ def resolve(path_or_name) -> Path:
     )
 
 
-def _load_file(path: Path) -> dict[str, torch.Tensor]:
+def _load_file(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
+    """``meta``: only names and shapes (storage-less tensors; safetensors reads the header alone)."""
     try:
         if path.suffix == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
-            return load_file(str(path))
+            if not meta:
+                return load_file(str(path))
+            with safe_open(str(path), "pt") as f:
+                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # the loaders raise many types for a bad file
         # One line, and never torch's advice to retry with weights_only=False:
@@ -89,7 +95,7 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"weights: {path} is corrupt or unreadable ({type(exc).__name__}: {first[:200]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"weights: {path} does not hold a dict of tensors")
-    return state
+    return {k: torch.empty(v.shape, device="meta") for k, v in state.items()} if meta else state
 
 
 # Real configs and shard indexes nest 3 or 4 levels; anything deeper is
@@ -143,8 +149,9 @@ def _shard_path(directory: Path, shard, index: Path) -> Path:
     return path
 
 
-def read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """All tensors of a checkpoint (single file or shards) and a name for errors."""
+def read_tensors(directory: Path, meta: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+    """All tensors of a checkpoint (single file or shards) and a name for
+    errors; ``meta``: their names and shapes only."""
     for index_name in (_SAFE_INDEX, _BIN_INDEX):
         index = directory / index_name
         if index.is_file():
@@ -157,11 +164,11 @@ def read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
             for shard, path in zip(shards, paths):
                 if not path.is_file():
                     raise FileNotFoundError(f"weights: shard {shard} listed in {index} is missing")
-                tensors.update(_load_file(path))
+                tensors.update(_load_file(path, meta))
             return tensors, str(index)
     for name in (_SAFE, _BIN):
         if (directory / name).is_file():
-            return _load_file(directory / name), str(directory / name)
+            return _load_file(directory / name, meta), str(directory / name)
     raise FileNotFoundError(f"path: {directory} holds no {_SAFE}, {_BIN} or shard index")
 
 
@@ -189,8 +196,145 @@ def load_network(path_or_name) -> tuple[Network, Path]:
     config = read_config(directory)
     if config.get("model_type") not in FAMILIES:  # fail before reading weights
         build_network(config, {})
+    if (directory / QUANT_META).is_file():
+        return _read_quantized(directory, config), directory
     tensors, source = read_tensors(directory)
     return build_network(config, tensors, source), directory
+
+
+def skeleton_network(path_or_name) -> Network:
+    """The network of a checkpoint with no weights read (storage-less
+    tensors): its structure and sizes, for planning (``prism info --model``)."""
+    directory = resolve(path_or_name)
+    config = read_config(directory)
+    if (directory / QUANT_META).is_file():
+        shapes = read_json(directory / QUANT_META, QUANT_META).get("tensors") or {}
+        tensors = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+        source = str(directory / QUANT_META)
+    else:
+        tensors, source = read_tensors(directory, meta=True)
+    return build_network(config, tensors, source)
+
+
+# A quantized checkpoint (write_quantized): the describing files of its source,
+# QUANT_META (the weight dtype, and the source's tensor names and shapes, from
+# which the family builds the network's structure without any weights), and
+# QUANT_WEIGHTS: every tensor the engine runs, by attribute path, as stored.
+QUANT_META = "prism_quantized.json"
+QUANT_WEIGHTS = "prism_quantized.safetensors"
+_QUANT_FORMAT = 1
+
+
+def write_quantized(net: Network, like, out) -> Path:
+    """Write the quantized ``net`` (loaded from the checkpoint ``like``) to
+    ``out``, so that a board loads the small weights without ever holding
+    the float32 file: ``prism_ext.load(out)`` gives the same network (the
+    same weights digest). Returns ``out``."""
+    from safetensors.torch import save_file
+
+    like, out = resolve(like), Path(out)
+    if net.weight_dtype == "fp32":
+        raise ValueError("weight_dtype: this network is fp32; write it with write_checkpoint, or quantize it first")
+    if out.resolve() == like.resolve():
+        raise ValueError(f"out: {out} is the source checkpoint; choose another directory")
+    if (like / QUANT_META).is_file():
+        shapes = read_json(like / QUANT_META, QUANT_META)["tensors"]
+    else:
+        tensors, _ = read_tensors(like)
+        shapes = {k: list(t.shape) for k, t in tensors.items()}
+        del tensors
+    out.mkdir(parents=True, exist_ok=True)
+    written = _copy_describing_files(like, out)
+    meta = {"format": _QUANT_FORMAT, "weight_dtype": net.weight_dtype, "int4_group": _int4_group(net),
+            "tensors": shapes}
+    (out / QUANT_META).write_text(json.dumps(meta))
+    save_file({k: v.contiguous() for k, v in net.named_tensors().items()}, str(out / QUANT_WEIGHTS),
+              metadata={"format": "pt"})
+    for f in written + [out / QUANT_META, out / QUANT_WEIGHTS]:
+        _as_created(f)
+    return out
+
+
+def _int4_group(net: Network) -> int:
+    from .quant import INT4_GROUP, Int4
+
+    for blk in net.blocks:
+        if isinstance(blk.wqkv, Int4):
+            return blk.wqkv.group
+    return INT4_GROUP
+
+
+def _read_quantized(directory: Path, config: dict) -> Network:
+    from .quant import WEIGHT_DTYPES, Quantized, from_stored
+
+    meta = read_json(directory / QUANT_META, QUANT_META)
+    if not isinstance(meta, dict) or meta.get("format") != _QUANT_FORMAT:
+        raise ValueError(f"{QUANT_META}: {directory} was written by another version of prism-ext (format "
+                         f"{meta.get('format') if isinstance(meta, dict) else '?'}, expected {_QUANT_FORMAT})")
+    dtype, group, shapes = meta.get("weight_dtype"), meta.get("int4_group"), meta.get("tensors")
+    if dtype not in WEIGHT_DTYPES[1:] or isinstance(group, bool) or not isinstance(group, int) or group < 2 \
+            or not isinstance(shapes, dict):
+        raise ValueError(f"{QUANT_META}: {directory / QUANT_META} is malformed (weight_dtype {dtype!r}, "
+                         f"int4_group {group!r})")
+    try:  # the structure only: tensors without storage (torch's meta device) of the source's shapes
+        skeleton = {k: torch.empty([int(n) for n in v], device="meta") for k, v in shapes.items()}
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{QUANT_META}: tensor shapes are malformed ({exc})") from None
+    net = build_network(config, skeleton, str(directory / QUANT_META))
+    stored = _load_file(directory / QUANT_WEIGHTS)
+    source = str(directory / QUANT_WEIGHTS)
+
+    def take(path: str, like: torch.Tensor) -> torch.Tensor:
+        t = stored.get(path)
+        if t is None:
+            raise ValueError(f"weights: {source} has no tensor {path!r}")
+        if tuple(t.shape) != tuple(like.shape):
+            raise ValueError(f"weights: {path!r} is {tuple(t.shape)} in {source}, the config needs "
+                             f"{tuple(like.shape)}")
+        return t
+
+    def quantized(path: str, like: torch.Tensor) -> Quantized:
+        parts = {k[len(path) + 1:]: t for k, t in stored.items() if k.startswith(path + ".")}
+        w = from_stored(dtype, parts, group) if parts else None
+        if w is None or tuple(w.shape) != tuple(like.shape):
+            raise ValueError(f"weights: {source} has no {dtype} weight {path!r} of shape {tuple(like.shape)}")
+        return w
+
+    done: dict[int, object] = {}
+    for i, blk in enumerate(net.blocks):
+        for name in BLOCK_MATRICES:
+            setattr(blk, name, quantized(f"blocks.{i}.{name}", getattr(blk, name)))
+    for name in sorted(net.quantized_tables):  # named_tensors' order: a tied table is stored under its first name
+        w = getattr(net, name)
+        if id(w) not in done:
+            done[id(w)] = quantized(name, w)
+        setattr(net, name, done[id(w)])
+    for path, t in net.named_tensors().items():  # the rest: norms, biases, position tables, small heads
+        if t.device.type == "meta":
+            _set_path(net, path, take(path, t).to(torch.float32))
+    net.weight_dtype = dtype
+    return net
+
+
+def _set_path(obj, path: str, value) -> None:
+    """``obj.a.0.b = value`` for the path ``a.0.b`` (of Network.named_tensors),
+    rebuilding a tuple on the way (a head's (weight, bias))."""
+    head, _, rest = path.partition(".")
+    if isinstance(obj, (list, tuple)):
+        child = obj[int(head)]
+        new = value if not rest else (_set_path(child, rest, value) or child)
+        if isinstance(obj, list):
+            obj[int(head)] = new
+            return None
+        return tuple(new if j == int(head) else v for j, v in enumerate(obj))
+    child = getattr(obj, head)
+    if not rest:
+        setattr(obj, head, value)
+        return None
+    rebuilt = _set_path(child, rest, value)
+    if rebuilt is not None:  # a tuple was rebuilt: put it back
+        setattr(obj, head, rebuilt)
+    return None
 
 
 # Weights of this or another framework, stale once a checkpoint is rewritten.
@@ -223,6 +367,18 @@ def _as_created(path: Path) -> None:
     path.chmod(0o666 & ~umask)
 
 
+def _copy_describing_files(like: Path, out: Path) -> list[Path]:
+    """The files of ``like`` that describe the model and its inputs, copied to ``out``."""
+    written = []
+    for name in sorted(_CHECKPOINT_FILES):
+        if (like / name).is_file():
+            written.append(Path(shutil.copyfile(like / name, out / name)))
+    for name in sorted(_pipeline_dirs(like)):
+        shutil.copytree(like / name, out / name, dirs_exist_ok=True, copy_function=shutil.copyfile)
+        written += [f for f in (out / name).rglob("*") if f.is_file()]
+    return written
+
+
 def write_checkpoint(net: Network, like, out) -> Path:
     """Write ``net`` (e.g. fine-tuned) as a Hugging Face checkpoint in ``out``:
     the checkpoint directory ``like`` it was loaded from, every tensor of
@@ -237,6 +393,8 @@ def write_checkpoint(net: Network, like, out) -> Path:
     like, out = resolve(like), Path(out)
     if out.resolve() == like.resolve():
         raise ValueError(f"out: {out} is the checkpoint being rewritten; choose another directory")
+    if net.weight_dtype != "fp32":
+        raise ValueError(f"weight_dtype: this network is {net.weight_dtype}; write it with write_quantized")
     tensors, source = read_tensors(like)
     found = Weights(tensors, source, (FAMILIES[net.model_type].BASE_PREFIX,))
     state = dict(tensors)
@@ -249,13 +407,7 @@ def write_checkpoint(net: Network, like, out) -> Path:
                              f"{tuple(state[key].shape)} in {source}")
         state[key] = tensor.detach().to(state[key].dtype).contiguous().clone()
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name in sorted(_CHECKPOINT_FILES):
-        if (like / name).is_file():
-            written.append(Path(shutil.copyfile(like / name, out / name)))
-    for name in sorted(_pipeline_dirs(like)):
-        shutil.copytree(like / name, out / name, dirs_exist_ok=True, copy_function=shutil.copyfile)
-        written += [f for f in (out / name).rglob("*") if f.is_file()]
+    written = _copy_describing_files(like, out)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / _SAFE), metadata={"format": "pt"})
     for f in written + [out / _SAFE]:
         _as_created(f)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .quant import embedding
 from .common import (Block, LayerNorm, Network, Weights, activation, block_linears, block_tensors, cfg, cfg_eps, cfg_int, check_heads,
                      check_ids, layer_norm_tensors, linear_tensors)
 
@@ -23,6 +24,7 @@ class BERT(Network):
     model_type = MODEL_TYPE
     causal = False
     input_names = ("input_ids", "attention_mask", "token_type_ids")
+    quantized_tables = ("word",)
 
     def __init__(self, config: dict, w: Weights):
         self.config = config
@@ -80,7 +82,7 @@ class BERT(Network):
     def embed(self, local: dict, start: int, stop: int) -> torch.Tensor:
         types = local.get("token_type_ids")
         tt = self.token_type[0] if types is None else F.embedding(types.long(), self.token_type)
-        return self.ln_emb(F.embedding(local["input_ids"].long(), self.word) + self.position[start:stop] + tt)
+        return self.ln_emb(embedding(local["input_ids"].long(), self.word) + self.position[start:stop] + tt)
 
     def row_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"last_hidden_state": x}

@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .quant import INT4_GROUP, Quantized, check_weight_dtype, linear, nbytes, quantize, stored_bytes
+
 __all__ = [
     "Block",
     "LayerNorm",
@@ -179,11 +181,11 @@ class Block:
 
     def qkv(self, a: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
         """[..., q_width + 2 kv_width]: Q, K, V of attention inputs ``a`` at positions ``pos``."""
-        return F.linear(a, self.wqkv, self.bqkv)
+        return linear(a, self.wqkv, self.bqkv)
 
     def kv(self, a: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
         """[..., 2 kv_width]: K, V only (rows received from another device)."""
-        return F.linear(a, self.wkv, self.bkv)
+        return linear(a, self.wkv, self.bkv)
 
     def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Views of Q, K, V in the output of :meth:`qkv`."""
@@ -198,7 +200,7 @@ class Block:
 
     def finish_attention(self, x: torch.Tensor, attn: torch.Tensor, drop=None) -> torch.Tensor:
         """``drop``: dropout on the branch before the residual add (training only)."""
-        return self.add_attention(x, F.linear(attn, self.wo, self.bo), drop)
+        return self.add_attention(x, linear(attn, self.wo, self.bo), drop)
 
     def add_attention(self, x: torch.Tensor, branch: torch.Tensor, drop=None) -> torch.Tensor:
         """The residual add of the attention branch (its output projection
@@ -216,16 +218,19 @@ class Block:
     def mlp_branch(self, h: torch.Tensor) -> torch.Tensor:
         """The MLP on its input ``h``, output bias included: act(h W1) W2, or
         act(h Wgate) * (h Wup) W2 for a gated block."""
-        inner = F.linear(h, self.w1, self.b1)
+        inner = linear(h, self.w1, self.b1)
         if self.gated:
             gate, up = inner.chunk(2, dim=-1)
-            return F.linear(self.act(gate) * up, self.w2, self.b2)
-        return F.linear(self.act(inner), self.w2, self.b2)
+            return linear(self.act(gate) * up, self.w2, self.b2)
+        return linear(self.act(inner), self.w2, self.b2)
 
     def add_mlp(self, x: torch.Tensor, branch: torch.Tensor, drop=None) -> torch.Tensor:
         """The residual add of the MLP branch (bias included), then LN2 for a post-LN block."""
         h = x + (branch if drop is None else drop(branch))
         return h if self.pre_ln else self.ln2(h)
+
+
+BLOCK_MATRICES = ("wqkv", "wo", "w1", "w2")  # what weight_dtype quantizes in every block
 
 
 class Weights:
@@ -283,6 +288,10 @@ class Network:
     config: dict
     input_names: tuple[str, ...]
     n_positions: int  # the most positions the model takes
+    # The family's token tables that weight_dtype stores in fewer bits (a tied
+    # LM head is the embedding: one table); the blocks' matrices always are.
+    quantized_tables: tuple[str, ...] = ()
+    weight_dtype = "fp32"
 
     @property
     def d(self) -> int:
@@ -324,6 +333,10 @@ class Network:
             elif isinstance(value, (list, tuple)):
                 for i, v in enumerate(value):
                     walk(f"{name}.{i}", v)
+            elif isinstance(value, Quantized):
+                if id(value) not in seen:
+                    seen.add(id(value))
+                    found.update({f"{name}.{k}": t for k, t in value.stored.items()})
             elif isinstance(value, (Block, LayerNorm, RMSNorm)):
                 for k in sorted(vars(value)):
                     walk(f"{name}.{k}", getattr(value, k))
@@ -332,6 +345,49 @@ class Network:
             if not key.startswith("_"):
                 walk(key, getattr(self, key))
         return found
+
+    def quantize(self, weight_dtype: str, group: int = INT4_GROUP) -> None:
+        """Store every block's matrices and the family's token tables as
+        ``weight_dtype`` (:mod:`prism_ext.models.quant`), in place; once, on
+        a float32 network (deterministic: every device that quantizes the
+        same checkpoint holds the same bits, which the handshake checks)."""
+        check_weight_dtype(weight_dtype)
+        if self.weight_dtype != "fp32":
+            raise ValueError(f"weight_dtype: this network is already {self.weight_dtype}")
+        if weight_dtype == "fp32":
+            return
+        done: dict[int, object] = {}  # a tied LM head is the embedding: quantized once, still one object
+
+        def convert(w):
+            if id(w) not in done:
+                done[id(w)] = quantize(w, weight_dtype, group)
+            return done[id(w)]
+
+        for blk in self.blocks:
+            for name in BLOCK_MATRICES:
+                setattr(blk, name, convert(getattr(blk, name)))
+        for name in self.quantized_tables:
+            setattr(self, name, convert(getattr(self, name)))
+        self.weight_dtype = weight_dtype
+        self._digest = None
+
+    def weight_bytes(self) -> int:
+        """Resident bytes of every tensor the engine runs (a tied head once);
+        cached like the digest (the twin's training changes values, not sizes)."""
+        if getattr(self, "_weight_bytes", None) is None or self._weight_bytes[0] != self.weight_dtype:
+            self._weight_bytes = (self.weight_dtype, sum(nbytes(t) for t in self.named_tensors().values()))
+        return self._weight_bytes[1]
+
+    def weight_bytes_as(self, weight_dtype: str, group: int = INT4_GROUP) -> int:
+        """What :meth:`weight_bytes` would be after ``quantize(weight_dtype)``
+        (from shapes alone: works on a :func:`~prism_ext.models.skeleton_network`)."""
+        check_weight_dtype(weight_dtype)
+        if self.weight_dtype != "fp32":
+            raise ValueError(f"weight_dtype: this network is already {self.weight_dtype}")
+        matrices = {id(getattr(blk, name)): getattr(blk, name) for blk in self.blocks for name in BLOCK_MATRICES}
+        matrices.update({id(getattr(self, name)): getattr(self, name) for name in self.quantized_tables})
+        rest = sum(t.numel() * 4 for t in self.named_tensors().values() if id(t) not in matrices)
+        return rest + sum(stored_bytes(tuple(w.shape), weight_dtype, group) for w in matrices.values())
 
     def weights_digest(self) -> str:
         """SHA-256 over every tensor the engine runs (names, shapes, float32

@@ -5,8 +5,8 @@ HF stores its projections as Conv1D ([in, out]); they are transposed once here.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .quant import embedding, linear
 from .common import (Block, LayerNorm, Network, Weights, activation, cfg, cfg_eps, cfg_int, check_heads, check_ids,
                      layer_norm_tensors, linear_tensors)
 
@@ -18,6 +18,7 @@ class GPT2(Network):
     model_type = MODEL_TYPE
     causal = True
     input_names = ("input_ids", "attention_mask")
+    quantized_tables = ("wte", "lm_head")
 
     def __init__(self, config: dict, w: Weights):
         self.config = config
@@ -63,11 +64,11 @@ class GPT2(Network):
         return ids.shape[0], ids.shape[1]
 
     def embed(self, local: dict, start: int, stop: int) -> torch.Tensor:
-        return F.embedding(local["input_ids"].long(), self.wte) + self.wpe[start:stop]
+        return embedding(local["input_ids"].long(), self.wte) + self.wpe[start:stop]
 
     def row_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.ln_f(x)
-        return {"last_hidden_state": h, "logits": F.linear(h, self.lm_head)}
+        return {"last_hidden_state": h, "logits": linear(h, self.lm_head)}
 
     def checkpoint_tensors(self) -> list[tuple[tuple[str, ...], torch.Tensor]]:
         out = []

@@ -19,8 +19,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from .quant import embedding, linear
 from .common import Block, Network, RMSNorm, Weights, activation, cfg, cfg_eps, cfg_int, check_ids, linear_tensors
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -122,12 +122,12 @@ class LlamaBlock(Block):
         return self.rope(h, pos).flatten(-2)
 
     def qkv(self, a: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = self.split_qkv(F.linear(a, self.wqkv, self.bqkv))
+        q, k, v = self.split_qkv(linear(a, self.wqkv, self.bqkv))
         return torch.cat([self._rotated(q, self.heads, self.q_norm, pos),
                           self._rotated(k, self.kv_heads, self.k_norm, pos), v], dim=-1)
 
     def kv(self, a: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-        kv = F.linear(a, self.wkv, self.bkv)
+        kv = linear(a, self.wkv, self.bkv)
         w = self.kv_width
         return torch.cat([self._rotated(kv[..., :w], self.kv_heads, self.k_norm, pos), kv[..., w:]], dim=-1)
 
@@ -136,6 +136,7 @@ class Llama(Network):
     causal = True
     input_names = ("input_ids", "attention_mask")
     head = "lm"
+    quantized_tables = ("embed_tokens", "lm_head")
     # The first position is an attention sink a mean destroys (bench/EVAL.md);
     # the mean of rotated keys is what a repetition of the segment gives.
     defaults = {"exact_rows": "first", "compression_point": "kv", "eos": True}
@@ -249,11 +250,11 @@ class Llama(Network):
         return ids.shape[0], n
 
     def embed(self, local: dict, start: int, stop: int) -> torch.Tensor:
-        return F.embedding(local["input_ids"].long(), self.embed_tokens)
+        return embedding(local["input_ids"].long(), self.embed_tokens)
 
     def row_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.norm(x)
-        return {"last_hidden_state": h, "logits": F.linear(h, self.lm_head)}
+        return {"last_hidden_state": h, "logits": linear(h, self.lm_head)}
 
     def checkpoint_tensors(self) -> list[tuple[tuple[str, ...], torch.Tensor]]:
         out = []

@@ -194,7 +194,8 @@ class Cluster:
                                            f"token (--token / PRISM_TOKEN)" for q in bad))
         m = self.model
         self._links = {r: Link(g, r) for r in range(1, self.world)}
-        session = json.dumps({"model": str(m.directory.resolve()), "model_type": m.model_type}).encode()
+        session = json.dumps({"model": str(m.directory.resolve()), "model_type": m.model_type,
+                              "weight_dtype": m.net.weight_dtype}).encode()
         for link in self._links.values():
             link.send("session", session)
         claims = g.transport.exchange_meta(claims_of(m, self.settings))

@@ -160,12 +160,13 @@ def pinned_meta(pinned: RunOptions | None) -> dict:
 
 def claims_of(model: PrismModel, settings: dict | None) -> dict:
     return {"version": __version__, "model_type": model.model_type,
-            "config": _config_digest(model.config), "weights": model.net.weights_digest(),
-            "settings": settings or {}}
+            "config": _config_digest(model.config), "weight_dtype": model.net.weight_dtype,
+            "weights": model.net.weights_digest(), "settings": settings or {}}
 
 
+# In the order they are checked: a different weight_dtype is named before the digest it changes.
 _CLAIM_NAMES = {"version": "package version", "model_type": "model type", "config": "model config (digest)",
-                "weights": "model weights (digest)"}
+                "weight_dtype": "weight dtype", "weights": "model weights (digest)"}
 
 
 def mismatches(claims: list) -> list[str]:

@@ -110,7 +110,8 @@ def worker_main(master: str, rank: int, world: int, *, token: str | None = None,
         if not isinstance(path, str):
             raise HandshakeError("rank 0 announced no model")
         try:
-            m = load(path)
+            # rank 0's weight dtype: every device quantizes the same checkpoint the same way
+            m = load(path, weight_dtype=session.get("weight_dtype", "fp32"))
         except (OSError, ValueError) as exc:
             m = None
             load_error = first_line(exc)

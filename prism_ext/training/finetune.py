@@ -450,6 +450,9 @@ def finetune(model: PrismModel, data: Examples, recipe: Recipe, out, *, resume: 
     ``held``: the held-out examples (default: split off ``data``)."""
     net = model.net
     check_task(net, recipe.task)
+    if net.weight_dtype != "fp32":  # before any data is read or step taken
+        raise ValueError(f"model: fine-tuning trains fp32 weights; this model's are {net.weight_dtype} "
+                         f"(fine-tune the fp32 checkpoint, then quantize the result)")
     if model.directory is None:
         raise ValueError("model: needs a checkpoint directory to copy its config and tokenizer from")
     out = Path(out)

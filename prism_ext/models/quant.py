@@ -1,0 +1,234 @@
+"""Weights stored in fewer bits: ``weight_dtype`` fp32 (as loaded), bf16,
+int8 (per output row: one float32 scale) or int4 (llama.cpp's Q4_1 form: a
+float32 scale and offset per :data:`INT4_GROUP` weights of a row).
+
+PRISM splits positions, not weights: every device holds the whole model, so
+the bytes of the weights decide whether a model fits a board at all. The
+quantized weights are the [out, in] matrices of every block (Q/K/V, the
+output projection, the MLP) and the token embedding / LM head; norms,
+biases, position tables and the small heads stay float32.
+
+A :class:`Quantized` weight stands where the float32 matrix stood: the
+model code calls :func:`linear` and :func:`embedding`, which take either.
+For a few input rows (decoding) the weight-only kernels of
+:mod:`prism_ext.kernels` read the stored bits directly (the memory-bound
+case, where fewer bytes is faster); for more rows the weight is dequantized
+once per call and torch's GEMM runs (compute-bound: as fast as float32).
+Activations stay float32 for int8/int4, so the result equals the float32
+model with the dequantized weights, to float32 rounding. bf16 runs torch's
+bf16 matmul (activations rounded to bf16, float32 accumulation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+
+__all__ = ["WEIGHT_DTYPES", "INT4_GROUP", "Quantized", "quantize", "linear", "embedding", "nbytes", "stored_bytes",
+           "check_weight_dtype"]
+
+WEIGHT_DTYPES = ("fp32", "bf16", "int8", "int4")
+INT4_GROUP = 32  # weights per (scale, offset) pair: llama.cpp's Q4_1 block, 6 bits a weight in all
+KERNEL_ROWS = 16  # up to this many input rows the weight-only kernels; beyond, dequantize + torch's GEMM
+
+
+def check_weight_dtype(weight_dtype) -> str:
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype: expected one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    return weight_dtype
+
+
+class Quantized:
+    """An [out, in] weight in fewer bits. ``stored`` holds its tensors by
+    name (what is hashed, saved and counted)."""
+
+    dtype: str
+
+    @property
+    def shape(self) -> torch.Size:
+        raise NotImplementedError
+
+    @property
+    def stored(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.stored.values())
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 [out, in] matrix these bits stand for."""
+        raise NotImplementedError
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rows(self, start: int, stop: int | None = None) -> "Quantized":
+        """Output rows ``[start, stop)`` (a block's K/V part of its stacked Q/K/V)."""
+        raise NotImplementedError
+
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 rows ``ids`` (an embedding lookup): [*ids.shape, in]."""
+        flat = ids.reshape(-1).long()
+        return self.rows_at(flat).dequantize().reshape(*ids.shape, self.shape[1])
+
+    def rows_at(self, index: torch.Tensor) -> "Quantized":
+        raise NotImplementedError
+
+    @property
+    def requires_grad(self) -> bool:  # the twin trains float32 tensors only
+        return False
+
+    def __getitem__(self, key):
+        if isinstance(key, slice) and key.step in (None, 1):
+            return self.rows(*key.indices(self.shape[0])[:2])
+        raise TypeError(f"a {self.dtype} weight can only be sliced by output rows (start:stop), got {key!r}")
+
+
+def _kernel_rows(x: torch.Tensor) -> bool:
+    return x.numel() // max(x.shape[-1], 1) <= KERNEL_ROWS
+
+
+@dataclass(frozen=True, eq=False)
+class Bf16(Quantized):
+    w: torch.Tensor  # bfloat16 [out, in]
+    dtype = "bf16"
+
+    @property
+    def shape(self):
+        return self.w.shape
+
+    @property
+    def stored(self):
+        return {"w": self.w}
+
+    def dequantize(self):
+        return self.w.float()
+
+    def linear(self, x, bias=None):
+        b = None if bias is None else bias.to(torch.bfloat16)
+        return F.linear(x.to(torch.bfloat16), self.w, b).float()
+
+    def rows(self, start, stop=None):
+        return Bf16(self.w[start:stop])
+
+    def rows_at(self, index):
+        return Bf16(self.w[index])
+
+
+@dataclass(frozen=True, eq=False)
+class Int8(Quantized):
+    q: torch.Tensor  # int8 [out, in]
+    scale: torch.Tensor  # float32 [out]
+    dtype = "int8"
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+    @property
+    def stored(self):
+        return {"q": self.q, "scale": self.scale}
+
+    def dequantize(self):
+        return kernels.int8_dequantize(self.q, self.scale)
+
+    def linear(self, x, bias=None):
+        if _kernel_rows(x):
+            return kernels.int8_linear(x.contiguous(), self.q, self.scale, bias)
+        return F.linear(x, self.dequantize(), bias)
+
+    def rows(self, start, stop=None):
+        return Int8(self.q[start:stop], self.scale[start:stop])
+
+    def rows_at(self, index):
+        return Int8(self.q[index].contiguous(), self.scale[index].contiguous())
+
+
+@dataclass(frozen=True, eq=False)
+class Int4(Quantized):
+    q: torch.Tensor  # uint8 [out, in / 2], two weights a byte (low nibble: even column)
+    scale: torch.Tensor  # float32 [out, in / group]
+    offset: torch.Tensor  # float32 [out, in / group]
+    group: int
+    dtype = "int4"
+
+    @property
+    def shape(self):
+        return torch.Size((self.q.shape[0], self.q.shape[1] * 2))
+
+    @property
+    def stored(self):
+        return {"q": self.q, "scale": self.scale, "offset": self.offset}
+
+    def dequantize(self):
+        return kernels.int4_dequantize(self.q, self.scale, self.offset, self.group)
+
+    def linear(self, x, bias=None):
+        if _kernel_rows(x):
+            return kernels.int4_linear(x.contiguous(), self.q, self.scale, self.offset, self.group, bias)
+        return F.linear(x, self.dequantize(), bias)
+
+    def rows(self, start, stop=None):
+        return Int4(self.q[start:stop], self.scale[start:stop], self.offset[start:stop], self.group)
+
+    def rows_at(self, index):
+        return Int4(self.q[index].contiguous(), self.scale[index].contiguous(), self.offset[index].contiguous(),
+                    self.group)
+
+
+def quantize(w: torch.Tensor, weight_dtype: str, group: int = INT4_GROUP) -> torch.Tensor | Quantized:
+    """``w`` (float32 [out, in]) stored as ``weight_dtype`` (fp32: ``w``
+    itself). int4 needs ``in`` to be a multiple of ``group``; a matrix whose
+    width is not keeps int8 (said by :func:`prism_ext.models.Network.quantize`'s report)."""
+    check_weight_dtype(weight_dtype)
+    if weight_dtype == "fp32":
+        return w
+    if weight_dtype == "bf16":
+        return Bf16(w.to(torch.bfloat16).contiguous())
+    if weight_dtype == "int4" and w.shape[1] % group == 0:
+        return Int4(*kernels.quantize_int4(w, group), group)
+    return Int8(*kernels.quantize_int8(w))
+
+
+def from_stored(dtype: str, stored: dict[str, torch.Tensor], group: int = INT4_GROUP) -> Quantized:
+    """A weight back from its :attr:`Quantized.stored` tensors (a saved checkpoint)."""
+    kinds = {"bf16": (Bf16, ("w",)), "int8": (Int8, ("q", "scale")), "int4": (Int4, ("q", "scale", "offset"))}
+    if dtype not in kinds:
+        raise ValueError(f"weight_dtype: a stored weight of unknown type {dtype!r}")
+    cls, names = kinds[dtype]
+    missing = [n for n in names if n not in stored]
+    if missing:
+        raise ValueError(f"weights: a stored {dtype} weight lacks {', '.join(missing)}")
+    args = [stored[n] for n in names] + ([group] if dtype == "int4" else [])
+    return cls(*args)
+
+
+def stored_bytes(shape, weight_dtype: str, group: int = INT4_GROUP) -> int:
+    """Bytes an [out, in] matrix takes as ``weight_dtype`` (what :func:`quantize` gives)."""
+    out, width = shape
+    if weight_dtype == "fp32":
+        return 4 * out * width
+    if weight_dtype == "bf16":
+        return 2 * out * width
+    if weight_dtype == "int4" and width % group == 0:
+        return out * width // 2 + 8 * out * (width // group)
+    return out * width + 4 * out
+
+
+def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for a float32 or a :class:`Quantized` weight."""
+    return w.linear(x, bias) if isinstance(w, Quantized) else F.linear(x, w, bias)
+
+
+def embedding(ids: torch.Tensor, w) -> torch.Tensor:
+    """``F.embedding`` for a float32 or a :class:`Quantized` table."""
+    return w.take(ids) if isinstance(w, Quantized) else F.embedding(ids, w)
+
+
+def nbytes(w) -> int:
+    """Resident bytes of a weight, float32 or quantized."""
+    return w.nbytes if isinstance(w, Quantized) else w.numel() * w.element_size()
