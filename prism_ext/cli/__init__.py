@@ -7,11 +7,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import account, bench, demo, evaluate, finetune, info, run, serve, worker, zoo
+from . import account, bench, data, demo, evaluate, finetune, info, run, serve, worker, zoo
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (info, bench, account, run, worker, demo, zoo, serve, evaluate, finetune)  # the order of `prism --help`
+COMMANDS = (info, bench, account, run, worker, demo, zoo, serve, evaluate, finetune, data)  # the order of `prism --help`
 
 
 def build_parser() -> argparse.ArgumentParser:
