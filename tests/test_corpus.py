@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from pathlib import Path
 
 import pytest
 
@@ -120,5 +121,9 @@ def test_prism_data_docstrings(tmp_path, capsys):
 def test_the_default_roots_are_this_pythons_site_packages():
     import sysconfig
 
+    import torch
+
     roots = docstrings.default_roots()
-    assert sysconfig.get_paths()["purelib"] in map(str, roots)
+    assert Path(sysconfig.get_paths()["purelib"]).resolve() in roots
+    assert any(Path(torch.__file__).resolve().is_relative_to(r) for r in roots)  # wherever torch is installed
+    assert Path(sysconfig.get_paths()["stdlib"]).resolve() == docstrings.default_roots(stdlib=True)[0]

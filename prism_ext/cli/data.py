@@ -14,7 +14,7 @@ def _docstrings(args: argparse.Namespace) -> int:
 
     if args.min_words > args.max_words:
         raise ValueError(f"--max-words: {args.max_words} is below --min-words {args.min_words}")
-    roots = [Path(r) for r in args.root] if args.root else docstrings.default_roots()
+    roots = [Path(r) for r in args.root] if args.root else docstrings.default_roots(args.stdlib)
     for r in roots:
         if not r.is_dir():
             raise ValueError(f"--root: {r} is not a folder")
@@ -46,6 +46,7 @@ def register(sub) -> None:
                     "texts of --exclude (e.g. a held-out file) are left out."), "data docstrings")
     d.add_argument("--out", required=True, help="the text file to write")
     d.add_argument("--root", action="append", help="a folder to walk instead of site-packages (repeatable)")
+    d.add_argument("--stdlib", action="store_true", help="also the standard library's modules")
     d.add_argument("--exclude", nargs="+", default=[], metavar="FILE",
                    help="text files (or folders, globs) whose lines must not appear, e.g. the held-out texts")
     d.add_argument("--min-words", type=positive, default=20, help="shortest paragraph kept (default 20 words)")

@@ -18,6 +18,7 @@ import ast
 import hashlib
 import os
 import re
+import sys
 import sysconfig
 import warnings
 from pathlib import Path
@@ -30,12 +31,17 @@ _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 _WORD = re.compile(r"^[A-Za-z][a-z'-]*[.,;:!?)]*$|^\(?[a-z]+[.,;:)]*$")
 
 
-def default_roots() -> list[Path]:
-    """This Python's site-packages (purelib, platlib), each once."""
+def default_roots(stdlib: bool = False) -> list[Path]:
+    """Every site-packages folder this Python imports from (sysconfig's
+    purelib and platlib, and those on ``sys.path``: a virtual environment
+    may chain another's), each once; with ``stdlib`` the standard library
+    first."""
     paths = sysconfig.get_paths()
-    roots = []
-    for key in ("purelib", "platlib"):
-        p = Path(paths[key])
+    candidates = ([paths["stdlib"]] if stdlib else []) + [paths["purelib"], paths["platlib"]]
+    candidates += [p for p in sys.path if p and Path(p).name in ("site-packages", "dist-packages")]
+    roots: list[Path] = []
+    for c in candidates:
+        p = Path(c).resolve()
         if p.is_dir() and p not in roots:
             roots.append(p)
     return roots
@@ -54,7 +60,8 @@ def _prose(words: list[str]) -> bool:
 def _python_files(roots: Iterable[Path]) -> Iterator[Path]:
     for root in roots:
         for folder, dirs, files in os.walk(root):  # symbolic links to folders are not followed: no cycles
-            dirs.sort()
+            # a site-packages inside a root (the standard library's) is a root of its own, or not wanted
+            dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "dist-packages", "__pycache__"))
             for name in sorted(files):
                 if name.endswith(".py"):
                     yield Path(folder, name)
