@@ -107,7 +107,8 @@ class TextCorpus:
         return read_lines(self.paths)
 
     def held_out_texts(self) -> list[str]:
-        """The reported held-out texts, each once, in the order the files give them."""
+        """The reported held-out texts, each once, in the order of their hashes
+        (so neither the order nor the number of files changes the report)."""
         if not self.held_out:
             return []
         chosen: dict[str, float] = {}
@@ -124,7 +125,7 @@ class TextCorpus:
             elif self.held_out_max is not None:
                 heapq.heappush(heap, (-key, text))
             chosen[text] = key
-        return list(chosen)
+        return sorted(chosen, key=chosen.__getitem__)
 
     def train_lines(self) -> Iterator[str]:
         """Every line that may train, in file order, lazily."""
