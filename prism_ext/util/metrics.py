@@ -24,7 +24,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["retrieval", "retrieval_per_query", "wilson", "bootstrap_mean", "Z95"]
+__all__ = ["retrieval", "retrieval_per_query", "wilson", "bootstrap_mean", "bootstrap_ratio", "Z95"]
 
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
 _CHUNK = 1024  # queries per similarity block: the corpus may hold tens of thousands of items
@@ -91,4 +91,23 @@ def bootstrap_mean(values, *, resamples: int = 2000, seed: int = 0) -> tuple[flo
         take = min(250, resamples - s)
         means[s:s + take] = v[rng.integers(0, v.size, (take, v.size))].mean(1)
     lo, hi = np.quantile(means, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def bootstrap_ratio(numerators, denominators, *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of sum(numerators) / sum(denominators),
+    resampling the items (e.g. a perplexity's per-window NLL and token count:
+    tokens of one window are not independent draws)."""
+    num, den = np.asarray(numerators, np.float64).ravel(), np.asarray(denominators, np.float64).ravel()
+    if num.size == 0 or num.shape != den.shape:
+        raise ValueError(f"values: expected two lists of one length >= 1, got {num.size} and {den.size}")
+    if num.size == 1:
+        return float(num[0] / den[0]), float(num[0] / den[0])
+    rng = np.random.default_rng(seed)
+    ratios = np.empty(resamples)
+    for s in range(0, resamples, 250):
+        take = min(250, resamples - s)
+        idx = rng.integers(0, num.size, (take, num.size))
+        ratios[s:s + take] = num[idx].sum(1) / den[idx].sum(1)
+    lo, hi = np.quantile(ratios, [0.025, 0.975])
     return float(lo), float(hi)
