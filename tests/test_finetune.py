@@ -378,3 +378,30 @@ def test_the_report_has_retrieval_beside_cosine(tmp_path, capsys):
     assert exact["nn_agreement"] == 1.0 and exact["top5_agreement"] == 1.0 and exact["recall_at_10"] == 1.0
     assert exact["nn_agreement_ci"][1] == 1.0 and exact["nn_agreement_ci"][0] < 1.0  # 8 queries: a wide interval
     assert "NN agreement" in stdout
+
+
+def test_a_streamed_corpus_resumes_exactly(tmp_path, monkeypatch):
+    """The stream is deterministic: a resumed run passes over the batches it had trained on."""
+    from pydoc_data.topics import topics
+
+    from prism_ext.inputs.corpus import TextCorpus
+
+    (tmp_path / "t.txt").write_text("\n".join(topics[k] for k in sorted(topics)[:5]))
+    m = prism_ext.load("gpt2-tiny")
+    corpus = TextCorpus.from_specs([str(tmp_path / "t.txt")], held_out=0.1)
+    recipe = ft.Recipe(task="lm", devices=(2,), crs=(4,), steps=6, batch_size=2, lr=1e-3, shuffle_buffer=16)
+    ft.finetune(m, corpus, recipe, tmp_path / "straight", quiet=True, save_every=2)
+    real = ft._lr
+
+    def stop_at_step_4(step, recipe):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real(step, recipe)
+
+    monkeypatch.setattr(ft, "_lr", stop_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(m, corpus, recipe, tmp_path / "resumed", quiet=True, save_every=2)
+    monkeypatch.setattr(ft, "_lr", real)
+    ft.finetune(m, corpus, recipe, tmp_path / "resumed", quiet=True, save_every=2, resume=True)
+    a, b = (prism_ext.load(tmp_path / d).net.named_tensors() for d in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
