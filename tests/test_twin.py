@@ -151,3 +151,26 @@ def test_write_checkpoint_refuses_its_own_directory(models):
     _, m = models["bert"]
     with pytest.raises(ValueError, match="out"):
         write_checkpoint(m.net, m.directory, m.directory)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_twin_returns_every_layers_hidden_state(models, family):
+    """hidden_states=True: one [B, N, d] per block (what `prism finetune
+    --distill-layers all` matches), the other fields unchanged; at one device
+    every layer equals transformers' own hidden states."""
+    hf, m = models[family]
+    inputs = family_inputs(family, 17)
+    cfg = RunConfig.make(len(m.net.blocks))
+    plain = twin.forward(m.net, inputs, partition(17, 1), cfg)
+    got = twin.forward(m.net, inputs, partition(17, 1), cfg, hidden_states=True)
+    layers = got.pop("hidden_states")
+    assert set(got) == set(plain) and all(torch.equal(got[k], plain[k]) for k in plain)
+    assert len(layers) == len(m.net.blocks) and all(h.shape[-1] == m.net.d for h in layers)
+    with torch.no_grad():
+        theirs = hf(**inputs, output_hidden_states=True).hidden_states[1:]  # [0] is the embeddings
+    for i, (a, b) in enumerate(zip(layers, theirs)):
+        if family == "gpt2" and i == len(layers) - 1:
+            continue  # transformers applies ln_f to GPT-2's last hidden state; ours is the block's output
+        assert _max_err(inputs, {"h": b}, {"h": a}) < TOL, i
+    prism = twin.forward(m.net, inputs, partition(17, 3), RunConfig.make(len(m.net.blocks), cr=4), hidden_states=True)
+    assert (prism["hidden_states"][-1] - layers[-1]).abs().max() > 1e-3  # compression shows at every depth

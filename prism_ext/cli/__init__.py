@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import account, bench, demo, evaluate, finetune, info, quantize, run, serve, worker, zoo
+from . import account, bench, data, demo, evaluate, finetune, info, quantize, run, serve, worker, zoo
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (info, bench, account, run, worker, demo, zoo, serve, evaluate, finetune, quantize)  # the order of `prism --help`
+# the order of `prism --help`
+COMMANDS = (info, bench, account, run, worker, demo, zoo, serve, evaluate, finetune, data, quantize)
 
 
 def build_parser() -> argparse.ArgumentParser:

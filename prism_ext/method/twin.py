@@ -77,25 +77,31 @@ def _attention_bias(part: Partition, valid: torch.Tensor, counts: torch.Tensor, 
                     owner: torch.Tensor, causal: bool, weighting: str) -> torch.Tensor:
     """[B, N, M + N] logit bias of every query over [sent rows ; own rows]."""
     B, N = valid.shape
-    pos = torch.arange(N)
-    rank = torch.cat([torch.full((stop - start,), r) for r, (start, stop) in enumerate(part.ranges)])
+    dev = valid.device
+    pos = torch.arange(N, device=dev)
+    rank = torch.cat([torch.full((stop - start,), r, device=dev) for r, (start, stop) in enumerate(part.ranges)])
     sent = count_bias(mean_weights(counts, weighting), pos if causal else None, ends if causal else None)
     sent = torch.where(owner[None, None, :] != rank[None, :, None], sent, -math.inf).expand(B, N, -1)
     own = (rank[:, None] == rank[None, :])[None] & valid[:, None, :]
     if causal:
         own &= pos[None, :] <= pos[:, None]
-    own |= torch.eye(N, dtype=torch.bool)  # a padding query sees itself: finite, and read by nobody
+    own |= torch.eye(N, dtype=torch.bool, device=dev)  # a padding query sees itself: finite, and read by nobody
     return torch.cat([sent, torch.where(own, 0.0, -math.inf)], dim=2)
 
 
-def forward(net: Network, inputs: dict, part: Partition, cfg: RunConfig, *, dropout: float = 0.0) -> dict:
+def forward(net: Network, inputs: dict, part: Partition, cfg: RunConfig, *, dropout: float = 0.0,
+            hidden_states: bool = False) -> dict:
     """PRISM over ``part`` (devices) with ``cfg`` (per-layer CR, compression
     point, mean weighting, exact rows), differentiable in every tensor of
     ``net``. ``inputs`` as the model takes them (checked). Returns the fields
     the engine returns for ``outputs=("rows", "cls")``: the per-row outputs
     (``last_hidden_state``, ``logits`` of an LM) and the [CLS] heads
     (``pooler_output``, ``logits`` of a classifier). ``dropout`` (training):
-    on the embeddings, the attention weights and both residual branches."""
+    on the embeddings, the attention weights and both residual branches.
+    ``hidden_states``: also ``hidden_states``, every block's output rows
+    [B, N, d] (first block first), what per-layer distillation matches.
+    The twin runs on the device of ``net``'s tensors (``inputs`` stay on the
+    CPU, where they are checked); its outputs are on that device."""
     if net.weight_dtype != "fp32":
         raise ValueError(f"weight_dtype: the twin trains fp32 weights; this model's are {net.weight_dtype} "
                          f"(fine-tune the fp32 checkpoint, then quantize the result)")
@@ -109,13 +115,18 @@ def forward(net: Network, inputs: dict, part: Partition, cfg: RunConfig, *, drop
     if part.length != N:
         raise ValueError(f"part: covers {part.length} positions, the input has {N}")
     drop = (lambda t: F.dropout(t, dropout, training=True)) if dropout else None
+    dev = net.blocks[0].wqkv.device
+    # which rows are exact and how rows are grouped is bookkeeping on the CPU; the rows themselves live on dev
+    static = cfg.exact_rows.static_mask(inputs, 0, batch, N) if cfg.exact_rows else None
+    valid_cpu = net.valid(inputs)
+    valid_cpu = torch.ones(batch, N, dtype=torch.bool) if valid_cpu is None else valid_cpu
+    valid = valid_cpu.to(dev)
+    inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
     x = net.embed(net.local_inputs(inputs, 0, N), 0, N)
     x = x if drop is None else drop(x)
-    valid = net.valid(inputs)
-    valid = torch.ones(batch, N, dtype=torch.bool) if valid is None else valid
-    static = cfg.exact_rows.static_mask(inputs, 0, batch, N) if cfg.exact_rows else None
-    pos = torch.arange(N)
+    pos = torch.arange(N, device=dev)
+    layers = []
     for blk, cr in zip(net.blocks, cfg.crs):
         heads, kv_heads, dh = blk.heads, blk.kv_heads, blk.head_dim
         a = blk.attn_input(x)
@@ -126,12 +137,15 @@ def forward(net: Network, inputs: dict, part: Partition, cfg: RunConfig, *, drop
             src = {"attn_input": a, "hidden": x, "kv": qkv[..., blk.q_width:]}[cfg.compression_point]
             exact = None
             if static is not None:  # top-k rows are chosen per device, as each device does
-                exact = torch.cat([cfg.exact_rows.mask(static[:, s:e], x[:, s:e].detach(), valid[:, s:e])
+                rows_cpu = x.detach().cpu()
+                exact = torch.cat([cfg.exact_rows.mask(static[:, s:e], rows_cpu[:, s:e], valid_cpu[:, s:e])
                                    for s, e in part.ranges], dim=1)
-            slot, counts, ends, owner = layer_layout(part, cr, valid, exact,
-                                                     src if cfg.exact_rows.adaptive else None)
+            layout = layer_layout(part, cr, valid_cpu, exact,
+                                  src.detach().cpu() if cfg.exact_rows.adaptive else None)
+            slot, counts, ends, owner = (t.to(dev) for t in layout)
             M = counts.shape[1]
-            average = torch.zeros(batch, M + 1, N).scatter_(1, torch.where(slot < 0, M, slot)[:, None, :], 1.0)
+            average = torch.zeros(batch, M + 1, N, device=dev).scatter_(
+                1, torch.where(slot < 0, M, slot)[:, None, :], 1.0)
             average = average[:, :M] / counts.clamp(min=1)[..., None]
             rows = average @ src
             if cfg.sends_kv:  # the means of own keys and values are the keys and values
@@ -143,8 +157,9 @@ def forward(net: Network, inputs: dict, part: Partition, cfg: RunConfig, *, drop
             k, v = torch.cat([kv[..., :w], k], dim=1), torch.cat([kv[..., w:], v], dim=1)
             bias = _attention_bias(part, valid, counts, ends, owner, net.causal, cfg.mean_weighting)
         elif net.causal or not bool(valid.all()):
-            bias = _attention_bias(part, valid, torch.zeros(batch, 0), torch.zeros(batch, 0, dtype=torch.long),
-                                   torch.zeros(0, dtype=torch.long), net.causal, cfg.mean_weighting)
+            bias = _attention_bias(part, valid, torch.zeros(batch, 0, device=dev),
+                                   torch.zeros(batch, 0, dtype=torch.long, device=dev),
+                                   torch.zeros(0, dtype=torch.long, device=dev), net.causal, cfg.mean_weighting)
 
         def split(t, h):
             return t.reshape(batch, t.shape[1], h, dh).transpose(1, 2)
@@ -156,5 +171,9 @@ def forward(net: Network, inputs: dict, part: Partition, cfg: RunConfig, *, drop
                                               enable_gqa=kv_heads != heads)
         x = blk.finish_attention(x, attn.transpose(1, 2).reshape(batch, N, blk.q_width), drop)
         x = blk.mlp(x, drop)
+        layers.append(x)
     rows = net.row_outputs(x)
-    return {**rows, **net.cls_outputs(rows)}
+    out = {**rows, **net.cls_outputs(rows)}
+    if hidden_states:
+        out["hidden_states"] = tuple(layers)
+    return out
