@@ -176,7 +176,7 @@ class PrismModel:
     def generate(self, input_ids, *, devices: int | None = None, options: RunOptions | None = None,
                  max_new_tokens: int = 20, temperature: float = 0.0, top_k: int | None = None,
                  seed: int | None = None, eos_token_id: int | None = None, return_stats: bool = False,
-                 on_token=None, **kwargs):
+                 on_token=None, top_p: float | None = None, **kwargs):
         """GPT-2 generation: distributed prefill over ``devices``, then decoding
         on the last device from its kept K/V (own rows and earlier partitions'
         means), with no communication per generated token. ``options`` and
@@ -185,13 +185,18 @@ class PrismModel:
         streams them to rank 0).
 
         ``temperature`` 0 is greedy; > 0 samples from softmax(logits / T),
-        restricted to the ``top_k`` most likely tokens if given, with a
-        ``torch.Generator`` seeded by ``seed``. Sequences that emit
+        restricted to the ``top_k`` most likely tokens, then to the ``top_p``
+        nucleus, if given (as transformers composes them), row b of the
+        batch with a ``torch.Generator`` seeded by
+        ``prism_ext.method.engine.sample_seed(seed, b)`` (row 0: ``seed``
+        itself), so the rows of a repeated prompt are independent samples.
+        Sequences that emit
         ``eos_token_id`` continue with it (like HF padding with eos). Returns
         the ids [B, N + new tokens], and with ``return_stats`` also
         ``(prefill RunStats, DecodeStats)`` (per generated token after the first).
         """
-        sampling = GenerateOptions(max_new_tokens, temperature, top_k, seed, eos_token_id, on_token is not None)
+        sampling = GenerateOptions(max_new_tokens, temperature, top_k, seed, eos_token_id, on_token is not None,
+                                   top_p)
         devices, options = self.executor.resolve(devices, run_options(options, **kwargs))
         inputs, request = self._generate_request(input_ids, devices, options, sampling)
         collected = self.executor.execute(self.net, inputs, request, on_token)

@@ -30,9 +30,16 @@ class CompletionRequest(Settings):
     max_tokens: int = 16
     temperature: float = 0.0
     top_k: int | None = None
+    top_p: float | None = None
+    n: int = 1
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    logprobs: int | None = None  # refused unless null: the cluster does not send log-probabilities back
+    # Accepted and ignored, as llama.cpp's server documents its ignored fields (docs/serve.md)
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
 
 
 class EmbeddingRequest(Settings):

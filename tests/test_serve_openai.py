@@ -1,0 +1,72 @@
+"""`prism serve` as the official openai client talks to it (issue 25): the
+fields clients send by default, prompt lists and token-id inputs,
+sentence-transformers embeddings, and errors raised as the matching
+exception class. The servers are real `prism serve` processes (test_serve's)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import openai  # the test extra
+
+from prism_ext.method.engine import sample_seed  # noqa: E402
+from test_serve import KEY, PROMPT, gpt_server  # noqa: E402,F401  (gpt_server: the fixture)
+
+
+def client_of(server, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=kw.pop("api_key", KEY), max_retries=0, **kw)
+
+
+# ------------------------------------------------------------ item 1: sampling fields
+
+class TestSamplingFields:
+    def test_n_samples_with_top_p_equal_the_simulation(self, gpt_server, gpt):
+        c = client_of(gpt_server)
+        kw = dict(model="gpt2-tiny", prompt=PROMPT, max_tokens=10, temperature=0.9, top_p=0.8, seed=5)
+        r = c.completions.create(n=3, user="someone", presence_penalty=0.5, frequency_penalty=-0.5, **kw)
+        assert [ch.index for ch in r.choices] == [0, 1, 2]
+        ids = torch.tensor([gpt.tokenizer.encode(PROMPT)])
+        for b, ch in enumerate(r.choices):  # choice b: the sample with sample_seed(5, b), as the model face makes it
+            want = gpt.generate(ids, devices=2, cr=2, max_new_tokens=10, temperature=0.9, top_p=0.8,
+                                seed=sample_seed(5, b))[0, ids.shape[1]:]
+            assert ch.text == gpt.tokenizer.decode(want.tolist())
+        assert len({ch.text for ch in r.choices}) > 1
+        one = c.completions.create(n=1, **kw)
+        assert one.choices[0].text == r.choices[0].text  # sample 0 is the n=1 answer
+        assert r.usage.completion_tokens == 30
+
+    def test_top_p_changes_what_is_sampled(self, gpt_server):
+        c = client_of(gpt_server)
+        kw = dict(model="gpt2-tiny", prompt=PROMPT, max_tokens=12, temperature=1.5, seed=3)
+        wide = c.completions.create(**kw).choices[0].text
+        narrow = c.completions.create(top_p=0.05, **kw).choices[0].text
+        greedy = c.completions.create(model="gpt2-tiny", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
+        assert narrow == greedy != wide  # a nucleus of 5% is the most likely token alone
+
+    def test_streamed_samples_equal_the_whole_answer(self, gpt_server):
+        c = client_of(gpt_server)
+        kw = dict(model="gpt2-tiny", prompt=PROMPT, max_tokens=8, temperature=1.0, top_p=0.9, seed=9, n=2)
+        whole = c.completions.create(**kw)
+        texts = {0: "", 1: ""}
+        reasons = {}
+        for chunk in c.completions.create(stream=True, **kw):
+            for ch in chunk.choices:
+                texts[ch.index] += ch.text
+                if ch.finish_reason is not None:
+                    reasons[ch.index] = ch.finish_reason
+        assert texts == {ch.index: ch.text for ch in whole.choices}
+        assert reasons == {0: "length", 1: "length"}
+
+    @pytest.mark.parametrize("kw,param", [
+        ({"logprobs": 1}, "logprobs"), ({"logprobs": 0}, "logprobs"),
+        ({"top_p": 1.5}, "top_p"), ({"top_p": -0.1}, "top_p"),
+        ({"n": 0}, "n"), ({"n": 33}, "n"),  # --max-inputs 32
+        ({"presence_penalty": 3}, "presence_penalty"), ({"frequency_penalty": -2.5}, "frequency_penalty"),
+        ({"user": 7}, "user"),
+    ])
+    def test_refused_values_name_the_field(self, gpt_server, kw, param):
+        c = client_of(gpt_server)
+        with pytest.raises(openai.BadRequestError) as err:
+            c.completions.create(model="gpt2-tiny", prompt=PROMPT, max_tokens=4, **kw)
+        assert err.value.param == param and err.value.status_code == 400
