@@ -5,13 +5,14 @@ exception class. The servers are real `prism serve` processes (test_serve's)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import openai  # the test extra
 
 from prism_ext.method.engine import sample_seed  # noqa: E402
-from test_serve import KEY, PROMPT, gpt_server  # noqa: E402,F401  (gpt_server: the fixture)
+from test_serve import KEY, PROMPT, TEXTS, bert_dir, bert_server, gpt_server, ids_of  # noqa: F401  (fixtures)
 
 
 def client_of(server, **kw) -> openai.OpenAI:
@@ -70,3 +71,63 @@ class TestSamplingFields:
         with pytest.raises(openai.BadRequestError) as err:
             c.completions.create(model="gpt2-tiny", prompt=PROMPT, max_tokens=4, **kw)
         assert err.value.param == param and err.value.status_code == 400
+
+
+# ------------------------------------------------ item 2: prompt lists, token ids
+
+OTHER = "A list of prompts gets one choice"
+
+
+class TestInputForms:
+    def test_a_list_of_prompts_numbers_choices_prompt_by_sample(self, gpt_server, gpt):
+        c = client_of(gpt_server)
+        kw = dict(model="gpt2-tiny", max_tokens=6, temperature=0.8, seed=21)
+        r = c.completions.create(prompt=[PROMPT, OTHER], n=2, **kw)
+        assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+        for p, prompt in enumerate([PROMPT, OTHER]):
+            alone = c.completions.create(prompt=prompt, n=2, **kw)
+            assert [ch.text for ch in r.choices[2 * p:2 * p + 2]] == [ch.text for ch in alone.choices]
+        assert r.usage.prompt_tokens == sum(len(gpt.tokenizer.encode(p)) for p in (PROMPT, OTHER))
+
+    def test_token_ids_are_prompts(self, gpt_server, gpt):
+        c = client_of(gpt_server)
+        ids, other = gpt.tokenizer.encode(PROMPT), gpt.tokenizer.encode(OTHER)
+        text = c.completions.create(model="gpt2-tiny", prompt=PROMPT, max_tokens=8).choices[0].text
+        assert c.completions.create(model="gpt2-tiny", prompt=ids, max_tokens=8).choices[0].text == text
+        two = c.completions.create(model="gpt2-tiny", prompt=[ids, other], max_tokens=8)
+        assert two.choices[0].text == text and two.choices[1].index == 1
+        assert two.choices[1].text == c.completions.create(model="gpt2-tiny", prompt=OTHER,
+                                                           max_tokens=8).choices[0].text
+
+    @pytest.mark.parametrize("prompt,param", [
+        ([5, 6, 256], "prompt"),  # gpt2-tiny's vocabulary is 256 byte tokens
+        ([5, -1, 7], "prompt"),
+        ([[5, 6, 7], [5, 300]], "prompt[1]"),
+        ([[5, 6, 7], []], "prompt[1]"),
+        ([7] * 129, "prompt"),  # 128 positions
+        ([[7] * 120], "max_tokens"),  # 120 + 16 new tokens do not fit
+        ([PROMPT] * 33, "prompt"),  # --max-inputs 32
+    ])
+    def test_bad_token_ids_name_the_field(self, gpt_server, prompt, param):
+        with pytest.raises(openai.BadRequestError) as err:
+            client_of(gpt_server).completions.create(model="gpt2-tiny", prompt=prompt, max_tokens=16)
+        assert err.value.param == param, err.value.message
+
+    def test_prompts_times_n_within_the_limit(self, gpt_server):
+        with pytest.raises(openai.BadRequestError) as err:
+            client_of(gpt_server).completions.create(model="gpt2-tiny", prompt=[PROMPT] * 4, n=9, max_tokens=2)
+        assert err.value.param == "n"
+
+    def test_token_ids_are_embedding_inputs(self, bert_server, bert_dir):
+        c = client_of(bert_server)  # the client asks for base64 and decodes it
+        text = c.embeddings.create(model=str(bert_dir), input=TEXTS[0]).data[0].embedding
+        ids = c.embeddings.create(model=str(bert_dir), input=ids_of(TEXTS[0])).data[0].embedding
+        np.testing.assert_allclose(ids, text, rtol=0, atol=1e-6)
+        both = c.embeddings.create(model=str(bert_dir), input=[ids_of(TEXTS[0]), ids_of(TEXTS[1])]).data
+        np.testing.assert_allclose(both[0].embedding, text, rtol=0, atol=1e-5)
+        floats = c.embeddings.create(model=str(bert_dir), input=[ids_of(TEXTS[1])], encoding_format="float").data
+        np.testing.assert_allclose(both[1].embedding, floats[0].embedding, rtol=0, atol=1e-5)
+        for bad, param in (([1, 2, 256], "input"), ([[1, 2], [999]], "input[1]"), ([[]], "input[0]")):
+            with pytest.raises(openai.BadRequestError) as err:
+                c.embeddings.create(model=str(bert_dir), input=bad)
+            assert err.value.param == param

@@ -25,8 +25,12 @@ class Settings(pydantic.BaseModel):
     mode: str | None = None
 
 
+# A text, texts, one sequence of token ids, or sequences of them (the OpenAI API's input forms).
+Inputs = str | list[str] | list[int] | list[list[int]]
+
+
 class CompletionRequest(Settings):
-    prompt: str
+    prompt: Inputs
     max_tokens: int = 16
     temperature: float = 0.0
     top_k: int | None = None
@@ -43,7 +47,7 @@ class CompletionRequest(Settings):
 
 
 class EmbeddingRequest(Settings):
-    input: str | list[str]
+    input: Inputs
     encoding_format: str = "float"
 
 

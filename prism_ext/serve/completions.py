@@ -102,7 +102,7 @@ async def completions(request: Request, v: Validator):
     v.needs("completions")
     settings = v.settings(req, "completions")
     stops = _check(req, v)
-    prompts = await run_in_threadpool(v.texts, req.prompt, "completions", req.max_tokens)
+    prompts = await run_in_threadpool(v.sequences, req.prompt, "completions", req.max_tokens)
     if len(prompts) * req.n > v.options.max_inputs:
         raise BadRequest(f"n: {len(prompts)} prompts x {req.n} samples exceed the server's --max-inputs "
                          f"{v.options.max_inputs}", "n")

@@ -24,7 +24,7 @@ async def embeddings(request: Request, v: Validator):
         raise BadRequest(f"encoding_format: expected float or base64, got {req.encoding_format!r}",
                          "encoding_format")
     settings = v.settings(req, "embeddings")
-    seqs = await run_in_threadpool(v.texts, req.input, "embeddings")
+    seqs = await run_in_threadpool(v.sequences, req.input, "embeddings")
     for i, s in enumerate(seqs):
         v.check_plan({"input_ids": torch.tensor([s])}, settings, "embeddings", item("input", req.input, i),
                      outputs=("pooled",))
@@ -57,7 +57,7 @@ async def _texts(request: Request, v: Validator):
         raise BadRequest(f"image: {v.model.model_type} takes text: send JSON with `input`", "image")
     req = parse(ClassifyRequest, await read_json(request, v.options))
     settings = v.settings(req, "classify")
-    inputs = await run_in_threadpool(v.texts, req.input, "classify")
+    inputs = await run_in_threadpool(v.sequences, req.input, "classify")
     for i, s in enumerate(inputs):
         v.check_plan({"input_ids": torch.tensor([s])}, settings, "classify", item("input", req.input, i),
                      outputs=("cls",))
