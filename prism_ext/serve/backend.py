@@ -275,7 +275,6 @@ class Backend:
     def _forward(self, batch: list[Job]) -> None:
         c = self.cluster
         endpoint = batch[0].endpoint
-        outputs = ("pooled",) if endpoint == "embeddings" else ("cls",)
         sequences = [x for job in batch for x in job.inputs]
         if isinstance(sequences[0], torch.Tensor):
             inputs = {"pixel_values": torch.cat(sequences)}
@@ -290,9 +289,13 @@ class Backend:
             if not bool(mask.all()):
                 inputs["attention_mask"] = mask
         t0 = time.monotonic()
-        out = c.model(inputs, options=batch[0].settings.replace(outputs=outputs))
+        if endpoint == "embeddings":  # the checkpoint's sentence-transformers pipeline, as every caller gets it
+            out = c.model.embed(inputs, options=batch[0].settings)
+            rows = out["embeddings"]
+        else:
+            out = c.model(inputs, options=batch[0].settings.replace(outputs=("cls",)))
+            rows = out["logits"]
         seconds = time.monotonic() - t0
-        rows = out["mean_pooled"] if endpoint == "embeddings" else out["logits"]
         stats = prism_stats(out.stats)
         stats["batch"] = {"requests": len(batch), "sequences": len(sequences),
                           "positions": int(next(iter(inputs.values())).shape[1]) if "input_ids" in inputs

@@ -49,6 +49,8 @@ class CompletionRequest(Settings):
 class EmbeddingRequest(Settings):
     input: Inputs
     encoding_format: str = "float"
+    dimensions: int | None = None  # only the model's own size: embeddings are not truncated
+    user: str | None = None  # accepted and ignored (docs/serve.md)
 
 
 class ClassifyRequest(Settings):

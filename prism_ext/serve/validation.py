@@ -138,9 +138,19 @@ class Validator:
         if endpoint == "embeddings" and m.model_type == "vit":
             raise BadRequest(f"model: /v1/embeddings takes text; {name!r} is a ViT (use /v1/classify "
                              f"with an image)", "model")
+        if endpoint == "embeddings":
+            try:
+                m.sentence_pooling
+            except ValueError as exc:
+                raise BadRequest(f"model: /v1/embeddings cannot follow {name!r}'s pipeline: {exc}", "model") from None
         if endpoint == "classify" and self.net.head != "classification":
             raise BadRequest(f"model: /v1/classify needs a classification head; {name!r} is "
                              f"{m.model_type} ({self.net.head} head)", "model")
+
+    @property
+    def embedding_size(self) -> int:
+        """The length of this model's embeddings (the pooling modes concatenated)."""
+        return self.net.d * len(self.model.sentence_pooling.modes)
 
     def served(self) -> list[str]:
         """The endpoints the model serves."""
