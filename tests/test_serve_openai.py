@@ -6,6 +6,9 @@ exception class. The servers are real `prism serve` processes (test_serve's)."""
 from __future__ import annotations
 
 import base64
+import concurrent.futures
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -175,3 +178,54 @@ class TestSentenceEmbeddings:
             c.embeddings.create(model=name, input=self.SENTENCES[0], dimensions=128)
         assert err.value.param == "dimensions"
 
+
+# ------------------------------------------------ item 4: errors as the client's exceptions
+
+def test_every_error_status_raises_the_matching_client_exception(tmp_path, gpt):
+    """400, 401, 404, 413, 429 and 503 from a real server, through the
+    official client: its exception class, status, param and code."""
+    s = Server(tmp_path, "--model", "gpt2-tiny", "--devices", "2", "--max-queue", "1", "--max-body", "4096",
+               "--max-tokens", "32")
+    c = client_of(s)
+    try:
+        def raised(kind, call):
+            with pytest.raises(kind) as err:
+                call()
+            return err.value
+
+        e = raised(openai.BadRequestError, lambda: c.completions.create(model="gpt2-tiny", prompt=PROMPT, max_tokens=33))
+        assert (e.status_code, e.param, e.code, e.type) == (400, "max_tokens", "invalid_value", "invalid_request_error")
+        e = raised(openai.AuthenticationError, lambda: client_of(s, api_key="wrong").completions.create(
+            model="gpt2-tiny", prompt=PROMPT))
+        assert (e.status_code, e.param, e.code) == (401, "Authorization", "invalid_api_key")
+        e = raised(openai.NotFoundError, lambda: c.completions.create(model="gpt-4", prompt=PROMPT))
+        assert (e.status_code, e.param, e.code) == (404, "model", "model_not_found")
+        e = raised(openai.NotFoundError, lambda: c.models.retrieve("gpt2-tiny"))  # no such path here
+        assert e.param == "path"
+        e = raised(openai.APIStatusError, lambda: c.completions.create(model="gpt2-tiny", prompt="a" * 5000))
+        assert (e.status_code, e.param, e.code) == (413, "body", "request_too_large")
+        assert e.message.startswith("Error code: 413") and "4096" in e.message
+
+        # 429: the only worker stopped, one request runs (blocked on it) and one waits, so of three at once
+        # at least one finds the queue (--max-queue 1) full. All are sent within the 5 s a heartbeat may lapse.
+        [worker] = s.workers
+        pool = concurrent.futures.ThreadPoolExecutor(3)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            calls = [pool.submit(client_of(s, timeout=60).completions.create, model="gpt2-tiny", prompt=PROMPT,
+                                 max_tokens=2) for _ in range(3)]
+            limited = next(f.exception() for f in concurrent.futures.as_completed(calls)
+                           if isinstance(f.exception(), openai.RateLimitError))
+        finally:
+            os.kill(worker, signal.SIGCONT)  # the calls still waiting finish before the pool closes
+            pool.shutdown(wait=True)
+        assert (limited.status_code, limited.code, limited.type) == (429, "rate_limit_exceeded", "rate_limit_error")
+        assert limited.response.headers["retry-after"] == "1" and limited.message.startswith("Error code: 429")
+
+        os.kill(worker, signal.SIGKILL)  # 503: a lost rank
+        e = raised(openai.InternalServerError, lambda: c.completions.create(model="gpt2-tiny", prompt=PROMPT,
+                                                                             max_tokens=2))
+        assert (e.status_code, e.code, e.type) == (503, "service_unavailable", "service_unavailable")
+        assert "rank 1 lost" in e.message
+    finally:
+        s.stop()
