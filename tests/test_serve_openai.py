@@ -16,7 +16,7 @@ import torch
 
 import openai  # the test extra
 
-from prism_ext.method.engine import sample_seed  # noqa: E402
+from prism_ext.method.engine import sample_seed
 from test_serve import KEY, PROMPT, TEXTS, Server, bert_dir, bert_server, gpt_server, ids_of  # noqa: F401  (fixtures)
 
 
