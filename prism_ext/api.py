@@ -117,6 +117,38 @@ class PrismModel:
         return load_tokenizer(self.directory, model_input_names=self.net.input_names)
 
     @functools.cached_property
+    def sentence_pooling(self):
+        """How :meth:`embed` pools token rows into one embedding
+        (:class:`prism_ext.inputs.pooling.SentencePooling`): the checkpoint's
+        sentence-transformers pipeline when it has a ``modules.json`` (its
+        ``1_Pooling`` modes, and unit length after a ``Normalize``), else the
+        mean over valid tokens; read on first use."""
+        from .inputs.pooling import SentencePooling
+
+        return SentencePooling.from_folder(self.directory)
+
+    @torch.no_grad()
+    def embed(self, inputs=None, *, devices: int | None = None, options: RunOptions | None = None,
+              **kwargs) -> PrismOutput:
+        """Sentence embeddings as sentence-transformers makes them for this
+        checkpoint (:attr:`sentence_pooling`), from a run over ``devices``
+        devices (arguments as for a call; ``outputs`` is chosen here: only
+        the rows' sums and counts travel for mean pooling). Returns a
+        PrismOutput with ``embeddings`` [B, D] and ``stats``."""
+        inputs, options = self.split_arguments(inputs, options, kwargs)
+        pooling = self.sentence_pooling
+        out = self(inputs, devices=devices, options=options.replace(outputs=pooling.outputs))
+        batch, n = self.net.check_inputs(inputs)
+        mask = inputs.get("attention_mask")
+        if mask is None:  # every position is valid (image patches too)
+            mask = torch.ones(batch, n, dtype=torch.long)
+        if "mean_pooled" in out:
+            emb = pooling.from_means(out.mean_pooled, mask.sum(1))
+        else:
+            emb = pooling(out.last_hidden_state, mask)
+        return PrismOutput({"embeddings": emb}, out.stats)
+
+    @functools.cached_property
     def image_processor(self):
         """The checkpoint's image processor (:class:`prism_ext.inputs.images.ImageProcessor`,
         from its ``preprocessor_config.json``): ``m.image_processor(images)``
@@ -200,7 +232,7 @@ class PrismModel:
     def generate(self, input_ids, *, devices: int | None = None, options: RunOptions | None = None,
                  max_new_tokens: int = 20, temperature: float = 0.0, top_k: int | None = None,
                  seed: int | None = None, eos_token_id=None, return_stats: bool = False,
-                 on_token=None, **kwargs):
+                 on_token=None, top_p: float | None = None, **kwargs):
         """GPT-2 generation: distributed prefill over ``devices``, then decoding
         on the last device from its kept K/V (own rows and earlier partitions'
         means), with no communication per generated token. ``options`` and
@@ -209,19 +241,24 @@ class PrismModel:
         streams them to rank 0).
 
         ``temperature`` 0 is greedy; > 0 samples from softmax(logits / T),
-        restricted to the ``top_k`` most likely tokens if given, with a
-        ``torch.Generator`` seeded by ``seed``. Sequences that emit one of
-        ``eos_token_id`` (an id or a sequence of ids; None: the checkpoint's,
-        :attr:`eos_ids`; ``()``: never stop) continue with the first of them
-        (like HF padding with eos) and decoding ends when every sequence has. Returns
-        the ids [B, N + new tokens], and with ``return_stats`` also
+        restricted to the ``top_k`` most likely tokens, then to the ``top_p``
+        nucleus, if given (as transformers composes them), row b of the
+        batch with a ``torch.Generator`` seeded by
+        ``prism_ext.method.engine.sample_seed(seed, b)`` (row 0: ``seed``
+        itself), so the rows of a repeated prompt are independent samples.
+        Sequences that emit one of ``eos_token_id`` (an id or a sequence of
+        ids; None: the checkpoint's, :attr:`eos_ids`; ``()``: never stop)
+        continue with the first of them (like HF padding with eos) and
+        decoding ends when every sequence has. Returns the ids
+        [B, N + new tokens], and with ``return_stats`` also
         ``(prefill RunStats, DecodeStats)`` (per generated token after the first).
         """
         if eos_token_id is None:
             eos_token_id = self.eos_ids or None
         elif isinstance(eos_token_id, (list, tuple)) and not eos_token_id:
             eos_token_id = None
-        sampling = GenerateOptions(max_new_tokens, temperature, top_k, seed, eos_token_id, on_token is not None)
+        sampling = GenerateOptions(max_new_tokens, temperature, top_k, seed, eos_token_id, on_token is not None,
+                                   top_p)
         devices, options = self.executor.resolve(devices, run_options(options, **kwargs))
         inputs, request = self._generate_request(input_ids, devices, options, sampling)
         collected = self.executor.execute(self.net, inputs, request, on_token)

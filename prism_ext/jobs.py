@@ -151,8 +151,8 @@ def _text_groups(ids: list[list[int]], generating: bool) -> list[list[int]]:
 def run_text(model: PrismModel, text: str, *, devices: int = 4, options: RunOptions | None = None,
              max_new_tokens: int = 40, compare: bool = True, quiet: bool = True, **kwargs) -> dict:
     """GPT-2: generate ``max_new_tokens`` greedily after ``text`` (0: one forward
-    pass, next-token prediction). BERT: sentence embedding (mean over tokens),
-    and the class when the checkpoint has a classifier. ``options`` and
+    pass, next-token prediction). BERT: sentence embedding (the checkpoint's
+    sentence-transformers pooling; by default the mean over tokens), and the class when the checkpoint has a classifier. ``options`` and
     keywords: how it runs (:class:`RunOptions`; CR 4 unless given). The
     devices are ``model``'s executor's: simulated, or a live cluster's
     processes for a model :func:`prism_ext.cluster` returned."""
@@ -243,7 +243,9 @@ def run_text_batch(model: PrismModel, texts: list[str], *, devices: int = 4, opt
 
 def _text_outputs(model: PrismModel, out, mask: torch.Tensor) -> list[dict]:
     """Per text of a (right-padded) batch: GPT-2's next-token predictions over
-    its own tokens; BERT's embedding (the mean over its tokens) and class."""
+    its own tokens; BERT's embedding (the checkpoint's sentence-transformers
+    pooling, :attr:`PrismModel.sentence_pooling`: by default the mean over
+    its tokens) and class."""
     results = []
     for row, valid in enumerate(mask.bool()):
         n = int(valid.sum())
@@ -252,7 +254,7 @@ def _text_outputs(model: PrismModel, out, mask: torch.Tensor) -> list[dict]:
             results.append({"next_token_id": top1[-1], "next_token": model.tokenizer.decode(top1[-1:]),
                             "top1_ids": top1})
             continue
-        emb = out.last_hidden_state[row][valid].mean(0)
+        emb = model.sentence_pooling(out.last_hidden_state[row:row + 1], valid[None])[0]
         res = {"embedding_dim": int(emb.numel()), "embedding": emb.tolist()}
         if "logits" in out:
             res.update(class_output(model.config, out.logits[row]))

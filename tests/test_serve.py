@@ -179,7 +179,8 @@ class TestCompletions:
         assert run(wire_dtype="fp16")["wire_dtype"] == "fp16"
 
     @pytest.mark.parametrize("body,status,param", [
-        ({"prompt": PROMPT, "max_tokens": 4, "top_p": 0.9}, 400, "top_p"),
+        ({"prompt": PROMPT, "max_tokens": 4, "top_p": 1.5}, 400, "top_p"),
+        ({"prompt": PROMPT, "max_tokens": 4, "best_of": 2}, 400, "best_of"),
         ({"prompt": "", "max_tokens": 4}, 400, "prompt"),
         ({"prompt": "x" * 200, "max_tokens": 4}, 400, "prompt"),  # the model has 128 positions
         ({"prompt": "x" * 100, "max_tokens": 60}, 400, "max_tokens"),

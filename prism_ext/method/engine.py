@@ -392,6 +392,7 @@ class GenerateOptions:
     seed: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None  # one id or several (Llama 3 has more than one)
     stream: bool = False  # the last device sends each new token to rank 0 as it is decoded
+    top_p: float | None = None  # nucleus sampling: the smallest set of tokens whose probability reaches top_p
 
     def __post_init__(self):
         def whole(v, name, low, none_ok=False, high=2**62):
@@ -417,6 +418,9 @@ class GenerateOptions:
             whole(eos, "eos_token_id", 0, none_ok=True, high=2**31 - 1)
         if not isinstance(self.stream, bool):
             raise ValueError(f"stream: expected a bool, got {self.stream!r}")
+        p = self.top_p
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1):
+            raise ValueError(f"top_p: expected a number in [0, 1] or None, got {p!r}")
 
 
 def peak_rss() -> int:
@@ -728,9 +732,10 @@ def generate_request(net: Network, local: dict, part: Partition, rank: int, tran
     no communication per token) and sends the new tokens to rank 0.
 
     ``temperature`` 0 is greedy; > 0 samples from softmax(logits / T),
-    restricted to the ``top_k`` most likely tokens if given, with a
-    ``torch.Generator`` seeded by ``seed``. Sequences that emit
-    ``eos_token_id`` continue with it (like HF padding with eos).
+    restricted to the ``top_k`` most likely tokens and then to the ``top_p``
+    nucleus if given (:func:`warp_logits`), row b with a ``torch.Generator``
+    seeded by ``sample_seed(seed, b)``. Sequences that emit ``eos_token_id``
+    continue with it (like HF padding with eos).
 
     With ``options.stream`` the last device also sends each step's tokens to
     rank 0 as soon as they are picked (the transport's point-to-point
@@ -818,14 +823,16 @@ def _decode(net: Network, state: DecodeState, n: int, logits: torch.Tensor, opti
     """The decoding loop of the last device: returns the new tokens [B, T];
     ``emit(tokens [B], done)`` is called after every step, and ``proceed()``
     after computing the next one (False: end with the tokens emitted so far)."""
-    gen = None if options.seed is None else torch.Generator().manual_seed(options.seed)
+    # one generator per row: a row's sample depends on its seed alone, not on the rows beside it
+    gen = None if options.seed is None else [torch.Generator().manual_seed(sample_seed(options.seed, b))
+                                             for b in range(logits.shape[0])]
     eos = options.eos_token_id
     eos = None if eos is None else torch.tensor(eos if isinstance(eos, tuple) else (eos,))
     done = torch.zeros(logits.shape[0], dtype=torch.bool)
     new: list[torch.Tensor] = []
     stats = DecodeStats()
     for step in range(options.max_new_tokens):
-        token = _pick(logits, options.temperature, options.top_k, gen)
+        token = _pick(logits, options, gen)
         if eos is not None:  # finished sequences continue with the first eos id (transformers pads with it)
             token = torch.where(done, torch.full_like(token, int(eos[0])), token)
             done |= torch.isin(token, eos)
@@ -846,19 +853,48 @@ def _decode(net: Network, state: DecodeState, n: int, logits: torch.Tensor, opti
     return torch.stack(new, dim=1), stats
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen) -> torch.Tensor:
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    # softmax(logits / T) for any finite T > 0: shifted so the largest is 0
-    # (every scaled value is <= 0, so none overflows to inf), in float64, where
-    # every positive Python float is non-zero (in float32, T = 1e-300 is 0 and
-    # 0 / 0 is NaN). A T far below the logits' gaps gives the greedy token.
+def sample_seed(seed: int, row: int) -> int:
+    """The seed of row ``row`` of a sampled generation seeded by ``seed``:
+    ``seed`` itself for row 0 (a one-row generation is unchanged), and for
+    the others a distinct value in torch.Generator's range (Weyl steps of
+    the golden ratio, as SplitMix64 spaces its streams)."""
+    return seed if row == 0 else (seed + row * 0x9E3779B97F4A7C15) % 2**64
+
+
+def warp_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                top_p: float | None = None) -> torch.Tensor:
+    """The logits sampling draws from, as transformers composes its warpers:
+    divided by ``temperature`` (> 0), then all but the ``top_k`` largest set
+    to -inf, then all but the nucleus (the most likely tokens whose softmax
+    reaches ``top_p``; at least one) set to -inf. Float64 [B, V].
+
+    The logits are shifted so the largest is 0 first, in float64, where every
+    positive Python float is non-zero (in float32, T = 1e-300 is 0 and 0 / 0
+    is NaN): no scaled value overflows, and a T far below the logits' gaps
+    gives the greedy token."""
     z = logits.double()
     z = (z - z.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < z.shape[-1]:
         kth = z.topk(top_k, dim=-1).values[:, -1:]
         z = z.masked_fill(z < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(z, dim=-1), 1, generator=gen)[:, 0]
+    if top_p is not None and top_p < 1:
+        # transformers' TopPLogitsWarper: ascending sort, drop the tail whose mass is <= 1 - top_p, keep the top one
+        ordered, order = torch.sort(z, descending=False)
+        drop = ordered.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop[..., -1:] = False
+        z = z.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return z
+
+
+def _pick(logits: torch.Tensor, options: GenerateOptions, gen: list | None) -> torch.Tensor:
+    """The next token of every row: greedy at temperature 0, else sampled
+    from :func:`warp_logits` (row b with ``gen[b]``)."""
+    if options.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(warp_logits(logits, options.temperature, options.top_k, options.top_p), dim=-1)
+    if gen is None:
+        return torch.multinomial(probs, 1)[:, 0]
+    return torch.cat([torch.multinomial(probs[b:b + 1], 1, generator=g)[:, 0] for b, g in enumerate(gen)])
 
 
 def decode_step(net: Network, state: DecodeState, token: torch.Tensor, position: int) -> tuple[dict, list[LayerStats]]:

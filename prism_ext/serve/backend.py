@@ -33,7 +33,7 @@ class Job:
     """One request as the dispatcher sees it."""
 
     endpoint: str  # "completions", "embeddings", "classify"
-    inputs: list  # token id lists (text) or pixel tensors [1, C, H, W] (images)
+    inputs: list  # token id lists (text; a completion's: its prompt once per sample) or pixel tensors [1, C, H, W]
     settings: RunOptions  # cr, mode and knobs
     options: dict = field(default_factory=dict)  # generation options
     on_token: object = None  # streaming callback (rank 0's request thread); returning False ends the generation
@@ -275,7 +275,6 @@ class Backend:
     def _forward(self, batch: list[Job]) -> None:
         c = self.cluster
         endpoint = batch[0].endpoint
-        outputs = ("pooled",) if endpoint == "embeddings" else ("cls",)
         sequences = [x for job in batch for x in job.inputs]
         if isinstance(sequences[0], torch.Tensor):
             inputs = {"pixel_values": torch.cat(sequences)}
@@ -290,9 +289,13 @@ class Backend:
             if not bool(mask.all()):
                 inputs["attention_mask"] = mask
         t0 = time.monotonic()
-        out = c.model(inputs, options=batch[0].settings.replace(outputs=outputs))
+        if endpoint == "embeddings":  # the checkpoint's sentence-transformers pipeline, as every caller gets it
+            out = c.model.embed(inputs, options=batch[0].settings)
+            rows = out["embeddings"]
+        else:
+            out = c.model(inputs, options=batch[0].settings.replace(outputs=("cls",)))
+            rows = out["logits"]
         seconds = time.monotonic() - t0
-        rows = out["mean_pooled"] if endpoint == "embeddings" else out["logits"]
         stats = prism_stats(out.stats)
         stats["batch"] = {"requests": len(batch), "sequences": len(sequences),
                           "positions": int(next(iter(inputs.values())).shape[1]) if "input_ids" in inputs
@@ -310,16 +313,16 @@ class Backend:
             job.future.set_exception(BadRequest("client: disconnected before the generation started"))
             return
         c = self.cluster
-        ids = torch.tensor([job.inputs[0]])
+        ids = torch.tensor(job.inputs)  # one prompt, once per sample (n rows of equal length)
         t0 = time.monotonic()
         out, stats, decode = c.model.generate(ids, options=job.settings, return_stats=True, on_token=job.on_token,
-                                        **job.options)
+                                              **job.options)
         seconds = time.monotonic() - t0
-        new = out[0, ids.shape[1]:].tolist()
+        new = out[:, ids.shape[1]:].tolist()  # per row
         self.metrics.bytes_sent.labels("/v1/completions").observe(stats.bytes_sent)
-        self.metrics.tokens.inc(len(new))
+        self.metrics.tokens.inc(sum(len(row) for row in new))
         job.future.set_result((new, {**prism_stats(stats), "decode": {
-            "tokens": len(new), "bytes_sent": sum(decode.bytes_sent), "flops": sum(decode.flops)},
+            "tokens": len(new[0]), "bytes_sent": sum(decode.bytes_sent), "flops": sum(decode.flops)},
             "queue_seconds": round(t0 - job.arrived, 6), "cluster_seconds": round(seconds, 6)}))
 
 

@@ -25,19 +25,32 @@ class Settings(pydantic.BaseModel):
     mode: str | None = None
 
 
+# A text, texts, one sequence of token ids, or sequences of them (the OpenAI API's input forms).
+Inputs = str | list[str] | list[int] | list[list[int]]
+
+
 class CompletionRequest(Settings):
-    prompt: str
+    prompt: Inputs
     max_tokens: int = 16
     temperature: float = 0.0
     top_k: int | None = None
+    top_p: float | None = None
+    n: int = 1
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    logprobs: int | None = None  # refused unless null: the cluster does not send log-probabilities back
+    # Accepted and ignored, as llama.cpp's server documents its ignored fields (docs/serve.md)
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
 
 
 class EmbeddingRequest(Settings):
-    input: str | list[str]
+    input: Inputs
     encoding_format: str = "float"
+    dimensions: int | None = None  # only the model's own size: embeddings are not truncated
+    user: str | None = None  # accepted and ignored (docs/serve.md)
 
 
 class ClassifyRequest(Settings):

@@ -1,5 +1,9 @@
-"""``POST /v1/completions``: a generation, answered whole or streamed as
-server-sent events token by token."""
+"""``POST /v1/completions``: generations, answered whole or streamed as
+server-sent events token by token.
+
+Each prompt is one cluster call that generates its ``n`` samples as the rows
+of one batch (row b sampled with ``sample_seed(seed, b)``); choice
+``p * n + b`` is prompt p's sample b, as the OpenAI API numbers them."""
 
 from __future__ import annotations
 
@@ -22,37 +26,48 @@ from .responses import error_body
 from .stream import TextStream
 from .validation import Validator
 
+_PENALTY = (-2.0, 2.0)  # the OpenAI API's range for presence_penalty and frequency_penalty
+
 
 class _Generation:
-    """One completion's tokens as they arrive: its text (stop strings
-    applied), the pieces a stream sends, and whether to go on."""
+    """One prompt's n samples as their tokens arrive: each one's text (stop
+    strings applied), the pieces a stream sends, and whether to go on."""
 
-    def __init__(self, v: Validator, req: CompletionRequest, ids: list[int], eos: int | None, stops: list[str],
-                 seed: int | None):
-        self.req, self.ids, self.eos, self.seed = req, ids, eos, seed
-        self.text = TextStream(v.model, stops)
+    def __init__(self, v: Validator, ids: list[int], n: int, first: int, eos: int | None, stops: list[str],
+                 pieces: asyncio.Queue | None, cancelled: threading.Event):
+        self.ids, self.first, self.eos = ids, first, eos
+        self.texts = [TextStream(v.model, stops) for _ in range(n)]
+        self.ended = [False] * n  # the sample emitted eos
         self.loop = asyncio.get_running_loop()
-        self.pieces: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()  # set when the client is gone
+        self.pieces, self.cancelled = pieces, cancelled
 
     def on_token(self, t: torch.Tensor) -> bool:
-        """Rank 0's request thread, as each token arrives. False ends the
-        generation: its text is complete (a stop string), or its client is gone."""
-        token = int(t[0])
-        if self.eos is None or token != self.eos:
-            piece = self.text.push(token)
-            if piece and self.req.stream:
-                self.loop.call_soon_threadsafe(self.pieces.put_nowait, piece)
-        return not (self.text.stopped or self.cancelled.is_set())
+        """Rank 0's request thread, as each step's tokens [n] arrive. False
+        ends the generation: every sample's text is complete (a stop string
+        or eos), or the client is gone."""
+        for b, token in enumerate(t.tolist()):
+            if self.eos is not None and token == self.eos:
+                self.ended[b] = True
+                continue
+            piece = self.texts[b].push(token)
+            if piece and self.pieces is not None:
+                self.loop.call_soon_threadsafe(self.pieces.put_nowait, (self.first + b, piece))
+        return not (all(e or s.stopped for e, s in zip(self.ended, self.texts)) or self.cancelled.is_set())
 
-    def finish_reason(self, new: list[int]) -> str:
-        return "stop" if self.text.stopped or (self.eos is not None and new and new[-1] == self.eos) else "length"
+    def replay(self, new: list[list[int]]) -> None:
+        """The tokens of a generation that ran without ``on_token``, step by step."""
+        for step in zip(*new):
+            self.on_token(torch.tensor(step))
 
-    def tail(self, new: list[int], prism: dict) -> dict:
-        """What the last answer carries besides its choices."""
-        return {"usage": {"prompt_tokens": len(self.ids), "completion_tokens": len(new),
-                          "total_tokens": len(self.ids) + len(new)},
-                "prism": {**prism, "seed": self.seed}}
+    def choices(self, new: list[list[int]], rest: bool = False) -> list[dict]:
+        """Every sample's choice: its whole text, or with ``rest`` what a stream has not sent yet."""
+        return [_choice(self.first + b, s.finish() if rest else s.text,
+                        "stop" if s.stopped or self.eos in new[b] else "length")
+                for b, s in enumerate(self.texts)]
+
+    def completion_tokens(self, new: list[list[int]]) -> int:
+        """Tokens decoded for the samples, each up to its eos (later ones are padding)."""
+        return sum(row.index(self.eos) + 1 if self.eos in row else len(row) for row in new)
 
 
 def _eos(v: Validator) -> int | None:
@@ -61,72 +76,115 @@ def _eos(v: Validator) -> int | None:
     return eos if isinstance(eos, int) and 0 <= eos < int(v.model.config.get("vocab_size") or 0) else None
 
 
-async def completions(request: Request, v: Validator):
+def _check(req: CompletionRequest, v: Validator) -> list[str]:
+    """The request's own limits (the prompts' are checked as they are encoded); returns the stop strings."""
     o = v.options
-    req = parse(CompletionRequest, await read_json(request, o))
-    v.needs("completions")
-    settings = v.settings(req, "completions")
     if not 1 <= req.max_tokens <= o.max_tokens:
         raise BadRequest(f"max_tokens: must be in [1, {o.max_tokens}] (the server's limit), got {req.max_tokens}",
                          "max_tokens")
+    if not 1 <= req.n <= o.max_inputs:
+        raise BadRequest(f"n: must be in [1, {o.max_inputs}] (the server's --max-inputs), got {req.n}", "n")
+    if req.logprobs is not None:
+        raise BadRequest("logprobs: not supported (the cluster returns tokens, not their log-probabilities); "
+                         "send null or leave it out", "logprobs")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(req, name)
+        if value is not None and not _PENALTY[0] <= value <= _PENALTY[1]:
+            raise BadRequest(f"{name}: must be in [-2, 2], got {value} (accepted and ignored: docs/serve.md)", name)
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > 4 or any(not s for s in stops):
         raise BadRequest("stop: up to 4 non-empty strings", "stop")
-    ids = (await run_in_threadpool(v.texts, req.prompt, "completions", req.max_tokens))[0]
+    return stops
+
+
+async def completions(request: Request, v: Validator):
+    req = parse(CompletionRequest, await read_json(request, v.options))
+    v.needs("completions")
+    settings = v.settings(req, "completions")
+    stops = _check(req, v)
+    prompts = await run_in_threadpool(v.sequences, req.prompt, "completions", req.max_tokens)
+    if len(prompts) * req.n > v.options.max_inputs:
+        raise BadRequest(f"n: {len(prompts)} prompts x {req.n} samples exceed the server's --max-inputs "
+                         f"{v.options.max_inputs}", "n")
     eos = _eos(v)
     options = {"max_new_tokens": req.max_tokens, "temperature": req.temperature, "top_k": req.top_k,
-               "seed": req.seed, "eos_token_id": eos}
+               "top_p": req.top_p, "seed": req.seed, "eos_token_id": eos}
     try:
         GenerateOptions(**options)
     except (ValueError, TypeError) as exc:
         raise user_error(exc, FIELDS["completions"]) from None
     if req.temperature > 0 and req.seed is None:
         options["seed"] = int.from_bytes(uuid.uuid4().bytes[:7], "little")  # sampled: a fresh seed, reported
-    v.check_plan({"input_ids": torch.tensor([ids])}, settings, "completions")
+    for ids in prompts:
+        v.check_plan({"input_ids": torch.tensor([ids])}, settings, "completions")
     head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
             "model": v.backend.name}
-    gen = _Generation(v, req, ids, eos, stops, options["seed"])
+    cancelled = threading.Event()
+    pieces = asyncio.Queue() if req.stream else None
+    gens = [_Generation(v, ids, req.n, p * req.n, eos, stops, pieces, cancelled) for p, ids in enumerate(prompts)]
     # Tokens come one by one (and decoding can end early) when streaming or watching for a stop string.
-    job = Job("completions", [ids], settings, options, on_token=gen.on_token if req.stream or stops else None,
-              cancelled=gen.cancelled)
+    jobs = [Job("completions", [g.ids] * req.n, settings, options,
+                on_token=g.on_token if req.stream or stops else None, cancelled=cancelled) for g in gens]
     if not req.stream:
-        new, prism = await v.backend.result(job)
-        if job.on_token is None:
-            for t in new:
-                gen.on_token(torch.tensor([t]))
-        return {**head, "choices": [_choice(gen.text.text, gen.finish_reason(new))], **gen.tail(new, prism)}
-    future = v.backend.submit(job)  # refused now (503, 429) rather than inside a 200 stream
-    return StreamingResponse(_events(gen, head, asyncio.wrap_future(future)), media_type="text/event-stream",
+        results = await asyncio.gather(*(v.backend.result(job) for job in jobs))
+        for g, job, (new, _) in zip(gens, jobs, results):
+            if job.on_token is None:
+                g.replay(new)
+        choices = [c for g, (new, _) in zip(gens, results) for c in g.choices(new)]
+        return {**head, "choices": choices, **_tail(gens, results, options["seed"])}
+    futures = []
+    try:
+        for job in jobs:
+            futures.append(asyncio.wrap_future(v.backend.submit(job)))  # refused now (503, 429), not inside a 200
+    except ServeError:
+        cancelled.set()  # the prompts already queued are not run
+        raise
+    return StreamingResponse(_events(gens, head, pieces, asyncio.gather(*futures), options["seed"], cancelled),
+                             media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _choice(text: str, finish_reason: str | None) -> dict:
-    return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+def _choice(index: int, text: str, finish_reason: str | None) -> dict:
+    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+
+
+def _tail(gens: list[_Generation], results: list, seed: int | None) -> dict:
+    """What the last answer carries besides its choices: usage, and the
+    cluster call's PRISM stats (a list of them, one per prompt, for several prompts)."""
+    prompt = sum(len(g.ids) for g in gens)
+    completion = sum(g.completion_tokens(new) for g, (new, _) in zip(gens, results))
+    stats = [{**prism, "seed": seed} for _, prism in results]
+    return {"usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+            "prism": stats[0] if len(stats) == 1 else stats}
 
 
 def _event(obj) -> bytes:
     return f"data: {json.dumps(obj)}\n\n".encode()
 
 
-async def _events(gen: _Generation, head: dict, done: asyncio.Future):
-    """The stream: an event per piece of text as its tokens arrive, then the
-    last (the rest of the text, usage, prism) or an error event, then [DONE]."""
+async def _events(gens: list[_Generation], head: dict, pieces: asyncio.Queue, done: asyncio.Future,
+                  seed: int | None, cancelled: threading.Event):
+    """The stream: an event per piece of a sample's text as its tokens
+    arrive, then the last one (every sample's rest of the text and finish
+    reason, usage, prism) or an error event, then [DONE]."""
     try:
         while True:
-            getter = asyncio.ensure_future(gen.pieces.get())
+            getter = asyncio.ensure_future(pieces.get())
             await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
             if not getter.done():
                 getter.cancel()
-                if gen.pieces.empty():
+                if pieces.empty():
                     break
                 continue
-            yield _event({**head, "choices": [_choice(getter.result(), None)]})
+            index, piece = getter.result()
+            yield _event({**head, "choices": [_choice(index, piece, None)]})
         try:
-            new, prism = done.result()
+            results = done.result()
         except ServeError as exc:
             yield _event(error_body(exc))
             return
-        yield _event({**head, "choices": [_choice(gen.text.finish(), gen.finish_reason(new))], **gen.tail(new, prism)})
+        choices = [c for g, (new, _) in zip(gens, results) for c in g.choices(new, rest=True)]
+        yield _event({**head, "choices": choices, **_tail(gens, results, seed)})
         yield b"data: [DONE]\n\n"
     finally:
-        gen.cancelled.set()  # a client gone mid-stream: the cluster stops generating for it
+        cancelled.set()  # a client gone mid-stream: the cluster stops generating for it

@@ -23,11 +23,14 @@ async def embeddings(request: Request, v: Validator):
     if req.encoding_format not in ("float", "base64"):
         raise BadRequest(f"encoding_format: expected float or base64, got {req.encoding_format!r}",
                          "encoding_format")
+    if req.dimensions is not None and req.dimensions != v.embedding_size:
+        raise BadRequest(f"dimensions: not supported: this model's embeddings have {v.embedding_size} dimensions "
+                         f"(send that, or leave it out), got {req.dimensions}", "dimensions")
     settings = v.settings(req, "embeddings")
-    seqs = await run_in_threadpool(v.texts, req.input, "embeddings")
+    seqs = await run_in_threadpool(v.sequences, req.input, "embeddings")
     for i, s in enumerate(seqs):
         v.check_plan({"input_ids": torch.tensor([s])}, settings, "embeddings", item("input", req.input, i),
-                     outputs=("pooled",))
+                     outputs=v.model.sentence_pooling.outputs)
     rows, prism = await v.backend.result(Job("embeddings", seqs, settings))
     data = []
     for i, row in enumerate(rows):
@@ -57,7 +60,7 @@ async def _texts(request: Request, v: Validator):
         raise BadRequest(f"image: {v.model.model_type} takes text: send JSON with `input`", "image")
     req = parse(ClassifyRequest, await read_json(request, v.options))
     settings = v.settings(req, "classify")
-    inputs = await run_in_threadpool(v.texts, req.input, "classify")
+    inputs = await run_in_threadpool(v.sequences, req.input, "classify")
     for i, s in enumerate(inputs):
         v.check_plan({"input_ids": torch.tensor([s])}, settings, "classify", item("input", req.input, i),
                      outputs=("cls",))

@@ -18,9 +18,15 @@ from .options import KNOBS
 ENDPOINTS = ("completions", "embeddings", "classify")
 
 
+def single(value) -> bool:
+    """Whether a field's value is one input: a text, or one sequence of token ids."""
+    return isinstance(value, str) or (isinstance(value, list) and bool(value)
+                                      and all(isinstance(x, int) for x in value))
+
+
 def item(field_name: str, value, i: int) -> str:
-    """How errors name item ``i`` of a field that is a string or a list of them."""
-    return field_name if isinstance(value, str) else f"{field_name}[{i}]"
+    """How errors name item ``i`` of a field that holds one input or a list of them."""
+    return field_name if single(value) else f"{field_name}[{i}]"
 
 
 class Validator:
@@ -76,27 +82,21 @@ class Validator:
         except (ValueError, TypeError) as exc:
             raise user_error(exc, rename) from None
 
-    def texts(self, value, endpoint: str, room: int = 0) -> list[list[int]]:
-        """A text or a list of texts -> token id lists, each within the
-        model's positions (with ``room`` for the tokens to generate)."""
+    def sequences(self, value, endpoint: str, room: int = 0) -> list[list[int]]:
+        """A field's inputs (a text, texts, token ids or lists of them) ->
+        token id lists, each within the vocabulary and the model's positions
+        (with ``room`` for the tokens to generate)."""
         field_name = "prompt" if endpoint == "completions" else "input"
-        items = [value] if isinstance(value, str) else value
+        items = [value] if single(value) else value
         if not items:
             raise BadRequest(f"{field_name}: must not be empty", field_name)
         if len(items) > self.options.max_inputs:
             raise BadRequest(f"{field_name}: {len(items)} inputs exceed the server's limit of "
                              f"{self.options.max_inputs}", field_name)
         out = []
-        for i, text in enumerate(items):
+        for i, x in enumerate(items):
             where = item(field_name, value, i)
-            if not text:
-                raise BadRequest(f"{where}: must be a non-empty string", where)
-            try:
-                ids = encode_text(self.model, text)
-            except (ValueError, TypeError) as exc:
-                raise BadRequest(f"{where}: {exc}", where) from None
-            except (OSError, ImportError) as exc:  # the checkpoint has no usable tokenizer: not the client's fault
-                raise ServerFault(f"model: cannot encode text: {exc}", "model") from None
+            ids = self._token_ids(x, where) if isinstance(x, list) else self._encode(x, where)
             limit = self.net.n_positions
             if len(ids) > limit:
                 raise BadRequest(f"{where}: {len(ids)} tokens exceed the model's {limit} positions", where)
@@ -108,6 +108,27 @@ class Validator:
             out.append(ids)
         return out
 
+    def _encode(self, text: str, where: str) -> list[int]:
+        if not text:
+            raise BadRequest(f"{where}: must be a non-empty string", where)
+        try:
+            return encode_text(self.model, text)
+        except (ValueError, TypeError) as exc:
+            raise BadRequest(f"{where}: {exc}", where) from None
+        except (OSError, ImportError) as exc:  # the checkpoint has no usable tokenizer: not the client's fault
+            raise ServerFault(f"model: cannot encode text: {exc}", "model") from None
+
+    def _token_ids(self, ids: list[int], where: str) -> list[int]:
+        """Token ids as the client sent them (used as they are: no special tokens added)."""
+        if not ids:
+            raise BadRequest(f"{where}: must not be an empty list of token ids", where)
+        vocab = int(self.model.config.get("vocab_size") or 0)
+        for j, t in enumerate(ids):
+            if not 0 <= t < vocab:
+                raise BadRequest(f"{where}: token id {t} at position {j} is outside the vocabulary [0, {vocab})",
+                                 where)
+        return ids
+
     def needs(self, endpoint: str) -> None:
         """The model can serve ``endpoint``, else a bad request naming ``model``."""
         m, name = self.model, self.backend.name
@@ -117,9 +138,19 @@ class Validator:
         if endpoint == "embeddings" and m.model_type == "vit":
             raise BadRequest(f"model: /v1/embeddings takes text; {name!r} is a ViT (use /v1/classify "
                              f"with an image)", "model")
+        if endpoint == "embeddings":
+            try:
+                m.sentence_pooling
+            except ValueError as exc:
+                raise BadRequest(f"model: /v1/embeddings cannot follow {name!r}'s pipeline: {exc}", "model") from None
         if endpoint == "classify" and self.net.head != "classification":
             raise BadRequest(f"model: /v1/classify needs a classification head; {name!r} is "
                              f"{m.model_type} ({self.net.head} head)", "model")
+
+    @property
+    def embedding_size(self) -> int:
+        """The length of this model's embeddings (the pooling modes concatenated)."""
+        return self.net.d * len(self.model.sentence_pooling.modes)
 
     def served(self) -> list[str]:
         """The endpoints the model serves."""
