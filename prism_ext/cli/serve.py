@@ -23,7 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.master is None and args.world is not None:
         print("prism serve: --world: only with --master (a cluster across machines)", file=sys.stderr)
         return 2
-    options = dict(model=args.model, devices=None if args.master else args.devices, master=args.master,
+    options = dict(model=args.model, weight_dtype=args.weight_dtype, devices=None if args.master else args.devices, master=args.master,
                    world=args.world, token=args.token, timeout=args.timeout, threads=args.threads, ifname=args.ifname,
                    host=args.host, port=args.port, api_key=args.api_key or os.environ.get("PRISM_API_KEY"),
                    cr=args.cr, mode=args.mode, max_cr=args.max_cr, max_batch=args.max_batch,
@@ -46,6 +46,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    from ..models.quant import WEIGHT_DTYPES
+
     """Add ``serve`` to the ``prism`` subparsers."""
     p = one_line_errors(sub.add_parser(
         "serve", help="an HTTP inference server (OpenAI-style completions, embeddings, classification) over a "
@@ -54,6 +56,8 @@ def register(sub) -> None:
                     "and serve it over HTTP: /v1/completions (streaming), /v1/embeddings, /v1/classify, "
                     "/v1/models, /health, /metrics. See docs/serve.md."), "serve")
     p.add_argument("--model", required=True, help="a checkpoint directory or a bundled name")
+    p.add_argument("--weight-dtype", choices=WEIGHT_DTYPES, default="fp32",
+                   help="how every device holds the weights: fp32 (default), bf16, int8, int4")
     p.add_argument("--devices", "-P", type=positive, default=2,
                    help="devices: processes on this machine over loopback (default 2)")
     p.add_argument("--master", metavar="HOST:PORT",

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from .partition import Partition
 
-__all__ = ["BlockFlops", "BlockShape", "block_flops", "shape_of", "row_values", "tp_block_flops", "prism_layer", "voltage_layer", "reduction_table"]
+__all__ = ["BlockFlops", "BlockShape", "block_flops", "shape_of", "row_values", "tp_block_flops", "prism_layer",
+           "voltage_layer", "reduction_table", "matrix_bytes"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,19 @@ class BlockShape:
 def shape_of(blk) -> BlockShape:
     """The :class:`BlockShape` of a :class:`prism_ext.models.Block`."""
     return BlockShape(blk.d, blk.d_ff, blk.q_width, blk.kv_width, blk.gated)
+
+
+def matrix_bytes(shape: BlockShape, layers: int, vocab: int, weight_dtype: str) -> int:
+    """Bytes of what ``weight_dtype`` stores in fewer bits, which every
+    device holds whole (PRISM splits positions, not weights): each block's
+    Q/K/V, output and MLP matrices and one token table of ``vocab`` rows
+    (norms, biases and position tables, a few MiB at most, left out)."""
+    from ..models.quant import stored_bytes
+
+    d, q, kv, ff = shape.d, shape.q, shape.kv, shape.d_ff
+    mats = [(q + 2 * kv, d), (d, q), ((2 if shape.gated else 1) * ff, d), (d, ff)]
+    per_layer = sum(stored_bytes(m, weight_dtype) for m in mats)
+    return layers * per_layer + (stored_bytes((vocab, d), weight_dtype) if vocab else 0)
 
 
 def row_values(shape: BlockShape, point: str) -> int:

@@ -22,6 +22,7 @@ class ServeOptions:
     ``cr`` in [1, max_cr], a mode of ``modes`` and the knobs in ``knobs``."""
 
     model: str
+    weight_dtype: str = "fp32"  # how every device holds the weights (prism_ext.models.quant)
     devices: int | None = 2
     master: str | None = None
     world: int | None = None

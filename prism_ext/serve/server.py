@@ -23,7 +23,7 @@ def run_server(options: ServeOptions) -> int:
     options.check()
     sock = _listen(options.host, options.port)  # first: a taken port is one line, with nothing started yet
     try:
-        model = load_model(options.model)
+        model = load_model(options.model, options.weight_dtype)
         say = (lambda msg: None) if options.quiet else (lambda msg: print(f"prism serve: {msg}", file=sys.stderr,
                                                                           flush=True))
         say(f"starting {options.world or options.devices} devices for {model.model_type} ({options.model})")
