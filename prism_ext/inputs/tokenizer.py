@@ -390,9 +390,10 @@ def gguf_tokenizer(path, model_input_names=("input_ids", "attention_mask")) -> T
                          f"the byte-level BPE of Llama 3, Qwen2 and SmolLM2)")
     tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
     types = meta.get("tokenizer.ggml.token_type") or []
+    merges = [] if merges is None else merges  # a byte-level vocabulary may have no merges
     for key, value in (("tokens", tokens), ("merges", merges)):
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"tokenizer: {path}: tokenizer.ggml.{key} must be a non-empty list of strings")
+        if not isinstance(value, list) or not (value or key == "merges") or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"tokenizer: {path}: tokenizer.ggml.{key} must be a list of strings")
     if not isinstance(types, list) or (types and len(types) != len(tokens)):
         raise ValueError(f"tokenizer: {path}: tokenizer.ggml.token_type must give one type per token")
     pairs = [tuple(m.split(" ")) for m in merges]
