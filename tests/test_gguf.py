@@ -339,3 +339,25 @@ def test_smollm2_answers_with_its_chat_template(smollm2):
     out = m.generate(ids, max_new_tokens=16)  # greedy, P = 1; stops at <|im_end|> (the file's EOS)
     answer = m.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer and int(out[0, -1]) == m.eos_ids[0] == 2, answer
+
+
+def test_prism_eval_takes_a_gguf_file(tmp_path, capsys):
+    import json
+
+    from cli_helpers import prism
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, vocab_size=280,
+                                      max_position_embeddings=64)).eval()
+    path = write_gguf(hf, tmp_path / "tiny.gguf")
+    (tmp_path / "text.txt").write_text("the weather is nice in the winter, and the water is cold. " * 20)
+    code, out, err = prism(capsys, "eval", "--model", str(path), "--task", "lm", "--data", str(tmp_path / "text.txt"),
+                           "--devices", "2", "--cr", "4", "--compression-point", "kv,attn_input", "--limit", "2",
+                           "--out", str(tmp_path / "out"), "-q")
+    assert code == 0, err
+    result = json.loads((tmp_path / "out" / "lm.json").read_text())
+    assert result["model"] == str(path) and result["model_type"] == "llama"
+    assert [p["knobs"]["compression_point"] for p in result["points"]] == ["kv", "attn_input"]
+    assert all(p["status"] == "ok" for p in result["points"])
