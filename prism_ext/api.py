@@ -74,8 +74,8 @@ class PrismModel:
             return ()
         ids = {v for k, v in self.config.items() if k.endswith("_token_id") and isinstance(v, int)
                and not isinstance(v, bool) and v >= 0}
-        if self.directory is not None and (self.directory / "tokenizer.json").is_file():
-            ids |= set(self.tokenizer.all_special_ids)
+        if self.directory is not None and (self.directory.is_file() or (self.directory / "tokenizer.json").is_file()):
+            ids |= set(self.tokenizer.all_special_ids)  # a GGUF file always describes its tokenizer
         return tuple(sorted(ids))
 
     def exact_rows(self, spec) -> ExactRows:
@@ -109,11 +109,15 @@ class PrismModel:
     def tokenizer(self):
         """The checkpoint's tokenizer (:class:`prism_ext.inputs.tokenizer.Tokenizer`),
         called like a transformers one: ``m.tokenizer(texts, return_tensors="pt",
-        padding=True)`` gives the inputs this model takes; read on first use."""
-        from .inputs.tokenizer import load_tokenizer
+        padding=True)`` gives the inputs this model takes; read on first use
+        (tokenizer.json, or a GGUF file's metadata). Its ``chat_template`` and
+        ``apply_chat_template`` render a chat."""
+        from .inputs.tokenizer import gguf_tokenizer, load_tokenizer
 
         if self.directory is None:
             raise ValueError("tokenizer: this model has no checkpoint directory to read tokenizer.json from")
+        if self.directory.is_file():  # a GGUF checkpoint (models.resolve)
+            return gguf_tokenizer(self.directory, model_input_names=self.net.input_names)
         return load_tokenizer(self.directory, model_input_names=self.net.input_names)
 
     @functools.cached_property

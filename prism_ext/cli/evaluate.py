@@ -41,7 +41,7 @@ def register(sub) -> None:
         "eval", help="accuracy and fidelity against bytes and FLOPs over devices x CR x knobs",
         description="Run a task through the engine (simulated devices) at every grid point and write JSON, "
                     "a markdown table and a PNG plot (needs the `eval` and `plot` extras)."), "eval")
-    ev.add_argument("--model", required=True, help="a checkpoint directory or a bundled name")
+    ev.add_argument("--model", required=True, help="a checkpoint directory, a .gguf file or a bundled name")
     ev.add_argument("--task", required=True, choices=TASKS)
     ev.add_argument("--data", help="the task's data (see docs/eval.md); some tasks have a built-in default")
     ev.add_argument("--label-map", help="image folder task: a synset mapping text or a JSON {folder: label}")

@@ -199,7 +199,7 @@ def register(sub) -> None:
                                      "machines (--master, or torchrun), or threads of this process (--simulate). "
                                      "GPT-2 --text: greedy generation; BERT --text: embedding (and class); ViT "
                                      "--image: class."), "run")
-    run.add_argument("--model", required=True, help=f"a checkpoint directory or a bundled name ({', '.join(NAMES)})")
+    run.add_argument("--model", required=True, help=f"a checkpoint directory, a .gguf file or a bundled name ({', '.join(NAMES)})")
     run.add_argument("--devices", "-P", type=positive, default=4,
                      help="devices: processes on this machine over loopback (default 4; see --simulate, --master)")
     run.add_argument("--simulate", action="store_true",

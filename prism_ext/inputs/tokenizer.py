@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["Tokenizer", "BatchEncoding", "load_tokenizer", "byte_level_tokenizer_json", "check_text"]
+__all__ = ["Tokenizer", "BatchEncoding", "load_tokenizer", "gguf_tokenizer", "byte_level_tokenizer_json", "check_text"]
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _VERY_LARGE = int(1e30)  # transformers' model_max_length when a checkpoint states none
@@ -85,6 +85,10 @@ class Tokenizer:
             if getattr(self, side) not in ("left", "right"):
                 raise ValueError(f"tokenizer_config.json: {side} must be 'left' or 'right', got {getattr(self, side)!r}")
         self._truncating = {}
+        # the checkpoint's chat template (tokenizer_config.json, chat_template.jinja or a GGUF's
+        # tokenizer.chat_template), rendered by apply_chat_template
+        template = config.get("chat_template")
+        self.chat_template = template if isinstance(template, str) and template else None
         # special tokens the vocabulary does not hold are left out (transformers would add them)
         self._special = {name: token for name in _SPECIAL
                          if (token := _token_content(config.get(name))) is not None and tok.token_to_id(token) is not None}
@@ -279,6 +283,23 @@ class Tokenizer:
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[str]:
         return self.backend.encode(check_text(text), add_special_tokens=add_special_tokens).tokens
 
+    # -- chat
+    def apply_chat_template(self, messages, *, add_generation_prompt: bool = False, tokenize: bool = True,
+                            **extra):
+        """``messages`` ([{"role": ..., "content": ...}, ...]) rendered with the
+        checkpoint's chat template as transformers renders it (jinja2, a
+        sandbox, ``trim_blocks`` and ``lstrip_blocks``, the special tokens
+        and ``extra`` as variables); the ids of the text (``tokenize=True``,
+        no special tokens added: the template writes them) or the text."""
+        from .chat import render_chat
+
+        if self.chat_template is None:
+            raise ValueError("chat_template: this checkpoint has no chat template")
+        specials = {name: token for name, token in self._special.items() if token is not None}
+        text = render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           **specials, **extra)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (byte-level BPE's alphabet)."""
@@ -319,6 +340,106 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+# tokenizer.ggml.pre -> how llama.cpp splits text before BPE, as a tokenizers pre-tokenizer
+# (llama.cpp's llama-vocab.cpp; transformers' integrations/gguf for the same names)
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT2 = ("default", "gpt2")  # GPT-2's own split (the ByteLevel pre-tokenizer's regex)
+_DIGITS = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")  # each digit alone, then GPT-2's
+_SPLITS = {**dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "pixtral"), _LLAMA3_SPLIT),
+           **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT)}
+_CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+
+
+def _gguf_pre_tokenizer(pre, path):
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre is None or pre in _GPT2:
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _DIGITS:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if pre in _SPLITS:
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    known = ", ".join(sorted(_GPT2 + _DIGITS + tuple(_SPLITS)))
+    raise ValueError(f"tokenizer: {path}: tokenizer.ggml.pre {pre!r} is not supported (supported: {known})")
+
+
+def gguf_tokenizer(path, model_input_names=("input_ids", "attention_mask")) -> Tokenizer:
+    """The tokenizer a GGUF file describes (``tokenizer.ggml.*``): a
+    byte-level BPE (``tokenizer.ggml.model`` ``gpt2``, the Llama 3, Qwen2 and
+    SmolLM2 kind) built with the tokenizers package: the vocabulary and
+    merges, control tokens as special added tokens and user-defined ones as
+    plain added tokens, llama.cpp's pre-tokenizer split for
+    ``tokenizer.ggml.pre``, BOS/EOS added as ``add_bos_token`` /
+    ``add_eos_token`` say; its special tokens and
+    ``tokenizer.chat_template``. Other tokenizer models (sentencepiece
+    ``llama``, ...) are refused by name."""
+    from tokenizers import AddedToken, Tokenizer as Backend, decoders, processors
+    from tokenizers.models import BPE
+
+    from .gguf import metadata, open_gguf
+
+    meta = metadata(open_gguf(path), path)
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"tokenizer: {path}: tokenizer.ggml.model {kind!r} is not supported (supported: gpt2, "
+                         f"the byte-level BPE of Llama 3, Qwen2 and SmolLM2)")
+    tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
+    types = meta.get("tokenizer.ggml.token_type") or []
+    merges = [] if merges is None else merges  # a byte-level vocabulary may have no merges
+    for key, value in (("tokens", tokens), ("merges", merges)):
+        if not isinstance(value, list) or not (value or key == "merges") or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"tokenizer: {path}: tokenizer.ggml.{key} must be a list of strings")
+    if not isinstance(types, list) or (types and len(types) != len(tokens)):
+        raise ValueError(f"tokenizer: {path}: tokenizer.ggml.token_type must give one type per token")
+    pairs = [tuple(m.split(" ")) for m in merges]
+    bad = next((i for i, p in enumerate(pairs) if len(p) != 2), None)
+    if bad is not None:
+        raise ValueError(f"tokenizer: {path}: tokenizer.ggml.merges[{bad}] is {merges[bad]!r}, not two tokens")
+    # A token spelled outside the byte alphabet (a control token some files store as text) is respelled
+    # byte by byte, as transformers does.
+    table = _bytes_to_unicode()
+    alphabet = set(table.values())
+    spelled = [t if set(t) <= alphabet else "".join(table[b] for b in t.encode("utf-8")) for t in tokens]
+    backend = Backend(BPE({t: i for i, t in enumerate(spelled)}, pairs, dropout=None, continuing_subword_prefix="",
+                          end_of_word_suffix="", fuse_unk=False))
+    backend.pre_tokenizer = _gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre"), path)
+    backend.decoder = decoders.ByteLevel()
+    # control tokens whose spelling leaves the byte alphabet are llama.cpp mislabels; transformers skips them too
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                for t, kind in zip(tokens, types) if kind == _CONTROL and set(t) <= alphabet])
+    backend.add_tokens([AddedToken(t, normalized=False, special=False)
+                        for t, kind in zip(tokens, types) if kind == _USER_DEFINED])
+    config = {"model_max_length": meta.get(f"{meta.get('general.architecture')}.context_length")}
+    for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
+        index = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(tokens):
+            config[name] = tokens[index]
+    add_bos, add_eos = (meta.get(f"tokenizer.ggml.add_{k}_token") is True for k in ("bos", "eos"))
+    for flag, name in ((add_bos, "bos_token"), (add_eos, "eos_token")):
+        if flag and name not in config:
+            raise ValueError(f"tokenizer: {path}: tokenizer.ggml.add_{name[:3]}_token is set, but the file names "
+                             f"no {name[:3]} token id")
+    if add_bos or add_eos:  # transformers' update_post_processor
+        bos, eos = config.get("bos_token"), config.get("eos_token")
+        single = " ".join(([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else []))
+        pair = single + " " + " ".join(([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else []))
+        special = [(t, backend.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+        backend.post_processor = processors.TemplateProcessing(single=single, pair=pair,
+                                                               special_tokens=list(dict.fromkeys(special)))
+    template = meta.get("tokenizer.chat_template")
+    if isinstance(template, str):
+        config["chat_template"] = template
+    try:
+        return Tokenizer(backend, config, model_input_names)
+    except ValueError as exc:
+        raise ValueError(f"tokenizer: {path}: {exc}") from None
+
+
 def load_tokenizer(directory, model_input_names=("input_ids", "token_type_ids", "attention_mask")) -> Tokenizer:
     """The tokenizer of a checkpoint directory: its ``tokenizer.json`` with
     ``tokenizer_config.json`` and ``special_tokens_map.json`` when present."""
@@ -334,6 +455,8 @@ def load_tokenizer(directory, model_input_names=("input_ids", "token_type_ids", 
     except Exception as exc:  # tokenizers raises its own exception type
         raise ValueError(f"tokenizer: {path} could not be read ({str(exc).splitlines()[0][:200]})") from None
     config = {**_read_json(directory / "special_tokens_map.json"), **_read_json(directory / "tokenizer_config.json")}
+    if (directory / "chat_template.jinja").is_file():  # transformers 5 writes the template beside the config
+        config["chat_template"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
     try:
         return Tokenizer(backend, config, model_input_names)
     except ValueError as exc:

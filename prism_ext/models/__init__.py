@@ -36,10 +36,12 @@ def _hub_cache_dirs() -> list[Path]:
 
 
 def resolve(path_or_name) -> Path:
-    """A local checkpoint directory: the path itself, a bundled model's name
-    (prism_ext.zoo), or a hub name already in the local Hugging Face cache.
-    Anything else is an error saying how to get it."""
+    """A local checkpoint: a directory (the path itself), a GGUF file (the
+    file, or the only ``*.gguf`` of a directory without config.json), a
+    bundled model's name (prism_ext.zoo), or a hub name already in the local
+    Hugging Face cache. Anything else is an error saying how to get it."""
     from .. import zoo  # the bundled names: a lookup table, no model code
+    from ..inputs.gguf import gguf_in, is_gguf
 
     if not isinstance(path_or_name, (str, os.PathLike)):
         raise TypeError(f"path: expected a str or os.PathLike, got {type(path_or_name).__name__}")
@@ -48,11 +50,14 @@ def resolve(path_or_name) -> Path:
                          f"({', '.join(zoo.NAMES)})")
     path = Path(path_or_name).expanduser()
     if path.is_dir():
-        return path
+        return gguf_in(path) or path
     if not path.exists() and str(path_or_name) in zoo.NAMES:
         return zoo.model_dir(str(path_or_name))
+    if is_gguf(path):
+        return path
     if path.exists():
-        raise ValueError(f"path: {str(path)!r} is a file; expected a checkpoint directory holding config.json")
+        raise ValueError(f"path: {str(path)!r} is a file but not a GGUF file; expected a checkpoint directory "
+                         f"holding config.json, or a .gguf file")
     name = str(path_or_name)
     # A path (absolute, relative with ./ or ~, or nested) is never a hub name:
     # say it is missing instead of suggesting a download.
@@ -192,7 +197,12 @@ def build_network(config: dict, tensors: dict[str, torch.Tensor], source: str = 
 
 
 def load_network(path_or_name) -> tuple[Network, Path]:
+    """The network and where it was read from: a checkpoint directory, or a GGUF file."""
     directory = resolve(path_or_name)
+    if directory.is_file():  # resolve names a file only for a GGUF checkpoint
+        from . import gguf
+
+        return gguf.load(directory), directory
     config = read_config(directory)
     if config.get("model_type") not in FAMILIES:  # fail before reading weights
         build_network(config, {})
