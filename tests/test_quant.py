@@ -211,3 +211,16 @@ def test_the_cli_quantizes_runs_on_processes_and_says_what_a_device_needs(tmp_pa
                           text=True, timeout=300, cwd=tmp_path)
     assert info.returncode == 0, info.stderr
     assert f"weights {held / (1 << 20):.1f} MiB on every device" in info.stdout, info.stdout
+
+
+def test_a_child_process_reports_its_own_peak_memory_not_its_parents(tmp_path):
+    """Linux carries ru_maxrss over fork and exec: a worker started by a
+    large rank 0 would report rank 0's peak as its own."""
+    from prism_ext.method.engine import peak_rss
+
+    big = torch.ones(768 << 20, dtype=torch.uint8)  # 768 MiB, touched: this process's peak grows by it
+    assert peak_rss() >= big.numel()
+    r = subprocess.run([sys.executable, "-c", "from prism_ext.method.engine import peak_rss; print(peak_rss())"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path, check=True)
+    assert int(r.stdout) < big.numel() // 2, int(r.stdout) >> 20
+    del big

@@ -424,12 +424,26 @@ class GenerateOptions:
 
 
 def peak_rss() -> int:
-    """Peak resident memory of this process, bytes (ru_maxrss is KiB on Linux)."""
+    """Peak resident memory of this process, bytes: Linux's VmHWM of this
+    process image. Not ru_maxrss, which Linux carries over from the parent
+    across fork and exec (a worker started by a large rank 0 would report
+    rank 0's peak); where there is no /proc, ru_maxrss (KiB on Linux, bytes
+    on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # not on this platform
         return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    import sys
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
 
 
 def _tick(stats: LayerStats, phase: str, t0: float) -> float:
