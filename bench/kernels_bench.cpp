@@ -1,5 +1,5 @@
 // google-benchmark binary: every kernel x every ISA x thread count (1, 2) on
-// the shapes of issue 2, through the drivers of ops.h with an explicit Isa.
+// the shapes of issue 2 (the quantized linear layers on those of issue 22), through the drivers of ops.h with an explicit Isa.
 // ISAs this build or CPU cannot run are skipped with the reason. The
 // pool size is the /pool:N part of each name. Counters:
 // bytes/s (minimal traffic: inputs read + outputs written once) and FLOP/s.
@@ -198,6 +198,42 @@ void bench_softmax(benchmark::State& state, Isa isa, int threads, int64_t heads,
   set_rates(state, 8.0 * heads * nq * nk, 4.0 * heads * nq * nk);
 }
 
+// Weight-only quantized linear (issue 22): y[M, N] = x[M, K] @ w.T with int8
+// (per-row scales) or int4 (group 32) weights; bytes/s counts the weight
+// bytes (with scales and offsets) plus x and y, the traffic of one call.
+struct LinearShape {
+  const char* name;
+  int64_t K, N;
+};
+constexpr LinearShape kLinearShapes[] = {{"qwen0.5b-mlp-up", 896, 4864},
+                                         {"qwen0.5b-mlp-down", 4864, 896},
+                                         {"qwen0.5b-qkv", 896, 1152},
+                                         {"llama3.2-1b-mlp-up", 2048, 8192}};
+constexpr int64_t kLinearRows[] = {1, 8};
+
+void bench_quant_linear(benchmark::State& state, Isa isa, int threads, bool int4, LinearShape shape, int64_t M) {
+  if (!prepare(state, isa, threads)) return;
+  const int64_t K = shape.K, N = shape.N, group = 32, G = int4 ? K / group : 1;
+  const std::vector<float> x = random_floats(static_cast<size_t>(M * K), 6);
+  std::mt19937 gen(7);
+  std::vector<uint8_t> q(static_cast<size_t>(int4 ? N * K / 2 : N * K));
+  for (auto& b : q) b = static_cast<uint8_t>(gen() & 0xFF);
+  std::vector<float> scale(static_cast<size_t>(N * G), 0.01f), offset(static_cast<size_t>(N * G), -0.1f);
+  std::vector<float> out(static_cast<size_t>(M * N));
+  const prism::QuantProblem p{x.data(), q.data(), scale.data(), int4 ? offset.data() : nullptr, nullptr, out.data(),
+                              M, N, K, int4 ? group : 0, K};
+  for (auto _ : state) {
+    if (int4)
+      prism::int4_linear_f32(p, isa);
+    else
+      prism::int8_linear_f32(p, isa);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  const double weight_bytes = static_cast<double>(q.size()) + 4.0 * static_cast<double>(N * G * (int4 ? 2 : 1));
+  set_rates(state, weight_bytes + 4.0 * (M * K + M * N), 2.0 * M * N * K);
+}
+
 // Layouts with distinct (nq, nk): at nq = N every CR gives nk = N.
 std::vector<std::pair<int64_t, int64_t>> query_layouts() {
   std::vector<std::pair<int64_t, int64_t>> out;
@@ -245,6 +281,14 @@ void register_all() {
                                    std::to_string(nq) + suffix(nq, cr, t);
           add(name, bench_softmax, isa, t, int64_t{12}, causal, nq, cr);
         }
+      for (bool int4 : {false, true})
+        for (const LinearShape& shape : kLinearShapes)
+          for (int64_t M : kLinearRows) {
+            const std::string name = std::string(int4 ? "int4_linear/" : "int8_linear/") + isa_s + "/" + shape.name +
+                                     "/K:" + std::to_string(shape.K) + "/N:" + std::to_string(shape.N) +
+                                     "/M:" + std::to_string(M) + "/pool:" + std::to_string(t);
+            add(name, bench_quant_linear, isa, t, int4, shape, M);
+          }
     }
   }
 }

@@ -13,7 +13,12 @@ Peers: segment means vs ``x.view(m, seg, d).mean(1)`` (plus the tail segment
 ``x[m*seg:].mean(0)`` when ``n % seg != 0``); compressed attention vs
 ``F.scaled_dot_product_attention`` with a float mask (log counts, -inf where
 hidden) built outside the timed region; masked softmax vs
-``torch.softmax(scores + mask, -1)`` with the same prebuilt mask.
+``torch.softmax(scores + mask, -1)`` with the same prebuilt mask. The
+weight-only linear layers (issue 22) have two peers, each its own case:
+``F.linear`` on the dequantized float32 weights (what the layer replaces) and
+torch's own weight-only kernel on the same weights
+(``aten._weight_int8pack_mm``; ``aten._weight_int4pack_mm_for_cpu`` with the
+offsets moved to its ``(q - 8) * scale + zero`` form).
 """
 
 from __future__ import annotations
@@ -44,7 +49,16 @@ MODELS = (("bert-base", 12, 64, False), ("gpt2-small", 12, 64, True), ("minilm",
 SEGMENT_WIDTHS = (768, 384)
 SGEMM_SIZE = 512
 
-KERNELS = ("segment_means", "compressed_attention", "masked_softmax")
+KERNELS = ("segment_means", "compressed_attention", "masked_softmax", "int8_linear", "int4_linear")
+
+# Weight-only linear layers (issue 22): (label, K, N) of Qwen2.5-0.5B (MLP up,
+# MLP down, fused q/k/v) and Llama-3.2-1B (MLP up), decoding M = 1 and a
+# small batch M = 8; int4 with groups of 32.
+LINEAR_SHAPES = (("qwen0.5b mlp-up", 896, 4864), ("qwen0.5b mlp-down", 4864, 896), ("qwen0.5b qkv", 896, 1152),
+                 ("llama3.2-1b mlp-up", 2048, 8192))
+LINEAR_ROWS = (1, 8)
+INT4_GROUP = 32
+LINEAR_PEERS = ("F.linear", "torch-pack")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +200,47 @@ def softmax_case(heads: int, causal: bool, layout: Layout) -> Case:
     )
 
 
+def linear_case(kernel: str, label: str, k: int, n: int, m: int, peer: str) -> Case:
+    """One weight-only linear layer against one peer (LINEAR_PEERS). Weights
+    scaled so outputs are O(1); both peers get the same weights."""
+    int4 = kernel == "int4_linear"
+
+    def setup():
+        gen = torch.Generator().manual_seed(k * n + m)
+        x = torch.randn(m, k, generator=gen)
+        if int4:
+            q = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
+            scale = torch.full((n, k // INT4_GROUP), 2.0 / (15 * k**0.5))
+            offset = -7.5 * scale
+            w = kernels.int4_dequantize(q, scale, offset, INT4_GROUP)
+            prism_call = lambda: kernels.int4_linear(x, q, scale, offset, INT4_GROUP)  # noqa: E731
+            if peer == "F.linear":
+                return prism_call, lambda: F.linear(x, w)
+            nibbles = torch.stack((q & 15, q >> 4), -1).reshape(n, k).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 2)
+            # torch's int4 weight is (q - 8) * scale + zero: zero = offset + 8 scale.
+            scale_zeros = torch.stack((scale.T, (offset + 8 * scale).T), -1).contiguous()
+            return prism_call, lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP, scale_zeros)
+        q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+        scale = torch.full((n,), 1.0 / (127 * k**0.5))
+        w = kernels.int8_dequantize(q, scale)
+        prism_call = lambda: kernels.int8_linear(x, q, scale)  # noqa: E731
+        if peer == "F.linear":
+            return prism_call, lambda: F.linear(x, w)
+        return prism_call, lambda: torch.ops.aten._weight_int8pack_mm(x, q, scale)
+
+    weight_bytes = n * k // 2 + 8 * n * (k // INT4_GROUP) if int4 else n * k + 4 * n
+    return Case(
+        kernel=kernel,
+        label=f"{label} vs {peer}",
+        shape=f"K={k} N={n} M={m}",
+        params={"k": k, "n": n, "m": m, "peer": peer},
+        bytes=float(weight_bytes + 4 * (m * k + m * n)),
+        flops=2.0 * m * n * k,
+        setup=setup,
+    )
+
+
 def _layouts(query_lens, rates, seq_len=SEQ_LEN) -> list[Layout]:
     """One layout per distinct (nq, nk): at nq = N every CR gives nk = N."""
     seen, out = set(), []
@@ -209,6 +264,8 @@ def cases(quick: bool = False) -> list[Case]:
             attention_case("bert-base", 12, 64, False, lay),
             attention_case("gpt2-small", 12, 64, True, lay),
             softmax_case(12, True, lay),
+            *(linear_case(kernel, "small", 256, 96, 1, peer) for kernel in ("int8_linear", "int4_linear")
+              for peer in LINEAR_PEERS),
         ]
     out = []
     for d in SEGMENT_WIDTHS:
@@ -221,6 +278,10 @@ def cases(quick: bool = False) -> list[Case]:
         out += [attention_case(model, heads, dh, causal, lay) for lay in layouts]
     for causal in (False, True):
         out += [softmax_case(12, causal, lay) for lay in layouts]
+    for kernel in ("int8_linear", "int4_linear"):
+        for label, k, n in LINEAR_SHAPES:
+            for m in LINEAR_ROWS:
+                out += [linear_case(kernel, label, k, n, m, peer) for peer in LINEAR_PEERS]
     return out
 
 
@@ -257,11 +318,13 @@ def run(
     repetitions: int | None = None,
     min_time: float | None = None,
     progress=sys.stderr,
+    only: list[str] | None = None,
 ) -> dict:
     """Registers every case x thread count x (torch, prism per available ISA)
     with google-benchmark, runs them and returns the report: machine info,
     one record per benchmark (median wall time over repetitions and the
     coefficient of variation) and the single-thread sgemm reference.
+    ``only``: the kernels (names in KERNELS) to run; default all.
     google-benchmark's console report goes to ``progress`` (a real file: its
     descriptor stands in for stdout during the run)."""
     if not threads or any(t < 1 for t in threads):
@@ -270,7 +333,11 @@ def run(
     repetitions = repetitions or (3 if quick else 7)
     min_time = min_time or (0.01 if quick else 0.05)
     isas = kernels.available_isas()
-    all_cases = cases(quick)
+    if only is not None:
+        unknown = [k for k in only if k not in KERNELS]
+        if unknown or not only:
+            raise ValueError(f"kernels: expected names from {', '.join(KERNELS)}, got {only}")
+    all_cases = [c for c in cases(quick) if only is None or c.kernel in only]
     entries: list[_Entry] = []
     gb._benchmark.ClearRegisteredBenchmarks()
 
@@ -446,7 +513,13 @@ def machine_info() -> dict:
 ATTENTION_SGEMM_TARGET = 0.70
 
 
+# Issue 22: decoding (M = 1, one thread) against F.linear on float32 weights.
+LINEAR_TARGETS = {"int8_linear": 1.5, "int4_linear": 2.0}
+
+
 def target(kernel: str, params: dict) -> float | None:
+    if kernel in LINEAR_TARGETS:
+        return LINEAR_TARGETS[kernel] if params["peer"] == "F.linear" and params["m"] == 1 else None
     if kernel == "masked_softmax":
         return 2.5
     if kernel == "segment_means":
@@ -478,7 +551,8 @@ def summarize(report: dict) -> dict:
                 elif torch_rec["seconds"] is not None:
                     row["speedup"][isa] = torch_rec["seconds"] / rec["seconds"]
             # The targets are about the issue's shapes, not the smoke ones.
-            goal = None if report["quick"] else target(info["kernel"], info["params"])
+            goal = None if report["quick"] or t != 1 and info["kernel"] in LINEAR_TARGETS else (
+                target(info["kernel"], info["params"]))
             row["target"] = goal
             row["passed"] = None if goal is None or best not in row["speedup"] else row["speedup"][best] >= goal
             best_s = row["prism_s"][best]

@@ -76,3 +76,20 @@ def test_bench_rejects_bad_threads():
         bench.parse_threads("1,0")
     with pytest.raises(ValueError, match="threads"):
         bench.parse_threads("two")
+
+
+def test_bench_kernels_filter(tmp_path):
+    """--kernels runs only the kernels named (here the quantized linear
+    layers, both peers each); an unknown name is refused before anything runs."""
+    import google_benchmark  # noqa: F401
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "prism_ext.cli", "bench", "kernels", "--quick", "--threads", "1"]
+    proc = subprocess.run(cmd + ["--kernels", "int8_linear,int4_linear", "--json", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert {c["kernel"] for c in report["cases"].values()} == {"int8_linear", "int4_linear"}
+    assert {c["params"]["peer"] for c in report["cases"].values()} == set(bench.LINEAR_PEERS)
+    bad = subprocess.run(cmd + ["--kernels", "int8_linear,nope"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "kernels: expected names from" in bad.stderr

@@ -186,6 +186,34 @@ def test_large_magnitudes_and_zeros(isa):
     assert_within_bound(y4, x4, reference.int4_dequantize(q4, s4 * 1e20, o4 * 1e20, 32))
 
 
+@pytest.mark.parametrize("kernel", ["int8", "int4"])
+def test_non_finite_inputs_propagate_as_ieee(isa, kernel):
+    """A NaN or inf in x reaches exactly the outputs the float64 reference
+    makes non-finite, with the same sign (docs/errors.md); the rest stay within the bound."""
+    gen = torch.Generator().manual_seed(11)
+    n, k = 9, 70
+    x = torch.randn(6, k, generator=gen)
+    x[1, 3] = float("nan")
+    x[2, 69] = float("inf")  # in the tail block
+    x[3, 0], x[3, 40] = float("inf"), float("-inf")
+    x[4, 17] = float("-inf")
+    if kernel == "int8":
+        q, scale = random_int8(gen, n, k)
+        q[0, 69] = 0  # inf * 0 = NaN
+        w = reference.int8_dequantize(q, scale)
+        y = kernels.int8_linear(x, q, scale)
+    else:
+        q, scale, offset = random_int4(gen, n, k, 14)
+        w = reference.int4_dequantize(q, scale, offset, 14)
+        y = kernels.int4_linear(x, q, scale, offset, 14)
+    ref, _ = reference.quantized_linear(x, w)
+    assert torch.equal(y.isnan(), ref.isnan()) and bool(ref.isnan().any())
+    assert torch.equal(y.isposinf(), ref.isposinf()) and torch.equal(y.isneginf(), ref.isneginf())
+    assert bool(ref.isinf().any())
+    finite = [0, 5]
+    assert_within_bound(y[finite], x[finite], w)
+
+
 @pytest.mark.parametrize("m", [0, 1, 8, 40])
 def test_linear_equals_f_linear_on_dequantized(isa, m):
     """The large-M route of the models (dequantize, then F.linear) and the

@@ -15,8 +15,9 @@ def _bench_kernels(args: argparse.Namespace) -> int:
 
     threads = list(dict.fromkeys(args.threads)) if args.threads else bench.parse_threads(bench.default_threads())
     try:
-        report = bench.run(threads, quick=args.quick)
-    except RuntimeError as exc:  # google-benchmark missing
+        only = None if args.kernels is None else [k.strip() for k in args.kernels.split(",") if k.strip()]
+        report = bench.run(threads, quick=args.quick, only=only)
+    except (RuntimeError, ValueError) as exc:  # google-benchmark missing, unknown kernel names
         print(f"prism bench kernels: {exc}", file=sys.stderr)
         return 2
     summary = bench.summarize(report)
@@ -43,5 +44,7 @@ def register(sub) -> None:
     kern.add_argument("--threads", type=Bounded(1, max_threads, many=True),
                       help="comma-separated kernel/torch thread counts (default: 1 and the core count)")
     kern.add_argument("--quick", action="store_true", help="a few small shapes, short runs: a smoke test")
+    kern.add_argument("--kernels", metavar="NAMES",
+                      help="comma-separated kernels to run (default: all; names as in the table's first column)")
     kern.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
     kern.set_defaults(func=_bench_kernels)

@@ -1044,7 +1044,7 @@ void test_quantized_linear() {
   }
   prism::set_num_threads(saved);
   // Bad arguments: std::invalid_argument naming the argument.
-  std::vector<float> xs(64, 1.0f), s(2, 1.0f), out(128);
+  std::vector<float> xs(64, 1.0f), s(4, 1.0f), out(128);  // s: N x K / group scales (and offsets)
   std::vector<uint8_t> qb(64, 0);
   auto base = [&] {
     return prism::QuantProblem{xs.data(), qb.data(), s.data(), s.data(), nullptr, out.data(), 1, 2, 32, 16, 32};
