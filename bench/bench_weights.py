@@ -182,6 +182,7 @@ def main() -> None:
             report[part] = {"memory": lambda: memory(Path(tmp)), "accuracy": accuracy,
                             "speed": lambda: speed(Path(tmp), args.reps)}[part]()
     report["load_average_end"] = os.getloadavg()
+    report["isas"] = prism_ext.kernels.dispatched_isas()  # what the kernels ran (None: not called in this run)
     out = Path(__file__).parent / "results" / f"weights-{report['date']}.json"
     if out.is_file():  # parts run separately on one day go into one file
         report = {**json.loads(out.read_text()), **report}
