@@ -117,6 +117,31 @@ class PrismModel:
         return load_tokenizer(self.directory, model_input_names=self.net.input_names)
 
     @functools.cached_property
+    def chat_template(self) -> str | None:
+        """The checkpoint's chat template (Jinja), or None when it has none:
+        ``chat_template.jinja``, else ``tokenizer_config.json``'s
+        ``chat_template`` (its ``default`` when it names several). A loader
+        of another format sets it on the model it returns."""
+        from .inputs.chat import read_chat_template
+
+        return read_chat_template(self.directory)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """``messages`` ([{"role": "user", "content": "..."}, ...]) as the
+        prompt text of :attr:`chat_template`, rendered as transformers'
+        ``tokenizer.apply_chat_template(messages, tokenize=False)`` renders
+        it. Encode it with ``tokenizer.encode(text, add_special_tokens=False)``:
+        the template writes the special tokens itself. Needs jinja2 (the
+        ``serve`` extra)."""
+        from .inputs.chat import render_chat
+
+        template = self.chat_template
+        if template is None:
+            raise ValueError("chat_template: this checkpoint has no chat template (no chat_template in its "
+                             "tokenizer_config.json and no chat_template.jinja)")
+        return render_chat(template, messages, self.tokenizer.special_tokens_map, add_generation_prompt)
+
+    @functools.cached_property
     def sentence_pooling(self):
         """How :meth:`embed` pools token rows into one embedding
         (:class:`prism_ext.inputs.pooling.SentencePooling`): the checkpoint's

@@ -116,6 +116,11 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The special tokens that are set, by name (``{"eos_token": "<|im_end|>", ...}``), as transformers'."""
+        return {name: token for name, token in self._special.items() if token is not None}
+
+    @property
     def all_special_ids(self) -> list[int]:
         ids = {self.backend.token_to_id(t) for t in self._special.values() if t is not None}
         ids |= {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
