@@ -208,7 +208,7 @@ class TestChatCompletions:
         with pytest.raises(openai.BadRequestError) as err:
             client_of(chat_server).chat.completions.create(model=name_of(chat[0]), messages=messages, max_tokens=4)
         assert (err.value.status_code, err.value.param) == (400, param), err.value.message
-        assert err.value.message.startswith(f"Error code: 400 - {{'error': {{'message': '{param}")
+        assert err.value.message.startswith(f"Error code: 400 - {param}: ")
 
     def test_the_template_error_is_the_message(self, chat, chat_server):
         with pytest.raises(openai.BadRequestError, match="a system message must come first"):
