@@ -88,7 +88,7 @@ def _check(req: Generation, v: Validator, max_tokens: int, name: str = "max_toke
         raise BadRequest(f"{name}: must be in [1, {o.max_tokens}] (the server's limit), got {max_tokens}", name)
     if not 1 <= req.n <= o.max_inputs:
         raise BadRequest(f"n: must be in [1, {o.max_inputs}] (the server's --max-inputs), got {req.n}", "n")
-    if req.logprobs not in (None, False):
+    if req.logprobs is not None and req.logprobs is not False:  # completions' 0 asks for them too (0 == False)
         raise BadRequest("logprobs: not supported (the cluster returns tokens, not their log-probabilities); "
                          f"send {'false' if isinstance(req.logprobs, bool) else 'null'} or leave it out", "logprobs")
     for name in ("presence_penalty", "frequency_penalty"):
