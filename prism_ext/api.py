@@ -120,6 +120,27 @@ class PrismModel:
             return gguf_tokenizer(self.directory, model_input_names=self.net.input_names)
         return load_tokenizer(self.directory, model_input_names=self.net.input_names)
 
+    @property
+    def chat_template(self) -> str | None:
+        """The checkpoint's chat template (Jinja), or None when it has none
+        (or no tokenizer): its tokenizer's (``chat_template.jinja``, else
+        ``tokenizer_config.json``'s ``chat_template``, its ``default`` when it
+        names several; a GGUF file's ``tokenizer.chat_template``)."""
+        try:
+            return self.tokenizer.chat_template
+        except FileNotFoundError:  # no tokenizer.json: no text, so no chat either
+            return None
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """``messages`` ([{"role": "user", "content": "..."}, ...]) as the
+        prompt text of :attr:`chat_template`, rendered as transformers'
+        ``tokenizer.apply_chat_template(messages, tokenize=False)`` renders
+        it (``m.tokenizer.apply_chat_template`` gives the ids). Encode the
+        text with ``tokenizer.encode(text, add_special_tokens=False)``: the
+        template writes the special tokens itself. Needs jinja2."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
+
     @functools.cached_property
     def sentence_pooling(self):
         """How :meth:`embed` pools token rows into one embedding

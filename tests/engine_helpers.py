@@ -49,13 +49,14 @@ LLAMA_FAMILIES = {  # model_type -> (config class, model class, config options o
 }
 
 
-def hf_llama(family="llama", seed=0, kv_heads=2, **kw):
+def hf_llama(family="llama", seed=0, kv_heads=2, vocab_size=64, max_position_embeddings=64, **kw):
     """A tiny random model of a Llama-family type (GQA: 4 query heads, ``kv_heads`` key heads)."""
     config_cls, model_cls, options = LLAMA_FAMILIES[family]
     torch.manual_seed(seed)
     cfg = getattr(transformers, config_cls)(
         hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=kv_heads,
-        intermediate_size=FF, vocab_size=64, max_position_embeddings=64, initializer_range=INIT, bos_token_id=None,
+        intermediate_size=FF, vocab_size=vocab_size, max_position_embeddings=max_position_embeddings,
+        initializer_range=INIT, bos_token_id=None,
         eos_token_id=None, pad_token_id=None, **{**options, **kw})
     model = getattr(transformers, model_cls)(cfg).eval()
     with torch.no_grad():  # RMSNorm gains start at 1 and Qwen2's biases at 0: make every tensor matter

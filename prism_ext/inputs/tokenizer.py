@@ -120,6 +120,11 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     @property
+    def special_tokens_map(self) -> dict[str, str]:
+        """The special tokens that are set, by name (``{"eos_token": "<|im_end|>", ...}``), as transformers'."""
+        return {name: token for name, token in self._special.items() if token is not None}
+
+    @property
     def all_special_ids(self) -> list[int]:
         ids = {self.backend.token_to_id(t) for t in self._special.values() if t is not None}
         ids |= {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
@@ -294,10 +299,10 @@ class Tokenizer:
         from .chat import render_chat
 
         if self.chat_template is None:
-            raise ValueError("chat_template: this checkpoint has no chat template")
+            raise ValueError("chat_template: this checkpoint has no chat template (no chat_template in its "
+                             "tokenizer_config.json, no chat_template.jinja, none in the GGUF metadata)")
         specials = {name: token for name, token in self._special.items() if token is not None}
-        text = render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           **specials, **extra)
+        text = render_chat(self.chat_template, messages, {**specials, **extra}, add_generation_prompt)
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
@@ -454,9 +459,10 @@ def load_tokenizer(directory, model_input_names=("input_ids", "token_type_ids", 
         backend = Backend.from_file(str(path))
     except Exception as exc:  # tokenizers raises its own exception type
         raise ValueError(f"tokenizer: {path} could not be read ({str(exc).splitlines()[0][:200]})") from None
+    from .chat import read_chat_template
+
     config = {**_read_json(directory / "special_tokens_map.json"), **_read_json(directory / "tokenizer_config.json")}
-    if (directory / "chat_template.jinja").is_file():  # transformers 5 writes the template beside the config
-        config["chat_template"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    config["chat_template"] = read_chat_template(directory)  # chat_template.jinja first, as transformers reads it
     try:
         return Tokenizer(backend, config, model_input_names)
     except ValueError as exc:

@@ -12,13 +12,13 @@ from fastapi.responses import JSONResponse, Response
 
 from .._version import __version__
 from .backend import Backend
-from .completions import completions
+from .completions import chat_completions, completions
 from .encoders import classify, embeddings
 from .errors import NotAllowed, NotFound, ServeError, ServerFault, Unauthorized
 from .responses import error_response
 from .validation import Validator
 
-ROUTES = {"/v1/completions", "/v1/embeddings", "/v1/classify", "/v1/models", "/health", "/metrics"}
+ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/classify", "/v1/models", "/health", "/metrics"}
 
 
 def create_app(backend: Backend) -> FastAPI:
@@ -53,6 +53,10 @@ def create_app(backend: Backend) -> FastAPI:
     @app.post("/v1/completions")
     async def _completions(request: Request):
         return await completions(request, v)
+
+    @app.post("/v1/chat/completions")
+    async def _chat_completions(request: Request):
+        return await chat_completions(request, v)
 
     @app.post("/v1/embeddings")
     async def _embeddings(request: Request):

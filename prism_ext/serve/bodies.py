@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Literal
 
 import pydantic
 from starlette.concurrency import run_in_threadpool
@@ -29,9 +30,9 @@ class Settings(pydantic.BaseModel):
 Inputs = str | list[str] | list[int] | list[list[int]]
 
 
-class CompletionRequest(Settings):
-    prompt: Inputs
-    max_tokens: int = 16
+class Generation(Settings):
+    """The sampling fields of both generation endpoints."""
+
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
@@ -39,11 +40,32 @@ class CompletionRequest(Settings):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
-    logprobs: int | None = None  # refused unless null: the cluster does not send log-probabilities back
     # Accepted and ignored, as llama.cpp's server documents its ignored fields (docs/serve.md)
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+
+
+class CompletionRequest(Generation):
+    prompt: Inputs
+    max_tokens: int = 16
+    logprobs: int | None = None  # refused unless null: the cluster does not send log-probabilities back
+
+
+class Message(pydantic.BaseModel):
+    """One chat message: text content only (no images, tool calls or content parts)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None  # handed to the template, which may use it
+
+
+class ChatRequest(Generation):
+    messages: list[Message] = pydantic.Field(min_length=1)
+    max_tokens: int | None = None  # the older name of max_completion_tokens; 16 when neither is given
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None  # refused when true, as for completions
 
 
 class EmbeddingRequest(Settings):
@@ -68,7 +90,10 @@ def parse(kind: type[Settings], body) -> Settings:
         err = max(exc.errors(), key=lambda e: sum(isinstance(i, int) for i in e.get("loc") or ()))
         loc = err.get("loc") or ()
         param = str(loc[0]) if loc else "body"
-        param += "".join(f"[{i}]" for i in loc[1:] if isinstance(i, int))
+        # an index as [i]; a name right after an index is a field of a list item (messages[1].role), while
+        # other names are the union member pydantic tried (prompt -> list[str] -> 1), left out
+        param += "".join(f"[{i}]" if isinstance(i, int) else f".{i}" if isinstance(prev, int) else ""
+                         for prev, i in zip(loc, loc[1:]))
         raise BadRequest(f"{param}: {err.get('msg', 'invalid')}", param) from None
 
 

@@ -66,6 +66,7 @@ _INPUT = {"input_ids": "input", "inputs": "input", "text": "input", "devices": "
 FIELDS = {"completions": {**_INPUT, "input": "prompt", "input_ids": "prompt", "inputs": "prompt", "text": "prompt",
                           "devices": "prompt", "max_new_tokens": "max_tokens"},
           "embeddings": _INPUT, "classify": _INPUT}
+FIELDS["chat/completions"] = {k: "messages" if v == "prompt" else v for k, v in FIELDS["completions"].items()}
 
 _LEADING_NAME = re.compile(r"^([A-Za-z_][\w.\[\]]*):")
 

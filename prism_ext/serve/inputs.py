@@ -9,10 +9,11 @@ from ..api import PrismModel
 from .errors import BadRequest
 
 
-def encode_text(model: PrismModel, text: str) -> list[int]:
+def encode_text(model: PrismModel, text: str, add_special_tokens: bool = True) -> list[int]:
     """Text -> token ids as transformers makes them (special tokens added:
-    [CLS] ... [SEP] for encoders, none for GPT-2)."""
-    return model.tokenizer.encode(text)
+    [CLS] ... [SEP] for encoders, none for GPT-2; none for a rendered chat,
+    whose template writes its own)."""
+    return model.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 def decode_tokens(model: PrismModel, ids: list[int]) -> str:

@@ -15,7 +15,9 @@ from .errors import FIELDS, BadRequest, NotFound, ServerFault, user_error
 from .inputs import encode_text
 from .options import KNOBS
 
-ENDPOINTS = ("completions", "embeddings", "classify")
+ENDPOINTS = ("completions", "chat/completions", "embeddings", "classify")
+GENERATION = ("completions", "chat/completions")  # the endpoints that generate text
+_INPUT_FIELD = {"completions": "prompt", "chat/completions": "messages"}  # the others': input
 
 
 def single(value) -> bool:
@@ -59,7 +61,7 @@ class Validator:
                 raise BadRequest(f"{key}: the server does not let requests set this knob "
                                  f"(allowed: {', '.join(o.knobs) or 'none'})", key)
             knobs[key] = value
-        if endpoint == "completions" and mode not in ("prism", "single"):
+        if endpoint in GENERATION and mode not in ("prism", "single"):
             raise BadRequest(f"mode: generation runs in prism or single mode, not {mode!r}", "mode")
         try:
             return RunOptions(cr=cr, mode=mode, **knobs)
@@ -86,7 +88,7 @@ class Validator:
         """A field's inputs (a text, texts, token ids or lists of them) ->
         token id lists, each within the vocabulary and the model's positions
         (with ``room`` for the tokens to generate)."""
-        field_name = "prompt" if endpoint == "completions" else "input"
+        field_name = _INPUT_FIELD.get(endpoint, "input")
         items = [value] if single(value) else value
         if not items:
             raise BadRequest(f"{field_name}: must not be empty", field_name)
@@ -108,11 +110,26 @@ class Validator:
             out.append(ids)
         return out
 
-    def _encode(self, text: str, where: str) -> list[int]:
+    def chat_prompt(self, messages: list[dict], room: int) -> list[int]:
+        """Chat messages -> the token ids of the prompt the model's template
+        renders for them (ready for the assistant's answer), within the
+        model's positions with ``room`` for the tokens to generate."""
+        from ..inputs.chat import ChatTemplateError
+
+        try:
+            text = self.model.apply_chat_template(messages)
+        except ChatTemplateError as exc:  # the template refused them: its message, naming messages
+            raise BadRequest(str(exc), "messages") from None
+        if not text:
+            raise BadRequest("messages: the chat template renders them as no text", "messages")
+        # the template writes the special tokens itself, as transformers' apply_chat_template(tokenize=True) encodes
+        return self.sequences(self._encode(text, "messages", add_special_tokens=False), "chat/completions", room)[0]
+
+    def _encode(self, text: str, where: str, add_special_tokens: bool = True) -> list[int]:
         if not text:
             raise BadRequest(f"{where}: must be a non-empty string", where)
         try:
-            return encode_text(self.model, text)
+            return encode_text(self.model, text, add_special_tokens)
         except (ValueError, TypeError) as exc:
             raise BadRequest(f"{where}: {exc}", where) from None
         except (OSError, ImportError) as exc:  # the checkpoint has no usable tokenizer: not the client's fault
@@ -132,9 +149,18 @@ class Validator:
     def needs(self, endpoint: str) -> None:
         """The model can serve ``endpoint``, else a bad request naming ``model``."""
         m, name = self.model, self.backend.name
-        if endpoint == "completions" and self.net.head != "lm":
-            raise BadRequest(f"model: /v1/completions needs a GPT-2 language model; {name!r} is "
+        if endpoint in GENERATION and self.net.head != "lm":
+            raise BadRequest(f"model: /v1/{endpoint} needs a language model; {name!r} is "
                              f"{m.model_type} ({self.net.head} head)", "model")
+        if endpoint == "chat/completions":
+            try:
+                template = m.chat_template
+            except ValueError as exc:
+                raise BadRequest(f"model: {name!r}'s chat template cannot be read: {exc}", "model") from None
+            if template is None:
+                raise BadRequest(f"model: {name!r} has no chat template (no chat_template in its "
+                                 f"tokenizer_config.json, no chat_template.jinja), so messages cannot be rendered; "
+                                 f"send the prompt text to /v1/completions instead", "model")
         if endpoint == "embeddings" and m.model_type == "vit":
             raise BadRequest(f"model: /v1/embeddings takes text; {name!r} is a ViT (use /v1/classify "
                              f"with an image)", "model")
