@@ -60,8 +60,10 @@ import netlab  # noqa: E402  (stdlib only)
 from netlab import NetLab  # noqa: E402
 
 MODES = ("single", "tp", "voltage", "prism")
-MODEL_NAMES = {"bert": "BERT-base", "gpt2": "GPT-2-small", "vit": "ViT-B/16", "tiny": "BERT-tiny"}
+MODEL_NAMES = {"bert": "BERT-base", "gpt2": "GPT-2-small", "vit": "ViT-B/16", "tiny": "BERT-tiny",
+               "qwen": "Qwen2.5-0.5B shape", "llama1b": "Llama-3.2-1B shape"}
 PORT = 29500
+_LLM_SHAPES = ("qwen", "llama1b")  # prompt length set by --seq
 TBF_GOODPUT = 0.956  # TCP goodput / configured rate through the lab's tbf (bench/netlab.py)
 
 
@@ -80,6 +82,14 @@ def make_checkpoint(name: str, root: Path) -> Path:
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config())
     elif name == "vit":
         model = transformers.ViTModel(transformers.ViTConfig(image_size=224, patch_size=16))
+    elif name == "qwen":  # Qwen2.5-0.5B's shape: 14 query / 2 KV heads of 64, SwiGLU, tied head
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+            num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True))
+    elif name == "llama1b":  # Llama-3.2-1B's shape: 32 query / 8 KV heads of 64, tied head
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+            num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, tie_word_embeddings=True))
     elif name == "tiny":  # the smoke run's model
         model = transformers.BertModel(transformers.BertConfig(
             hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
@@ -92,11 +102,15 @@ def make_checkpoint(name: str, root: Path) -> Path:
     return path
 
 
-def model_inputs(name: str):
-    """(inputs, outputs, N) of one request: batch 1, fixed seed."""
+def model_inputs(name: str, seq: int | None = None):
+    """(inputs, outputs, N) of one request: batch 1, fixed seed; ``seq``: the
+    decoder LLM shapes' prompt length (default 512)."""
     import torch
 
     g = torch.Generator().manual_seed(1)
+    if name in ("qwen", "llama1b"):
+        n = seq or 512
+        return {"input_ids": torch.randint(0, 32000, (1, n), generator=g)}, ("last",), n
     if name == "bert":
         return {"input_ids": torch.randint(1000, 30000, (1, 512), generator=g)}, ("cls",), 512
     if name == "gpt2":
@@ -175,15 +189,17 @@ def _tbf_drops(namespaces: list[str], hub: str | None) -> int:
     return total
 
 
-def _configs(modes, crs):
+def _configs(modes, crs, points=("default",)):
+    """(mode, cr, compression point) of every configuration; the point is
+    None for the modes that average nothing."""
     out = []
     for mode in ("single", "prism", "voltage", "tp"):  # tp last: if it breaks the cluster, the rest is done
         if mode not in modes:
             continue
         if mode == "prism":
-            out += [("prism", cr) for cr in crs]
+            out += [("prism", cr, point) for point in points for cr in crs]
         else:
-            out.append((mode, None))
+            out.append((mode, None, None))
     return out
 
 
@@ -198,7 +214,7 @@ def coordinator(spec: dict) -> dict:
     namespaces = spec["namespaces"]
     port = [PORT]  # a restarted cluster takes the next port (see open_cluster)
     token = secrets.token_hex(16)
-    inputs, outputs, n = model_inputs(name)
+    inputs, outputs, n = model_inputs(name, spec.get("seq"))
     env = dict(os.environ, PRISM_TOKEN=token, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     workers: list[subprocess.Popen] = []
     c_box: list = []
@@ -258,16 +274,17 @@ def coordinator(spec: dict) -> dict:
         finally:
             started.set()
 
-    configs = _configs(spec["modes"], spec["crs"])
+    configs = _configs(spec["modes"], spec["crs"], spec.get("points") or ("default",))
     errors: dict[str, str] = {}
     c = None
     try:
         c = open_cluster()
 
-        def call(mode, cr):
+        def call(mode, cr, point):
             if mode == "single":
                 return c(inputs, devices=1, outputs=outputs)
-            return c(inputs, mode=mode, cr=cr if mode == "prism" else 1, outputs=outputs)
+            return c(inputs, mode=mode, cr=cr if mode == "prism" else 1, outputs=outputs,
+                     compression_point=point or "default")
 
         # Background traffic (heartbeats to rank 0's store) over an idle second.
         b0 = _link_tx(namespaces)
@@ -275,12 +292,12 @@ def coordinator(spec: dict) -> dict:
         background = [a - b for a, b in zip(_link_tx(namespaces), b0)]
 
         live = []
-        for mode, cr in configs:  # one warm-up each; a config that fails is reported and dropped
+        for mode, cr, point in configs:  # one warm-up each; a config that fails is reported and dropped
             try:
-                call(mode, cr)
-                live.append((mode, cr))
+                call(mode, cr, point)
+                live.append((mode, cr, point))
             except Exception as exc:  # noqa: BLE001 - reported in the results
-                key = f"{mode}" + (f" cr={cr}" if cr else "")
+                key = f"{mode}" + (f" {point}" if point and point != "default" else "") + (f" cr={cr}" if cr else "")
                 errors[key] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
                 print(f"bench_network: {name} P={world} {spec['rate']} Mbit/s: {key} failed: {errors[key]}",
                       file=sys.stderr, flush=True)
@@ -332,13 +349,13 @@ def coordinator(spec: dict) -> dict:
         stop_workers()
 
     records = []
-    for (mode, cr), ss in samples.items():
+    for (mode, cr, point), ss in samples.items():
         med = lambda key: [statistics.median(s[key][r] for s in ss) for r in range(len(ss[0][key]))]  # noqa: E731
         engine = [b + res + i for b, res, i in zip(med("bytes_sent"), med("result_bytes"), med("input_bytes"))]
         wire = med("wire_tx")
         records.append({
             "model": name, "model_name": MODEL_NAMES[name], "N": n, "P": world, "rate_mbit": spec["rate"],
-            "mode": mode, "cr": cr, "devices_used": 1 if mode == "single" else world,
+            "mode": mode, "cr": cr, "point": point, "devices_used": 1 if mode == "single" else world,
             "latency_s": statistics.median(s["wall"] for s in ss),
             "latency_all_s": [s["wall"] for s in ss],
             "compute_s": med("compute"), "cpu_s": med("cpu"), "other_cpu_s": med("other_cpu")[0],
@@ -361,7 +378,8 @@ def run_cell(name: str, model_dir: Path, world: int, rate: float, args, log_dir:
         with tempfile.TemporaryDirectory(prefix="prism-netbench-") as tmp:
             spec = {"model": name, "model_dir": str(model_dir), "world": world, "rate": rate,
                     "namespaces": [lab.netns(r) for r in range(world)], "addr0": lab.addr(0), "hub": lab.hub,
-                    "modes": args.modes, "crs": args.crs, "reps": args.reps, "timeout": args.timeout,
+                    "modes": args.modes, "crs": args.crs, "points": args.points, "seq": args.seq,
+                    "reps": args.reps, "timeout": args.timeout,
                     "log_dir": str(log_dir)}
             spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
             spec_path.write_text(json.dumps(spec))
@@ -383,11 +401,14 @@ def run_cell(name: str, model_dir: Path, world: int, rate: float, args, log_dir:
 
 
 def _key(r: dict) -> tuple:
-    return (r["model"], r["P"], r["rate_mbit"], r["mode"], r["cr"])
+    return (r["model"], r["N"], r["P"], r["rate_mbit"], r["mode"], r["cr"], r.get("point"))
 
 
 def _mode_label(r: dict) -> str:
-    return f"prism CR={r['cr']}" if r["mode"] == "prism" else r["mode"]
+    if r["mode"] != "prism":
+        return r["mode"]
+    point = r.get("point")
+    return f"prism {point} CR={r['cr']}" if point and point != "default" else f"prism CR={r['cr']}"
 
 
 def _fmt_bytes(b: float) -> str:
@@ -399,13 +420,13 @@ def _fmt_bytes(b: float) -> str:
 
 def _mode_order(label: str) -> tuple:
     if label.startswith("prism"):
-        return (3, int(label.split("=")[1]))
-    return ({"single": 0, "tp": 1, "voltage": 2}.get(label, 9), 0)
+        return (3, label.split(" CR=")[0], int(label.split("=")[1]))
+    return ({"single": 0, "tp": 1, "voltage": 2}.get(label, 9), "", 0)
 
 
-def markdown_block(model: str, world: int, records: list[dict], meta: dict) -> str:
+def markdown_block(model: str, world: int, records: list[dict], meta: dict, n: int | None = None) -> str:
     """One block of the RESULTS.md section: latency table, ratios, per-rank compute, bytes."""
-    recs = [r for r in records if r["model"] == model and r["P"] == world]
+    recs = [r for r in records if r["model"] == model and r["P"] == world and n in (None, r["N"])]
     rates = sorted({r["rate_mbit"] for r in recs}, reverse=True)
     labels = sorted({_mode_label(r) for r in recs}, key=_mode_order)
     at = {(_mode_label(r), r["rate_mbit"]): r for r in recs}
@@ -504,9 +525,12 @@ def update_markdown(md_path: Path, records: list[dict], meta: dict) -> None:
     text = md_path.read_text() if md_path.is_file() else "# Benchmark results\n"
     if SECTION not in text:
         text = text.rstrip("\n") + "\n\n" + SECTION_INTRO
-    for model, world in sorted({(r["model"], r["P"]) for r in records}):
-        begin, end = f"<!-- bench_network {model} P={world} begin -->", f"<!-- bench_network {model} P={world} end -->"
-        block = f"{begin}\n{markdown_block(model, world, records, meta)}{end}\n"
+    # The decoder LLM shapes run at several prompt lengths: a block per N (the others have one N each).
+    for model, n, world in sorted({(r["model"], r["N"] if r["model"] in _LLM_SHAPES else None, r["P"])
+                                   for r in records}, key=lambda t: (t[0], t[1] or 0, t[2])):
+        name = model if n is None else f"{model} N={n}"
+        begin, end = f"<!-- bench_network {name} P={world} begin -->", f"<!-- bench_network {name} P={world} end -->"
+        block = f"{begin}\n{markdown_block(model, world, records, meta, n)}{end}\n"
         if begin in text and end in text:
             text = re.sub(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", lambda _: block, text, flags=re.S)
         else:
@@ -622,6 +646,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates", type=_csv(float), default=[1000, 100, 20], help="link rates, Mbit/s")
     ap.add_argument("--crs", type=_csv(int), default=[4, 16, 64, 128], help="prism compression ratios")
     ap.add_argument("--modes", type=_csv(str), default=list(MODES), help="single,tp,voltage,prism")
+    ap.add_argument("--points", type=_csv(str), default=["default"],
+                    help="prism's compression points, e.g. kv,attn_input (default: each family's)")
+    ap.add_argument("--seq", type=int, default=None, help="prompt length of the qwen / llama1b shapes (default 512)")
     ap.add_argument("--reps", type=int, default=3, help="measured requests per configuration (after one warm-up)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny BERT, P = 2, 100 Mbit/s, CR 4,16, 2 reps")
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress bar on stderr")
@@ -659,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         a.models, a.devices, a.rates, a.crs, a.reps = ["tiny"], [2], [100.0], [4, 16], 2
     bad = [m for m in a.models if m not in MODEL_NAMES] + [m for m in a.modes if m not in MODES]
     if bad or a.reps < 1 or any(p < 2 for p in a.devices) or any(r <= 0 for r in a.rates):
-        ap.error(f"bad option values {bad or ''} (models: bert,gpt2,vit; modes: {','.join(MODES)}; P >= 2; reps >= 1)")
+        ap.error(f"bad option values {bad or ''} (models: {','.join(MODEL_NAMES)}; modes: {','.join(MODES)}; P >= 2; reps >= 1)")
     out_dir = a.out or HERE / "results"
     md_path = a.md or ((out_dir / "RESULTS.md") if (a.out or a.quick) else HERE / "RESULTS.md")
     out_dir.mkdir(parents=True, exist_ok=True)
