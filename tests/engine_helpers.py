@@ -229,3 +229,15 @@ def attention_flops(batch: int, heads: int, nq: int, nk: int, dh: int) -> int:
 
 def max_err(a, b) -> float:
     return (a.double() - b.double()).abs().max().item()
+
+
+def prefill_devices(net, ids, part, cfg, decode_room: int = 0):
+    """Every device's result of a prefill of ``ids`` over ``part`` (in-process devices)."""
+    from prism_ext.comm.local import LocalGroup
+    from prism_ext.method.engine import run_device
+
+    full = {"input_ids": ids}
+    return LocalGroup(part.devices).run(
+        [lambda tr, r=r: run_device(net, net.local_inputs(full, *part.ranges[r]), part, r, tr, cfg,
+                                    decode_room=decode_room if r == part.devices - 1 else 0)
+         for r in range(part.devices)])

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine_helpers import attention_flops, counted_flops, family_inputs, max_err, naive_forward, tiny_models
+from engine_helpers import attention_flops, counted_flops, family_inputs, max_err, naive_forward, prefill_devices, tiny_models
 
 import prism_ext
 from prism_ext.comm import LocalGroup
-from prism_ext.method.engine import ExactRows, RunConfig, decode_step, run_device, run_request
+from prism_ext.method.engine import ExactRows, RunConfig, decode_step, run_request
 from prism_ext.options import RunOptions
 from prism_ext.method.partition import Partition, exact_slots, partition, rows_sent
 
@@ -115,15 +115,6 @@ def _decode_flops(net, batch: int, keys: list[int]) -> int:
     return total
 
 
-def _prefill(net, ids, part: Partition, cfg: RunConfig, decode_room: int = 0):
-    """Every device's result of a prefill of ``ids`` over ``part`` (in-process devices)."""
-    full = {"input_ids": ids}
-    return LocalGroup(part.devices).run(
-        [lambda tr, r=r: run_device(net, net.local_inputs(full, *part.ranges[r]), part, r, tr, cfg,
-                                    decode_room=decode_room if r == part.devices - 1 else 0)
-         for r in range(part.devices)])
-
-
 def _grown(part: Partition, length: int) -> Partition:
     """``part`` with the last device's range extended to ``length`` positions."""
     return Partition(part.ranges[:-1] + ((part.ranges[-1][0], length),))
@@ -143,7 +134,7 @@ def test_decoding_equals_prefill_with_the_tokens_in_the_last_partition(models, d
     ids = torch.randint(0, 64, (2, n + new), generator=g)
     part = partition(n, devices)
     cfg = RunConfig.make(len(net.blocks), cr=cr)
-    last = _prefill(net, ids[:, :n], part, cfg, decode_room=new)[-1]
+    last = prefill_devices(net, ids[:, :n], part, cfg, decode_room=new)[-1]
     decoded = [net.row_outputs(last.hidden[:, -1:])["logits"][:, 0]]
     keys = [s.rows_received + last.stats.stop - last.stats.start for s in last.stats.layers]
     for i in range(new):
@@ -153,7 +144,7 @@ def test_decoding_equals_prefill_with_the_tokens_in_the_last_partition(models, d
         assert sum(s.flops for s in layer_stats) == _decode_flops(net, 2, [k + i + 1 for k in keys])
     decoded = torch.stack(decoded, dim=1)  # logits after positions n - 1 .. n + new - 1
 
-    prefill = net.row_outputs(_prefill(net, ids, _grown(part, n + new), cfg)[-1].hidden)["logits"][:, -(new + 1):]
+    prefill = net.row_outputs(prefill_devices(net, ids, _grown(part, n + new), cfg)[-1].hidden)["logits"][:, -(new + 1):]
     assert max_err(decoded, prefill) <= TOL
     # CR > 1 changes these logits (far more than the tolerance), so the
     # equality above holds for the compressed attention, not by accident.
@@ -161,7 +152,7 @@ def test_decoding_equals_prefill_with_the_tokens_in_the_last_partition(models, d
     assert max_err(prefill, exact) > 1e-2
 
     gen = m.generate(ids[:, :n], devices=devices, cr=cr, max_new_tokens=4)
-    forced = net.row_outputs(_prefill(net, gen, _grown(part, n + 4), cfg)[-1].hidden)["logits"]
+    forced = net.row_outputs(prefill_devices(net, gen, _grown(part, n + 4), cfg)[-1].hidden)["logits"]
     assert torch.equal(forced[:, -5:-1].argmax(-1), gen[:, n:])
 
 

@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from engine_helpers import (LLAMA_FAMILIES, attention_flops, counted_flops, family_inputs, hf_llama, max_err,
-                            naive_forward, save, tiny_models)
+                            naive_forward, prefill_devices, save, tiny_models)
 
 import prism_ext
-from prism_ext.comm import LocalGroup
 from prism_ext.executor.request import plan
 from prism_ext.method.accounting import BlockShape, prism_layer, shape_of
-from prism_ext.method.engine import ExactRows, RunConfig, decode_step, run_device
+from prism_ext.method.engine import ExactRows, RunConfig, decode_step
 from prism_ext.method.partition import Partition, partition
 from prism_ext.options import RunOptions
 
@@ -168,14 +167,6 @@ def test_kv_point_for_the_paper_models_equals_naive_reconstruction(models, famil
     assert out.stats.activation_bytes == 2 * base.stats.activation_bytes
 
 
-def _prefill(net, ids, part: Partition, cfg: RunConfig, decode_room: int = 0):
-    full = {"input_ids": ids}
-    return LocalGroup(part.devices).run(
-        [lambda tr, r=r: run_device(net, net.local_inputs(full, *part.ranges[r]), part, r, tr, cfg,
-                                    decode_room=decode_room if r == part.devices - 1 else 0)
-         for r in range(part.devices)])
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 @pytest.mark.parametrize("point", ["kv", "attn_input"])
 @pytest.mark.parametrize("devices,cr", [(2, 4), (3, 3)])
@@ -185,7 +176,7 @@ def test_decoding_equals_prefill_with_the_tokens_in_the_last_partition(llamas, f
     ids = ids_for(cr + devices, n=n + new)
     part = partition(n, devices)
     cfg = RunConfig.make(len(net.blocks), cr=cr, compression_point=point, exact_rows=ExactRows(first=True))
-    last = _prefill(net, ids[:, :n], part, cfg, decode_room=new)[-1]
+    last = prefill_devices(net, ids[:, :n], part, cfg, decode_room=new)[-1]
     assert all(kv.shape[-1] == 2 * blk.kv_width for kv, blk in zip(last.state.kv, net.blocks))  # kv heads only
     decoded = [net.row_outputs(last.hidden[:, -1:])["logits"][:, 0]]
     for i in range(new):
@@ -194,11 +185,11 @@ def test_decoding_equals_prefill_with_the_tokens_in_the_last_partition(llamas, f
         assert sum(s.bytes_sent for s in layer_stats) == 0
     decoded = torch.stack(decoded, dim=1)
     grown = Partition(part.ranges[:-1] + ((part.ranges[-1][0], n + new),))
-    prefill = net.row_outputs(_prefill(net, ids, grown, cfg)[-1].hidden)["logits"][:, -(new + 1):]
+    prefill = net.row_outputs(prefill_devices(net, ids, grown, cfg)[-1].hidden)["logits"][:, -(new + 1):]
     assert max_err(decoded, prefill) <= TOL
     assert max_err(prefill, m(ids, devices=devices, cr=1).logits[:, n - 1:]) > 1e-2
     gen = m.generate(ids[:, :n], devices=devices, cr=cr, compression_point=point, max_new_tokens=4, eos_token_id=())
-    forced = net.row_outputs(_prefill(net, gen, Partition(part.ranges[:-1] + ((part.ranges[-1][0], n + 4),)),
+    forced = net.row_outputs(prefill_devices(net, gen, Partition(part.ranges[:-1] + ((part.ranges[-1][0], n + 4),)),
                                       cfg)[-1].hidden)["logits"]
     assert torch.equal(forced[:, -5:-1].argmax(-1), gen[:, n:])
 
