@@ -53,6 +53,7 @@ def main() -> None:
     import prism_ext
 
     path = gguf_file()
+    load_start = os.getloadavg()
     torch.set_num_threads(args.threads)
     prism_ext.kernels.set_num_threads(args.threads)
     llm = llama_cpp.Llama(str(path), n_ctx=args.prefill + args.decode + 64, n_threads=args.threads,
@@ -83,7 +84,7 @@ def main() -> None:
                                      return_stats=True)
             times[f"prism_ext {d}"]["decode"].append(len(steps.seconds) / sum(steps.seconds))
     report = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-              "load_average": os.getloadavg(), "threads": args.threads, "file": path.name,
+              "load_average": load_start, "threads": args.threads, "file": path.name,
               "llama_cpp_version": llama_cpp.__version__, "prefill_tokens": args.prefill, "results": {}}
     base = statistics.median(times["llama.cpp"]["prefill"]), statistics.median(times["llama.cpp"]["decode"])
     for name, t in times.items():
