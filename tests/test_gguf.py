@@ -234,6 +234,35 @@ def test_directory_holding_one_gguf(tmp_path):
         prism_ext.load(tmp_path)
 
 
+def test_a_gguf_becomes_a_checkpoint_transformers_and_prism_ext_load(tmp_path):
+    """write_checkpoint from a GGUF file (what `prism finetune` writes from a
+    GGUF teacher): config.json, tokenizer files and safetensors that
+    transformers loads to the same logits and tokens; write_quantized from it
+    too. A file whose RoPE needs llama.cpp's divisors is refused by name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prism_ext.models import write_checkpoint, write_quantized
+
+    hf = hf_llama("qwen2", seed=4, tie_word_embeddings=True)
+    path = write_gguf(hf, tmp_path / "q.gguf", Q.Q8_0)
+    m = prism_ext.load(path)
+    out = write_checkpoint(m.net, path, tmp_path / "hf")
+    ids = ids_for(2)
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert max_err(theirs(ids).logits, m(ids, devices=1).logits) <= TOL
+    back = prism_ext.load(out)
+    assert back.net.weights_digest() == m.net.weights_digest()
+    text = "the cat sat on 12 mats"
+    assert AutoTokenizer.from_pretrained(str(out)).encode(text) == back.tokenizer.encode(text) == m.tokenizer.encode(text)
+    assert back.chat_template == m.chat_template
+    q = prism_ext.load(path, weight_dtype="int8")
+    assert prism_ext.load(write_quantized(q.net, path, tmp_path / "q8")).net.weights_digest() == q.net.weights_digest()
+    scaled = write_gguf(hf_llama("llama", seed=5), tmp_path / "l3.gguf")  # llama3 scaling as rope_freqs
+    with pytest.raises(ValueError, match="rope_freqs divisors"):
+        write_checkpoint(prism_ext.load(scaled).net, scaled, tmp_path / "l3")
+
+
 # -------------------------------------------------------------- bad files
 
 @pytest.fixture(scope="module")

@@ -250,7 +250,7 @@ def write_quantized(net: Network, like, out) -> Path:
     if (like / QUANT_META).is_file():
         shapes = read_json(like / QUANT_META, QUANT_META)["tensors"]
     else:
-        tensors, _ = read_tensors(like)
+        tensors, _ = _source_tensors(like, meta=True)
         shapes = {k: list(t.shape) for k, t in tensors.items()}
         del tensors
     out.mkdir(parents=True, exist_ok=True)
@@ -377,8 +377,38 @@ def _as_created(path: Path) -> None:
     path.chmod(0o666 & ~umask)
 
 
+def _source_tensors(like: Path, meta: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of a checkpoint folder or of a GGUF file (dequantized,
+    under their Hugging Face names), and a name for errors."""
+    if like.is_file():  # resolve() names a file only for a GGUF checkpoint
+        from . import gguf
+
+        config, tensors, rope_factors = gguf.read(like)
+        if rope_factors is not None:  # a checkpoint's config would have to state llama.cpp's divisors
+            raise ValueError(f"like: {like} scales RoPE by llama.cpp's rope_freqs divisors, which a Hugging Face "
+                             f"checkpoint cannot state; run it from the GGUF file")
+        return tensors, str(like)
+    return read_tensors(like, meta)
+
+
 def _copy_describing_files(like: Path, out: Path) -> list[Path]:
-    """The files of ``like`` that describe the model and its inputs, copied to ``out``."""
+    """The files of ``like`` that describe the model and its inputs, copied
+    to ``out``; from a GGUF file: its config as config.json and its
+    tokenizer as tokenizer.json and tokenizer_config.json (with the chat
+    template), which transformers and prism_ext both read."""
+    if like.is_file():
+        from ..inputs.tokenizer import gguf_tokenizer
+        from . import gguf
+
+        config = gguf.read_config(*gguf.header(like))
+        tok = gguf_tokenizer(like)
+        (out / "config.json").write_text(json.dumps(config, indent=1))
+        tok.backend.save(str(out / "tokenizer.json"))
+        tok_config = {**tok.special_tokens_map, "tokenizer_class": "PreTrainedTokenizerFast"}
+        if tok.chat_template is not None:
+            tok_config["chat_template"] = tok.chat_template
+        (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=1))
+        return [out / "config.json", out / "tokenizer.json", out / "tokenizer_config.json"]
     written = []
     for name in sorted(_CHECKPOINT_FILES):
         if (like / name).is_file():
@@ -405,7 +435,7 @@ def write_checkpoint(net: Network, like, out) -> Path:
         raise ValueError(f"out: {out} is the checkpoint being rewritten; choose another directory")
     if net.weight_dtype != "fp32":
         raise ValueError(f"weight_dtype: this network is {net.weight_dtype}; write it with write_quantized")
-    tensors, source = read_tensors(like)
+    tensors, source = _source_tensors(like)
     found = Weights(tensors, source, (FAMILIES[net.model_type].BASE_PREFIX,))
     state = dict(tensors)
     for names, tensor in net.checkpoint_tensors():

@@ -185,6 +185,13 @@ def _dequantize(tensor, path) -> np.ndarray:
                          f"({str(exc)[:200]})") from None
 
 
+def header(path) -> tuple[dict, Path, bool]:
+    """What :func:`read_config` takes: (metadata, path, whether the file has its own LM head)."""
+    path = Path(path)
+    reader = open_gguf(path)
+    return metadata(reader, path), path, any(t.name == "output.weight" for t in reader.tensors)
+
+
 def read(path) -> tuple[dict, dict[str, torch.Tensor], torch.Tensor | None]:
     """(config, tensors under their Hugging Face names as float32, RoPE
     frequency divisors or None) of a GGUF file."""
