@@ -53,8 +53,12 @@ def _compile(template: str):
     """The template in transformers' environment: sandboxed (templates come
     with checkpoints, so they are untrusted code), trim_blocks and
     lstrip_blocks, loop controls, and its globals and tojson filter."""
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    try:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise ImportError("chat_template: rendering a chat needs jinja2 (pip install 'prism-ext[serve]' or "
+                          "'prism-ext[gguf]', or jinja2 itself)") from None
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
