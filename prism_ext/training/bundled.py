@@ -2,11 +2,15 @@
 
 * ``gpt2-tiny``: a GPT-2 over UTF-8 bytes trained on Python's own
   ``pydoc_data.topics`` (every 8th topic, sorted by name, is held out).
+* ``llama-tiny``: a Llama (RoPE, grouped-query attention, RMSNorm, SwiGLU)
+  on the same text, with a byte-level BPE tokenizer trained here by the
+  ``tokenizers`` package on the training topics alone, and a ChatML chat
+  template (it also sees one short chat per training topic).
 * ``vit-tiny-digits``: a ViT trained on scikit-learn's handwritten digits
   (8x8, upsampled to 32x32, 4x4 patches: 64 patches + [CLS] to split over
   devices); a fixed 20% test split is held out and shipped for the demo.
 
-Both start from a Hugging Face model initialised by transformers, are
+Each starts from a Hugging Face model initialised by transformers, are
 trained exactly (one device) through the differentiable twin
 (:mod:`prism_ext.method.twin`) on the package's own model code, then made
 PRISM-aware by :func:`prism_ext.training.finetune.finetune`, the code path of
