@@ -115,11 +115,13 @@ GPT2_CFG = dict(n_positions=128, n_embd=128, n_layer=4, n_head=4, dropout=0.1,
                 prism_finetune={"steps": 2000, "lr": 6e-4, "batch": 16, "exact_fraction": 0.25,
                                 "devices": [2, 3, 4], "crs": [2, 4, 8, 16]})
 
-# Sized to train in about half an hour on two shared cores (bench/RESULTS.md): 4 query heads sharing
-# 2 key/value heads, SwiGLU, RoPE, a 1024-token BPE vocabulary (3 of them the special tokens).
+# Fewer steps than gpt2-tiny, to train in about 15 minutes on two shared cores (docs/demo.md): 4 query
+# heads sharing 2 key/value heads, SwiGLU, RoPE, a 1024-token BPE vocabulary (3 of them the special tokens).
 LLAMA_CFG = dict(n_positions=256, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=344, rope_theta=10000.0, vocab_size=1024, dropout=0.1,
                  steps=1500, batch=8, lr=2e-3, warmup=100, weight_decay=0.1,
+                 note="sized for about 15 minutes on two shared cores (1 thread): 1500 + 800 steps of 8 x 256 tokens (about"
+                      " 20 epochs of the 152k training tokens), against gpt2-tiny's 3000 + 2000 steps of 16 x 128",
                  # the PRISM-aware phase with position 0 sent exact, the family's default at run time
                  prism_finetune={"steps": 800, "lr": 6e-4, "batch": 8, "exact_fraction": 0.25,
                                  "devices": [2, 3, 4], "crs": [4, 8, 16], "exact_rows": ["first"]})
