@@ -28,8 +28,12 @@ __all__ = ["load_model", "check_job", "run_text", "run_text_batch", "run_texts",
            "run_digits", "demo", "format_run", "format_demo", "DEMO_PROMPT", "DEMO_CHAT"]
 
 DEMO_PROMPT = "The \"for\" statement is used to iterate over the elements of a sequence"
-# llama-tiny's chat: the title of a pydoc topic it was not trained on, as its training chats ask
-DEMO_CHAT = [{"role": "user", "content": "The \"raise\" statement"}]
+# llama-tiny's chat: one of its training chats (a pydoc topic's title, its first paragraph), then the title of a
+# topic it was not trained on; two turns, so that each of 4 devices holds enough positions to send several means
+DEMO_CHAT = [{"role": "user", "content": "The \"for\" statement"},
+             {"role": "assistant", "content": "The \"for\" statement is used to iterate over the elements of a "
+                                              "sequence\n(such as a string, tuple or list) or other iterable object:"},
+             {"role": "user", "content": "The \"break\" statement"}]
 
 
 def _job_options(options: RunOptions | None, kwargs: dict) -> RunOptions:

@@ -174,8 +174,9 @@ def test_demo_quick_json(capsys, tmp_path, vit, held_out):
     assert g["decode"]["bytes_sent"] == 0
     _check_stats(g["stats"], 4)
     c = r["llama"]  # llama-tiny answers a chat rendered with its own template, on the same devices
-    assert c["model_type"] == "llama" and c["messages"] == [{"role": "user", "content": "The \"raise\" statement"}]
-    assert c["input"]["text"] == '<|im_start|>user\nThe "raise" statement<|im_end|>\n<|im_start|>assistant\n'
+    assert c["model_type"] == "llama" and c["messages"][-1] == {"role": "user", "content": "The \"break\" statement"}
+    assert c["input"]["text"].startswith('<|im_start|>user\nThe "for" statement<|im_end|>\n<|im_start|>assistant\n')
+    assert c["input"]["text"].endswith('<|im_start|>user\nThe "break" statement<|im_end|>\n<|im_start|>assistant\n')
     assert 1 <= len(c["output"]["token_ids"]) <= 16 and c["decode"]["bytes_sent"] == 0
     _check_stats(c["stats"], 4)
     assert c["stats"]["bytes_sent"] < c["voltage"]["bytes_sent"]
