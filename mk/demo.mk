@@ -23,3 +23,4 @@ zoo-train: $(VENV)/.prism-installed
 	$(VENV)/bin/pip install -q "scikit-learn>=1.2" "transformers>=4.40"  # the `train` extra
 	$(VENV)/bin/prism zoo train vit-tiny-digits --threads 1 --out prism_ext/zoo/vit-tiny-digits
 	$(VENV)/bin/prism zoo train gpt2-tiny --threads 1 --out prism_ext/zoo/gpt2-tiny
+	$(VENV)/bin/prism zoo train llama-tiny --threads 1 --out prism_ext/zoo/llama-tiny

@@ -25,9 +25,15 @@ from .outputs import class_output, stats_dict
 from .executor.request import layout
 
 __all__ = ["load_model", "check_job", "run_text", "run_text_batch", "run_texts", "run_images",
-           "run_digits", "demo", "format_run", "format_demo", "DEMO_PROMPT"]
+           "run_digits", "demo", "format_run", "format_demo", "DEMO_PROMPT", "DEMO_CHAT"]
 
 DEMO_PROMPT = "The \"for\" statement is used to iterate over the elements of a sequence"
+# llama-tiny's chat: one of its training chats (a pydoc topic's title, its first paragraph), then the title of a
+# topic it was not trained on; two turns, so that each of 4 devices holds enough positions to send several means
+DEMO_CHAT = [{"role": "user", "content": "The \"for\" statement"},
+             {"role": "assistant", "content": "The \"for\" statement is used to iterate over the elements of a "
+                                              "sequence\n(such as a string, tuple or list) or other iterable object:"},
+             {"role": "user", "content": "The \"break\" statement"}]
 
 
 def _job_options(options: RunOptions | None, kwargs: dict) -> RunOptions:
@@ -123,7 +129,7 @@ def _text_job(model: PrismModel, texts: list[str], devices, options: RunOptions,
     """A text job's checks; returns (token ids of each text, whether it generates)."""
     if model.model_type == "vit":
         raise ValueError("text: vit models take --image, not --text")
-    generating = model.model_type == "gpt2" and max_new_tokens > 0
+    generating = model.net.head == "lm" and max_new_tokens > 0  # GPT-2 and the Llama family
     if generating and options.mode not in ("prism", "single"):
         raise ValueError(f"mode: generation runs in prism or single mode; use --max-new-tokens 0 for a "
                          f"{options.mode} forward pass")
@@ -249,7 +255,7 @@ def _text_outputs(model: PrismModel, out, mask: torch.Tensor) -> list[dict]:
     results = []
     for row, valid in enumerate(mask.bool()):
         n = int(valid.sum())
-        if model.model_type == "gpt2":
+        if model.net.head == "lm":
             top1 = out.logits[row, :n].argmax(-1).tolist()  # the prediction after every position
             results.append({"next_token_id": top1[-1], "next_token": model.tokenizer.decode(top1[-1:]),
                             "top1_ids": top1})
@@ -354,7 +360,8 @@ def run_digits(model: PrismModel, digits: np.ndarray, *, devices: int = 4, optio
 def demo(*, devices: int = 4, gpt_cr: int = 4, vit_cr: int = 4, max_new_tokens: int = 56, digits: int = 10,
          figure: str | Path | None = "prism-demo.png", full_test_set: bool = True, quiet: bool = True,
          simulate: bool = False) -> dict:
-    """gpt2-tiny generating over ``devices`` devices, then vit-tiny-digits on
+    """gpt2-tiny generating over ``devices`` devices, llama-tiny answering a
+    chat (its chat template) over them, then vit-tiny-digits on
     ``digits`` held-out digits (one per class); a figure of the latter. The
     devices are processes on this machine (a live cluster per model), or
     threads of this process with ``simulate``."""
@@ -375,6 +382,12 @@ def demo(*, devices: int = 4, gpt_cr: int = 4, vit_cr: int = 4, max_new_tokens: 
     gpt = load_model("gpt2-tiny")
     with devices_for(gpt) as run:
         text = run_text(run, DEMO_PROMPT, devices=devices, cr=gpt_cr, max_new_tokens=max_new_tokens, quiet=quiet)
+    say("loading llama-tiny")
+    llama = load_model("llama-tiny")
+    chat = llama.tokenizer.apply_chat_template(DEMO_CHAT, add_generation_prompt=True, tokenize=False)
+    with devices_for(llama) as run:  # stops at the chat's end (<|im_end|>) or after max_new_tokens
+        chat = run_text(run, chat, devices=devices, cr=gpt_cr, max_new_tokens=max_new_tokens, quiet=quiet)
+        chat["messages"] = DEMO_CHAT
     say("loading vit-tiny-digits")
     vit = load_model("vit-tiny-digits")
     held = np.load(zoo.model_dir("vit-tiny-digits") / "heldout_digits.npz")
@@ -385,7 +398,7 @@ def demo(*, devices: int = 4, gpt_cr: int = 4, vit_cr: int = 4, max_new_tokens: 
         image = run_digits(run, images, devices=devices, cr=vit_cr, quiet=quiet)
         image["labels"] = labels.tolist()
         result = {"devices": devices, "runtime": "simulated (threads of one process)" if simulate else
-                  "processes on this machine over loopback (gloo)", "gpt2": text, "vit": image}
+                  "processes on this machine over loopback (gloo)", "gpt2": text, "llama": chat, "vit": image}
         if full_test_set:
             say(f"all {len(held['labels'])} held-out digits, exact and PRISM")
             px = vit.image_processor.digits_to_pixels(held["images"])
@@ -498,7 +511,11 @@ def format_demo(r: dict) -> str:
     g, v = r["gpt2"], r["vit"]
     lines = [f"devices: {r['devices']} {r['runtime']}", "",
              f"== gpt2-tiny on {r['devices']} devices, CR {g['cr']} ==",
-             f"prompt: {g['input']['text']}", "", format_run(g), "",
+             f"prompt: {g['input']['text']}", "", format_run(g), ""]
+    c = r["llama"]  # the prompt is the chat as the template renders it
+    lines += [f"== llama-tiny (RoPE, GQA) on {r['devices']} devices, CR {c['cr']}, a chat in its template ==",
+              format_run(c), ""]
+    lines += [
              f"== vit-tiny-digits on {len(v['outputs'])} held-out digits, {r['devices']} devices, CR {v['cr']} =="]
     exact = [x["class_id"] for x in v["reference"]]
     prism = [x["class_id"] for x in v["outputs"]]

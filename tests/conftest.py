@@ -153,3 +153,8 @@ def gpt():
 @pytest.fixture(scope="module")
 def vit():
     return prism_ext.load("vit-tiny-digits")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return prism_ext.load("llama-tiny")

@@ -66,6 +66,69 @@ def test_gpt2_tiny_perplexity_on_held_out_text(gpt, devices, cr):
     assert math.exp(nll.item()) <= unigram / 5
 
 
+def test_llama_tiny_perplexity_on_held_out_text(llama):
+    """Next-token perplexity over the first 8 windows of 256 held-out tokens (the same held-out topics as
+    gpt2-tiny's, through llama-tiny's own BPE tokenizer), run through prism_ext. Measured (2026-12-04, after
+    the PRISM-aware phase): 23.54 on one device, 23.99 at P = 4, CR = 8 (1.019x; position 0 exact, the
+    family's default), 23.67 at P = 2, CR = 8; the issue's bar is 1.05x at P = 4, CR = 8."""
+    ids = llama.tokenizer.encode(held_out_text().decode("utf-8"))
+    windows = torch.tensor(ids[: 8 * 257]).reshape(8, 257)
+
+    def perplexity(devices, cr):
+        logits = llama(windows[:, :-1], devices=devices, cr=cr).logits
+        return math.exp(torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item())
+
+    exact = perplexity(1, 1)
+    assert exact <= 26
+    assert perplexity(4, 8) <= 1.05 * exact and perplexity(2, 8) <= 1.02 * exact
+
+
+def test_llama_tiny_is_a_llama_with_gqa_and_a_chat_template(llama):
+    net = llama.net
+    assert llama.model_type == "llama" and net.head == "lm" and len(net.blocks) == 4
+    assert net.blocks[0].heads == 4 and net.blocks[0].kv_heads == 2 and net.vocab == 1024
+    assert net.defaults["exact_rows"] == "first" and sorted(llama.eos_ids) == [0, 2]
+    tok = llama.tokenizer
+    assert tok.eos_token == "<|im_end|>" and tok.bos_token == "<|im_start|>"
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+def test_llama_tiny_equals_transformers_at_cr1(llama, devices):
+    """The bundled folder is a LlamaForCausalLM checkpoint: transformers' logits and greedy generation
+    equal prism_ext's at CR = 1 (one device, and four devices sending every row)."""
+    import transformers
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(zoo.model_dir("llama-tiny")).eval()
+    ids = torch.tensor([llama.tokenizer.encode(held_out_text().decode()[:600])[:100]])
+    with torch.no_grad():
+        torch.testing.assert_close(llama(ids, devices=devices, cr=1).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
+        expect = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert llama.generate(ids, devices=devices, cr=1, max_new_tokens=20, eos_token_id=[]).tolist() == expect.tolist()
+
+
+def test_llama_tiny_tokenizer_equals_transformers(llama):
+    """The bundled tokenizer.json + tokenizer_config.json read by prism_ext and by transformers' AutoTokenizer:
+    the same ids, the same text back, the same special tokens and the same rendered chat."""
+    import transformers
+
+    hf = transformers.AutoTokenizer.from_pretrained(zoo.model_dir("llama-tiny"))
+    tok = llama.tokenizer
+    texts = [held_out_text().decode()[:3000], "  def f(x):\n\treturn x ** 2  # é, 名前, 🙂",
+             "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>"]
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == hf.encode(text)
+        assert tok.decode(ids) == hf.decode(ids) == text
+    assert (tok.eos_token, tok.bos_token, tok.pad_token, len(tok)) == (hf.eos_token, hf.bos_token, hf.pad_token,
+                                                                       len(hf))
+    chat = [{"role": "user", "content": "The \"if\" statement"}, {"role": "assistant", "content": "It runs."},
+            {"role": "user", "content": "And else?"}]
+    assert tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
+        hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+
+
 def test_held_out_digits_are_the_split_train_py_holds_out(held_out):
     """heldout_digits.npz is the test part of the split documented in
     prism_ext/training/bundled.py (re-derived here): scikit-learn's digits in a fixed
@@ -110,6 +173,13 @@ def test_demo_quick_json(capsys, tmp_path, vit, held_out):
     assert {"tokens_identical", "first_divergence", "prefill_top1_agreement", "text"} <= set(g["reference"])
     assert g["decode"]["bytes_sent"] == 0
     _check_stats(g["stats"], 4)
+    c = r["llama"]  # llama-tiny answers a chat rendered with its own template, on the same devices
+    assert c["model_type"] == "llama" and c["messages"][-1] == {"role": "user", "content": "The \"break\" statement"}
+    assert c["input"]["text"].startswith('<|im_start|>user\nThe "for" statement<|im_end|>\n<|im_start|>assistant\n')
+    assert c["input"]["text"].endswith('<|im_start|>user\nThe "break" statement<|im_end|>\n<|im_start|>assistant\n')
+    assert 1 <= len(c["output"]["token_ids"]) <= 16 and c["decode"]["bytes_sent"] == 0
+    _check_stats(c["stats"], 4)
+    assert c["stats"]["bytes_sent"] < c["voltage"]["bytes_sent"]
     _check_stats(v["stats"], 4)
     for part in (g, v):  # PRISM sends less than Voltage and its busiest device computes less
         assert part["stats"]["bytes_sent"] < part["voltage"]["bytes_sent"]
@@ -130,8 +200,9 @@ def test_demo_at_cr1_equals_one_device(capsys, tmp_path):
     assert code == 0, err
     r = json.loads(out)
     g = r["gpt2"]
-    assert g["output"]["token_ids"] == g["reference"]["token_ids"]
-    assert g["reference"]["prefill_top1_agreement"] == 1.0
+    for lm in (g, r["llama"]):
+        assert lm["output"]["token_ids"] == lm["reference"]["token_ids"]
+        assert lm["reference"]["prefill_top1_agreement"] == 1.0
     assert [o["class_id"] for o in r["vit"]["outputs"]] == [x["class_id"] for x in r["vit"]["reference"]]
 
 
@@ -139,6 +210,7 @@ def test_demo_text_output(capsys, tmp_path):
     code, out, err = prism(capsys, "demo", "--quick", "--out", str(tmp_path / "d.png"))
     assert code == 0, err
     assert "bytes exchanged" in out and "figure:" in out and "PRISM" in out
+    assert "== llama-tiny" in out and "<|im_start|>assistant" in out
     assert "prism: loading gpt2-tiny" in err  # progress goes to stderr
 
 

@@ -52,3 +52,39 @@ def test_zoo_train_vit_end_to_end(tmp_path, monkeypatch, capsys):
     held = np.load(tmp_path / "heldout_digits.npz")
     assert len(held["labels"]) == metrics["data"]["held_out_images"] == 359
     assert prism_ext.load(tmp_path).net.head == "classification"
+
+
+def test_zoo_train_llama_end_to_end(tmp_path, capsys, monkeypatch):
+    """`prism zoo train llama-tiny` with a toy-sized recipe: a Llama checkpoint (GQA, RoPE, RMSNorm, SwiGLU) that
+    transformers loads, the BPE tokenizer trained on the training topics alone, its chat template, and the
+    held-out grid before and after the PRISM-aware phase."""
+    import transformers
+
+    cfg = dict(T.LLAMA_CFG, hidden_size=16, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=24, n_positions=64, vocab_size=300, steps=2, warmup=1, batch=2,
+               prism_finetune=dict(T.LLAMA_CFG["prism_finetune"], steps=2, batch=2))
+    monkeypatch.setattr(T, "LLAMA_CFG", cfg)
+    assert _prism_cli("zoo", "train", "llama-tiny", "--out", str(tmp_path), "--threads", "1", "-q") == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics == json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["transformers_max_abs_logit_diff"] < 1e-4
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2 < config["num_attention_heads"]
+    model = prism_ext.load(tmp_path)
+    assert model.model_type == "llama" and model.net.vocab == 300 and model.net.blocks[0].kv_heads == 2
+    grid = metrics["held_out_perplexity_grid"]
+    assert grid["default_exact_rows"] == "first"
+    assert {"exact", "P4 CR8", "P4 CR8 first", "P4 CR8 none", "P2 CR8"} <= set(grid["after"]) == \
+        set(grid["before_prism_phase"])
+    assert abs(grid["after"]["exact"]["perplexity"] - metrics["held_out_perplexity"]) < 1e-3
+    report = json.loads((tmp_path / "prism_finetune.json").read_text())
+    assert report["recipe"]["exact_rows"] == ["first"] and report["recipe"]["steps"] == 2
+    # the tokenizer: 300 BPE tokens with ChatML's special tokens first, no held-out text in its training
+    tok = model.tokenizer
+    assert len(tok) == 300 and [tok.convert_ids_to_tokens(i) for i in range(3)] == list(T.LLAMA_SPECIAL)
+    assert tok.eos_token == "<|im_end|>" and config["eos_token_id"] == [2, 0]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    chat = [{"role": "user", "content": "The \"raise\" statement"}]
+    assert tok.apply_chat_template(chat, add_generation_prompt=True) == \
+        list(hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False))
+    assert set(metrics["greedy_samples"]) == set(T.GPT2_PROMPTS) | set(T.LLAMA_CHATS)

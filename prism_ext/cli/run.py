@@ -138,8 +138,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.text is not None:
         texts = [args.text]
     # An option that does not fit the model is an error (docs/demo.md), not ignored.
-    if args.max_new_tokens is not None and (texts is None or model.model_type != "gpt2"):
-        raise ValueError(f"--max-new-tokens: only GPT-2 text generation takes it; this is {model.model_type}")
+    if args.max_new_tokens is not None and (texts is None or model.net.head != "lm"):
+        raise ValueError(f"--max-new-tokens: only a causal LM's text generation takes it; this is {model.model_type}")
     if args.max_new_tokens is None:
         args.max_new_tokens = 40
     common = dict(devices=devices, compare=not args.no_compare, quiet=args.quiet, batch_size=args.batch_size)

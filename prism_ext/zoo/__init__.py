@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["NAMES", "model_dir", "metrics", "text_split", "HELD_OUT_EVERY"]
+__all__ = ["NAMES", "model_dir", "metrics", "topic_split", "text_split", "HELD_OUT_EVERY"]
 
 _HERE = Path(__file__).resolve().parent
 
 # name -> what it is (``prism zoo list``)
 NAMES = {
     "gpt2-tiny": "GPT-2 over UTF-8 bytes, trained on Python's pydoc_data.topics",
+    "llama-tiny": "Llama (RoPE, GQA, RMSNorm, SwiGLU) with a BPE tokenizer and a chat template, trained on "
+                  "Python's pydoc_data.topics",
     "vit-tiny-digits": "ViT classifier for scikit-learn's 8x8 handwritten digits (upsampled to 32x32)",
 }
 
@@ -38,15 +40,20 @@ def metrics(name: str) -> dict:
     return json.loads((model_dir(name) / "metrics.json").read_text())
 
 
-HELD_OUT_EVERY = 8  # gpt2-tiny's held-out topics: every 8th, sorted by name
+HELD_OUT_EVERY = 8  # the language models' held-out topics: every 8th, sorted by name
 
 
-def text_split() -> tuple[bytes, bytes, list[str]]:
-    """gpt2-tiny's data: (train bytes, held-out bytes, held-out topic names) from pydoc_data.topics."""
+def topic_split() -> tuple[dict[str, str], dict[str, str]]:
+    """(train topics, held-out topics) of pydoc_data.topics, name -> text, sorted by name."""
     from pydoc_data.topics import topics
 
     keys = sorted(topics)
-    held = keys[::HELD_OUT_EVERY]
-    train = "\n\n".join(topics[k] for k in keys if k not in held).encode("utf-8")
-    test = "\n\n".join(topics[k] for k in held).encode("utf-8")
-    return train, test, held
+    held = set(keys[::HELD_OUT_EVERY])
+    return {k: topics[k] for k in keys if k not in held}, {k: topics[k] for k in keys if k in held}
+
+
+def text_split() -> tuple[bytes, bytes, list[str]]:
+    """The language models' data: (train bytes, held-out bytes, held-out topic names), each split's
+    topics joined by blank lines."""
+    train, held = topic_split()
+    return "\n\n".join(train.values()).encode("utf-8"), "\n\n".join(held.values()).encode("utf-8"), list(held)
