@@ -23,7 +23,7 @@ from ..options import RunOptions
 from ..executor.local import simulate
 from ..executor.request import Request, count_inputs, decode_request, encode_request, local_inputs, run
 from .session import (CONTROL_FROM_WORKER, ClusterError, DEFAULT_START_TIMEOUT, DEFAULT_TIMEOUT, Group, HEARTBEAT,
-                      HandshakeError, Link, PACKAGE_PARENT, REPORTS, Rendezvous, STALE, STORE_GROWTH,
+                      EXIT_SETTLE, HandshakeError, Link, PACKAGE_PARENT, REPORTS, Rendezvous, STALE, STORE_GROWTH,
                       calibration_exchange, check_timeout, check_world, claims_of, exit_status, first_line,
                       frame_bound, link_failure, listen, mismatches, parse_master, peer_loss, pinned_meta,
                       read_world, rss, set_threads, token_bytes)
@@ -364,6 +364,12 @@ class Cluster:
         with self._news:  # let the workers' reports land: each reports, or its link ends
             self._news.wait_for(lambda: all(r in self._errors or r in self._gone for r in workers), REPORTS)
             errors, gone, seen = dict(self._errors), dict(self._gone), dict(self._seen)
+        for r in gone:  # a killed process's sockets reset before its exit status exists: wait for it
+            if r in self._procs and r not in errors:
+                try:
+                    self._procs[r].wait(EXIT_SETTLE)
+                except subprocess.TimeoutExpired:
+                    pass
         for r, p in self._procs.items():
             if p.poll() is not None and p.returncode < 0:
                 return f"rank {r} lost: its process {exit_status(p.returncode)} ({first_line(exc)})"

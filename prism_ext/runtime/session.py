@@ -52,6 +52,7 @@ STALE = 5.0  # seconds without a heartbeat after which lost_ranks() calls a work
 
 
 REPORTS = 2.0  # seconds rank 0 waits, after a failure, for the workers' error reports
+EXIT_SETTLE = 2.0  # seconds rank 0 waits for a local worker whose link ended to show its exit status
 
 
 # Rank 0's memory may grow this much while its rendezvous store is up (anyone who can reach the port
