@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -326,7 +326,11 @@ def _from_transformers(model) -> PrismModel:
     return PrismModel(net, folder if folder.is_dir() else None)
 
 
-def load(path_or_name, weight_dtype: str = "fp32") -> PrismModel:
+CALIBRATION_TOKENS = 200_000  # what GPTQ reads at most (about 2,600 paragraphs; measured in bench/RESULTS.md)
+CALIBRATION_LENGTH = 256  # tokens of one calibration text at most: more texts in the budget (512: 0.9894 for 0.9903)
+
+
+def load(path_or_name, weight_dtype: str = "fp32", calibration: Iterable[str] | None = None) -> PrismModel:
     """Load a checkpoint: a bundled model's name (``gpt2-tiny``,
     ``vit-tiny-digits``; see ``prism zoo list``), a Hugging Face checkpoint
     (gpt2, bert, vit, llama, qwen2, qwen3, mistral) in a local directory
@@ -338,12 +342,52 @@ def load(path_or_name, weight_dtype: str = "fp32") -> PrismModel:
     ``weight_dtype``: how the weights are held (``fp32``, ``bf16``, ``int8``,
     ``int4``: :mod:`prism_ext.models.quant`); every device of a cluster holds
     the same (the handshake checks it). A quantized checkpoint loads as it was
-    written (``weight_dtype`` must be fp32, the default, or its own)."""
+    written (``weight_dtype`` must be fp32, the default, or its own).
+
+    ``calibration`` (int4 only): texts like those the model will see; the
+    int4 codes of every block matrix are then chosen by GPTQ for them
+    (:func:`prism_ext.models.quant.gptq_int4`) rather than rounded to
+    nearest. The texts run once through the float32 model on one device (at
+    most :data:`CALIBRATION_TOKENS` tokens, each text cut to
+    :data:`CALIBRATION_LENGTH`): a one-off step on a workstation, whose
+    result is written with ``prism quantize`` and loaded by the boards."""
     check_weight_dtype(weight_dtype)
+    if calibration is not None and weight_dtype != "int4":
+        raise ValueError(f"calibration: chooses int4 codes; weight_dtype {weight_dtype!r} has none to choose")
     if hasattr(path_or_name, "state_dict") and hasattr(getattr(path_or_name, "config", None), "to_dict"):
         model = _from_transformers(path_or_name)
     else:
         model = PrismModel(*load_network(path_or_name))
     if weight_dtype not in ("fp32", model.net.weight_dtype):
-        model.net.quantize(weight_dtype)
+        hessians = None if calibration is None else _input_hessians(model, calibration)
+        model.net.quantize(weight_dtype, hessians=hessians)
+    elif calibration is not None:
+        raise ValueError(f"calibration: the checkpoint is already {model.net.weight_dtype}; calibrate from its "
+                         f"float32 source")
     return model
+
+
+def _input_hessians(model: PrismModel, texts: Iterable[str]) -> dict:
+    """``X^T X`` of every block matrix's inputs over ``texts`` (one device, float32)."""
+    if isinstance(texts, str):
+        raise TypeError("calibration: expected a list of texts, got one str")
+    if "input_ids" not in model.net.input_names:
+        raise ValueError(f"calibration: {model.model_type} takes no text; calibration is for text models (int4 "
+                         f"without it rounds to nearest)")
+    length = min(CALIBRATION_LENGTH, model.net.n_positions)
+
+    def run():
+        seen = 0
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"calibration[{i}]: expected a non-blank str, got {text!r:.40}")
+            ids = model.tokenizer(text, truncation=True, max_length=length, return_tensors="pt")
+            model(dict(ids), devices=1, outputs=("last",))
+            seen += ids["input_ids"].numel()
+            if seen >= CALIBRATION_TOKENS:
+                return
+
+    hessians, rows = model.net.record_inputs(run)
+    if rows == 0:
+        raise ValueError("calibration: no text given")
+    return hessians

@@ -50,13 +50,14 @@ def _progress(quiet: bool):
     return say
 
 
-def load_model(path_or_name, weight_dtype: str = "fp32") -> PrismModel:
+def load_model(path_or_name, weight_dtype: str = "fp32", calibration=None) -> PrismModel:
     """A bundled name (``gpt2-tiny``, ``vit-tiny-digits``), a checkpoint
-    directory or a cached hub name, its weights held as ``weight_dtype``."""
+    directory or a cached hub name, its weights held as ``weight_dtype``
+    (int4 codes chosen for the ``calibration`` texts if given)."""
     from .api import load
 
     try:
-        return load(path_or_name, weight_dtype=weight_dtype)
+        return load(path_or_name, weight_dtype=weight_dtype, calibration=calibration)
     except FileNotFoundError:
         if Path(path_or_name).expanduser().exists():
             raise

@@ -48,6 +48,7 @@ __all__ = [
     "int8_dequantize",
     "int4_dequantize",
     "quantize_int8",
+    "pack_int4",
     "quantize_int4",
     "available_isas",
     "active_isa",
@@ -444,9 +445,17 @@ def quantize_int4(w, group: int):
     scale = ((g.amax(dim=-1) - offset.to(torch.float64)) / 15).to(torch.float32)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round((g - offset.to(torch.float64)[..., None]) / scale.to(torch.float64)[..., None])
-    q = q.clamp_(0, 15).to(torch.uint8).reshape(n, k)
-    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    packed = pack_int4(q.clamp_(0, 15).to(torch.uint8).reshape(n, k))
     return _out(packed, as_numpy), _out(scale, as_numpy), _out(offset, as_numpy)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes in [0, 15], [N, K] (K even) -> [N, K / 2] two a byte, as
+    int4_linear reads them (low nibble: the even column)."""
+    if codes.dtype != torch.uint8 or codes.dim() != 2 or codes.shape[1] % 2 \
+            or (codes.numel() and int(codes.max()) > 15):
+        raise ValueError(f"codes: expected uint8 [N, even K] in [0, 15], got {codes.dtype} {tuple(codes.shape)}")
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
 
 
 def available_isas() -> list[str]:

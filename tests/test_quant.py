@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import prism_ext
+import prism_ext.zoo
 from prism_ext.models import BLOCK_MATRICES, skeleton_network, write_checkpoint, write_quantized
-from prism_ext.models.quant import Int4, Int8, Quantized, quantize, stored_bytes
+from prism_ext.models.quant import Int4, Int8, Quantized, gptq_int4, quantize, stored_bytes
 
 from engine_helpers import family_inputs, hf_bert, hf_gpt2, hf_llama, hf_vit, save
 
@@ -187,6 +188,67 @@ def test_every_run_reports_each_devices_weights_rss_and_kv_cache(checkpoints):
     assert stats.devices[0].kv_cache_bytes == 0
 
 
+def test_gptq_rounds_to_nearest_for_uncorrelated_inputs_and_otherwise_cuts_the_output_error():
+    """GPTQ's codes in the same Q4_1 form (scales and offsets are rounding's):
+    with inputs of equal energy and no correlation there is no error to
+    spread, so they are rounding's codes bit for bit; with correlated
+    inputs the layer's output error on them is far below rounding's."""
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    nearest = quantize(w, "int4")
+    same = gptq_int4(w, torch.eye(64))
+    assert torch.equal(same.q, nearest.q) and torch.equal(same.scale, nearest.scale)
+    x = torch.randn(2048, 8) @ torch.randn(8, 64) + 0.1 * torch.randn(2048, 64)  # low rank + noise
+    chosen = gptq_int4(w, x.T @ x)
+    assert torch.equal(chosen.scale, nearest.scale) and torch.equal(chosen.offset, nearest.offset)
+    assert not torch.equal(chosen.q, nearest.q)
+
+    def output_error(q: Int4) -> float:
+        return float(((x.double() @ (w.double() - q.dequantize().double()).T) ** 2).mean())
+
+    assert output_error(chosen) < 0.2 * output_error(nearest), (output_error(chosen), output_error(nearest))
+    with pytest.raises(ValueError, match=r"hessian: expected \[64, 64\]"):
+        gptq_int4(w, torch.eye(32))
+    with pytest.raises(ValueError, match="group: must divide"):
+        gptq_int4(w, torch.eye(64), group=24)
+
+
+CALIBRATION = [" ".join(p.split()) for p in prism_ext.zoo.text_split()[0].decode().split("\n\n")
+               if len(p.split()) >= 20]  # training paragraphs, one line each (a calibration file's form)
+
+
+def test_calibrated_int4_is_closer_to_the_float32_model_on_held_out_text():
+    """``load(weight_dtype="int4", calibration=texts)``: the blocks' codes
+    chosen by GPTQ on training paragraphs bring gpt2-tiny's logits on the
+    held-out topics closer to the float32 model's than rounding does, at
+    one device and under PRISM; only the codes differ (same bytes)."""
+    from prism_ext import zoo
+
+    held = torch.tensor(list(zoo.text_split()[1][: 8 * 128]), dtype=torch.long).reshape(8, 128)
+    fp32, nearest = prism_ext.load("gpt2-tiny"), prism_ext.load("gpt2-tiny", weight_dtype="int4")
+    chosen = prism_ext.load("gpt2-tiny", weight_dtype="int4", calibration=CALIBRATION[:200])
+    assert chosen.net.weight_bytes() == nearest.net.weight_bytes()
+    assert chosen.net.weights_digest() != nearest.net.weights_digest()
+    for devices, cr in ((1, 1), (4, 4)):
+        want = fp32({"input_ids": held}, devices=devices, cr=cr).logits
+        errors = [float(((m({"input_ids": held}, devices=devices, cr=cr).logits - want) ** 2).mean())
+                  for m in (chosen, nearest)]
+        assert errors[0] < 0.8 * errors[1], (devices, cr, errors)
+
+
+def test_calibration_is_refused_where_it_cannot_apply(checkpoints):
+    with pytest.raises(ValueError, match="calibration: chooses int4 codes; weight_dtype 'int8'"):
+        prism_ext.load("gpt2-tiny", weight_dtype="int8", calibration=CALIBRATION[:2])
+    with pytest.raises(ValueError, match="calibration: vit takes no text"):
+        prism_ext.load("vit-tiny-digits", weight_dtype="int4", calibration=CALIBRATION[:2])
+    with pytest.raises(ValueError, match=r"calibration\[1\]: expected a non-blank str"):
+        prism_ext.load("gpt2-tiny", weight_dtype="int4", calibration=[CALIBRATION[0], "  "])
+    with pytest.raises(TypeError, match="calibration: expected a list of texts"):
+        prism_ext.load("gpt2-tiny", weight_dtype="int4", calibration=CALIBRATION[0])
+    with pytest.raises(ValueError, match="calibration: no text given"):
+        prism_ext.load("gpt2-tiny", weight_dtype="int4", calibration=[])
+
+
 def test_the_cli_quantizes_runs_on_processes_and_says_what_a_device_needs(tmp_path):
     """`prism quantize`, then `prism run` over real processes on the small
     checkpoint (the workers load the same bits: the handshake compares
@@ -194,9 +256,13 @@ def test_the_cli_quantizes_runs_on_processes_and_says_what_a_device_needs(tmp_pa
     what quantizing holds."""
     prism = [sys.executable, "-m", "prism_ext"]
     out = tmp_path / "q4"
-    r = subprocess.run(prism + ["quantize", "--model", "gpt2-tiny", "--weight-dtype", "int4", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    texts = tmp_path / "calibration.txt"
+    texts.write_text("\n".join(CALIBRATION[:20]))
+    r = subprocess.run(prism + ["quantize", "--model", "gpt2-tiny", "--weight-dtype", "int4", "--out", str(out),
+                                "--calibration", str(texts)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    calibrated = prism_ext.load("gpt2-tiny", weight_dtype="int4", calibration=CALIBRATION[:20])
+    assert prism_ext.load(out).net.weights_digest() == calibrated.net.weights_digest()
     runs = []
     for where in ([], ["--simulate"]):
         r = subprocess.run(prism + ["run", "--model", str(out), "--text", "The for statement", "-P", "2",

