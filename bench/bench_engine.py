@@ -14,7 +14,15 @@ Random weights from the standard configs (no download). Runs alternate
 between the compared sides and report medians, so load from other processes
 hits both alike. Writes bench/results/engine-<date>.json.
 
+4. decode (LLM shapes): tokens/s of PRISM's decoding device after a --seq
+   prompt against the same model on one device, same threads.
+
+Models: bert-base and gpt2-small by default; --models adds random-weight
+Qwen2.5-0.5B and Llama-3.2-1B shapes (bench/shapes.py), for which every part
+runs a prefill with the last position's logits.
+
     python bench/bench_engine.py [--threads 1] [--reps 5] [--seq 512] [--only phases]
+    python bench/bench_engine.py --models qwen2.5-0.5b llama-3.2-1b --devices 2 --cr 8 --only p1 p4 decode
 """
 
 from __future__ import annotations
@@ -43,18 +51,27 @@ from prism_ext.util.progress import progress, write
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import reference  # noqa: E402  the torch reference of every kernel (tests/reference.py)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import shapes  # noqa: E402  the LLM shapes (bench/shapes.py)
 
-def _configs(seq: int):
+
+MODELS = ("bert-base", "gpt2-small", "qwen2.5-0.5b", "llama-3.2-1b")
+LLM_SHAPES = {"qwen2.5-0.5b": "qwen", "llama-3.2-1b": "llama1b"}  # bench/shapes.py
+
+
+def _configs(seq: int, names):
+    """name -> (HF model, inputs maker), built one at a time (the 1B shape is 5 GB in float32)."""
     import transformers
 
-    bert = transformers.BertConfig()  # bert-base-uncased sizes
-    gpt2 = transformers.GPT2Config()  # gpt2 (small) sizes
-    return {
-        "bert-base": (transformers.BertModel(bert, add_pooling_layer=True),
-                      lambda: {"input_ids": torch.randint(0, bert.vocab_size, (1, seq))}),
-        "gpt2-small": (transformers.GPT2LMHeadModel(gpt2),
-                       lambda: {"input_ids": torch.randint(0, gpt2.vocab_size, (1, seq))}),
-    }
+    for name in names:
+        if name == "bert-base":
+            hf = transformers.BertModel(transformers.BertConfig(), add_pooling_layer=True)  # bert-base-uncased
+        elif name == "gpt2-small":
+            hf = transformers.GPT2LMHeadModel(transformers.GPT2Config())
+        else:
+            hf = shapes.llm(LLM_SHAPES[name])
+        vocab = hf.config.vocab_size
+        yield name, hf, lambda: {"input_ids": torch.randint(0, vocab, (1, seq))}
 
 
 def _median_pair(fa, fb, reps: int):
@@ -75,8 +92,15 @@ def bench_p1(name, hf, make_inputs, model, reps):
     inputs = make_inputs()
     hf.config._attn_implementation = "sdpa"
     with torch.inference_mode():
-        t_eng, t_hf = _median_pair(lambda: model(inputs, devices=1), lambda: hf(**inputs), reps)
-        err = (model(inputs, devices=1).last_hidden_state - hf(**inputs, output_hidden_states=True).hidden_states[-1]).abs().max().item()
+        if name in LLM_SHAPES:  # a prefill: the last position's logits on both sides
+            t_eng, t_hf = _median_pair(lambda: model(inputs, devices=1, outputs=("last",)),
+                                       lambda: hf(**inputs, logits_to_keep=1), reps)
+            err = (model(inputs, devices=1, outputs=("last",)).logits[:, -1]
+                   - hf(**inputs, logits_to_keep=1).logits[:, -1]).abs().max().item()
+        else:
+            t_eng, t_hf = _median_pair(lambda: model(inputs, devices=1), lambda: hf(**inputs), reps)
+            err = (model(inputs, devices=1).last_hidden_state
+                   - hf(**inputs, output_hidden_states=True).hidden_states[-1]).abs().max().item()
     row = {"model": name, "positions": inputs["input_ids"].shape[1], "engine_s": t_eng, "hf_sdpa_s": t_hf,
            "engine_over_hf": t_eng / t_hf, "max_abs_err": err}
     write(f"P=1 {name:11s} N={row['positions']}: engine {t_eng * 1e3:8.1f} ms  HF {t_hf * 1e3:8.1f} ms  "
@@ -91,13 +115,14 @@ def _device_times(stats):
 def bench_p4(name, make_inputs, model, reps, devices, crs, bar):
     inputs = make_inputs()
     rows = []
+    out = {"outputs": ("last",)} if name in LLM_SHAPES else {}  # LLMs: a prefill (last position's logits)
     with torch.inference_mode():
-        model(inputs, devices=devices, mode="voltage")  # warm-up
+        model(inputs, devices=devices, mode="voltage", **out)  # warm-up
         for cr in crs:
             samples_p, samples_v = [], []
             for _ in range(reps):  # alternate the two modes
-                samples_p.append(model(inputs, devices=devices, cr=cr).stats)
-                samples_v.append(model(inputs, devices=devices, mode="voltage").stats)
+                samples_p.append(model(inputs, devices=devices, cr=cr, **out).stats)
+                samples_v.append(model(inputs, devices=devices, mode="voltage", **out).stats)
             med = lambda runs: [statistics.median(ts) for ts in zip(*(_device_times(s) for s in runs))]  # noqa: E731
             tp, tv = med(samples_p), med(samples_v)
             sp, sv = samples_p[-1], samples_v[-1]
@@ -185,6 +210,30 @@ def bench_phases(name, make_inputs, model, reps, devices, crs):
     return rows
 
 
+def bench_decode(name, make_inputs, model, reps, devices, crs, steps: int = 32):
+    """Decoding after a prefill of the --seq prompt: tokens/s of the device
+    that decodes (PRISM: the last one, its own KV cache plus the others'
+    compressed keys/values, no traffic per token) against the same model on
+    one device, same threads; medians of ``reps`` runs, alternating."""
+    ids = make_inputs()["input_ids"]
+    speed = lambda **kw: (lambda st: len(st.seconds) / sum(st.seconds))(  # noqa: E731
+        model.generate(ids, max_new_tokens=steps + 1, eos_token_id=(), return_stats=True, **kw)[2])
+    rows = []
+    with torch.inference_mode():
+        for cr in crs:
+            single, prism = [], []
+            speed(devices=1), speed(devices=devices, cr=cr)  # warm-up
+            for _ in range(reps):
+                single.append(speed(devices=1))
+                prism.append(speed(devices=devices, cr=cr))
+            s1, sp = statistics.median(single), statistics.median(prism)
+            rows.append({"model": name, "devices": devices, "positions": ids.shape[1], "cr": cr, "steps": steps,
+                         "single_tokens_per_s": s1, "prism_last_device_tokens_per_s": sp, "ratio": sp / s1})
+            write(f"decode {name:12s} N={ids.shape[1]} P={devices} CR={cr:3d}: last device {sp:6.2f} tok/s vs one "
+                  f"device {s1:6.2f} tok/s = {sp / s1:.3f}x")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="torch and kernel threads (both sides)")
@@ -194,8 +243,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cr", type=int, nargs="+", default=[4, 16, 128])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress bar on stderr")
-    ap.add_argument("--only", choices=["p1", "p4", "phases"], nargs="+", default=["p1", "p4", "phases"],
-                    help="parts to run (default: all)")
+    ap.add_argument("--only", choices=["p1", "p4", "phases", "decode"], nargs="+", default=["p1", "p4", "phases"],
+                    help="parts to run (default: p1 p4 phases; decode is for the LLM shapes)")
+    ap.add_argument("--models", choices=MODELS, nargs="+", default=list(MODELS[:2]),
+                    help="default: bert-base gpt2-small; qwen2.5-0.5b and llama-3.2-1b are random-weight LLM shapes")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     prism_ext.set_num_threads(args.threads)
@@ -205,11 +256,11 @@ def main(argv=None) -> int:
         "machine": {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "load_avg": os.getloadavg(), "torch": torch.__version__,
                     "isa": prism_ext.kernels.active_isa(), "threads": args.threads},
-        "p1": [], "p4": [], "phases": [],
+        "p1": [], "p4": [], "phases": [], "decode": [],
     }
-    configs = _configs(args.seq)
-    bar = progress(total=len(configs) * (1 + len(args.cr)), desc="bench_engine", quiet=args.quiet, unit="config")
-    for name, (hf, make_inputs) in configs.items():
+    bar = progress(total=len(args.models) * (1 + len(args.cr)), desc="bench_engine", quiet=args.quiet,
+                   unit="config")
+    for name, hf, make_inputs in _configs(args.seq, args.models):
         hf.eval()
         with tempfile.TemporaryDirectory() as tmp:
             hf.save_pretrained(tmp)
@@ -221,6 +272,8 @@ def main(argv=None) -> int:
             result["p4"].extend(bench_p4(name, make_inputs, model, args.reps, args.devices, args.cr, bar))
         if "phases" in args.only:
             result["phases"].extend(bench_phases(name, make_inputs, model, args.reps, args.devices, args.cr))
+        if "decode" in args.only and name in LLM_SHAPES:
+            result["decode"].extend(bench_decode(name, make_inputs, model, args.reps, args.devices, args.cr))
         del hf, model
     bar.close()
     args.out.mkdir(parents=True, exist_ok=True)

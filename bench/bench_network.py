@@ -57,6 +57,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import netlab  # noqa: E402  (stdlib only)
+import shapes  # noqa: E402
 from netlab import NetLab  # noqa: E402
 
 MODES = ("single", "tp", "voltage", "prism")
@@ -82,14 +83,8 @@ def make_checkpoint(name: str, root: Path) -> Path:
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config())
     elif name == "vit":
         model = transformers.ViTModel(transformers.ViTConfig(image_size=224, patch_size=16))
-    elif name == "qwen":  # Qwen2.5-0.5B's shape: 14 query / 2 KV heads of 64, SwiGLU, tied head
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-            hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-            num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True))
-    elif name == "llama1b":  # Llama-3.2-1B's shape: 32 query / 8 KV heads of 64, tied head
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-            num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, tie_word_embeddings=True))
+    elif name in _LLM_SHAPES:
+        model = shapes.llm(name)
     elif name == "tiny":  # the smoke run's model
         model = transformers.BertModel(transformers.BertConfig(
             hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,

@@ -7,9 +7,11 @@ benchmark: nothing is asserted; the targets are quoted beside the figures).
    device holds, and the peak RSS of a fresh process that loads the
    quantized checkpoint (``prism quantize`` output) and runs one prefill.
 2. accuracy against fp32, at P = 1 and at P = 4, CR = 8: gpt2-tiny held-out
-   perplexity (its held-out pydoc text, 64 windows of 128 bytes),
+   perplexity (its held-out pydoc text, 64 windows of 128 bytes), llama-tiny
+   perplexity (the same text in its tokens, 32 windows of 128),
    all-MiniLM-L6-v2 embedding cosine (held-out pydoc paragraphs),
-   vit-tiny-digits accuracy (its 359 held-out digits).
+   vit-tiny-digits accuracy (its 359 held-out digits); and int4 with GPTQ
+   codes calibrated on the training topics' paragraphs (text models).
 3. speed, one thread, the Qwen2.5-0.5B shape: decode tokens/s (the last
    device's steps, 32 tokens after a 64-token prompt) and prefill of
    N = 512 (last position's logits), medians of --reps runs alternating
@@ -40,20 +42,17 @@ import torch
 
 import prism_ext
 from prism_ext import zoo
-from prism_ext.models import write_quantized
+from prism_ext.models import quant, write_quantized
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import shapes  # noqa: E402
 
 DTYPES = ("fp32", "bf16", "int8", "int4")
 MIB = 1 << 20
 
 
 def qwen_05b(folder: Path, layers: int = 24) -> Path:
-    import transformers
-
-    cfg = transformers.Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
-                                   num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-                                   max_position_embeddings=4096, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(cfg).save_pretrained(str(folder))
+    shapes.llm("qwen", layers).save_pretrained(str(folder))
     return folder
 
 
@@ -114,22 +113,34 @@ def accuracy() -> dict:
 
     warnings.simplefilter("ignore", AccuracyWarning)  # P = 4, CR = 8 on short windows: known, and what is measured
 
-    _, held, _ = zoo.text_split()
+    train, held, _ = zoo.text_split()
     data = torch.tensor(list(held[: 128 * 64]), dtype=torch.long).reshape(64, 128)  # gpt2-tiny takes 128
     digits = np.load(zoo.model_dir("vit-tiny-digits") / "heldout_digits.npz")
     paragraphs = [p for p in (t.strip() for t in held.decode().split("\n\n")) if len(p.split()) >= 20][:64]
-    out = {"gpt2-tiny perplexity": {}, "minilm cosine to fp32": {}, "vit-tiny-digits accuracy": {}}
+    out = {"gpt2-tiny perplexity": {}, "llama-tiny perplexity": {}, "minilm cosine to fp32": {},
+           "vit-tiny-digits accuracy": {}}
+    llama_data = None
     settings = ((1, 1), (4, 8))
     ref_emb = {}
-    for dtype in DTYPES:
-        gpt = prism_ext.load("gpt2-tiny", weight_dtype=dtype)
+    # calibration texts for int4 + GPTQ: the training topics' paragraphs, one line each (disjoint from held)
+    calibration = [" ".join(p.split()) for p in train.decode().split("\n\n") if len(p.split()) >= 20]
+    for dtype in DTYPES + ("int4+gptq",):
+        kind, calibrated = dtype.split("+")[0], (calibration if dtype.endswith("+gptq") else None)
+        gpt = prism_ext.load("gpt2-tiny", weight_dtype=kind, calibration=calibrated)
         out["gpt2-tiny perplexity"][dtype] = {f"P{p} CR{c}": _perplexity(gpt, data, p, c) for p, c in settings}
-        vit = prism_ext.load("vit-tiny-digits", weight_dtype=dtype)
-        px = vit.image_processor.digits_to_pixels(digits["images"])
-        out["vit-tiny-digits accuracy"][dtype] = {
-            f"P{p} CR{c}": float((vit(px, devices=p, cr=c, outputs=("cls",)).logits.argmax(-1).numpy()
-                                  == digits["labels"]).mean()) for p, c in settings}
-        minilm = prism_ext.load(Path(gt.__file__).parent / "model", weight_dtype=dtype)
+        llama = prism_ext.load("llama-tiny", weight_dtype=kind, calibration=calibrated)
+        if llama_data is None:  # its own BPE tokens of the same held-out text: 32 windows of 128
+            ids = llama.tokenizer(held.decode(), truncation=False)["input_ids"]
+            llama_data = torch.tensor(ids[: 32 * 128], dtype=torch.long).reshape(32, 128)
+        out["llama-tiny perplexity"][dtype] = {f"P{p} CR{c}": _perplexity(llama, llama_data, p, c)
+                                               for p, c in settings}
+        if not calibrated:  # images: no calibration texts
+            vit = prism_ext.load("vit-tiny-digits", weight_dtype=dtype)
+            px = vit.image_processor.digits_to_pixels(digits["images"])
+            out["vit-tiny-digits accuracy"][dtype] = {
+                f"P{p} CR{c}": float((vit(px, devices=p, cr=c, outputs=("cls",)).logits.argmax(-1).numpy()
+                                      == digits["labels"]).mean()) for p, c in settings}
+        minilm = prism_ext.load(Path(gt.__file__).parent / "model", weight_dtype=kind, calibration=calibrated)
         cos = {}
         for p, c in settings:
             emb = torch.cat([minilm.embed(dict(minilm.tokenizer(t, return_tensors="pt")), devices=p, cr=c).embeddings
@@ -139,7 +150,7 @@ def accuracy() -> dict:
             got = torch.nn.functional.cosine_similarity(emb, ref_emb[p, c], dim=-1)
             cos[f"P{p} CR{c}"] = {"mean": float(got.mean()), "min": float(got.min())}
         out["minilm cosine to fp32"][dtype] = cos
-        print(dtype, json.dumps({k: v[dtype] for k, v in out.items()}), flush=True)
+        print(dtype, json.dumps({k: v.get(dtype) for k, v in out.items()}), flush=True)
     return out
 
 
@@ -175,7 +186,8 @@ def main() -> None:
     args = ap.parse_args()
     report = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor()}",
               "cpus": os.cpu_count(), "load_average_start": os.getloadavg(), "torch": torch.__version__,
-              "isas": prism_ext.kernels.dispatched_isas()}
+              "isas": prism_ext.kernels.dispatched_isas(),
+              "prefill_gemm": "bf16" if quant.native_bf16() else "float32"}
     with tempfile.TemporaryDirectory() as tmp:
         for part in args.only.split(","):
             print(f"== {part}", flush=True)

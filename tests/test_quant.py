@@ -14,10 +14,12 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import prism_ext
 import prism_ext.zoo
 from prism_ext.models import BLOCK_MATRICES, skeleton_network, write_checkpoint, write_quantized
+from prism_ext.models import quant
 from prism_ext.models.quant import Int4, Int8, Quantized, gptq_int4, quantize, stored_bytes
 
 from engine_helpers import family_inputs, hf_bert, hf_gpt2, hf_llama, hf_vit, save
@@ -60,9 +62,21 @@ def scale_of(t: torch.Tensor) -> float:
     return float(t.abs().max()) + 1.0
 
 
+@pytest.fixture(params=["float32", "this-cpu"])
+def prefill_gemm(request, monkeypatch):
+    """The prefill path's GEMM: float32 (forced), or what this CPU gets
+    (bf16 where it multiplies bf16 in hardware)."""
+    if request.param == "float32":
+        monkeypatch.setattr(quant, "native_bf16", lambda: False)
+    return "bf16" if quant.native_bf16() else "float32"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", ["gpt2", "bert", "vit", "qwen2", "llama-tied"])
-def test_quantized_model_equals_float32_with_the_dequantized_weights(checkpoints, family, dtype):
+def test_quantized_model_equals_float32_with_the_dequantized_weights(checkpoints, family, dtype, prefill_gemm):
+    """19 positions: the prefill path (dequantize + GEMM) at one device, the
+    kernels at three (6-7 rows each)."""
+    tol = TOL["bf16"] if prefill_gemm == "bf16" else TOL[dtype]
     m = prism_ext.load(checkpoints[family], weight_dtype=dtype)
     ref = dequantized(m)
     assert m.net.weight_dtype == dtype and all(isinstance(blk.w2, Quantized) for blk in m.net.blocks)
@@ -72,7 +86,7 @@ def test_quantized_model_equals_float32_with_the_dequantized_weights(checkpoints
         for key in want:
             if key != "stats":
                 diff = float((got[key] - want[key]).abs().max())
-                assert diff <= TOL[dtype] * scale_of(want[key]), (family, dtype, devices, key, diff)
+                assert diff <= tol * scale_of(want[key]), (family, dtype, devices, key, diff)
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
@@ -85,6 +99,25 @@ def test_decoding_runs_the_weight_only_kernels_and_equals_the_float32_model(chec
         got = m.generate(ids, max_new_tokens=8, devices=2, cr=2)
         want = dequantized(m).generate(ids, max_new_tokens=8, devices=2, cr=2)
         assert torch.equal(got, want), family
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_many_rows_run_a_bf16_gemm_exactly_where_the_cpu_multiplies_bf16(dtype, prefill_gemm):
+    """Above KERNEL_ROWS rows: torch's GEMM over the dequantized weight, in
+    bf16 on a CPU with bf16 in hardware, else float32; up to it: the
+    kernels, float32 whatever the CPU."""
+    torch.manual_seed(0)
+    w, bias = torch.randn(40, 64), torch.randn(40)
+    q = quantize(w, dtype)
+    wd = q.dequantize()
+    many, few = torch.randn(quant.KERNEL_ROWS + 1, 64), torch.randn(quant.KERNEL_ROWS, 64)
+    if prefill_gemm == "bf16":
+        want = F.linear(many.bfloat16(), wd.bfloat16(), bias.bfloat16()).float()
+    else:
+        want = F.linear(many, wd, bias)
+    torch.testing.assert_close(q.linear(many, bias), want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(q.linear(few, bias), F.linear(few.double(), wd.double(), bias.double()).float(),
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_the_quantized_matrices_are_what_quantize_makes():

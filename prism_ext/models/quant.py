@@ -11,15 +11,19 @@ biases, position tables and the small heads stay float32.
 A :class:`Quantized` weight stands where the float32 matrix stood: the
 model code calls :func:`linear` and :func:`embedding`, which take either.
 For a few input rows (decoding) the weight-only kernels of
-:mod:`prism_ext.kernels` read the stored bits directly (the memory-bound
-case, where fewer bytes is faster); for more rows the weight is dequantized
-once per call and torch's GEMM runs (compute-bound: as fast as float32).
-Activations stay float32 for int8/int4, so the result equals the float32
-model with the dequantized weights, to float32 rounding. bf16 runs torch's
-bf16 matmul (activations rounded to bf16, float32 accumulation)."""
+:mod:`prism_ext.kernels` read the stored bits directly, with float32
+activations (the memory-bound case, where fewer bytes is faster): the
+result equals the float32 model with the dequantized weights, to float32
+rounding. For more rows (a prefill: compute-bound) the weight is
+dequantized once per call and torch's GEMM runs: in bf16 (activations
+rounded to bf16, float32 accumulation) where the CPU multiplies bf16 in
+hardware (:func:`native_bf16`), since a float32 GEMM plus the dequantizing
+cannot be faster than the float32 model's own GEMM; in float32 elsewhere.
+bf16 weights always run torch's bf16 matmul."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +96,30 @@ def _kernel_rows(x: torch.Tensor) -> bool:
     return x.numel() // max(x.shape[-1], 1) <= KERNEL_ROWS
 
 
+@functools.lru_cache(maxsize=None)
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86 AMX-BF16 or
+    AVX512-BF16, Arm's BF16 extension; Linux's /proc/cpuinfo says). There,
+    torch's bf16 GEMM runs several times float32's (4.6x at 512 rows on an
+    AMX Xeon, bench/RESULTS.md); elsewhere bf16 is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            words = set(f.read().split())
+    except OSError:
+        return False
+    return bool(words & {"amx_bf16", "avx512_bf16", "bf16"})
+
+
+def _many_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The compute-bound case (a prefill) for a dequantized weight: torch's
+    GEMM, in bf16 where the CPU multiplies bf16 natively (float32
+    accumulation; faster than the float32 model itself), else float32."""
+    if native_bf16():
+        b = None if bias is None else bias.to(torch.bfloat16)
+        return F.linear(x.to(torch.bfloat16), weight.to(torch.bfloat16), b).float()
+    return F.linear(x, weight, bias)
+
+
 @dataclass(frozen=True, eq=False)
 class Bf16(Quantized):
     w: torch.Tensor  # bfloat16 [out, in]
@@ -139,7 +167,7 @@ class Int8(Quantized):
     def linear(self, x, bias=None):
         if _kernel_rows(x):
             return kernels.int8_linear(x.contiguous(), self.q, self.scale, bias)
-        return F.linear(x, self.dequantize(), bias)
+        return _many_rows(x, self.dequantize(), bias)
 
     def rows(self, start, stop=None):
         return Int8(self.q[start:stop], self.scale[start:stop])
@@ -170,7 +198,7 @@ class Int4(Quantized):
     def linear(self, x, bias=None):
         if _kernel_rows(x):
             return kernels.int4_linear(x.contiguous(), self.q, self.scale, self.offset, self.group, bias)
-        return F.linear(x, self.dequantize(), bias)
+        return _many_rows(x, self.dequantize(), bias)
 
     def rows(self, start, stop=None):
         return Int4(self.q[start:stop], self.scale[start:stop], self.offset[start:stop], self.group)
