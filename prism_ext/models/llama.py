@@ -53,7 +53,8 @@ class Rope:
 
     def __call__(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """``t`` [..., n, heads, dh] at ``pos`` [n] or [B, n] (int or float)."""
-        freqs = pos.to(torch.float32)[..., None] * self.inv_freq  # [.., n, dh/2], as transformers rounds it
+        # on t's device: the twin may train on a GPU while the table and the positions were made on the CPU
+        freqs = pos.to(t.device, torch.float32)[..., None] * self.inv_freq.to(t.device)  # as transformers rounds it
         emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(-2)  # [.., n, 1, dh]
         return t * emb.cos() + _rotate_half(t) * emb.sin()
 
