@@ -114,10 +114,13 @@ def _many_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     """The compute-bound case (a prefill) for a dequantized weight: torch's
     GEMM, in bf16 where the CPU multiplies bf16 natively (float32
     accumulation; faster than the float32 model itself), else float32."""
-    if native_bf16():
-        b = None if bias is None else bias.to(torch.bfloat16)
-        return F.linear(x.to(torch.bfloat16), weight.to(torch.bfloat16), b).float()
-    return F.linear(x, weight, bias)
+    return _bf16_linear(x, weight, bias) if native_bf16() else F.linear(x, weight, bias)
+
+
+def _bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """torch's bf16 GEMM (inputs rounded to bf16, float32 accumulation), float32 out."""
+    b = None if bias is None else bias.to(torch.bfloat16)
+    return F.linear(x.to(torch.bfloat16), weight.to(torch.bfloat16), b).float()
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,8 +140,7 @@ class Bf16(Quantized):
         return self.w.float()
 
     def linear(self, x, bias=None):
-        b = None if bias is None else bias.to(torch.bfloat16)
-        return F.linear(x.to(torch.bfloat16), self.w, b).float()
+        return _bf16_linear(x, self.w, bias)
 
     def rows(self, start, stop=None):
         return Bf16(self.w[start:stop])
