@@ -310,6 +310,9 @@ def test_the_cli_quantizes_runs_on_processes_and_says_what_a_device_needs(tmp_pa
                           text=True, timeout=300, cwd=tmp_path)
     assert info.returncode == 0, info.stderr
     assert f"weights {held / (1 << 20):.1f} MiB on every device" in info.stdout, info.stdout
+    bad = subprocess.run(prism + ["info", "--model", str(tmp_path / "nothing")], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert bad.returncode != 0 and bad.stdout == "" and "nothing" in bad.stderr, (bad.stdout, bad.stderr)
 
 
 def test_a_child_process_reports_its_own_peak_memory_not_its_parents(tmp_path):

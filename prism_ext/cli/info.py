@@ -14,6 +14,7 @@ def _info(args: argparse.Namespace) -> int:
     from .. import kernels
     from .._version import __version__
 
+    memory = [] if args.model is None else _memory(args.model, args.weight_dtype)  # a bad model fails before any line
     features = kernels.cpu_features()
     print(f"prism-ext {__version__}")
     print(f"python    {platform.python_version()} ({platform.machine()})")
@@ -34,14 +35,14 @@ def _info(args: argparse.Namespace) -> int:
     for op, isa in kernels.dispatched_isas().items():
         print(f"kernel    {op}: {isa}")
     print(f"threads   {kernels.get_num_threads()}")
-    if args.model is not None:
-        _memory(args.model, args.weight_dtype)
+    for line in memory:
+        print(line)
     return 0
 
 
-def _memory(model: str, weight_dtype: str) -> None:
-    """What one device needs for ``model`` at ``weight_dtype``, from its
-    shapes alone (no weights are read; nothing runs)."""
+def _memory(model: str, weight_dtype: str) -> list[str]:
+    """The lines saying what one device needs for ``model`` at
+    ``weight_dtype``, from its shapes alone (no weights are read; nothing runs)."""
     from ..method.engine import peak_rss
     from ..models import skeleton_network
 
@@ -51,12 +52,12 @@ def _memory(model: str, weight_dtype: str) -> None:
     weights = net.weight_bytes_as(weight_dtype)
     # A decoding device keeps, per layer and position, a key and a value (kv_width each), a count and a position.
     per_position = sum(2 * blk.kv_width * 4 + 8 for blk in net.blocks)
-    print(f"model     {model} ({net.model_type}, {len(net.blocks)} layers, weights {weight_dtype})")
-    print(f"memory    weights {weights / mib:.1f} MiB on every device (PRISM splits positions, not weights)")
-    print(f"          KV cache {per_position * 1000 / mib:.1f} MiB per 1000 positions of context (the decoding "
-          f"device; keys and values of kv heads only)")
-    print(f"          runtime {runtime / mib:.0f} MiB (this process before any model: Python, torch, prism-ext)")
-    print(f"          one device needs about {(weights + runtime) / mib:.0f} MiB plus its KV cache and activations")
+    return [f"model     {model} ({net.model_type}, {len(net.blocks)} layers, weights {weight_dtype})",
+            f"memory    weights {weights / mib:.1f} MiB on every device (PRISM splits positions, not weights)",
+            f"          KV cache {per_position * 1000 / mib:.1f} MiB per 1000 positions of context (the decoding "
+            f"device; keys and values of kv heads only)",
+            f"          runtime {runtime / mib:.0f} MiB (this process before any model: Python, torch, prism-ext)",
+            f"          one device needs about {(weights + runtime) / mib:.0f} MiB plus its KV cache and activations"]
 
 
 def register(sub) -> None:
