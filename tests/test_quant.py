@@ -294,6 +294,10 @@ def test_the_cli_quantizes_runs_on_processes_and_says_what_a_device_needs(tmp_pa
     r = subprocess.run(prism + ["quantize", "--model", "gpt2-tiny", "--weight-dtype", "int4", "--out", str(out),
                                 "--calibration", str(texts)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    missing = subprocess.run(prism + ["quantize", "--model", "gpt2-tiny", "--weight-dtype", "int4", "--out",
+                                      str(tmp_path / "q"), "--calibration", str(tmp_path / "none.txt")],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert missing.returncode == 2 and "calibration: " in missing.stderr and "none.txt" in missing.stderr
     calibrated = prism_ext.load("gpt2-tiny", weight_dtype="int4", calibration=CALIBRATION[:20])
     assert prism_ext.load(out).net.weights_digest() == calibrated.net.weights_digest()
     runs = []

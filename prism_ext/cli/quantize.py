@@ -18,7 +18,7 @@ def _quantize(args: argparse.Namespace) -> int:
     if args.calibration:
         from ..inputs.corpus import read_lines, text_files
 
-        calibration = read_lines(text_files(args.calibration))
+        calibration = read_lines(text_files(args.calibration, "calibration"), "calibration")
     model = jobs.load_model(args.model, args.weight_dtype, calibration)
     out = write_quantized(model.net, model.directory, args.out)
     mib = 1 << 20

@@ -23,8 +23,9 @@ from typing import Iterable, Iterator
 __all__ = ["text_files", "read_lines", "is_held_out", "shuffled", "TextCorpus"]
 
 
-def text_files(specs: Iterable[str]) -> list[Path]:
-    """The files of ``specs`` (files, folders, glob patterns), in order, each once."""
+def text_files(specs: Iterable[str], name: str = "data") -> list[Path]:
+    """The files of ``specs`` (files, folders, glob patterns), in order, each
+    once; errors name the argument ``name``."""
     found: list[Path] = []
     for spec in specs:
         path = Path(spec)
@@ -33,19 +34,19 @@ def text_files(specs: Iterable[str]) -> list[Path]:
         elif path.is_dir():
             hits = sorted(p for p in path.rglob("*.txt") if p.is_file())
             if not hits:
-                raise ValueError(f"data: the folder {path} holds no .txt files")
+                raise ValueError(f"{name}: the folder {path} holds no .txt files")
         elif glob.has_magic(str(spec)):
             hits = sorted(Path(m) for m in glob.glob(str(spec), recursive=True) if Path(m).is_file())
             if not hits:
-                raise ValueError(f"data: {spec} matches no file")
+                raise ValueError(f"{name}: {spec} matches no file")
         else:
-            raise FileNotFoundError(f"data: {path} does not exist")
+            raise FileNotFoundError(f"{name}: {path} does not exist")
         found += [h for h in hits if h not in found]
     return found
 
 
-def read_lines(paths: Iterable[Path]) -> Iterator[str]:
-    """The non-blank lines of ``paths``, stripped, read lazily."""
+def read_lines(paths: Iterable[Path], name: str = "data") -> Iterator[str]:
+    """The non-blank lines of ``paths``, stripped, read lazily; errors name the argument ``name``."""
     for path in paths:
         with open(path, encoding="utf-8") as f:
             try:
@@ -54,7 +55,7 @@ def read_lines(paths: Iterable[Path]) -> Iterator[str]:
                     if line:
                         yield line
             except UnicodeDecodeError as exc:
-                raise ValueError(f"data: {path} is not UTF-8 text ({exc})") from None
+                raise ValueError(f"{name}: {path} is not UTF-8 text ({exc})") from None
 
 
 def _key(text: str, seed: int) -> float:
