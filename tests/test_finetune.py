@@ -306,7 +306,7 @@ def test_a_recipe_names_bad_layers_and_devices():
 def test_defaults_follow_the_measured_recipe_per_task():
     """embed: bench/FINETUNE.md's MiniLM recipe; the others keep theirs (measured on the bundled models)."""
     e = ft.Recipe(task="embed")
-    assert (e.steps, e.batch_size, e.lr, e.exact_fraction) == (1000, 8, 1e-4, 0.5)
+    assert (e.steps, e.batch_size, e.lr, e.exact_fraction) == (2000, 32, 1e-4, 0.5)
     assert e.exact_rows == ("none", "special+adaptive") and e.distill_layers == "all"
     assert ft.Recipe(task="embed", steps=7).steps == 7
     lm = ft.Recipe(task="lm")

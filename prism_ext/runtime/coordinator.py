@@ -26,7 +26,7 @@ from .session import (CONTROL_FROM_WORKER, ClusterError, DEFAULT_START_TIMEOUT, 
                       EXIT_SETTLE, HandshakeError, Link, PACKAGE_PARENT, REPORTS, Rendezvous, STALE, STORE_GROWTH,
                       calibration_exchange, check_timeout, check_world, claims_of, exit_status, first_line,
                       frame_bound, link_failure, listen, mismatches, parse_master, peer_loss, pinned_meta,
-                      read_world, rss, set_threads, token_bytes)
+                      read_world, rss, set_threads, timed_out, token_bytes)
 
 
 class Cluster:
@@ -59,6 +59,7 @@ class Cluster:
         self._news = threading.Condition()  # the control threads' findings, below
         self._seen: dict[int, float] = {}  # rank -> when its last control frame came
         self._gone: dict[int, str] = {}  # rank -> why its link ended
+        self._reset: set[int] = set()  # ranks whose link ended (not merely went quiet): their process may be dying
         self._errors: dict[int, str] = {}  # rank -> the error it reported
         self._closed_ranks: set[int] = set()  # ranks that acknowledged close()
         self._control_error: str | None = None  # rank 0's own control thread failed
@@ -243,6 +244,8 @@ class Cluster:
                 with self._news:
                     if not self._stop.is_set():
                         self._gone[r] = link_failure(exc, time.monotonic() - self._seen.get(r, time.monotonic()))
+                        if not timed_out(exc):
+                            self._reset.add(r)
                     self._news.notify_all()
                 return
             with self._news:
@@ -363,8 +366,8 @@ class Cluster:
         workers = list(self._links) if self._seen else []  # reports come once the control threads run
         with self._news:  # let the workers' reports land: each reports, or its link ends
             self._news.wait_for(lambda: all(r in self._errors or r in self._gone for r in workers), REPORTS)
-            errors, gone, seen = dict(self._errors), dict(self._gone), dict(self._seen)
-        for r in gone:  # a killed process's sockets reset before its exit status exists: wait for it
+            errors, gone, seen, reset = dict(self._errors), dict(self._gone), dict(self._seen), set(self._reset)
+        for r in reset:  # a killed process's sockets reset before its exit status exists: wait for it
             if r in self._procs and r not in errors:
                 try:
                     self._procs[r].wait(EXIT_SETTLE)

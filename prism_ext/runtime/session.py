@@ -250,9 +250,15 @@ class Link:
         return unseal(self.g.key, self.peer, self.g.rank, frame, self.received)
 
 
+def timed_out(exc: BaseException) -> bool:
+    """Whether a link's failure is that nothing came (gloo says "Timed out"),
+    rather than the link ending (a reset or an end of file)."""
+    return "timed out" in str(exc).lower()
+
+
 def link_failure(exc: BaseException, silent_for: float) -> str:
-    """Why a link failed, in words: gloo says "Timed out" when nothing came."""
-    if "timed out" in str(exc).lower():
+    """Why a link failed, in words."""
+    if timed_out(exc):
         return f"no heartbeat for {silent_for:.1f} s"
     return f"its link failed ({first_line(exc)})"
 
