@@ -516,8 +516,7 @@ def format_demo(r: dict) -> str:
     c = r["llama"]  # the prompt is the chat as the template renders it
     lines += [f"== llama-tiny (RoPE, GQA) on {r['devices']} devices, CR {c['cr']}, a chat in its template ==",
               format_run(c), ""]
-    lines += [
-             f"== vit-tiny-digits on {len(v['outputs'])} held-out digits, {r['devices']} devices, CR {v['cr']} =="]
+    lines.append(f"== vit-tiny-digits on {len(v['outputs'])} held-out digits, {r['devices']} devices, CR {v['cr']} ==")
     exact = [x["class_id"] for x in v["reference"]]
     prism = [x["class_id"] for x in v["outputs"]]
     lines.append(f"  true label: {' '.join(map(str, v['labels']))}")
