@@ -52,11 +52,14 @@ def _twin_loss(m, net, recipe, data: ft.Examples) -> float:
     return ft._loss(recipe, student, teacher, inputs, labels).item()
 
 
-@pytest.mark.parametrize("family,task", [("gpt2", "lm"), ("bert", "embed"), ("bert", "classify"), ("vit", "classify")])
-def test_a_few_steps_lower_the_loss(models, family, task, tmp_path):
+@pytest.mark.parametrize("family,task,precision", [("gpt2", "lm", "fp32"), ("bert", "embed", "fp32"),
+                                                    ("bert", "classify", "fp32"), ("vit", "classify", "fp32"),
+                                                    ("gpt2", "lm", "bf16"), ("bert", "embed", "bf16")])
+def test_a_few_steps_lower_the_loss(models, family, task, precision, tmp_path):
+    """(bf16: the student's forward under autocast; the checkpoint is float32 all the same.)"""
     _, m = models[family]
     recipe = ft.Recipe(task=task, devices=(3,), crs=(4,), steps=25, batch_size=8, lr=1e-3, exact_fraction=0.0,
-                       held_out=0.25, warmup=0.0)
+                       held_out=0.25, warmup=0.0, precision=precision)
     data = _examples(family, 32, seed=1)
     train, held = ft.split(data, recipe)
     before = _twin_loss(m, m.net, recipe, train), _twin_loss(m, m.net, recipe, held)
@@ -70,7 +73,9 @@ def test_a_few_steps_lower_the_loss(models, family, task, tmp_path):
     # the report runs the engine at (1 device) and at the grid's (3 devices, CR 4)
     points = [(r["devices"], r["cr"]) for r in report["metrics"]["after"]]
     assert points == [(1, 1)] + [(3, 4)] * len(recipe.report_exact_rows)  # embed: none and special+adaptive
-    assert json.loads((tmp_path / "out" / "prism_finetune.json").read_text())["metrics"] == report["metrics"]
+    written = json.loads((tmp_path / "out" / "prism_finetune.json").read_text())
+    assert written["metrics"] == report["metrics"] and written["recipe"]["precision"] == precision
+    assert tuned.net.blocks[0].wqkv.dtype == torch.float32
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bert", "vit"])
@@ -180,6 +185,7 @@ def test_prism_finetune_embeds_text_with_minilm(tmp_path, capsys):
     (["--task", "lm", "--model", "vit-tiny-digits"], "task: lm needs a language model"),
     (["--cr", "0"], "--cr"),
     (["--exact-fraction", "2"], "exact-fraction"),
+    (["--precision", "fp16"], "--precision"),
     (["--exact-rows", "bogus"], "exact_rows"),
     (["--data", "/nonexistent/file.txt"], "data"),
     (["--out", str(zoo.model_dir("gpt2-tiny"))], "out: "),
@@ -299,6 +305,8 @@ def test_distilling_every_layer_lowers_every_layers_loss(models, tmp_path):
 def test_a_recipe_names_bad_layers_and_devices():
     with pytest.raises(ValueError, match="distill-layers"):
         ft.Recipe(task="embed", distill_layers="some")
+    with pytest.raises(ValueError, match="precision: expected one of fp32, bf16, got 'fp16'"):
+        ft.Recipe(task="lm", precision="fp16")
     with pytest.raises(ValueError, match="device"):
         ft.resolve_device("tpu")
 

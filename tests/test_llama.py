@@ -203,8 +203,6 @@ def test_defaults_are_kv_and_the_first_row_exact(llamas, models):
     assert req.cfg.compression_point == "attn_input" and not req.cfg.exact_rows
     assert torch.equal(m(ids, devices=2, cr=4).logits,
                        m(ids, devices=2, cr=4, compression_point="kv", exact_rows="first").logits)
-    with pytest.raises(ValueError, match="mode: 'tp' is not supported for llama"):
-        m(ids, devices=2, mode="tp")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

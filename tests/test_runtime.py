@@ -170,6 +170,21 @@ def test_vit_devices_receive_only_their_patches():
     assert 2 * 32 * 16 * 4 < real.stats.devices[1].input_bytes < 2 * 32 * 16 * 4 + 2048
 
 
+def test_llama_tiny_across_processes(llama):
+    """RoPE and grouped-query attention over real processes: prism at the
+    family's defaults (the kv point, position 0 exact), tp (each rank one
+    key/value head) and decoding, as the simulation runs them."""
+    ids = ids_of(llama, "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return")
+    with cluster(llama, devices=2, timeout=30) as c:
+        for mode, atol in (("prism", 1e-6), ("tp", 1e-4)):  # tp: gloo's all-reduce sums in its own order
+            real = c(ids, cr=4, mode=mode)
+            sim = llama(ids, devices=2, cr=4, mode=mode)
+            torch.testing.assert_close(real.logits, sim.logits, rtol=0, atol=atol)
+            assert_same_stats(real.stats, sim.stats)
+        tokens = c.generate(ids, cr=4, max_new_tokens=6)
+    assert torch.equal(tokens, llama.generate(ids, devices=2, cr=4, max_new_tokens=6))
+
+
 # ------------------------------------------------------------- handshake
 
 def start_worker(reaper, port, rank, world, token=TOKEN, env=None, extra=(), prism=PRISM):

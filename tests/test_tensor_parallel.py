@@ -1,4 +1,5 @@
-"""Tensor parallelism (mode="tp"): equals transformers at any P, splits
+"""Tensor parallelism (mode="tp"): equals transformers at any P (the Llama
+family's RoPE, grouped-query attention, q/k norms and SwiGLU too), splits
 heads and MLP columns unevenly when it must, leaves every rank with the same
 hidden state, and counts the bytes of two ring all-reduces per layer and the
 FLOPs it really runs."""
@@ -10,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine_helpers import D, HEADS, LAYERS, bert_inputs, family_inputs, hf_bert, max_err, save, tiny_models
+from engine_helpers import (D, HEADS, LAYERS, LLAMA_FAMILIES, bert_inputs, family_inputs, hf_bert, hf_llama, max_err,
+                            save, tiny_models)
 
 import prism_ext
-from prism_ext.method.accounting import block_flops, tp_block_flops
+from prism_ext.method.accounting import block_flops, shape_of
 from prism_ext.comm import LocalGroup, Reduced
-from prism_ext.method.tensor_parallel import run_layers_tp, split_range, tp_request, tp_shards
+from prism_ext.method.tensor_parallel import check_tp_devices, head_split, run_layers_tp, split_range, tp_request, tp_shards
 
 TOL = 1e-4
 SIZES = [1, 2, 3, 4]
@@ -24,6 +26,18 @@ SIZES = [1, 2, 3, 4]
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     return tiny_models(tmp_path_factory, 20)
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    """family -> (HF model, prism_ext model): 4 query / 2 key-value heads; "mha": 4 / 4."""
+    out = {family: hf_llama(family, seed=30 + i) for i, family in enumerate(LLAMA_FAMILIES)}
+    out["mha"] = hf_llama("llama", seed=40, kv_heads=HEADS)
+    return {k: (hf, prism_ext.load(save(hf, tmp_path_factory.mktemp(k)))) for k, hf in out.items()}
+
+
+def llama_ids(seed, batch=2, n=21):
+    return torch.randint(0, 64, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
 def inputs_for(family, seed=0):
@@ -112,6 +126,33 @@ def test_tp_agrees_with_single_device(models):
         assert max_err(m(inputs, devices=devices, mode="tp").last_hidden_state, single.last_hidden_state) <= TOL
 
 
+@pytest.mark.parametrize("family,devices", [(f, p) for f in LLAMA_FAMILIES for p in (1, 2, 4)]
+                         + [("mha", 3), ("mha", 4)])
+def test_llama_families_match_hf(llamas, family, devices):
+    """RoPE, grouped-query attention (at P = 4 two ranks share each key/value
+    head), Qwen2's q/k/v biases, Qwen3's q/k norms, SwiGLU columns."""
+    hf, m = llamas[family]
+    ids = llama_ids(devices)
+    with torch.no_grad():
+        ref = hf(ids).logits
+    out = m(ids, devices=devices, mode="tp")
+    assert out.stats.mode == "tp" and len(out.stats.devices) == devices
+    assert max_err(out.logits, ref) <= TOL
+
+
+def test_llama_with_right_padding_matches_hf(llamas):
+    hf, m = llamas["qwen2"]
+    ids = llama_ids(5, batch=3, n=18)
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0
+    mask[2, 4:] = 0
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask).logits
+    out = m({"input_ids": ids, "attention_mask": mask}, devices=2, mode="tp").logits
+    valid = mask.bool()
+    assert max_err(out[valid], ref[valid]) <= TOL
+
+
 @pytest.mark.parametrize("isa", prism_ext.kernels.available_isas())
 def test_every_isa_runs_tp_through_the_attention_kernel(models, monkeypatch, isa):
     hf, m = models["bert"]
@@ -140,6 +181,54 @@ def test_split_range_is_contiguous_and_as_even_as_possible():
             assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
 
 
+def test_head_split_keeps_every_query_head_with_its_key_value_head():
+    for heads in range(1, 17):
+        for kv_heads in (k for k in range(1, heads + 1) if heads % k == 0):
+            group = heads // kv_heads
+            for size in range(1, heads + 1):
+                try:
+                    check_tp_devices(size, heads, kv_heads)
+                except ValueError:
+                    assert size > kv_heads and size % kv_heads
+                    continue
+                splits = [head_split(heads, kv_heads, size, r) for r in range(size)]
+                assert [q for q, _ in splits] == [(a, b) for a, b in zip([0] + [q[1] for q, _ in splits][:-1],
+                                                                          [q[1] for q, _ in splits])]
+                assert splits[-1][0][1] == heads
+                for (h0, h1), (k0, k1) in splits:
+                    assert h1 > h0 and k1 > k0
+                    local_group = (h1 - h0) // (k1 - k0)  # what prism_attention assumes of the slice
+                    assert (h1 - h0) % (k1 - k0) == 0
+                    assert all((h0 + i) // group == k0 + i // local_group for i in range(h1 - h0))
+                if size > kv_heads:  # each key/value head on size / kv_heads ranks, query heads as even as can be
+                    sizes = [h1 - h0 for (h0, h1), _ in splits]
+                    assert max(sizes) - min(sizes) <= 1
+
+
+def test_gqa_shards_tile_the_block(llamas):
+    """P = 2: one key/value head each; P = 4: each key/value head computed by
+    the two ranks that split its query heads; the gate and up halves of a
+    SwiGLU block split alike."""
+    _, m = llamas["qwen2"]
+    blk = m.net.blocks[0]
+    dh, q, kv, ff = blk.head_dim, blk.q_width, blk.kv_width, blk.d_ff
+    for size, kv_rows in ((2, [0, 1]), (4, [0, 0, 1, 1])):
+        shards = [tp_shards(m.net, r, size)[0] for r in range(size)]
+        assert [s.heads for s in shards] == [HEADS // size] * size
+        assert all(s.kv_heads == 1 for s in shards)
+        assert torch.equal(torch.cat([s.part.wqkv[: s.width] for s in shards]), blk.wqkv[:q])
+        for s, k in zip(shards, kv_rows):
+            key = slice(q + k * dh, q + (k + 1) * dh)
+            value = slice(q + kv + k * dh, q + kv + (k + 1) * dh)
+            assert torch.equal(s.part.wqkv[s.width:], torch.cat([blk.wqkv[key], blk.wqkv[value]]))
+            assert torch.equal(s.part.bqkv[s.width:], torch.cat([blk.bqkv[key], blk.bqkv[value]]))
+            assert s.part.bo is None and s.part.b2 is None and type(s.part) is type(blk)
+        gates = torch.cat([s.part.w1[: s.cols] for s in shards])
+        ups = torch.cat([s.part.w1[s.cols :] for s in shards])
+        assert torch.equal(torch.cat([gates, ups]), blk.w1) and sum(s.cols for s in shards) == ff
+        assert torch.equal(torch.cat([s.part.w2 for s in shards], dim=1), blk.w2)
+
+
 def test_uneven_shards_tile_the_block(models):
     """P = 3 with 4 heads and d_ff 64 (BERT) / 128 (GPT-2): nothing divides."""
     for family, d_ff in (("bert", 64), ("gpt2", 4 * D)):
@@ -151,16 +240,16 @@ def test_uneven_shards_tile_the_block(models):
         assert [s.cols for s in shards] == [split_range(d_ff, 3, r)[1] - split_range(d_ff, 3, r)[0] for r in range(3)]
         assert sum(s.cols for s in shards) == d_ff and len({s.cols for s in shards}) == 2
         for part in range(3):  # Q, K, V: own heads' rows, in rank order, rebuild the block's
-            rows = [s.wqkv[part * s.width : (part + 1) * s.width] for s in shards]
+            rows = [s.part.wqkv[part * s.width : (part + 1) * s.width] for s in shards]
             assert torch.equal(torch.cat(rows), blk.wqkv[part * D : (part + 1) * D])
-            biases = [s.bqkv[part * s.width : (part + 1) * s.width] for s in shards]
+            biases = [s.part.bqkv[part * s.width : (part + 1) * s.width] for s in shards]
             assert torch.equal(torch.cat(biases), blk.bqkv[part * D : (part + 1) * D])
-        assert torch.equal(torch.cat([s.wo for s in shards], dim=1), blk.wo)
-        assert torch.equal(torch.cat([s.w1 for s in shards]), blk.w1)
-        assert torch.equal(torch.cat([s.b1 for s in shards]), blk.b1)
-        assert torch.equal(torch.cat([s.w2 for s in shards], dim=1), blk.w2)
+        assert torch.equal(torch.cat([s.part.wo for s in shards], dim=1), blk.wo)
+        assert torch.equal(torch.cat([s.part.w1 for s in shards]), blk.w1)
+        assert torch.equal(torch.cat([s.part.b1 for s in shards]), blk.b1)
+        assert torch.equal(torch.cat([s.part.w2 for s in shards], dim=1), blk.w2)
         for s in shards:
-            assert all(t.is_contiguous() for t in (s.wqkv, s.bqkv, s.wo, s.w1, s.b1, s.w2))
+            assert all(t.is_contiguous() for t in (s.part.wqkv, s.part.bqkv, s.part.wo, s.part.w1, s.part.b1, s.part.w2))
 
 
 def test_shards_are_cached(models):
@@ -255,12 +344,12 @@ def test_flops_match_torch_flop_counter(models, family, devices):
     for dev in out.stats.devices:
         for s, sh in zip(dev.layers, tp_shards(m.net, dev.rank, devices)):
             x, attn, inner = torch.randn(B, N, d), torch.randn(B, N, sh.width), torch.randn(B, N, sh.cols)
-            proj = _torch_flops(lambda: (F.linear(x, sh.wqkv, sh.bqkv), F.linear(attn, sh.wo)))
+            proj = _torch_flops(lambda: (F.linear(x, sh.part.wqkv, sh.part.bqkv), F.linear(attn, sh.part.wo)))
             q = torch.randn(B, sh.heads, N, sh.head_dim)
             kv = torch.randn(B, sh.heads, N, sh.head_dim)
             # (the counter has no formula for CPU sdpa kernels: spell attention out)
             att = _torch_flops(lambda: torch.softmax(q @ kv.transpose(-1, -2), -1) @ kv)
-            mlp = _torch_flops(lambda: (F.linear(x, sh.w1, sh.b1), F.linear(inner, sh.w2)))
+            mlp = _torch_flops(lambda: (F.linear(x, sh.part.w1, sh.part.b1), F.linear(inner, sh.part.w2)))
             assert (s.flops_proj, s.flops_attention, s.flops_mlp) == (proj, att, mlp)
     # The ranks split one device's work exactly: heads and columns partition the block.
     single = block_flops(B, N, 0, d, d_ff)
@@ -271,14 +360,28 @@ def test_flops_match_torch_flop_counter(models, family, devices):
         assert sum(s.flops_mlp for s in layer_stats) == single.mlp
 
 
-def test_tp_block_flops_closed_form():
-    B, N, d, dh = 2, 9, 32, 8
-    f = tp_block_flops(B, N, d, 3, dh, 40)
-    w = 3 * dh
-    assert f.proj == 2 * B * N * d * 3 * w + 2 * B * N * w * d
-    assert f.attention == 2 * (2 * B * 3 * N * N * dh)  # scores + weighted sum, per head
-    assert f.mlp == 2 * (2 * B * N * d * 40)
-    assert tp_block_flops(B, N, d, HEADS, d // HEADS, 64) == block_flops(B, N, 0, d, 64)
+def test_llama_flops_are_each_slice_and_replicated_kv_is_counted(llamas):
+    """A rank's FLOPs are its slice's (SwiGLU: three matrices); at P = 2 the
+    slices partition the block's work, at P = 4 two ranks project each
+    key/value head, so the projections sum to one device's plus one more K/V."""
+    _, m = llamas["llama"]
+    ids = llama_ids(9, batch=1, n=17)
+    N = ids.shape[1]
+    blk = m.net.blocks[0]
+    single = block_flops(1, N, 0, shape_of(blk))
+    for size in (2, 4):
+        out = m(ids, devices=size, mode="tp")
+        for layer in range(LAYERS):
+            got = [dev.layers[layer] for dev in out.stats.devices]
+            for s, sh in zip(got, (tp_shards(m.net, dev.rank, size)[layer] for dev in out.stats.devices)):
+                x, attn = torch.randn(1, N, blk.d), torch.randn(1, N, sh.width)
+                inner = torch.randn(1, N, sh.cols)
+                assert s.flops_proj == _torch_flops(lambda: (F.linear(x, sh.part.wqkv), F.linear(attn, sh.part.wo)))
+                assert s.flops_mlp == _torch_flops(lambda: (F.linear(x, sh.part.w1), F.linear(inner, sh.part.w2)))
+            extra_kv = 0 if size == 2 else 2 * N * blk.d * 2 * blk.kv_width
+            assert sum(s.flops_proj for s in got) == single.proj + extra_kv
+            assert sum(s.flops_attention for s in got) == single.attention
+            assert sum(s.flops_mlp for s in got) == single.mlp
 
 
 def test_stats_and_summary(models):
@@ -311,6 +414,12 @@ def test_more_devices_than_heads_is_refused(models):
         m(ids, devices=0, mode="tp")
     with pytest.raises(TypeError, match="devices"):
         m(ids, devices=2.0, mode="tp")
+
+
+def test_devices_that_split_a_key_value_head_unevenly_are_refused(llamas):
+    _, m = llamas["llama"]  # 4 query heads, 2 key/value heads: 1, 2 or 4 devices
+    with pytest.raises(ValueError, match=r"devices: .*2 key/value heads: at most 2 devices or a multiple of 2; got 3"):
+        m(llama_ids(0), devices=3, mode="tp")
 
 
 def test_tp_refuses_knobs_it_does_not_have(models):

@@ -30,7 +30,8 @@ def _finetune(args: argparse.Namespace) -> int:
     recipe = ft.Recipe(task=task, devices=tuple(args.devices), crs=tuple(args.cr),
                        **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()},
                        hidden_weight=args.hidden_weight, max_length=args.max_length, held_out=args.held_out,
-                       seed=args.seed, held_out_max=args.held_out_max, shuffle_buffer=args.shuffle_buffer)
+                       seed=args.seed, held_out_max=args.held_out_max, shuffle_buffer=args.shuffle_buffer,
+                       precision=args.precision)
     for spec in set(recipe.exact_rows) | set(recipe.report_exact_rows):  # every knob checked before any work
         model.exact_rows(spec)
     held = None
@@ -59,7 +60,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from ..training.finetune import DEVICES, DISTILL_LAYERS, TASKS
+    from ..training.finetune import DEVICES, DISTILL_LAYERS, PRECISIONS, TASKS
 
     p = one_line_errors(sub.add_parser(
         "finetune", help="PRISM-aware distillation: a checkpoint that holds its quality under compression",
@@ -91,6 +92,10 @@ def register(sub) -> None:
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="where the twin and the teacher train: auto (CUDA when torch finds it), cpu, cuda "
                         "(the checkpoint is the same kind either way; the report runs the engine on the CPU)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="the student's forward and loss: fp32, or bf16 under torch.autocast (about half the "
+                        "step time where the CPU or GPU multiplies bfloat16; weights, optimizer and the "
+                        "teacher's targets stay float32) (default fp32)")
     p.add_argument("--hidden-weight", type=Bounded(0, _FINITE, real=True), default=1.0, help="embed: weight of the hidden-state MSE")
     p.add_argument("--max-length", type=positive, default=256, help="tokens per text (longer ones are cut)")
     p.add_argument("--held-out", type=Bounded(0, 0.9, real=True), default=0.1, help="share of distinct examples held out (default 0.1)")

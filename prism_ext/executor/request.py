@@ -20,7 +20,7 @@ import torch
 from ..checks import check_count
 from ..comm.wire import check_wire_dtype, decode_message, encode
 from ..method.engine import OUTPUTS, Collected, ExactRows, GenerateOptions, RunConfig, RunStats, generate_request, run_request
-from ..models import Block, Network
+from ..models import Network
 from ..options import DEFAULT, MODES, RunOptions
 from ..method.partition import AccuracyWarning, Partition, coarse_warning, partition
 
@@ -138,13 +138,10 @@ def layout(net: Network, n: int, devices: int, options: RunOptions, special_ids=
     if mode == "tp":
         from ..method.tensor_parallel import check_tp_devices
 
-        if any(type(blk) is not Block for blk in net.blocks):  # heads split evenly, one MLP: plain blocks only
-            raise ValueError(f"mode: 'tp' is not supported for {net.model_type} (grouped-query attention, RoPE); "
-                             f"use prism, voltage or single")
         if net.weight_dtype != "fp32":  # its shards slice the matrices by columns too
             raise ValueError(f"mode: 'tp' needs fp32 weights; this model's are {net.weight_dtype} "
                              f"(use prism, voltage or single)")
-        devices = check_tp_devices(devices, net.heads)
+        devices = check_tp_devices(devices, net.heads, net.blocks[0].kv_heads)
         if options.device_weights is not None and devices > 1:
             raise ValueError("device_weights: mode 'tp' splits heads and MLP columns evenly; pass None")
         if options.wire_dtype != "fp32":

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .partition import Partition
 
-__all__ = ["BlockFlops", "BlockShape", "block_flops", "shape_of", "row_values", "tp_block_flops", "prism_layer",
+__all__ = ["BlockFlops", "BlockShape", "block_flops", "shape_of", "row_values", "prism_layer",
            "voltage_layer", "reduction_table", "matrix_bytes"]
 
 
@@ -86,19 +86,6 @@ def block_flops(batch: int, n: int, m: int, d, d_ff: int | None = None, *, proje
     proj = 2 * batch * (n * d * (q + 2 * kv) + (m * d * 2 * kv if project_received else 0) + n * q * d)
     attention = 4 * batch * n * (n + m) * q
     mlp = 2 * batch * n * d * s.d_ff * (3 if s.gated else 2)
-    return BlockFlops(proj, attention, mlp)
-
-
-def tp_block_flops(batch: int, n: int, d: int, heads_own: int, dh: int, cols_own: int) -> BlockFlops:
-    """One block on one tensor-parallel rank: Q/K/V of its ``heads_own``
-    heads (``dh`` wide) for all ``n`` rows, their attention over n x n, the
-    output projection of those heads (partial sums, [.., heads_own*dh] ->
-    [.., d]) and the MLP on its ``cols_own`` of the d_ff columns. At one rank
-    owning everything this is ``block_flops(batch, n, 0, d, d_ff)``."""
-    width = heads_own * dh
-    proj = 2 * batch * n * (d * 3 * width + width * d)
-    attention = 4 * batch * n * n * width
-    mlp = 4 * batch * n * d * cols_own
     return BlockFlops(proj, attention, mlp)
 
 

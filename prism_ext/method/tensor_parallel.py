@@ -2,11 +2,20 @@
 
 Every rank holds the whole sequence and a slice of every block: a contiguous
 range of attention heads (their Q/K/V rows, their columns of the output
-projection) and a contiguous range of MLP columns (rows of w1/b1, columns of
-w2). Per layer a rank computes its heads' attention over all N positions and
-its partial output projection, all-reduces it, adds the bias and residual,
-then does the same for its MLP columns: two all-reduces of [B, N, d] per
-layer, after which every rank holds the same (bit-identical) hidden state.
+projection) and a contiguous range of MLP columns (rows of w1/b1, of both
+the gate and the up half for a SwiGLU block; columns of w2). Per layer a rank
+computes its heads' attention over all N positions and its partial output
+projection, all-reduces it, adds the bias and residual, then does the same
+for its MLP columns: two all-reduces of [B, N, d] per layer, after which
+every rank holds the same (bit-identical) hidden state.
+
+A rank's slice is a block of the model's own class (:meth:`TPShard.of`), so
+RoPE, Qwen3's per-head q/k norms and Qwen2's q/k/v biases act on it as on the
+whole block. Grouped-query attention is split by key/value heads: each rank
+takes whole key/value heads with their query heads, or, with more ranks than
+key/value heads, an equal number of ranks share one key/value head (each
+computes it) and split its query heads. So the devices are at most the
+key/value heads or a multiple of them.
 
 Like the engine, this knows nothing of sockets: the transport is handed in
 and only its ``all_reduce(tensor) -> Reduced`` is used.
@@ -14,6 +23,7 @@ and only its ``all_reduce(tensor) -> Reduced`` is used.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import weakref
@@ -22,12 +32,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .accounting import tp_block_flops
+from .accounting import block_flops, shape_of
 from .attention import prism_attention
 from .engine import Collected, DeviceStats, LayerStats, assemble_results, finish_request, result_parts
 from ..models.common import Block, Network
 
-__all__ = ["TPShard", "split_range", "check_tp_devices", "tp_shards", "run_layers_tp", "tp_request"]
+__all__ = ["TPShard", "split_range", "head_split", "check_tp_devices", "tp_shards", "run_layers_tp", "tp_request"]
 
 
 def split_range(total: int, parts: int, rank: int) -> tuple[int, int]:
@@ -39,8 +49,26 @@ def split_range(total: int, parts: int, rank: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
-def check_tp_devices(devices, heads: int) -> int:
-    """``devices`` as a tensor-parallel group size: every rank needs a head."""
+def head_split(heads: int, kv_heads: int, size: int, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(query heads ``[h0, h1)``, key/value heads ``[k0, k1)``) of ``rank`` of
+    ``size`` (:func:`check_tp_devices` first). Query head h reads key/value
+    head h // (heads / kv_heads) (transformers' layout), so a rank's query
+    heads always read its own key/value heads, in the same order."""
+    group = heads // kv_heads
+    if size <= kv_heads:  # whole key/value heads, each with its query heads
+        k0, k1 = split_range(kv_heads, size, rank)
+        return (k0 * group, k1 * group), (k0, k1)
+    share = size // kv_heads  # ranks per key/value head: they split its query heads
+    k0 = rank // share
+    a, b = split_range(group, share, rank % share)
+    return (k0 * group + a, k0 * group + b), (k0, k0 + 1)
+
+
+def check_tp_devices(devices, heads: int, kv_heads: int | None = None) -> int:
+    """``devices`` as a tensor-parallel group size: every rank needs a query
+    head, and with grouped-query attention whole key/value heads or an equal
+    share of one (:func:`head_split`)."""
+    kv_heads = heads if kv_heads is None else kv_heads
     if isinstance(devices, bool) or not isinstance(devices, int):
         raise TypeError(f"devices: expected an int, got {type(devices).__name__}")
     if devices < 1:
@@ -48,49 +76,65 @@ def check_tp_devices(devices, heads: int) -> int:
     if devices > heads:
         raise ValueError(f"devices: tensor parallelism splits the {heads} attention heads over the devices, "
                          f"so at most {heads} devices; got {devices}")
+    if devices > kv_heads and devices % kv_heads:
+        raise ValueError(f"devices: tensor parallelism gives each device whole key/value heads or an equal share "
+                         f"of one, and this model has {kv_heads} key/value heads: at most {kv_heads} devices or a "
+                         f"multiple of {kv_heads}; got {devices}")
     return devices
 
 
 @dataclass
 class TPShard:
-    """One rank's slice of one :class:`Block` (weights [out, in], contiguous);
-    the norms, residual adds and activation are the block's own."""
+    """One rank's slice of one :class:`Block`: ``part``, a block of the same
+    class holding only the rank's heads and MLP columns (weights [out, in],
+    contiguous; no output biases: they are added once, after the reduce), and
+    ``block``, the whole one, whose norms and residual adds every rank runs."""
 
     block: Block
-    heads: int  # heads this rank owns
-    head_dim: int
-    wqkv: torch.Tensor  # [3 * heads * head_dim, d]: Q rows of own heads, then K, then V
-    bqkv: torch.Tensor | None
-    wo: torch.Tensor  # [d, heads * head_dim]: the output projection's columns of own heads
-    bo: torch.Tensor | None  # the full bias, added once after the reduce
-    w1: torch.Tensor  # [cols, d]
-    b1: torch.Tensor | None  # [cols]
-    w2: torch.Tensor  # [d, cols]
-    b2: torch.Tensor | None  # the full bias, added once after the reduce
+    part: Block
+
+    @property
+    def heads(self) -> int:
+        """Query heads this rank owns."""
+        return self.part.heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.part.kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.part.head_dim
 
     @property
     def width(self) -> int:
-        """Attention width of own heads."""
-        return self.heads * self.head_dim
+        """Attention width of own query heads."""
+        return self.part.q_width
 
     @property
     def cols(self) -> int:
-        return self.w1.shape[0]
+        """MLP columns this rank owns."""
+        return self.part.d_ff
 
     @classmethod
     def of(cls, blk: Block, rank: int, size: int) -> "TPShard":
-        d, dh = blk.d, blk.d // blk.heads
-        h0, h1 = split_range(blk.heads, size, rank)
+        dh, q, kv = blk.head_dim, blk.q_width, blk.kv_width
+        (h0, h1), (k0, k1) = head_split(blk.heads, blk.kv_heads, size, rank)
+        keys = torch.arange(k0 * dh, k1 * dh)
+        rows = torch.cat([torch.arange(h0 * dh, h1 * dh), q + keys, q + kv + keys])
         c0, c1 = split_range(blk.d_ff, size, rank)
-        rows = torch.cat([torch.arange(part * d + h0 * dh, part * d + h1 * dh) for part in range(3)])
-        return cls(
-            block=blk, heads=h1 - h0, head_dim=dh,
-            wqkv=blk.wqkv[rows].contiguous(),
-            bqkv=None if blk.bqkv is None else blk.bqkv[rows].contiguous(),
-            wo=blk.wo[:, h0 * dh : h1 * dh].contiguous(), bo=blk.bo,
-            w1=blk.w1[c0:c1].contiguous(), b1=None if blk.b1 is None else blk.b1[c0:c1].contiguous(),
-            w2=blk.w2[:, c0:c1].contiguous(), b2=blk.b2,
-        )
+        cols = torch.arange(c0, c1)
+        if blk.gated:  # w1 = [gate; up]: the same columns of both halves
+            cols = torch.cat([cols, blk.d_ff + cols])
+
+        def rows_of(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+            return None if t is None else t[idx].contiguous()
+
+        part = dataclasses.replace(
+            blk, heads=h1 - h0, wqkv=rows_of(blk.wqkv, rows), bqkv=rows_of(blk.bqkv, rows),
+            wo=blk.wo[:, h0 * dh : h1 * dh].contiguous(), bo=None,
+            w1=rows_of(blk.w1, cols), b1=rows_of(blk.b1, cols), w2=blk.w2[:, c0:c1].contiguous(), b2=None)
+        return cls(block=blk, part=part)
 
 
 # Shards per network, then per (rank, size): slicing copies every weight, so
@@ -102,7 +146,7 @@ _SHARDS_LOCK = threading.Lock()  # the in-process group runs ranks on threads
 
 def tp_shards(net: Network, rank: int, size: int) -> list[TPShard]:
     """Rank ``rank`` of ``size``'s shard of every block (cached)."""
-    check_tp_devices(size, net.heads)
+    check_tp_devices(size, net.heads, net.blocks[0].kv_heads)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < size:
         raise ValueError(f"rank: expected an int in [0, {size}), got {rank!r}")
     with _SHARDS_LOCK:
@@ -141,33 +185,33 @@ def run_layers_tp(net: Network, local: dict, n: int, rank: int, transport) -> tu
     batch = x.shape[0]
     valid = net.valid(local)
     counts = None if valid is None else valid.to(torch.float32)  # padding keys weigh 0
-    pos = torch.arange(n, dtype=torch.int32) if net.causal else None
+    positions = torch.arange(n)  # RoPE's (a block without it ignores them)
+    pos = positions.to(torch.int32) if net.causal else None  # the causal rule's
     stats = DeviceStats(rank, 0, n, [LayerStats() for _ in shards], weight_bytes=net.weight_bytes())
     stats.time_embed = time.perf_counter() - t0
 
     for sh, st in zip(shards, stats.layers):
-        w = sh.width
+        blk, part = sh.block, sh.part
         t = time.perf_counter()
-        blk = sh.block
-        qkv = F.linear(blk.attn_input(x), sh.wqkv, sh.bqkv)
+        q, k, v = part.split_qkv(part.qkv(blk.attn_input(x), positions))
         t = _tick(st, "project", t)
-        attn = prism_attention(qkv[..., :w], qkv[..., w : 2 * w], qkv[..., 2 * w :], sh.heads, counts, pos, pos)
+        attn = prism_attention(q, k, v, part.heads, counts, pos, pos, kv_heads=part.kv_heads)
         t = _tick(st, "attention", t)
-        partial = F.linear(attn, sh.wo)
+        partial = F.linear(attn, part.wo)
         _tick(st, "project", t)
         reduced = _reduce(transport, partial, st)
         t = time.perf_counter()
-        x = blk.add_attention(x, _add_bias(reduced, sh.bo))
+        x = blk.add_attention(x, _add_bias(reduced, blk.bo))
         t = _tick(st, "project", t)
 
-        partial = F.linear(blk.act(F.linear(blk.mlp_input(x), sh.w1, sh.b1)), sh.w2)
+        partial = part.mlp_branch(blk.mlp_input(x))
         _tick(st, "mlp", t)
         reduced = _reduce(transport, partial, st)
         t = time.perf_counter()
-        x = blk.add_mlp(x, _add_bias(reduced, sh.b2))
+        x = blk.add_mlp(x, _add_bias(reduced, blk.b2))
         _tick(st, "mlp", t)
 
-        f = tp_block_flops(batch, n, net.d, sh.heads, sh.head_dim, sh.cols)
+        f = block_flops(batch, n, 0, shape_of(part))  # a rank's slice is a whole block's work on fewer heads
         st.flops_proj, st.flops_attention, st.flops_mlp = f.proj, f.attention, f.mlp
     return x, stats
 

@@ -57,12 +57,15 @@ from ..models.common import Network
 from ..method.partition import AccuracyWarning, partition
 from ..util.progress import progress
 
-__all__ = ["TASKS", "TASK_DEFAULTS", "DISTILL_LAYERS", "Recipe", "Examples", "check_task", "default_task",
+__all__ = ["TASKS", "TASK_DEFAULTS", "DISTILL_LAYERS", "PRECISIONS", "Recipe", "Examples", "check_task", "default_task",
            "read_data", "corpus_examples", "text_windows", "split", "warmup_cosine", "layer_losses", "resolve_device", "finetune",
            "evaluate", "format_report"]
 
 TASKS = ("embed", "classify", "lm")
 DISTILL_LAYERS = ("all", "last")
+# The student's forward and loss under torch.autocast: bf16 halves a step where the matrix units take bfloat16
+# (AMX / AVX512-BF16 CPUs, GPUs); the weights, the optimizer and the teacher's targets stay float32.
+PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 # What a field left at None becomes, per task: the best recipe measured so far (bench/FINETUNE.md). embed is
 # all-MiniLM-L6-v2's at scale: 2000 steps of 32 with every layer distilled (P = 4, CR = 8: 0.9465 plain, 0.9566
@@ -108,6 +111,7 @@ class Recipe:
     distill_layers: str | None = None  # "all": every block's hidden state beside the task loss; "last": the task's
     shuffle_buffer: int = 4096  # a text corpus: lines held for shuffling while it streams
     held_out_max: int = 1000  # a text corpus: at most this many held-out texts reported (the smallest hashes)
+    precision: str = "fp32"  # the student's forward and loss: fp32, or bf16 under torch.autocast (PRECISIONS)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -118,6 +122,8 @@ class Recipe:
         if self.distill_layers not in DISTILL_LAYERS:
             raise ValueError(f"distill-layers: expected one of {', '.join(DISTILL_LAYERS)}, "
                              f"got {self.distill_layers!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("devices", "crs"):
             values = getattr(self, name)
             if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
@@ -703,8 +709,9 @@ def finetune(model: PrismModel, data: "Examples | TextCorpus", recipe: Recipe, o
         labels = torch.as_tensor(sub.labels, dtype=torch.long) if labels_known else None
         for group in opt.param_groups:
             group["lr"] = _lr(step, recipe)
-        loss = _loss(recipe, twin.forward(student, inputs, part, cfg, dropout=recipe.dropout,
-                                          hidden_states=every_layer), teacher, inputs, labels)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=recipe.precision == "bf16"):
+            loss = _loss(recipe, twin.forward(student, inputs, part, cfg, dropout=recipe.dropout,
+                                              hidden_states=every_layer), teacher, inputs, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
