@@ -15,7 +15,7 @@ import transformers
 
 import prism_ext
 from cli_helpers import prism
-from engine_helpers import family_inputs, tiny_models
+from engine_helpers import family_inputs, hf_llama, save, tiny_models
 from prism_ext.training import finetune as ft
 from prism_ext.method import twin
 from prism_ext import zoo
@@ -76,6 +76,31 @@ def test_a_few_steps_lower_the_loss(models, family, task, precision, tmp_path):
     written = json.loads((tmp_path / "out" / "prism_finetune.json").read_text())
     assert written["metrics"] == report["metrics"] and written["recipe"]["precision"] == precision
     assert tuned.net.blocks[0].wqkv.dtype == torch.float32
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_llama_family_model_trains_at_its_own_exact_rows(family, tmp_path):
+    """The lm defaults train and report at the family's exact rows (position 0
+    for the Llama family, the attention sink); RoPE, GQA and SwiGLU train
+    through the twin, and transformers reads what was written."""
+    hf = hf_llama(family, seed=3)
+    m = prism_ext.load(save(hf, tmp_path / "teacher"))
+    recipe = ft.Recipe(task="lm", devices=(3,), crs=(4,), steps=20, batch_size=8, lr=1e-3, exact_fraction=0.0,
+                       held_out=0.25, warmup=0.0)
+    assert recipe.exact_rows == ("default",)
+    data = _examples("gpt2", 32, seed=4)  # token rows of the tiny vocabulary
+    train, held = ft.split(data, recipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AccuracyWarning)
+        report = ft.finetune(m, train, recipe, tmp_path / "out", held=held, quiet=True)
+    assert report["recipe"]["exact_rows"] == report["recipe"]["report_exact_rows"] == ("first",)
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    assert [r["exact_rows"] for r in after] == ["none", "first"]  # one device, then (3 devices, CR 4)
+    assert after[1]["perplexity"] < before[1]["perplexity"]
+    ids = family_inputs("gpt2", 15)["input_ids"]
+    with torch.no_grad():
+        theirs = type(hf).from_pretrained(str(tmp_path / "out")).eval()(ids).logits
+    assert (prism_ext.load(tmp_path / "out")(ids).logits - theirs).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bert", "vit"])
@@ -318,7 +343,7 @@ def test_defaults_follow_the_measured_recipe_per_task():
     assert e.exact_rows == ("none", "special+adaptive") and e.distill_layers == "all"
     assert ft.Recipe(task="embed", steps=7).steps == 7
     lm = ft.Recipe(task="lm")
-    assert lm.distill_layers == "last" and lm.exact_rows == ("none",)
+    assert lm.distill_layers == "last" and lm.exact_rows == lm.report_exact_rows == ("default",)
 
 
 def test_cpu_and_auto_write_the_same_checkpoint_and_cuda_is_refused_without_it(tmp_path, capsys, monkeypatch):

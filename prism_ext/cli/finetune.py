@@ -77,7 +77,8 @@ def register(sub) -> None:
     p.add_argument("--devices", "-P", type=counts, default=[2, 3, 4], help="device counts (default 2,3,4)")
     p.add_argument("--cr", type=counts, default=[4, 8, 16], help="compression rates (default 4,8,16)")
     p.add_argument("--exact-rows", type=words,
-                   help="exact-rows specs drawn per batch (default: embed none,special+adaptive; else none)")
+                   help="exact-rows specs drawn per batch (default: embed none,special+adaptive; else default, the "
+                        "family's own: first for the Llama family, none for the others)")
     p.add_argument("--report-exact-rows", type=words,
                    help="exact-rows specs of the before/after report (default: as --exact-rows' default)")
     p.add_argument("--exact-fraction", type=Bounded(0, 1, real=True),

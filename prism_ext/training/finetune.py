@@ -39,7 +39,7 @@ import platform
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -55,6 +55,7 @@ from ..method.engine import RunConfig
 from ..models import write_checkpoint
 from ..models.common import Network
 from ..method.partition import AccuracyWarning, partition
+from ..options import DEFAULT
 from ..util.progress import progress
 
 __all__ = ["TASKS", "TASK_DEFAULTS", "DISTILL_LAYERS", "PRECISIONS", "Recipe", "Examples", "check_task", "default_task",
@@ -72,8 +73,10 @@ DEVICES = ("auto", "cpu", "cuda")
 # with special+adaptive rows; 1000 steps of 8: 0.945 / 0.952; the earlier defaults: 0.895); 48 minutes on 2
 # CPU cores, minutes on a GPU. classify and lm keep the earlier defaults: their measured recipes (the bundled
 # vit-tiny-digits and gpt2-tiny, trained from scratch) say nothing about fine-tuning a pretrained checkpoint.
-_COMMON = {"steps": 300, "batch_size": 8, "lr": 5e-5, "exact_fraction": 0.25, "exact_rows": ("none",),
-           "report_exact_rows": ("none",), "distill_layers": "last"}
+# Their exact rows are the family's own run default (the Llama family's position 0, an attention sink; none
+# for GPT-2, BERT and ViT): the student trains and is reported as the model will be run.
+_COMMON = {"steps": 300, "batch_size": 8, "lr": 5e-5, "exact_fraction": 0.25, "exact_rows": (DEFAULT,),
+           "report_exact_rows": (DEFAULT,), "distill_layers": "last"}
 TASK_DEFAULTS = {
     "embed": {**_COMMON, "steps": 2000, "batch_size": 32, "lr": 1e-4, "exact_fraction": 0.5,
               "exact_rows": ("none", "special+adaptive"), "report_exact_rows": ("none", "special+adaptive"),
@@ -618,6 +621,9 @@ def finetune(model: PrismModel, data: "Examples | TextCorpus", recipe: Recipe, o
         raise ValueError(f"out: {out} is the teacher's own checkpoint; choose another directory")
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
     log = log or (lambda msg: None)
+    family = net.defaults["exact_rows"]  # "default" recorded and reported by the name it stands for
+    recipe = replace(recipe, exact_rows=tuple(family if e == DEFAULT else e for e in recipe.exact_rows),
+                     report_exact_rows=tuple(family if e == DEFAULT else e for e in recipe.report_exact_rows))
     if isinstance(data, TextCorpus):
         n_train = sum(1 for _ in data.train_lines())  # one pass, nothing kept
         if held is None:
