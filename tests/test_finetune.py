@@ -342,8 +342,11 @@ def test_defaults_follow_the_measured_recipe_per_task():
     assert (e.steps, e.batch_size, e.lr, e.exact_fraction) == (2000, 32, 1e-4, 0.5)
     assert e.exact_rows == ("none", "special+adaptive") and e.distill_layers == "all"
     assert ft.Recipe(task="embed", steps=7).steps == 7
-    lm = ft.Recipe(task="lm")
+    lm = ft.Recipe(task="lm")  # SmolLM2-135M-Instruct's (bench/FINETUNE.md, issue 21)
+    assert (lm.steps, lm.batch_size, lm.lr, lm.exact_fraction) == (400, 8, 1e-4, 0.25)
     assert lm.distill_layers == "last" and lm.exact_rows == lm.report_exact_rows == ("default",)
+    c = ft.Recipe(task="classify")
+    assert (c.steps, c.batch_size, c.lr) == (300, 8, 5e-5)
 
 
 def test_cpu_and_auto_write_the_same_checkpoint_and_cuda_is_refused_without_it(tmp_path, capsys, monkeypatch):

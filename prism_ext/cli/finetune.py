@@ -84,9 +84,9 @@ def register(sub) -> None:
     p.add_argument("--exact-fraction", type=Bounded(0, 1, real=True),
                    help="share of batches run exactly on one device, to keep the exact mode "
                         "(default: embed 0.5, else 0.25)")
-    p.add_argument("--steps", type=positive, help="default: embed 2000, else 300")
+    p.add_argument("--steps", type=positive, help="default: embed 2000, lm 400, classify 300")
     p.add_argument("--batch-size", type=positive, help="default: embed 32, else 8")
-    p.add_argument("--lr", type=Bounded(0, _FINITE, real=True), help="default: embed 1e-4, else 5e-5")
+    p.add_argument("--lr", type=Bounded(0, _FINITE, real=True), help="default: embed and lm 1e-4, classify 5e-5")
     p.add_argument("--distill-layers", choices=DISTILL_LAYERS,
                    help="all: every layer's hidden state (relative MSE) beside the task loss; last: the task loss "
                         "(embed: with the last hidden state) (default: embed all, else last)")
