@@ -16,7 +16,7 @@ import torch
 from .method.engine import ExactRows, GenerateOptions, RunStats
 from .models import Network, load_network
 from .models.quant import check_weight_dtype
-from .options import DEFAULT, RunOptions, run_options
+from .options import RunOptions, run_options
 from .executor import Executor, InProcess
 from .executor.request import plan, run_stats
 
@@ -81,7 +81,7 @@ class PrismModel:
     def exact_rows(self, spec) -> ExactRows:
         """Resolve an ``exact_rows`` spec (see :meth:`ExactRows.parse`; ``default``:
         the family's) for this model."""
-        return ExactRows.parse(self.net.defaults["exact_rows"] if spec == DEFAULT else spec, self.special_ids)
+        return ExactRows.parse(self.net.resolve("exact_rows", spec), self.special_ids)
 
     @functools.cached_property
     def eos_ids(self) -> tuple[int, ...]:

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from .comm.wire import WIRE_DTYPES
 from .method.engine import OUTPUTS, ExactRows, RunConfig
 from .method.partition import cr_schedule
+from .models.common import DEFAULT
 
 __all__ = ["RunOptions", "MODES", "DEFAULT", "run_options"]
 
-# A setting whose default depends on the model family (``Network.defaults``),
-# resolved by :func:`prism_ext.executor.request.layout`.
-DEFAULT = "default"
+# DEFAULT: a setting whose default depends on the model family (``Network.defaults``),
+# resolved by ``Network.resolve``.
 
 # single: rank 0 alone; prism / voltage: position-wise over every device; tp: tensor parallel.
 MODES = ("single", "prism", "voltage", "tp")

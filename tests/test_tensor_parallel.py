@@ -214,18 +214,18 @@ def test_gqa_shards_tile_the_block(llamas):
     dh, q, kv, ff = blk.head_dim, blk.q_width, blk.kv_width, blk.d_ff
     for size, kv_rows in ((2, [0, 1]), (4, [0, 0, 1, 1])):
         shards = [tp_shards(m.net, r, size)[0] for r in range(size)]
-        assert [s.heads for s in shards] == [HEADS // size] * size
-        assert all(s.kv_heads == 1 for s in shards)
-        assert torch.equal(torch.cat([s.part.wqkv[: s.width] for s in shards]), blk.wqkv[:q])
+        assert [s.part.heads for s in shards] == [HEADS // size] * size
+        assert all(s.part.kv_heads == 1 for s in shards)
+        assert torch.equal(torch.cat([s.part.wqkv[: s.part.q_width] for s in shards]), blk.wqkv[:q])
         for s, k in zip(shards, kv_rows):
             key = slice(q + k * dh, q + (k + 1) * dh)
             value = slice(q + kv + k * dh, q + kv + (k + 1) * dh)
-            assert torch.equal(s.part.wqkv[s.width:], torch.cat([blk.wqkv[key], blk.wqkv[value]]))
-            assert torch.equal(s.part.bqkv[s.width:], torch.cat([blk.bqkv[key], blk.bqkv[value]]))
+            assert torch.equal(s.part.wqkv[s.part.q_width:], torch.cat([blk.wqkv[key], blk.wqkv[value]]))
+            assert torch.equal(s.part.bqkv[s.part.q_width:], torch.cat([blk.bqkv[key], blk.bqkv[value]]))
             assert s.part.bo is None and s.part.b2 is None and type(s.part) is type(blk)
-        gates = torch.cat([s.part.w1[: s.cols] for s in shards])
-        ups = torch.cat([s.part.w1[s.cols :] for s in shards])
-        assert torch.equal(torch.cat([gates, ups]), blk.w1) and sum(s.cols for s in shards) == ff
+        gates = torch.cat([s.part.w1[: s.part.d_ff] for s in shards])
+        ups = torch.cat([s.part.w1[s.part.d_ff :] for s in shards])
+        assert torch.equal(torch.cat([gates, ups]), blk.w1) and sum(s.part.d_ff for s in shards) == ff
         assert torch.equal(torch.cat([s.part.w2 for s in shards], dim=1), blk.w2)
 
 
@@ -236,13 +236,13 @@ def test_uneven_shards_tile_the_block(models):
         blk = m.net.blocks[0]
         assert blk.d_ff == d_ff
         shards = [tp_shards(m.net, r, 3)[0] for r in range(3)]
-        assert [s.heads for s in shards] == [2, 1, 1]
-        assert [s.cols for s in shards] == [split_range(d_ff, 3, r)[1] - split_range(d_ff, 3, r)[0] for r in range(3)]
-        assert sum(s.cols for s in shards) == d_ff and len({s.cols for s in shards}) == 2
+        assert [s.part.heads for s in shards] == [2, 1, 1]
+        assert [s.part.d_ff for s in shards] == [split_range(d_ff, 3, r)[1] - split_range(d_ff, 3, r)[0] for r in range(3)]
+        assert sum(s.part.d_ff for s in shards) == d_ff and len({s.part.d_ff for s in shards}) == 2
         for part in range(3):  # Q, K, V: own heads' rows, in rank order, rebuild the block's
-            rows = [s.part.wqkv[part * s.width : (part + 1) * s.width] for s in shards]
+            rows = [s.part.wqkv[part * s.part.q_width : (part + 1) * s.part.q_width] for s in shards]
             assert torch.equal(torch.cat(rows), blk.wqkv[part * D : (part + 1) * D])
-            biases = [s.part.bqkv[part * s.width : (part + 1) * s.width] for s in shards]
+            biases = [s.part.bqkv[part * s.part.q_width : (part + 1) * s.part.q_width] for s in shards]
             assert torch.equal(torch.cat(biases), blk.bqkv[part * D : (part + 1) * D])
         assert torch.equal(torch.cat([s.part.wo for s in shards], dim=1), blk.wo)
         assert torch.equal(torch.cat([s.part.w1 for s in shards]), blk.w1)
@@ -343,10 +343,10 @@ def test_flops_match_torch_flop_counter(models, family, devices):
     d, d_ff = m.net.d, m.net.blocks[0].d_ff
     for dev in out.stats.devices:
         for s, sh in zip(dev.layers, tp_shards(m.net, dev.rank, devices)):
-            x, attn, inner = torch.randn(B, N, d), torch.randn(B, N, sh.width), torch.randn(B, N, sh.cols)
+            x, attn, inner = torch.randn(B, N, d), torch.randn(B, N, sh.part.q_width), torch.randn(B, N, sh.part.d_ff)
             proj = _torch_flops(lambda: (F.linear(x, sh.part.wqkv, sh.part.bqkv), F.linear(attn, sh.part.wo)))
-            q = torch.randn(B, sh.heads, N, sh.head_dim)
-            kv = torch.randn(B, sh.heads, N, sh.head_dim)
+            q = torch.randn(B, sh.part.heads, N, sh.part.head_dim)
+            kv = torch.randn(B, sh.part.heads, N, sh.part.head_dim)
             # (the counter has no formula for CPU sdpa kernels: spell attention out)
             att = _torch_flops(lambda: torch.softmax(q @ kv.transpose(-1, -2), -1) @ kv)
             mlp = _torch_flops(lambda: (F.linear(x, sh.part.w1, sh.part.b1), F.linear(inner, sh.part.w2)))
@@ -374,8 +374,8 @@ def test_llama_flops_are_each_slice_and_replicated_kv_is_counted(llamas):
         for layer in range(LAYERS):
             got = [dev.layers[layer] for dev in out.stats.devices]
             for s, sh in zip(got, (tp_shards(m.net, dev.rank, size)[layer] for dev in out.stats.devices)):
-                x, attn = torch.randn(1, N, blk.d), torch.randn(1, N, sh.width)
-                inner = torch.randn(1, N, sh.cols)
+                x, attn = torch.randn(1, N, blk.d), torch.randn(1, N, sh.part.q_width)
+                inner = torch.randn(1, N, sh.part.d_ff)
                 assert s.flops_proj == _torch_flops(lambda: (F.linear(x, sh.part.wqkv), F.linear(attn, sh.part.wo)))
                 assert s.flops_mlp == _torch_flops(lambda: (F.linear(x, sh.part.w1), F.linear(inner, sh.part.w2)))
             extra_kv = 0 if size == 2 else 2 * N * blk.d * 2 * blk.kv_width

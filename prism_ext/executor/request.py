@@ -21,7 +21,7 @@ from ..checks import check_count
 from ..comm.wire import check_wire_dtype, decode_message, encode
 from ..method.engine import OUTPUTS, Collected, ExactRows, GenerateOptions, RunConfig, RunStats, generate_request, run_request
 from ..models import Network
-from ..options import DEFAULT, MODES, RunOptions
+from ..options import MODES, RunOptions
 from ..method.partition import AccuracyWarning, Partition, coarse_warning, partition
 
 __all__ = ["Request", "plan", "layout", "local_inputs", "encode_request", "decode_request", "run", "run_stats",
@@ -126,8 +126,7 @@ def layout(net: Network, n: int, devices: int, options: RunOptions, special_ids=
     mode = options.mode
     if generating and mode not in ("prism", "single"):
         raise ValueError(f"mode: generation runs in prism or single mode, not {mode!r}")
-    spec, point = (net.defaults[k] if getattr(options, k) == DEFAULT else getattr(options, k)
-                   for k in ("exact_rows", "compression_point"))
+    spec, point = (net.resolve(k, getattr(options, k)) for k in ("exact_rows", "compression_point"))
     exact_rows = ExactRows.parse(spec, special_ids) if mode == "prism" else ExactRows()
     cfg = RunConfig.make(len(net.blocks), mode="voltage" if mode == "voltage" else "prism",
                          cr=options.cr if mode in ("prism", "voltage") else 1, wire_dtype=options.wire_dtype,

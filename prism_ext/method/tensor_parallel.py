@@ -93,29 +93,6 @@ class TPShard:
     block: Block
     part: Block
 
-    @property
-    def heads(self) -> int:
-        """Query heads this rank owns."""
-        return self.part.heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.part.kv_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.part.head_dim
-
-    @property
-    def width(self) -> int:
-        """Attention width of own query heads."""
-        return self.part.q_width
-
-    @property
-    def cols(self) -> int:
-        """MLP columns this rank owns."""
-        return self.part.d_ff
-
     @classmethod
     def of(cls, blk: Block, rank: int, size: int) -> "TPShard":
         dh, q, kv = blk.head_dim, blk.q_width, blk.kv_width

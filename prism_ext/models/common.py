@@ -231,6 +231,9 @@ class Block:
         return h if self.pre_ln else self.ln2(h)
 
 
+DEFAULT = "default"  # a run option left to the family (Network.defaults); options.RunOptions' default
+
+
 BLOCK_MATRICES = ("wqkv", "wo", "w1", "w2")  # what weight_dtype quantizes in every block
 
 
@@ -282,8 +285,7 @@ class Network:
     model_type: str
     head: str  # "base", "lm", "classification"
     causal: bool
-    # Run options whose default depends on the family (RunOptions' "default"):
-    # resolved by executor.request.layout.
+    # Run options whose default depends on the family (RunOptions' "default"): see resolve.
     defaults = {"exact_rows": "none", "compression_point": "attn_input"}
     blocks: list[Block]
     config: dict
@@ -293,6 +295,11 @@ class Network:
     # LM head is the embedding: one table); the blocks' matrices always are.
     quantized_tables: tuple[str, ...] = ()
     weight_dtype = "fp32"
+
+    def resolve(self, option: str, value):
+        """``value`` of the run option ``option`` (a key of :attr:`defaults`),
+        or this family's own when it is ``"default"`` (:data:`DEFAULT`)."""
+        return self.defaults[option] if value == DEFAULT else value
 
     @property
     def d(self) -> int:

@@ -623,9 +623,9 @@ def finetune(model: PrismModel, data: "Examples | TextCorpus", recipe: Recipe, o
         raise ValueError(f"out: {out} is the teacher's own checkpoint; choose another directory")
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
     log = log or (lambda msg: None)
-    family = net.defaults["exact_rows"]  # "default" recorded and reported by the name it stands for
-    recipe = replace(recipe, exact_rows=tuple(family if e == DEFAULT else e for e in recipe.exact_rows),
-                     report_exact_rows=tuple(family if e == DEFAULT else e for e in recipe.report_exact_rows))
+    recipe = replace(recipe,  # "default" recorded and reported by the name it stands for
+                     exact_rows=tuple(net.resolve("exact_rows", e) for e in recipe.exact_rows),
+                     report_exact_rows=tuple(net.resolve("exact_rows", e) for e in recipe.report_exact_rows))
     if isinstance(data, TextCorpus):
         n_train = sum(1 for _ in data.train_lines())  # one pass, nothing kept
         if held is None:
