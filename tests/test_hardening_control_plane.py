@@ -7,6 +7,7 @@ frames are signed and numbered, so none can be forged, altered or replayed.
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prism_ext.runtime import ClusterError, cluster
-from prism_ext.runtime.session import seal, unseal
+from prism_ext.runtime.session import MemoryWatch, seal, unseal
 from process_helpers import free_port, listening, refused, rss
 
 PRISM = [sys.executable, "-m", "prism_ext"]
@@ -160,6 +161,38 @@ def test_a_flood_of_store_writes_ends_the_formation_and_rank_0_stays_bounded(gpt
     assert not isinstance(c, BaseException), c
     serves_correctly(c, gpt)
     c.close()
+
+
+def test_memory_watch_counts_growth_into_memory_freed_earlier_and_still_resident():
+    """A long-lived rank 0 (a suite, a server) holds freed heap that is still
+    resident; a flood landing there grows no resident page. CI saw it: the
+    formation watched RSS only, 800 MiB went into the store, none counted."""
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    chunk, n = 64 << 10, 2400  # below malloc's mmap threshold: heap, 150 MiB
+
+    def fill():
+        blocks = [libc.malloc(chunk) for _ in range(n)]
+        for b in blocks:
+            ctypes.memset(b, 1, chunk)  # resident
+        return blocks
+
+    first = fill()
+    guard = max(first)  # the block at the heap's top stays in use: the freed ones below it are not trimmed
+    for b in first:
+        if b != guard:
+            libc.free(b)
+    before, watch = rss(), MemoryWatch()
+    second = fill()
+    try:
+        resident = rss() - before
+        assert resident < 40 << 20, f"the premise: the second 150 MiB reused resident pages (grew {resident >> 20} MiB)"
+        assert watch.grown() >= (n * chunk * 9) // 10, watch.grown()
+    finally:
+        for b in second:
+            libc.free(b)
+        libc.free(guard)
 
 
 _KEYS = st.one_of(st.sampled_from(["prism/world", "prism/hello/1", "prism/hello/2", "gloo/0//cpu//0/0",

@@ -23,10 +23,11 @@ from ..options import RunOptions
 from ..executor.local import simulate
 from ..executor.request import Request, count_inputs, decode_request, encode_request, local_inputs, run
 from .session import (CONTROL_FROM_WORKER, ClusterError, DEFAULT_START_TIMEOUT, DEFAULT_TIMEOUT, Group, HEARTBEAT,
-                      EXIT_SETTLE, HandshakeError, Link, PACKAGE_PARENT, REPORTS, Rendezvous, STALE, STORE_GROWTH,
+                      EXIT_SETTLE, HandshakeError, Link, MemoryWatch, PACKAGE_PARENT, REPORTS, Rendezvous, STALE,
+                      STORE_GROWTH,
                       calibration_exchange, check_timeout, check_world, claims_of, exit_status, first_line,
                       frame_bound, link_failure, listen, mismatches, parse_master, peer_loss, pinned_meta,
-                      read_world, rss, set_threads, timed_out, token_bytes)
+                      read_world, set_threads, timed_out, token_bytes)
 
 
 class Cluster:
@@ -91,11 +92,13 @@ class Cluster:
         self._runner = TaskThread("prism-rank0")  # rank 0's part of each request
         rendezvous = None
         try:
+            # From before the store listens: whatever an outsider writes into it counts.
+            memory = MemoryWatch()
             rendezvous, port = self._open_store(host, port)
             if master is None:
                 self._spawn(port, world, token, worker_threads, quiet)
             self._say(f"rank 0 waiting for {world - 1} worker(s) at {host}:{port}")
-            self._group = self._rendezvous(rendezvous, ifname)
+            self._group = self._rendezvous(rendezvous, ifname, memory)
             self._handshake(token_b)
             self.closed = None
             if auto_weights:
@@ -140,7 +143,7 @@ class Cluster:
             self._procs[r] = subprocess.Popen(argv, env=env, cwd=PACKAGE_PARENT, stdin=subprocess.DEVNULL,
                                               stdout=subprocess.DEVNULL, start_new_session=True)
 
-    def _rendezvous(self, store: Rendezvous, ifname) -> Group:
+    def _rendezvous(self, store: Rendezvous, ifname, memory: MemoryWatch) -> Group:
         """Join the gloo group; meanwhile watch what can end the formation
         early: a local worker that dies, a worker started for another world
         (each writes its own), and the store growing rank 0's memory."""
@@ -152,7 +155,6 @@ class Cluster:
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 box["error"] = exc
 
-        base = rss()
         checked: set[int] = set()
         t = threading.Thread(target=join, name="prism-rendezvous", daemon=True)
         t.start()
@@ -163,7 +165,7 @@ class Cluster:
                     if p.poll() is not None:
                         raise ClusterError(f"rank {r} exited during start-up ({exit_status(p.returncode)}); "
                                            f"its error is above")
-                grown = rss() - base if base else 0
+                grown = memory.grown()
                 if grown > STORE_GROWTH:
                     raise ClusterError(f"rendezvous: rank 0 grew by {grown >> 20} MiB while its store was open "
                                        f"(someone is writing to it); formation stopped")

@@ -5,6 +5,7 @@ the calibration exchange. See :mod:`prism_ext.runtime`."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import hashlib
 import hmac
@@ -347,6 +348,46 @@ def rss() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _glibc_mallinfo2():
+    try:
+        fn = ctypes.CDLL(None).mallinfo2  # glibc >= 2.33; musl and macOS have none
+    except (AttributeError, OSError, TypeError):
+        return None
+    fn.restype, fn.argtypes = _MallInfo2, []
+    return fn
+
+
+_MALLINFO2 = _glibc_mallinfo2()
+
+
+def heap_in_use() -> int:
+    """Bytes malloc has handed out and not had back, every arena and mmapped
+    block included (0 without glibc's mallinfo2)."""
+    if _MALLINFO2 is None:
+        return 0
+    info = _MALLINFO2()
+    return info.uordblks + info.hblkhd
+
+
+class MemoryWatch:
+    """How much this process grew since it was made. Resident pages alone
+    miss growth that lands in memory freed earlier and still resident (a
+    long-lived process, a test suite, reuses hundreds of MiB that way), so
+    the larger of the resident and the malloc'd growth counts."""
+
+    def __init__(self):
+        self._rss, self._heap = rss(), heap_in_use()
+
+    def grown(self) -> int:
+        return max(rss() - self._rss if self._rss else 0, heap_in_use() - self._heap if self._heap else 0)
 
 
 def read_world(store: dist.Store, key: str) -> int | None:
