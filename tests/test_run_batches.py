@@ -88,7 +88,8 @@ def test_image_folder_and_repeated_image(capsys, tmp_path, vit):
     by_name = {r["input"]["image"]: r["output"]["class_id"] for r in records}
     for p, label in zip(paths, labels):
         px = vit.image_processor(str(p))["pixel_values"]
-        assert by_name[str(p)] == int(vit(px).logits.argmax())
+        # prism run's defaults, P = 4 and CR = 4 (the exact model may differ where two classes are close)
+        assert by_name[str(p)] == int(vit(px, devices=4, cr=4).logits.argmax())
     assert sum(by_name[str(p)] == label for p, label in zip(paths, labels)) >= 4
 
 

@@ -143,11 +143,11 @@ def test_held_out_digits_are_the_split_train_py_holds_out(held_out):
     assert np.array_equal(labels, digits.target[test]) and len(labels) == 359
 
 
-@pytest.mark.parametrize("devices,cr,most_wrong", [(1, 1, 4), (4, 4, 7), (4, 8, 8)])
+@pytest.mark.parametrize("devices,cr,most_wrong", [(1, 1, 5), (4, 4, 5), (4, 8, 7)])
 def test_vit_tiny_digits_classifies_held_out_digits(vit, held_out, devices, cr, most_wrong):
     """Predicted class against the label for all 359 held-out digits, through
-    prism_ext. Measured (2026-12-01, after the PRISM-aware phase of prism finetune): 2 wrong on one
-    device, 5 at P = 4, CR = 4, 6 at P = 4, CR = 8."""
+    prism_ext. Measured (2026-12-05, after 6000 steps of prism finetune's PRISM-aware phase): 3 wrong
+    on one device, 3 at P = 4, CR = 4, 5 at P = 4, CR = 8; the bounds leave 2 for other CPUs' rounding."""
     images, labels = held_out
     predicted = vit(vit.image_processor.digits_to_pixels(images), devices=devices, cr=cr).logits.argmax(-1).numpy()
     assert (predicted != labels).sum() <= most_wrong

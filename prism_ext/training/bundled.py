@@ -470,7 +470,7 @@ VIT_CFG = dict(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=4,
                label_smoothing=0.1, test_fraction=0.2,
                # then `prism finetune`'s distillation (with the labels) at a random (devices, CR)
                # per batch, so that the model keeps its accuracy when its attention is compressed
-               prism_finetune={"steps": 3000, "lr": 5e-4, "batch": 64, "exact_fraction": 0.25, "label_weight": 1.0,
+               prism_finetune={"steps": 6000, "lr": 5e-4, "batch": 64, "exact_fraction": 0.25, "label_weight": 1.0,
                                "devices": [2, 3, 4], "crs": [2, 4, 8, 16]})
 
 DIGITS_PROCESSOR = {
