@@ -91,10 +91,14 @@ class Variant:
         meta = self.options.to_meta()
         return {**{k: meta[k] for k in KNOBS}, "schedule": self.schedule}
 
-    def label(self) -> str:
-        # "default" and what it means for GPT-2, BERT and ViT both read as the plain method
-        default = Variant().knobs()
-        parts = [f"{k}={v}" for k, v in self.knobs().items() if v != default[k] and v != Network.defaults.get(k)]
+    def label(self, net: Network) -> str:
+        """The knobs that differ from ``net``'s plain run, each as it resolves
+        for that family ("default" and its meaning read alike)."""
+        def resolved(knobs: dict) -> dict:
+            return {k: net.resolve(k, v) if k in net.defaults else v for k, v in knobs.items()}
+
+        default = resolved(Variant().knobs())
+        parts = [f"{k}={v}" for k, v in resolved(self.knobs()).items() if v != default[k]]
         return ", ".join(parts) or "plain PRISM"
 
 
@@ -578,7 +582,7 @@ def evaluate(model: PrismModel, task: Task, devices, crs, variants, *, mode: str
         exact_metrics = task.score(exact, exact)
         exact_intervals = task.intervals(exact, exact)
         for variant, p, cr, why in applicable:
-            point = {"devices": p, "cr": cr, "variant": variant.label(), "knobs": variant.knobs(),
+            point = {"devices": p, "cr": cr, "variant": variant.label(model.net), "knobs": variant.knobs(),
                      "mode": mode}
             if why is not None:
                 points.append({**point, "status": "n/a", "reason": why})

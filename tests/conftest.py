@@ -158,3 +158,45 @@ def vit():
 @pytest.fixture(scope="module")
 def llama():
     return prism_ext.load("llama-tiny")
+
+
+# ------------------------------------------- `prism serve` (test_serve, test_serve_openai)
+
+@pytest.fixture(scope="class")
+def gpt_server(tmp_path_factory):
+    from serve_helpers import Server
+
+    s = Server(tmp_path_factory.mktemp("gpt"), "--model", "gpt2-tiny", "--devices", "2", "--cr", "2",
+               "--max-tokens", "64", "--max-cr", "16", "--modes", "prism,single,voltage", "--max-body", "4096")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="class")
+def bert_dir(tmp_path_factory):
+    """A tiny BERT classifier from a config, with a byte-level tokenizer.json."""
+    import json
+
+    import torch
+    import transformers
+
+    from prism_ext.inputs.tokenizer import byte_level_tokenizer_json
+
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                  vocab_size=256, max_position_embeddings=128, num_labels=3,
+                                  id2label={0: "neg", 1: "neu", 2: "pos"}, label2id={"neg": 0, "neu": 1, "pos": 2})
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bert") / "bert"
+    transformers.BertForSequenceClassification(cfg).eval().save_pretrained(str(path))
+    (path / "tokenizer.json").write_text(json.dumps(byte_level_tokenizer_json()))
+    return path
+
+
+@pytest.fixture(scope="class")
+def bert_server(bert_dir, tmp_path_factory):
+    from serve_helpers import Server
+
+    s = Server(tmp_path_factory.mktemp("bert-serve"), "--model", str(bert_dir), "--devices", "2", "--cr", "2",
+               "--max-batch", "8", "--batch-wait-ms", "200", api_key=None)
+    yield s
+    s.stop()

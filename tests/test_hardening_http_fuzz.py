@@ -15,7 +15,7 @@ import socket
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_serve import KEY, PROMPT, Server, children, chunked, read_all
+from serve_helpers import KEY, PROMPT, Server, children, chunked, read_all
 
 MAX_BODY = 65536
 REFERENCE = {"prompt": PROMPT, "max_tokens": 4}

@@ -324,22 +324,29 @@ def test_worker_killed_mid_prefill_names_the_rank_and_nothing_is_left(slow_model
     c = reaper.cluster(cluster(m, devices=3, timeout=20))
     pids = c.executor.worker_pids
     box = {}
+    started = threading.Event()
 
-    def request():
+    def requests():
+        # back to back until one fails: on a fast machine a prefill may end before the kill, the next one
+        # is then under way (a fixed sleep inside one request is a race)
+        deadline = time.monotonic() + 60
         try:
-            c(ids, cr=4, outputs=("last",))
+            while time.monotonic() < deadline:
+                started.set()
+                c(ids, cr=4, outputs=("last",))
         except ClusterError as exc:
             box["error"] = exc
             box["at"] = time.monotonic()
 
-    t = threading.Thread(target=request)  # the request runs while this thread kills a worker
+    t = threading.Thread(target=requests)  # the requests run while this thread kills a worker
     t.start()
-    time.sleep(1.0)  # inside the prefill: several seconds of work at this size
+    assert started.wait(10)
+    time.sleep(0.5)  # inside a prefill: about a second of work at this size on 2 cores
     os.kill(pids[1], signal.SIGKILL)
     killed = time.monotonic()
-    t.join(60)
+    t.join(90)
     assert not t.is_alive()
-    assert "error" in box, "the request finished before the kill: make the model slower"
+    assert "error" in box, "no request failed within 60 s of the kill"
     assert "rank 2 lost" in str(box["error"]) and "SIGKILL" in str(box["error"])
     assert box["at"] - killed < 20 + 5
     assert wait_gone(pids, 10) == []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import contextlib
 import io
 import json
 import os
@@ -28,93 +27,10 @@ import torch
 import httpx  # noqa: E402  a test extra, like the serve extra's packages
 
 import prism_ext  # noqa: E402
-from prism_ext.inputs.tokenizer import byte_level_tokenizer_json  # noqa: E402
-from process_helpers import HUGE_FRAME_WORKER, descendants, free_port, wait_gone  # noqa: E402
-
-PRISM = [sys.executable, "-m", "prism_ext"]
-KEY = "test-api-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(p) for p in (task / "children").read_text().split()]
-    return out
-
-
-class Server:
-    """`prism serve` in a subprocess, started away from the source tree."""
-
-    def __init__(self, tmp: Path, *args: str, api_key: str | None = KEY, before_health=None):
-        self.port = free_port()
-        self.log = tmp / f"serve-{self.port}.log"
-        argv = PRISM + ["serve", *args, "--port", str(self.port)] + (["--api-key", api_key] if api_key else [])
-        self.proc = subprocess.Popen(argv, cwd=tmp, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.client = httpx.Client(base_url=self.url, headers=AUTH if api_key else {}, timeout=90)
-        if before_health is not None:
-            before_health()
-        self.wait_healthy(120)
-        self.workers = children(self.proc.pid)
-
-    def wait_healthy(self, seconds: float) -> dict:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited: {self.log.read_text()}"
-            try:
-                r = httpx.get(self.url + "/health", timeout=5)
-                if r.status_code == 200:
-                    return r.json()
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"server not healthy after {seconds} s: {self.log.read_text()}")
-
-    def stop(self) -> None:
-        """SIGTERM (the server stops its workers), then whatever is left of
-        the server and everything below it is killed: a failed test leaves
-        no process behind."""
-        below = descendants(self.proc.pid) if self.proc.poll() is None else []
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pid in wait_gone(below, 15):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.client.close()
-
-
-def error_of(response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    return response.json()["error"]
-
-
-def events(lines) -> list:
-    """Server-sent events' data, parsed ([DONE] kept as is)."""
-    out = []
-    for line in lines:
-        if line.startswith("data: "):
-            data = line[len("data: "):]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
-
+from process_helpers import HUGE_FRAME_WORKER, free_port, wait_gone  # noqa: E402
+from serve_helpers import KEY, PRISM, PROMPT, TEXTS, Server, children, chunked, error_of, events, ids_of, read_all  # noqa: E402
 
 # ------------------------------------------------------------ completions
-
-PROMPT = "The for statement is used to iterate"
-
-
-@pytest.fixture(scope="class")
-def gpt_server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("gpt"), "--model", "gpt2-tiny", "--devices", "2", "--cr", "2",
-               "--max-tokens", "64", "--max-cr", "16", "--modes", "prism,single,voltage", "--max-body", "4096")
-    yield s
-    s.stop()
 
 
 class TestCompletions:
@@ -312,35 +228,6 @@ def test_remote_worker_restarted_by_its_operator_rejoins(tmp_path):
 
 # ------------------------------------------------- embeddings, text classes
 
-@pytest.fixture(scope="class")
-def bert_dir(tmp_path_factory):
-    """A tiny BERT classifier from a config, with a byte-level tokenizer.json."""
-    import transformers
-
-    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                                  vocab_size=256, max_position_embeddings=128, num_labels=3,
-                                  id2label={0: "neg", 1: "neu", 2: "pos"}, label2id={"neg": 0, "neu": 1, "pos": 2})
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("bert") / "bert"
-    transformers.BertForSequenceClassification(cfg).eval().save_pretrained(str(path))
-    (path / "tokenizer.json").write_text(json.dumps(byte_level_tokenizer_json()))
-    return path
-
-
-@pytest.fixture(scope="class")
-def bert_server(bert_dir, tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("bert-serve"), "--model", str(bert_dir), "--devices", "2", "--cr", "2",
-               "--max-batch", "8", "--batch-wait-ms", "200", api_key=None)
-    yield s
-    s.stop()
-
-
-TEXTS = ["the cat sat on the mat", "a dog ran in the park", "edge devices share the work", "short one!"]
-
-
-def ids_of(text: str) -> list[int]:
-    return list(text.encode())  # the byte-level tokenizer: id = byte
-
 
 class TestEncoders:
     def test_embeddings_are_the_mean_pooled_rows(self, bert_server, bert_dir):
@@ -471,17 +358,6 @@ class TestImages:
 
 # ------------------------------------------- hardening (issue 24, serve side)
 
-def read_all(s) -> bytes:
-    """Everything the server sends on socket ``s`` until it closes (a reset ends it too)."""
-    data = b""
-    try:
-        while chunk := s.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return data
-
-
 def raw_request(port: int, head: str, body_parts=(), *, pause: float = 0.0, read_timeout: float = 60) -> tuple[int, bytes]:
     """One request over a raw socket (any framing): the status and body of the
     response. ``head`` is the request line and headers (CRLF-terminated lines,
@@ -504,11 +380,6 @@ def raw_request(port: int, head: str, body_parts=(), *, pause: float = 0.0, read
     status_line, _, rest = data.partition(b"\r\n")
     assert status_line.startswith(b"HTTP/1.1 "), data[:200]
     return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
-
-
-def chunked(body: bytes, size: int = 1024) -> list[bytes]:
-    parts = [b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size]) for i in range(0, len(body), size)]
-    return parts + [b"0\r\n\r\n"]
 
 
 def metric(text: str, name: str) -> float:

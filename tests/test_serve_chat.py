@@ -19,8 +19,7 @@ import torch
 
 import prism_ext
 from engine_helpers import hf_llama, save
-from test_serve import Server, gpt_server  # noqa: F401  (fixture)
-from test_serve_openai import client_of
+from serve_helpers import Server, client_of
 
 # SmolLM2-Instruct's template with eos_token for its literal <|im_end|>, and one check of its own
 CHATML = ("{% for message in messages %}"

@@ -17,11 +17,7 @@ import torch
 import openai  # the test extra
 
 from prism_ext.method.engine import sample_seed
-from test_serve import KEY, PROMPT, TEXTS, Server, bert_dir, bert_server, gpt_server, ids_of  # noqa: F401  (fixtures)
-
-
-def client_of(server, **kw) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=kw.pop("api_key", KEY), max_retries=0, **kw)
+from serve_helpers import PROMPT, TEXTS, Server, client_of, ids_of
 
 
 # ------------------------------------------------------------ item 1: sampling fields

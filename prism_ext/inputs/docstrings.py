@@ -102,6 +102,8 @@ def paragraphs(roots: Iterable[Path], *, min_words: int = 20, max_words: int = 3
                 if ">>>" in block or not _prose(words):
                     continue
                 text = " ".join(words)
+                if not text.isprintable():  # a NUL or another control character: a line no text tool reads
+                    continue
                 digest = hashlib.sha256(text.encode()).digest()[:16]
                 if text in excluded or digest in seen:
                     continue

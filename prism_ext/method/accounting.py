@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..models.quant import stored_bytes
 from .partition import Partition
 
 __all__ = ["BlockFlops", "BlockShape", "block_flops", "shape_of", "row_values", "prism_layer",
@@ -61,8 +62,6 @@ def matrix_bytes(shape: BlockShape, layers: int, vocab: int, weight_dtype: str) 
     device holds whole (PRISM splits positions, not weights): each block's
     Q/K/V, output and MLP matrices and one token table of ``vocab`` rows
     (norms, biases and position tables, a few MiB at most, left out)."""
-    from ..models.quant import stored_bytes
-
     d, q, kv, ff = shape.d, shape.q, shape.kv, shape.d_ff
     mats = [(q + 2 * kv, d), (d, q), ((2 if shape.gated else 1) * ff, d), (d, ff)]
     per_layer = sum(stored_bytes(m, weight_dtype) for m in mats)
