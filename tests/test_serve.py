@@ -521,16 +521,20 @@ class TestHardeningLong:
 
     def test_health_answers_while_big_prompts_are_tokenized(self, hard_server):
         prompt = "hello world " * 87000  # about 1 MiB, a second or so to tokenize
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        # one kept-alive connection for /health: a new connection per probe costs the client a few hundred ms
+        # on a loaded 2-core machine (CI counted only 18 that way), which measures the client, not the server
+        with concurrent.futures.ThreadPoolExecutor(4) as pool, \
+                httpx.Client(base_url=hard_server.url, timeout=120) as probe:
             big = [pool.submit(httpx.post, hard_server.url + "/v1/completions", json={"prompt": prompt},
                                timeout=120) for _ in range(4)]
             answered = 0
             while not all(f.done() for f in big):
-                r = httpx.get(hard_server.url + "/health", timeout=120)
+                r = probe.get("/health")
                 assert r.status_code == 200
                 answered += not all(f.done() for f in big)
         assert all(error_of(f.result(), 400)["param"] == "prompt" for f in big)
-        assert answered >= 20, answered  # the event loop blocked by tokenizing answers a handful at most
+        # 46-55 answered under load (3-4 s of tokenizing); with the tokenizing moved onto the event loop, 5
+        assert answered >= 20, answered
 
     def test_a_slow_body_is_timed_out(self, hard_server):
         head = ("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
