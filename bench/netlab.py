@@ -400,7 +400,9 @@ class NetLab:
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread; atexit/__exit__ still clean up
         for s in _SIGNALS:
-            self._prev_handlers[s] = signal.signal(s, self._on_signal)
+            # an ignored signal stays ignored (a background job's SIGINT): it neither ends the process nor the lab
+            if signal.getsignal(s) != signal.SIG_IGN:
+                self._prev_handlers[s] = signal.signal(s, self._on_signal)
 
     def _restore_handlers(self) -> None:
         for s, h in self._prev_handlers.items():

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -84,16 +85,8 @@ def test_cleanup_when_the_body_raises():
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_cleanup_on_signal(sig):
-    script = textwrap.dedent(f"""
-        import sys, time
-        sys.path.insert(0, {str(BENCH)!r})
-        from netlab import NetLab
-        with NetLab(2, 100) as lab:
-            p = lab.popen(1, ["sleep", "60"])
-            print(lab.prefix, p.pid, flush=True)
-            time.sleep(60)
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    # a foreground program's SIGINT (this suite may run as a background job, whose children inherit it ignored)
+    proc = _lab_script("signal.signal(signal.SIGINT, signal.default_int_handler)")
     try:
         prefix, pid = proc.stdout.readline().split()
         assert leftovers(prefix)
@@ -106,6 +99,40 @@ def test_cleanup_on_signal(sig):
     assert rc == -sig
     assert leftovers(prefix) == []
     assert gone(int(pid))
+
+
+def test_an_ignored_signal_leaves_the_lab_up():
+    """A program that ignores SIGINT (a background job) keeps ignoring it with
+    a lab open; SIGTERM still cleans up."""
+    proc = _lab_script("signal.signal(signal.SIGINT, signal.SIG_IGN)")
+    try:
+        prefix, pid = proc.stdout.readline().split()
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1)
+        assert proc.poll() is None and leftovers(prefix) and not gone(int(pid))
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(15)
+    finally:
+        proc.kill()
+    assert rc == -signal.SIGTERM
+    assert leftovers(prefix) == []
+    assert gone(int(pid))
+
+
+def _lab_script(first_line: str) -> subprocess.Popen:
+    """A Python process that runs ``first_line``, opens a 2-rank lab with a
+    sleeping process in it, prints the lab's prefix and that pid, and sleeps."""
+    script = textwrap.dedent(f"""
+        import signal, sys, time
+        {first_line}
+        sys.path.insert(0, {str(BENCH)!r})
+        from netlab import NetLab
+        with NetLab(2, 100) as lab:
+            p = lab.popen(1, ["sleep", "60"])
+            print(lab.prefix, p.pid, flush=True)
+            time.sleep(60)
+    """)
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
 
 
 def test_cleanup_stale_removes_only_dead_owners():
