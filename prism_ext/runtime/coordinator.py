@@ -24,8 +24,7 @@ from ..executor.local import simulate
 from ..executor.request import Request, count_inputs, decode_request, encode_request, local_inputs, run
 from .session import (CONTROL_FROM_WORKER, ClusterError, DEFAULT_START_TIMEOUT, DEFAULT_TIMEOUT, Group, HEARTBEAT,
                       EXIT_SETTLE, HandshakeError, Link, MemoryWatch, PACKAGE_PARENT, REPORTS, Rendezvous, STALE,
-                      STORE_GROWTH,
-                      calibration_exchange, check_timeout, check_world, claims_of, exit_status, first_line,
+                      STORE_GROWTH, calibration_exchange, check_timeout, check_world, claims_of, exit_status, first_line,
                       frame_bound, link_failure, listen, mismatches, parse_master, peer_loss, pinned_meta,
                       read_world, set_threads, timed_out, token_bytes)
 
