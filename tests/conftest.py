@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -135,6 +136,21 @@ class StrictSkips:
             terminalreporter.section("skips refused by --strict-skips", sep="=", red=True)
             for node, reason in self.refused:
                 terminalreporter.line(f"SKIPPED {node}: {reason}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that used a `prism serve` fixture shows the end of that
+    server's log: what the server saw is the first thing a CI failure needs."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    for name, value in getattr(item, "funcargs", {}).items():
+        log = getattr(value, "log", None)
+        if hasattr(value, "proc") and isinstance(log, Path) and log.is_file():
+            report.sections.append((f"server log of {name} (last 40 lines)",
+                                    "\n".join(log.read_text(errors="replace").splitlines()[-40:])))
 
 
 def pytest_report_header(config):

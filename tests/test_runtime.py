@@ -354,6 +354,29 @@ def test_worker_killed_mid_prefill_names_the_rank_and_nothing_is_left(slow_model
         c(ids[:, :8])
 
 
+def test_a_request_waiting_on_a_dead_rank_ends_at_once(gpt, reaper):
+    """gloo can miss a peer's death: a send to a killed worker then waits out
+    the whole exchange timeout (seen under load: `prism serve` answered a
+    request 120 s after the kill). Rank 0 ends a request as soon as a rank
+    is certainly gone. Its part here is a wait only the test ends, standing
+    in for gloo's missed notice (a race this test cannot make happen)."""
+    c = reaper.cluster(cluster(gpt, devices=2, timeout=60))
+    ex = c.executor
+    [pid] = ex.worker_pids
+    release = threading.Event()
+    threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ClusterError, match=r"request 1 failed: rank 1 lost: its process was killed by SIGKILL"):
+            ex._guarded(lambda: release.wait(120), "request 1")
+        assert time.monotonic() - t0 < 10  # 0.5 s to the kill, a second or two to tear down; not 60
+    finally:
+        release.set()
+    assert wait_gone([pid], 10) == []
+    with pytest.raises(ClusterError, match="closed"):
+        c(ids_of(c))
+
+
 def test_hung_worker_is_named_after_the_timeout(slow_model, reaper):
     """SIGSTOP: the socket stays open, so only the timeout and the stopped
     heartbeat tell; rank 0 must name the rank, and nothing is left behind.

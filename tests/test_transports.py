@@ -5,12 +5,17 @@ streamed generation runs on simulated devices exactly as on processes."""
 from __future__ import annotations
 
 import inspect
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from prism_ext.comm import LocalGroup, LocalTransport, Transport
 from prism_ext.comm.dist import DistTransport
+
+from process_helpers import free_port
 
 METHODS = ("all_gather", "all_gather_start", "gather", "all_reduce", "send", "recv")
 
@@ -46,3 +51,43 @@ def test_simulated_streaming_gives_every_token_in_order(gpt, devices):
     out = gpt.generate(ids, devices=devices, cr=2, max_new_tokens=6, on_token=lambda t: streamed.append(t.clone()))
     assert torch.equal(out, gpt.generate(ids, devices=devices, cr=2, max_new_tokens=6))
     assert torch.equal(torch.stack(streamed, dim=1), out[:, ids.shape[1]:])
+
+
+# Both ranks of a 2-process gloo group formed with a 60 s limit; rank 1 then
+# stays silent and rank 0 waits for its frame with the transport's limit.
+SILENT_PEER = r"""
+import datetime, sys, time
+import torch.distributed as dist
+from prism_ext.comm.dist import DistTransport
+
+rank, port, limit = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=60))
+t = DistTransport(rank, 2, timeout=60)
+t.exchange_meta({"rank": rank})  # formed
+if rank == 1:
+    time.sleep(60)
+    sys.exit()
+t.timeout = limit
+t0 = time.monotonic()
+try:
+    t.recv(1)
+    print("received")
+except RuntimeError as exc:
+    print(f"{time.monotonic() - t0:.2f} {str(exc).splitlines()[0]}")
+"""
+
+
+def test_a_wait_ends_at_the_transports_limit_not_the_groups(reaper):
+    """gloo's waits default to the limit the group was formed with (the
+    start-up timeout); every wait of the transport passes its own."""
+    port = str(free_port())
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
+    argv = [sys.executable, "-c", SILENT_PEER]
+    silent = reaper.popen(argv + ["1", port, "2"], env=env, stdout=subprocess.DEVNULL)
+    waiting = reaper.popen(argv + ["0", port, "2"], env=env, stdout=subprocess.PIPE, text=True)
+    out, _ = waiting.communicate(timeout=50)
+    silent.kill()
+    seconds, _, message = out.strip().partition(" ")
+    assert "timed out" in message.lower(), out
+    assert 2 <= float(seconds) < 10, out  # its own 2 s, far from the group's 60

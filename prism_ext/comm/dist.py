@@ -80,12 +80,14 @@ class TaskThread:
 
 class DistTransport:
     """Rank ``rank`` of the default process group (``dist.init_process_group``
-    done by :mod:`prism_ext.runtime`)."""
+    done by :mod:`prism_ext.runtime`). ``timeout``: seconds any one gloo
+    operation may take (the runtime sets its exchange timeout once formed)."""
 
-    def __init__(self, rank: int, size: int, *, max_frame_bytes: int = 1 << 30):
+    def __init__(self, rank: int, size: int, *, max_frame_bytes: int = 1 << 30, timeout: float = 120.0):
         self.rank = rank
         self.size = size
         self.max_frame_bytes = max_frame_bytes
+        self.timeout = timeout
         self.wire_bytes = 0
         self.control_bytes = 0
         self._background = TaskThread("prism-exchange")
@@ -93,11 +95,19 @@ class DistTransport:
     def close(self, timeout: float = 10.0) -> None:
         self._background.stop(timeout)
 
+    def _wait(self, *works) -> None:
+        """Wait for gloo operations, each for at most ``timeout`` seconds.
+        Always with an explicit limit: without one gloo waits for the limit
+        its group was formed with (the start-up timeout), not the exchange's."""
+        limit = datetime.timedelta(seconds=self.timeout)
+        for w in works:
+            w.wait(limit)
+
     def _sizes(self, n: int) -> list[int]:
         """Every rank's frame size (an all-gather of one int64 each), bounded."""
         mine = torch.tensor([n], dtype=_SIZE)
         sizes = [torch.empty(1, dtype=_SIZE) for _ in range(self.size)]
-        dist.all_gather(sizes, mine)
+        self._wait(dist.all_gather(sizes, mine, async_op=True))
         self.wire_bytes += 8 * (self.size - 1)
         return [self._bounded(q, int(s[0])) for q, s in enumerate(sizes)]
 
@@ -119,8 +129,7 @@ class DistTransport:
             bufs[q] = torch.empty(sizes[q], dtype=torch.uint8)
             works.append(dist.isend(mine, q))
             works.append(dist.irecv(bufs[q], q))
-        for w in works:
-            w.wait()
+        self._wait(*works)
         self.wire_bytes += len(blob) * (self.size - 1)
         return bufs
 
@@ -161,16 +170,16 @@ class DistTransport:
         return self._send_frame(encode(tensors, "fp32", meta=meta)[0], dst)
 
     def _send_frame(self, blob: bytes, dst: int) -> int:
-        dist.send(torch.tensor([len(blob)], dtype=_SIZE), dst)
-        dist.send(_as_tensor(blob), dst)
+        self._wait(dist.isend(torch.tensor([len(blob)], dtype=_SIZE), dst))
+        self._wait(dist.isend(_as_tensor(blob), dst))
         self.wire_bytes += 8 + len(blob)
         return len(blob)
 
     def _receive_frame(self, src: int) -> torch.Tensor:
         size = torch.empty(1, dtype=_SIZE)
-        dist.recv(size, src)
+        self._wait(dist.irecv(size, src))
         buf = torch.empty(self._bounded(src, int(size[0])), dtype=torch.uint8)
-        dist.recv(buf, src)
+        self._wait(dist.irecv(buf, src))
         return buf
 
     def send_control(self, blob: bytes, dst: int, *, wait: bool = True) -> list:
@@ -181,8 +190,7 @@ class DistTransport:
                  dist.isend(_as_tensor(blob), dst, tag=CONTROL_TAG)]
         self.control_bytes += 8 + len(blob)
         if wait:
-            for w in works:
-                w.wait()
+            self._wait(*works)
         return works
 
     def receive_control(self, src: int, limit: int, timeout: float) -> bytes:
@@ -233,7 +241,7 @@ class DistTransport:
         2 (P - 1) / P of the tensor's bytes (gloo picks its algorithm by size;
         the ring is the bandwidth-optimal one it uses for large tensors)."""
         out = tensor.detach().to(torch.float32).contiguous().clone()
-        dist.all_reduce(out)
+        self._wait(dist.all_reduce(out, async_op=True))
         nbytes = 2 * (self.size - 1) * out.numel() * 4 // self.size
         self.wire_bytes += nbytes
         if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(tensor).all()):

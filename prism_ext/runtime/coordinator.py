@@ -321,13 +321,20 @@ class Cluster:
         any failure becomes a ClusterError naming the rank, and the cluster is
         torn down (its processes exit)."""
         box, done = self._runner.submit(fn)
+        gone: dict[int, str] = {}
         try:
-            while not done.wait(0.1):
-                pass
+            while not done.wait(0.1) and not gone:
+                gone = self.lost_ranks(quiet=False)
         except KeyboardInterrupt:
             self._teardown("interrupted (Ctrl-C)")
             done.wait(5)
             raise
+        if not done.is_set():
+            # A rank is certainly gone (its process ended or its link did) and the request is
+            # still waiting on it: gloo can miss a peer's death and wait out the whole timeout.
+            reason = self._diagnose(ClusterError("rank 0 stopped waiting for the request"))
+            self._teardown(reason, abandon=True)
+            raise ClusterError(f"cluster: {what} failed: {reason}")
         if "error" in box:
             exc = box["error"]
             reason = self._diagnose(exc)
@@ -397,12 +404,12 @@ class Cluster:
             return f"rank {r} failed: {errors[r]}"
         return first_line(exc)
 
-    def lost_ranks(self) -> dict[int, str]:
+    def lost_ranks(self, quiet: bool = True) -> dict[int, str]:
         """The ranks that look lost now, each with why: a local worker whose
-        process ended, a worker whose link to rank 0 ended, or one not heard
-        from for 5 s; rank 0 itself if its control thread failed. Never
-        blocks (the control threads keep the state); safe from any thread and
-        while a request runs; {} for a closed cluster."""
+        process ended, a worker whose link to rank 0 ended, or (``quiet``) one
+        not heard from for 5 s; rank 0 itself if its control thread failed.
+        Never blocks (the control threads keep the state); safe from any
+        thread and while a request runs; {} for a closed cluster."""
         if self.closed is not None:
             return {}
         lost = {r: f"rank {r} lost: its process {exit_status(p.returncode)}"
@@ -414,7 +421,7 @@ class Cluster:
                     continue
                 if r in self._gone:
                     lost[r] = f"rank {r} lost: {self._gone[r]}"
-                elif now - self._seen.get(r, now) > max(STALE, 2 * self._interval()):
+                elif quiet and now - self._seen.get(r, now) > max(STALE, 2 * self._interval()):
                     lost[r] = f"rank {r} lost: no heartbeat for {now - self._seen[r]:.1f} s"
             if self._control_error is not None:
                 lost[0] = f"rank 0: {self._control_error}"
@@ -429,7 +436,11 @@ class Cluster:
             with self._lock:
                 self._teardown(reason)
 
-    def _teardown(self, reason: str) -> None:
+    def _teardown(self, reason: str, abandon: bool = False) -> None:
+        """Stop every process and leave the group. ``abandon``: rank 0's
+        part of a request is stuck in gloo waiting on a lost rank; it is not
+        waited for (it fails by the exchange timeout; a group destroyed
+        under it stays alive until then, and a new one can form meanwhile)."""
         clean = self.closed is None and reason == "closed"
         self.closed = reason
         self._stop.set()
@@ -446,11 +457,11 @@ class Cluster:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        # With its peers gone a request in flight fails at once; let it end
-        # before the group goes away under it.
-        self._runner.stop()
+        # With its peers gone a request in flight fails at once (unless gloo missed
+        # their death: abandon); let it end before the group goes away under it.
+        self._runner.stop(0 if abandon else 10)
         if g is not None:
-            g.close()
+            g.close(0 if abandon else 10)
             self._group = None
         # The control threads end as their links close (the workers are gone). Waited for: a
         # thread still inside gloo when the interpreter exits aborts the process.

@@ -424,7 +424,7 @@ class Group:
                     os.environ.pop("GLOO_SOCKET_IFNAME", None)
                 else:
                     os.environ["GLOO_SOCKET_IFNAME"] = saved
-        self.transport = DistTransport(rank, world, max_frame_bytes=1 << 20)
+        self.transport = DistTransport(rank, world, max_frame_bytes=1 << 20, timeout=timeout)
         self.key = b""
 
     def authenticate(self, token: bytes) -> list[int]:
@@ -448,12 +448,16 @@ class Group:
     def serve(self, timeout: float) -> None:
         """Formed: from now on every exchange may take ``timeout`` seconds."""
         dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=timeout))
+        self.transport.timeout = timeout  # gloo's point-to-point waits keep the formation's limit otherwise
 
-    def close(self) -> None:
+    def close(self, wait: float = 10.0) -> None:
+        """Leave the group; ``wait``: seconds to let the exchange thread end
+        (a wait blocked in gloo is not ended by destroying the group: it
+        holds its own reference and fails at its timeout)."""
         self.store.close()
         with contextlib.suppress(Exception):
-            dist.destroy_process_group()  # first: a blocked exchange then fails and its thread can end
-        self.transport.close()
+            dist.destroy_process_group()
+        self.transport.close(wait)
 
 
 def frame_bound(model: PrismModel, request: Request) -> int:
