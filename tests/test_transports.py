@@ -78,14 +78,15 @@ except RuntimeError as exc:
 """
 
 
-def test_a_wait_ends_at_the_transports_limit_not_the_groups(reaper):
+def test_a_wait_ends_at_the_transports_limit_not_the_groups(reaper, tmp_path):
     """gloo's waits default to the limit the group was formed with (the
     start-up timeout); every wait of the transport passes its own."""
     port = str(free_port())
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
     argv = [sys.executable, "-c", SILENT_PEER]
-    silent = reaper.popen(argv + ["1", port, "2"], env=env, stdout=subprocess.DEVNULL)
-    waiting = reaper.popen(argv + ["0", port, "2"], env=env, stdout=subprocess.PIPE, text=True)
+    # cwd: not the source tree, whose prism_ext has no built _C
+    silent = reaper.popen(argv + ["1", port, "2"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL)
+    waiting = reaper.popen(argv + ["0", port, "2"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, text=True)
     out, _ = waiting.communicate(timeout=50)
     silent.kill()
     seconds, _, message = out.strip().partition(" ")
