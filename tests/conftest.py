@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import platform
 import re
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -146,11 +145,12 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if report.when != "call" or not report.failed:
         return
+    from serve_helpers import Server
+
     for name, value in getattr(item, "funcargs", {}).items():
-        log = getattr(value, "log", None)
-        if hasattr(value, "proc") and isinstance(log, Path) and log.is_file():
+        if isinstance(value, Server) and value.log.is_file():
             report.sections.append((f"server log of {name} (last 40 lines)",
-                                    "\n".join(log.read_text(errors="replace").splitlines()[-40:])))
+                                    "\n".join(value.log.read_text(errors="replace").splitlines()[-40:])))
 
 
 def pytest_report_header(config):
